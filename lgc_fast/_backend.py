@@ -1,0 +1,113 @@
+"""Which implementation of each op runs: the compiled extension, Triton, or plain torch.
+
+Order of preference for a tensor on a CUDA device: ``cuda`` (compiled CUDA kernels) -> ``triton`` -> ``ref``.
+On the CPU: ``cpu`` (compiled C++ kernels) -> ``ref``; ``triton`` runs on the CPU only under ``TRITON_INTERPRET=1``
+and only when asked for by name. ``LGC_FAST_BACKEND`` overrides the automatic choice; a ``backend=`` argument
+overrides both.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "ref")
+ENV_VAR = "LGC_FAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module or None, reason). Never builds anything; warns once when the extension is missing."""
+    try:
+        return importlib.import_module("lgc_fast._C"), "built"
+    except ImportError as exc:
+        reason = f"compiled extension lgc_fast._C not importable ({exc})"
+        fallback = "triton/ref on CUDA, ref on CPU" if torch.cuda.is_available() else "ref (plain torch)"
+        warnings.warn(f"lgc_fast: {reason}; using {fallback}", RuntimeWarning, stacklevel=3)
+        return None, reason
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton not importable ({exc})"
+    return True, "triton " + importlib.import_module("triton").__version__
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, tuple[bool, str]]:
+    """Every backend with (available, why or why not)."""
+    ext, ext_reason = _extension()
+    has_triton, triton_reason = _triton()
+    cuda_dev = torch.cuda.is_available()
+    report = {}
+    if ext is None:
+        report["cuda"] = (False, ext_reason)
+    elif not ext.with_cuda:
+        report["cuda"] = (False, "extension built without CUDA (torch without CUDA or no nvcc at build time)")
+    elif not cuda_dev:
+        report["cuda"] = (False, "no CUDA device visible")
+    else:
+        report["cuda"] = (True, "compiled CUDA kernels")
+    if not has_triton:
+        report["triton"] = (False, triton_reason)
+    elif cuda_dev:
+        report["triton"] = (True, triton_reason + " on CUDA")
+    elif triton_interpret():
+        report["triton"] = (True, triton_reason + " in the interpreter (TRITON_INTERPRET=1, slow)")
+    else:
+        report["triton"] = (False, triton_reason + " present but no CUDA device (set TRITON_INTERPRET=1 to interpret)")
+    if ext is None:
+        report["cpu"] = (False, ext_reason)
+    else:
+        omp = "OpenMP" if ext.with_openmp else "no OpenMP"
+        report["cpu"] = (True, f"compiled C++ kernels ({omp}, {torch.get_num_threads()} threads)")
+    report["ref"] = (True, "plain torch reference")
+    return report
+
+
+def _usable(name: str, device: torch.device) -> tuple[bool, str]:
+    ok, why = backends()[name]
+    if not ok:
+        return False, why
+    if name == "cuda" and device.type != "cuda":
+        return False, "the cuda backend needs CUDA tensors"
+    if name == "cpu" and device.type != "cpu":
+        return False, "the cpu backend needs CPU tensors"
+    if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpret())):
+        return False, "triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    return True, why
+
+
+def choose(op: str, device: torch.device, backend: str | None, supported=BACKENDS) -> str:
+    """The backend that runs `op` on `device`: `backend` if given, else $LGC_FAST_BACKEND, else the best available."""
+    requested, source = backend, "backend"
+    if requested is None and os.environ.get(ENV_VAR):
+        requested, source = os.environ[ENV_VAR], ENV_VAR
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, not {requested!r}")
+        if requested not in supported:
+            raise ValueError(f"{op}: {source}={requested!r} is not implemented for this op")
+        ok, why = _usable(requested, device)
+        if not ok:
+            raise ValueError(f"{op}: {source}={requested!r} is not usable here: {why}")
+        return requested
+    order = ("cuda", "triton", "ref") if device.type == "cuda" else ("cpu", "ref")
+    for name in order:
+        if name in supported and _usable(name, device)[0]:
+            return name
+    return "ref"
+
+
+def extension():
+    """The compiled extension module, or None."""
+    return _extension()[0]

@@ -1,0 +1,40 @@
+"""The ``lgc-fast`` command. Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help); modules are imported only when their subcommand runs or help is built.
+COMMANDS = {
+    "info": ("lgc_fast.info", "print versions and which backends are available"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lgc-fast", description="Local-Global Context Network for facial landmarks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("lgc-fast: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:  # LgcError is a ValueError
+        if os.environ.get("LGC_FAST_DEBUG") == "1":
+            raise
+        print(f"lgc-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""``lgc-fast info``: versions and backends, so a bug report says what ran."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import lgc_fast
+
+
+def add_arguments(parser) -> None:
+    del parser  # no options
+
+
+def run(args) -> int:
+    del args
+    print(f"lgc_fast {lgc_fast.__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}  (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    if torch.cuda.is_available():
+        print(f"device {torch.cuda.get_device_name()}")
+    print("backends:")
+    for name, (ok, why) in lgc_fast.backends().items():
+        print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
+    return 0
