@@ -9,25 +9,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import lgc_fast  # noqa: E402
+from lgc_fast import _backend  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ytf68" / "trainset"
 
 
 def available_backends(device: str = "cpu") -> list[str]:
     """Backends that can run on `device` here, reference included."""
-    report = lgc_fast.backends()
-    names = []
-    for name in ("cuda", "triton", "cpu", "ref"):
-        ok, _ = report[name]
-        if not ok:
-            continue
-        if name == "cuda" and device != "cuda":
-            continue
-        if name == "cpu" and device != "cpu":
-            continue
-        names.append(name)
-    return names
+    return [name for name in _backend.BACKENDS if _backend._usable(name, torch.device(device))[0]]
 
 
 def devices() -> list[str]:

@@ -12,6 +12,8 @@ w_in = V_in + L_in / 10 + L_in / (2 C) * sum_k V_ik, where L is ``labelled`` and
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from lgc_fast import _backend
@@ -110,8 +112,29 @@ def _backward_ref(grad, local, omega, points, labelled):
     return (scale * (local.to(dt) - target)).to(local.dtype), (scale * (omega.to(dt) - target)).to(omega.dtype)
 
 
-_FORWARD = {"ref": _forward_ref}
-_BACKWARD = {"ref": _backward_ref}
+def _ext_forward(local, omega, points, labelled):
+    return torch.ops.lgc_fast_C.lgc_loss(local, omega, points, labelled)
+
+
+def _ext_backward(grad, local, omega, points, labelled):
+    return torch.ops.lgc_fast_C.lgc_loss_backward(grad, local, omega, points, labelled)
+
+
+def _triton_module():
+    return importlib.import_module("lgc_fast.kernels.lgc_loss")
+
+
+def _triton_forward(local, omega, points, labelled):
+    return _triton_module().lgc_loss_triton(local, omega, points, labelled)
+
+
+def _triton_backward(grad, local, omega, points, labelled):
+    return _triton_module().lgc_loss_backward_triton(grad, local, omega, points, labelled)
+
+
+# The fused backends render T inside the kernel from the coordinates (no dense G, no convolution).
+_FORWARD = {"cuda": _ext_forward, "triton": _triton_forward, "cpu": _ext_forward, "ref": _forward_ref}
+_BACKWARD = {"cuda": _ext_backward, "triton": _triton_backward, "cpu": _ext_backward, "ref": _backward_ref}
 
 
 @torch.library.custom_op("lgc_fast::lgc_loss", mutates_args=())
