@@ -1,0 +1,203 @@
+"""Benchmark the batched shape fit against the per-face, pixel-level reference in the same run; decoder accuracy.
+
+Fit: faces/s of ``fit_shape`` (68 x 96 x 96 float32 heatmaps, windows None/20/7, bounds 3 sigma) for a whole batch
+with each available backend of its statistics pass, against ``fit_shape_ref`` (NumPy, one weighted equation per
+pixel, one face at a time) on the first faces of the same batch. Reports medians and 20/80 % quantiles of the time
+per call, faces/s, the speed-up over the reference loop and the largest point difference between the two.
+CPU target: batched >= 50x the reference loop. GPU target: >= 100000 faces/s (measured only where CUDA is present).
+
+Decoders: encode -> decode round trips of random sub-pixel points through the network's targets T = K * G
+(``target_maps_ref``), mean and max |error| per axis for every decoder in ``lgc_fast.decode.DECODERS``.
+
+The heatmaps are exact targets of random model shapes (the face spans about 70 px), rendered separably.
+Usage: python bench/bench_fit_shape.py [--batch N] [--ref-faces N] [--reps N] [--out PATH]
+Writes JSON to bench/results/fit_shape_<device>.json (atomic replace).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lgc_fast  # noqa: E402
+from lgc_fast.decode import DECODERS  # noqa: E402
+from lgc_fast.ops import kernel_taps, target_maps_ref  # noqa: E402
+from lgc_fast.ops.fit_shape import fit_shape, fit_shape_ref  # noqa: E402
+from lgc_fast.shape import ShapeModel  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ytf68" / "trainset"
+MAP = 96
+
+
+def _time(fn, device, warmup, reps):
+    """Milliseconds per call: (median, 20 % quantile, 80 % quantile)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def _model() -> tuple[ShapeModel, str]:
+    files = sorted(DATA.glob("*.pts")) if DATA.is_dir() else []
+    if files:
+        shapes = []
+        for f in files:
+            text = f.read_text()
+            shapes.append(np.array(text[text.index("{") + 1:text.index("}")].split(), dtype=np.float64).reshape(-1, 2))
+        return ShapeModel.fit(np.stack(shapes) - 1.0), f"{len(files)} real training shapes"
+    rng = np.random.default_rng(0)
+    base = rng.uniform(-1, 1, (68, 2))
+    modes = rng.normal(0, 0.02, (8, 68, 2))
+    shapes = base + np.einsum("sk,kcd->scd", rng.normal(0, 1, (500, 8)), modes)
+    return ShapeModel.fit(shapes), "500 synthetic shapes (real data absent)"
+
+
+def _render(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """T = K * G (as ``target_maps_ref``) separably: K = (1/5) sum_s g_s g_s^T, bilinear weights factor per axis."""
+    radius = kernel_taps().shape[1] // 2
+    sigmas = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0], dtype=torch.float64)[:, None]
+
+    def profiles(coord, size):
+        base = torch.floor(coord)
+        grid = torch.arange(size, dtype=torch.float64)
+        total = 0.0
+        for off, wgt in ((0.0, 1.0 - (coord - base)), (1.0, coord - base)):
+            d = grid - (base + off)[..., None]
+            keep = ((base + off >= 0) & (base + off <= size - 1))[..., None] & (d.abs() <= radius)
+            g = torch.exp(-(d[..., None, :] ** 2) / (2.0 * sigmas**2))
+            total = total + torch.where(keep[..., None, :], g, 0.0) * wgt[..., None, None]
+        return total
+
+    pts = points.double()
+    return torch.einsum("ncsy,ncsx->ncyx", profiles(pts[..., 1], height), profiles(pts[..., 0], width)) / 5.0
+
+
+def _faces(model: ShapeModel, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coeffs = (torch.rand(n, model.n_modes, generator=g, dtype=torch.float64) * 2 - 1) * torch.tensor(model.stddev)
+    scale = 70.0 / float(np.ptp(model.mean, axis=0).max()) * (0.9 + 0.1 * torch.rand(n, generator=g))
+    angle = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    shift = 47.5 + 2.0 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    sim = torch.stack((scale * torch.cos(angle), scale * torch.sin(angle), shift[:, 0], shift[:, 1]), dim=1)
+    pts = model.reconstruct(coeffs, sim)
+    return torch.cat([_render(pts[i:i + 16], MAP, MAP).float() for i in range(0, n, 16)])
+
+
+def bench_fit(args, model, maps):
+    rows = []
+    cpu = torch.device("cpu")
+    ref_maps = maps[:args.ref_faces]
+    reference = fit_shape_ref(ref_maps, model)  # warm-up and the points to compare with
+    ref_ms = _time(lambda: [fit_shape_ref(ref_maps[i:i + 1], model) for i in range(len(ref_maps))], cpu, 0,
+                   args.ref_reps)
+    ref_faces_s = len(ref_maps) / (ref_ms[0] * 1e-3)
+    rows.append(dict(impl="fit_shape_ref (per-face loop)", device="cpu", batch=len(ref_maps), ms=ref_ms,
+                     faces_per_s=ref_faces_s))
+    report = lgc_fast.backends()
+    for backend in ("cpu", "ref"):
+        if not report[backend][0]:
+            continue
+        ms = _time(lambda: fit_shape(maps, model, backend=backend), cpu, 1, args.reps)
+        diff = (fit_shape(ref_maps, model, backend=backend).points - reference.points).abs().max().item()
+        rows.append(dict(impl=f"fit_shape batched, stats backend {backend}", device="cpu", batch=len(maps), ms=ms,
+                         faces_per_s=len(maps) / (ms[0] * 1e-3),
+                         speedup_vs_ref_loop=len(maps) / (ms[0] * 1e-3) / ref_faces_s,
+                         max_abs_point_diff_vs_ref_px=diff))
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        big = maps.to(dev).repeat(max(1, args.gpu_batch // len(maps)), 1, 1, 1)
+        for backend in ("cuda", "triton"):
+            if not report[backend][0]:
+                continue
+            ms = _time(lambda: fit_shape(big, model, backend=backend), dev, 3, args.reps)
+            diff = (fit_shape(ref_maps.to(dev), model, backend=backend).points.cpu() - reference.points).abs().max()
+            rows.append(dict(impl=f"fit_shape batched, stats backend {backend}", device=torch.cuda.get_device_name(),
+                             batch=len(big), ms=ms, faces_per_s=len(big) / (ms[0] * 1e-3),
+                             speedup_vs_ref_loop=len(big) / (ms[0] * 1e-3) / ref_faces_s,
+                             max_abs_point_diff_vs_ref_px=diff.item()))
+    return rows
+
+
+def bench_decoders(points: int = 256, size: int = 48):
+    g = torch.Generator().manual_seed(1)
+    pts = 4.0 + torch.rand(1, points, 2, generator=g, dtype=torch.float64) * (size - 9.0)
+    maps = target_maps_ref(pts.float(), torch.ones(1, points, dtype=torch.bool), size, size)
+    result = {}
+    for name, decoder in DECODERS.items():
+        err = (decoder(maps)[0].double() - pts).abs()
+        result[name] = dict(mean_abs_error_px=err.mean().item(), max_abs_error_px=err.max().item())
+    return dict(points=points, map=size, border_px=4, errors=result)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="faces per batched call on the CPU")
+    p.add_argument("--gpu-batch", type=int, default=8192, help="faces per batched call on CUDA")
+    p.add_argument("--ref-faces", type=int, default=8, help="faces timed through the per-face reference loop")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--ref-reps", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    args.ref_faces = min(args.ref_faces, args.batch)
+    model, source = _model()
+    maps = _faces(model, args.batch)
+    rows = bench_fit(args, model, maps)
+    decoders = bench_decoders()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    payload = dict(
+        bench="fit_shape", device=device, cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__, torch_threads=torch.get_num_threads(),
+        env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LGC_FAST_BACKEND")},
+        model=dict(source=source, landmarks=model.n_landmarks, modes=model.n_modes), map=[68, MAP, MAP],
+        fit=rows, decoders=decoders,
+        gpu_note=None if torch.cuda.is_available() else "no CUDA device: GPU faces/s (target >= 100000) unmeasured",
+    )
+    for row in rows:
+        extra = f"  x{row['speedup_vs_ref_loop']:.0f} vs ref loop" if "speedup_vs_ref_loop" in row else ""
+        print(f"{row['impl']:42s} {row['device']:>10s} batch {row['batch']:5d}: {row['ms'][0]:9.2f} ms "
+              f"(20-80 % {row['ms'][1]:.2f}-{row['ms'][2]:.2f})  {row['faces_per_s']:10.1f} faces/s{extra}")
+    for name, e in decoders["errors"].items():
+        print(f"decoder {name:15s} mean {e['mean_abs_error_px']:.4f} px  max {e['max_abs_error_px']:.4f} px")
+    if payload["gpu_note"]:
+        print(payload["gpu_note"])
+    out = args.out or ROOT / "bench" / "results" / f"fit_shape_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    _write_json(out, payload)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
