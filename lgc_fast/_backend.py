@@ -87,6 +87,8 @@ def _usable(name: str, device: torch.device) -> tuple[bool, str]:
     return True, why
 
 
+# Dynamo cannot trace the import checks below; the choice is a constant for a compiled graph anyway.
+@torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device, backend: str | None, supported=BACKENDS) -> str:
     """The backend that runs `op` on `device`: `backend` if given, else $LGC_FAST_BACKEND, else the best available."""
     requested, source = backend, "backend"

@@ -1,0 +1,260 @@
+"""Helpers shared by the benches in bench/: timing (medians and quantiles), the run's environment, peak memory
+bandwidth by device, tables, and JSON results merged by bench name into one file per device (atomic writes).
+
+Typical use::
+
+    from common import Timing, time_interleaved, environment, write_results, results_path
+    timings = time_interleaved({"mine": f, "torch": g}, device)   # {name: Timing}
+    write_results(results_path(device), "my_bench", {"results": [...]})
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+
+# Datasheet peak DRAM bandwidth in bytes/s; the most specific name first (matched as a substring of the device name).
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    ("GH200", 4.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),  # the 40 GB parts
+    ("L40S", 0.864e12),
+    ("L4", 0.3e12),
+    ("RTX 4090", 1.008e12),
+]
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """Datasheet DRAM bandwidth (bytes/s) of the device called `name`, or None when it is not in the table."""
+    for key, value in PEAK_BANDWIDTH:
+        if key in name:
+            return value
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """File-name form of the device: "cpu-amd-epyc", "nvidia-h100-80gb-hbm3"."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu " + cpu_model()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def results_path(device: torch.device | str) -> Path:
+    return RESULTS_DIR / f"{device_slug(device)}.json"
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout (with "+dirty" when the working tree differs), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def environment(device: torch.device | str) -> dict:
+    """What the numbers depend on: device, software versions, commit, threads, and the CPU load when they ran."""
+    device = torch.device(device)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min"] = os.getloadavg()[0]
+    if device.type == "cuda":
+        env["peak_bandwidth_bytes_per_s"] = peak_bandwidth(env["device"])
+    return env
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Time per call of one method, in milliseconds: median and 20/80 % quantiles (+ the raw samples if kept)."""
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int | None = None
+    min_ms: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
+    cpu_median_ms: float | None = None  # process CPU time per call, all threads (CPU timings only)
+    note: str = ""
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float], cpu_ms: list[float] | None = None, note: str = "") -> "Timing":
+        s = sorted(samples_ms)
+        cpu = statistics.median(cpu_ms) if cpu_ms else None
+        return cls(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), s[0], list(samples_ms), cpu,
+                   note)
+
+    def scaled(self, factor: float, note: str) -> "Timing":
+        """The timing times `factor` (e.g. measured on a part of the work and extrapolated to all of it)."""
+        def mul(v):
+            return None if v is None else v * factor
+        return Timing(self.median_ms * factor, self.p20_ms * factor, self.p80_ms * factor, self.runs,
+                      mul(self.min_ms), [v * factor for v in self.samples_ms], mul(self.cpu_median_ms), note)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> Timing:
+    """CUDA timing with triton.testing.do_bench (CUDA events, L2 cleared between calls)."""
+    from triton.testing import do_bench
+    p20, median, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    return Timing(median, p20, p80, note="triton.testing.do_bench")
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                     warmup: int | dict[str, int] = 1, min_runs: int = 5, max_runs: int = 50, budget_s: float = 10.0,
+                     runs: dict[str, int] | None = None) -> dict[str, Timing]:
+    """Wall-clock timing of several methods in rounds (one call of each per round), so that a changing machine load
+    (other processes) hits every method alike. Each method gets `warmup` untimed calls (an int, or per method name),
+    then rounds continue until every method has `min_runs` samples and either `max_runs` are reached or `budget_s`
+    seconds were spent in the methods without a cap. `runs` caps the samples of slow methods individually (e.g.
+    {"conv2d": 3}); their time does not count against the budget."""
+    runs = runs or {}
+    for name, fn in fns.items():
+        for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
+            fn()
+        synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0  # seconds in the uncapped methods
+    for round_ in range(max_runs):
+        if round_ >= min_runs and spent > budget_s:
+            break
+        for name, fn in fns.items():
+            if len(samples[name]) >= runs.get(name, max_runs):
+                continue
+            synchronize(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            samples[name].append(seconds * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+            if name not in runs:
+                spent += seconds
+    keep_cpu = torch.device(device).type == "cpu"
+    return {name: Timing.from_samples(s, cpu[name] if keep_cpu else None) for name, s in samples.items()}
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain-text table: columns are (key, header); floats with 4 significant digits, None as "-"."""
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(r[i]) for r in body)) if body else len(header)
+              for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def write_results(path: Path | str, bench: str, payload: dict) -> Path:
+    """Stores payload (give it an "environment" entry) under key `bench` of the JSON file at `path`, keeping the
+    other benches' entries. Read-merge-write under an exclusive lock, replaced atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.parent, os.O_RDONLY)  # the folder is the lock: no lock file is left behind
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc}); move it away to start a new results file") from exc
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a JSON object keyed by bench name")
+        data[bench] = payload
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        os.close(lock)
+    return path
+
+
+__all__ = ["PEAK_BANDWIDTH", "Timing", "device_name", "device_slug", "environment", "format_table",
+           "git_commit", "peak_bandwidth", "results_path", "synchronize", "time_cuda", "time_interleaved",
+           "write_results"]
