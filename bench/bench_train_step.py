@@ -1,0 +1,128 @@
+"""Benchmark one training step of the LGCN (forward, loss, backward, gradient clipping, SGD update) in samples/s.
+
+Two modes in the same run, on the same synthetic batch (random 0-255 images, landmarks inside the crop):
+  eager-ref : plain torch: every lgc_fast op on its reference path (LGC_FAST_BACKEND=ref), no torch.compile;
+  lgc_fast  : the automatic fast backends (compiled C++ on the CPU; CUDA/Triton on a GPU), optionally compiled.
+Both use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
+ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits both alike; reported
+are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
+and the peak memory of one step (CUDA: max allocated; CPU: not measured per mode).
+
+Usage:
+  python bench/bench_train_step.py                                      # GPU: batches 64 128 256, width 128
+  python bench/bench_train_step.py --batch-sizes 2 4 --width 32 --ref-runs 2   # a CPU run
+Results go under the key "train_step" of bench/results/<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read once, when torch loads the OpenMP runtime
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import environment, format_table, results_path, time_interleaved, write_results  # noqa: E402
+
+import lgc_fast  # noqa: E402
+from lgc_fast.model import LGCN  # noqa: E402
+from lgc_fast.train import LOSS_SCALE, _make_optimizer, train_step  # noqa: E402
+
+LANDMARKS = 68
+MODES = ("eager-ref", "lgc_fast")
+
+
+def make_batch(n: int, size: int, device: torch.device, seed: int = 0):
+    """images (n, 1, size, size) in [0, 255], points (n, 68, 2) in the middle 60 % of the crop, all labelled."""
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 1, size, size, generator=g) * 255).to(device)
+    points = (torch.rand(n, LANDMARKS, 2, generator=g) * (0.6 * size) + 0.2 * size).to(device)
+    labelled = torch.ones(n, LANDMARKS, dtype=torch.bool, device=device)
+    return images, points, labelled
+
+
+def make_step(mode: str, args, device: torch.device, batch: int):
+    """A zero-argument callable running one training step of `mode` (it sets the backend for its own calls)."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
+    net = torch.compile(model) if (args.compile and mode == "lgc_fast") else model
+    optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)
+    images, points, labelled = make_batch(batch, args.size, device)
+    images = images.contiguous(memory_format=memory_format)
+
+    def step():
+        if mode == "eager-ref":
+            os.environ["LGC_FAST_BACKEND"] = "ref"
+        else:
+            os.environ.pop("LGC_FAST_BACKEND", None)
+        try:
+            return train_step(net, optimizer, images, points, labelled, args.amp, 100.0)
+        finally:
+            os.environ.pop("LGC_FAST_BACKEND", None)
+
+    return step
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256] if cuda else [2, 4])
+    parser.add_argument("--width", type=int, default=128 if cuda else 32)
+    parser.add_argument("--variant", default="release", choices=("release", "paper"))
+    parser.add_argument("--size", type=int, default=96, help="crop size in pixels")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=cuda)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=cuda)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model in the lgc_fast mode")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of timed lgc_fast steps per batch size")
+    parser.add_argument("--ref-runs", type=int, default=None,
+                        help="cap the timed eager-ref steps (default: as many as lgc_fast on a GPU, 3 on the CPU)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
+    rows = []
+    for batch in args.batch_sizes:
+        steps = {mode: make_step(mode, args, device, batch) for mode in args.modes}
+        peak = {}
+        for mode, step in steps.items():  # one untimed step each: warm-up, compilation, and the peak memory
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+                peak[mode] = torch.cuda.max_memory_allocated(device) / 2**20
+        caps = {"eager-ref": ref_runs} if ref_runs is not None and "eager-ref" in steps else None
+        timings = time_interleaved(steps, device, warmup=0, min_runs=3, budget_s=args.budget_s, runs=caps)
+        for mode, t in timings.items():
+            rows.append({"batch": batch, "mode": mode, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
+                         "p80_ms": t.p80_ms, "runs": t.runs, "samples_per_s": batch / (t.median_ms / 1e3),
+                         "peak_memory_mib": peak.get(mode)})
+        if set(MODES) <= set(timings):
+            rows[-1]["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / timings["lgc_fast"].median_ms
+        del steps
+    print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/step"), ("p20_ms", "p20"),
+                              ("p80_ms", "p80"), ("runs", "runs"), ("samples_per_s", "samples/s"),
+                              ("speedup_vs_eager_ref", "speed-up"), ("peak_memory_mib", "peak MiB")]))
+    payload = {
+        "environment": environment(device),
+        "backends": {k: v[0] for k, v in lgc_fast.backends().items()},
+        "config": {"variant": args.variant, "width": args.width, "size": args.size, "amp": args.amp,
+                   "channels_last": args.channels_last, "compile": args.compile, "loss_scale": LOSS_SCALE,
+                   "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
+        "results": rows,
+    }
+    path = write_results(results_path(device), "train_step", payload)
+    print(f"wrote {path} (key train_step)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

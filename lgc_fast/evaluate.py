@@ -1,0 +1,231 @@
+"""``lgc-fast eval``: landmark errors of a trained network on a 300-W style folder.
+
+Every face is cropped like in training (its box from --boxes, else the tight box around its ground truth enlarged by
+17 %, the paper's protocol for data without boxes), run through the network, decoded (--decode) and mapped back to
+image pixels, where the errors are measured (see lgc_fast.metrics: NME by inter-ocular, inter-pupil and box size, over
+68 and the 51 inner points). Writes to --out: report.json (the summary), errors.csv (one row per image) and ced.png
+(cumulative error curves; skipped with a note when matplotlib is missing).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lgc_fast import metrics
+from lgc_fast.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, model_from_state
+from lgc_fast.data import LandmarkDataset, read_gray, scan_folder
+from lgc_fast.decode import DECODERS, decode
+from lgc_fast.errors import LgcError
+
+DEFAULT_IMAGE_SIZE = 96
+CED_MAX_ERROR = 0.10
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="folder with NAME.jpg + NAME.pts (300-W layout)")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a training checkpoint (best.pt / last.pt) or exported weights")
+    parser.add_argument("--out", type=Path, help="folder for report.json, errors.csv and ced.png (default: print only)")
+    parser.add_argument("--decode", default="argmax", choices=sorted(DECODERS), help="heatmap decoder")
+    parser.add_argument("--boxes", type=Path,
+                        help="face boxes file (see lgc_fast.data.load_boxes); default: ground-truth box + 17 %%")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
+    parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
+                        help="skip unreadable or malformed files (named on stderr) or stop at the first")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LgcError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LgcError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def readable_images(records, on_bad_data: str, workers: int = 1) -> tuple[list, list[str]]:
+    """Decode every image once up front -> (records whose image decodes, problems). With on_bad_data="stop" the first
+    unreadable image raises LgcError naming it; a run never meets it half-way (or substitutes another face for it)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV decodes without the GIL
+        ok = list(pool.map(lambda r: read_gray(r.image_path) is not None, records))
+    kept, problems = [], []
+    for record, good in zip(records, ok):
+        if good:
+            kept.append(record)
+            continue
+        message = f"{record.image_path}: cannot read or decode the image"
+        if on_bad_data == "stop":
+            raise LgcError(message)
+        problems.append(message)
+    return kept, problems
+
+
+def load_faces(data, boxes, on_bad_data: str, workers: int, limit: int | None = None) -> tuple[list, list[str]]:
+    """scan_folder + readable_images: (records in path order, problems), LgcError when no usable face is left."""
+    records, problems = scan_folder(data, boxes=boxes, on_error="raise" if on_bad_data == "stop" else "skip")
+    if limit is not None:
+        records = records[:limit]
+    records, unreadable = readable_images(records, on_bad_data, workers)
+    problems += unreadable
+    if not records:
+        raise LgcError(f"{data}: no usable annotated faces (NAME.jpg beside NAME.pts)"
+                       + (f"; first problem: {problems[0]}" if problems else ""))
+    return records, problems
+
+
+def report_problems(problems: list[str], command: str, shown: int = 10) -> None:
+    for message in problems[:shown]:
+        print(f"lgc-fast {command}: skipped {message}", file=sys.stderr)
+    if len(problems) > shown:
+        print(f"lgc-fast {command}: ... and {len(problems) - shown} more skipped file(s)", file=sys.stderr)
+
+
+@torch.no_grad()
+def predict(model, loader, device, method: str = "argmax", amp: bool = False, channels_last: bool = False):
+    """Yield (batch, points (N, C, 2) in crop pixels, on device) for every batch of `loader`; model in eval mode."""
+    model.eval()
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            _, omega = model(images)
+        points, _ = decode(omega.float(), method)
+        yield batch, points
+
+
+def crop_to_image(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """points: (N, C, 2) crop pixels, affine: (N, 2, 3) image -> crop  ->  (N, C, 2) image pixels."""
+    linear, offset = affine[:, :, :2], affine[:, :, 2]
+    return np.einsum("nij,ncj->nci", np.linalg.inv(linear), points - offset[:, None, :])
+
+
+def evaluate(args) -> dict:
+    """Run the evaluation described by the CLI arguments; returns the report (also written under --out)."""
+    if args.batch_size < 1:
+        raise LgcError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_state(state, args.checkpoint, device).eval()
+    image_size = int(state.get("image_size", DEFAULT_IMAGE_SIZE))
+    if args.limit is not None and args.limit < 1:
+        raise LgcError(f"--limit must be >= 1, got {args.limit}")
+    records, problems = load_faces(args.data, args.boxes, args.on_bad_data, args.workers, args.limit)
+    report_problems(problems, "eval")
+    dataset = LandmarkDataset(records, out_size=image_size, augment=False, on_error="raise")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    predicted = np.zeros((len(records), model.n_landmarks, 2))
+    for batch, points in predict(model, loader, device, args.decode):
+        index = batch["index"].numpy()
+        predicted[index] = crop_to_image(points.double().cpu().numpy(), batch["affine"].double().numpy())
+    gt = np.stack([r.points for r in records])
+    labelled = np.stack([r.labelled for r in records])
+    errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
+    report = {
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "image_size": image_size,
+        "images": len(records), "skipped": problems,
+        "metrics": {key: metrics.summarize(values) for key, values in errors.items()},
+        "notes": "NME = mean point error / normaliser; box = sqrt(w*h) of the tight ground-truth box; "
+                 "auc@t = area under the CED on [0, t] / t; failure_rate@t = fraction of images with NME > t",
+    }
+    names = [r.image_path.relative_to(args.data).as_posix() for r in records]
+    if args.out is not None:
+        write_outputs(Path(args.out), report, names, errors)
+    return report
+
+
+def write_outputs(out: Path, report: dict, names: list[str], errors: dict[str, np.ndarray]) -> None:
+    """report.json, errors.csv and ced.png under `out` (each written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    keys = list(errors)
+    writer.writerow(["image"] + keys)
+    for i, name in enumerate(names):
+        writer.writerow([name] + ["" if math.isnan(errors[k][i]) else f"{errors[k][i]:.6f}" for k in keys])
+    atomic_write_text(out / "errors.csv", buffer.getvalue())
+    note = plot_ced(out / "ced.png", errors, report["decode"])
+    if note:
+        print(f"lgc-fast eval: {note}", file=sys.stderr)
+
+
+def plot_ced(path: Path, errors: dict[str, np.ndarray], title: str) -> str | None:
+    """Cumulative error curves, one panel per normaliser (68 and 51 points); returns a note if it cannot plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"matplotlib is not installed; {path.name} not written (pip install matplotlib)"
+    # At least up to the 10 % threshold; further out when most errors are larger (an early or weak model).
+    q90 = [np.nanquantile(v, 0.9) for v in errors.values() if np.isfinite(v).any()]
+    x_max = float(min(0.5, max([CED_MAX_ERROR] + [1.05 * q for q in q90])))
+    fig, axes = plt.subplots(1, len(metrics.NORMALISERS), figsize=(5 * len(metrics.NORMALISERS), 4), sharey=True)
+    for ax, normaliser in zip(axes, metrics.NORMALISERS):
+        for subset in metrics.SUBSETS:
+            values = errors[f"{normaliser}/{subset}"]
+            x, y = metrics.ced(values, x_max)
+            summary = metrics.summarize(values)
+            ax.plot(x, y, label=f"{subset} points (mean {summary['mean']:.4f}, AUC@0.1 {summary['auc@0.1']:.3f})")
+        for t in metrics.THRESHOLDS:
+            ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, x_max)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"NME ({normaliser.replace('_', '-')})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("fraction of images")
+    fig.suptitle(f"cumulative error distribution (decode: {title})")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+    return None
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def format_summary(report: dict) -> str:
+    lines = [f"{report['images']} images, decode {report['decode']}",
+             f"{'normaliser/points':22s} {'mean':>7s} {'median':>7s} {'fail@8':>7s} {'fail@10':>7s} "
+             f"{'auc@8':>7s} {'auc@10':>7s}"]
+    for key, s in report["metrics"].items():
+        lines.append(f"{key:22s} {s['mean']:7.4f} {s['median']:7.4f} {s['failure_rate@0.08']:7.2%} "
+                     f"{s['failure_rate@0.1']:7.2%} {s['auc@0.08']:7.4f} {s['auc@0.1']:7.4f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    report = evaluate(args)
+    print(format_summary(report))
+    if args.out is not None:
+        written = [p for p in ("report.json", "errors.csv", "ced.png") if (args.out / p).exists()]
+        print(f"wrote {', '.join(written)} in {args.out}")
+    return 0

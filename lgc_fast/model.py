@@ -1,0 +1,148 @@
+"""The Local-Global Context Network (paper section 3.2, Figure 1; the authors' release, see the release notes).
+
+    x (N, 1, H, W) in [0, 255]
+      -> (x / 128 - 1) * 0.1
+      -> local subnet: conv + BN + ReLU (x 0.1) + dropout layers, then a linear 1x1 conv -> O_l (N, C, H, W)
+      -> [release] a second branch from the last local features: 1x1 conv + BN + ReLU -> B (N, C, H, W)
+      -> kernel convolution with the 45x45 kernel K of eq. 1, scaled by 0.01: local = 0.01 K * O_l (and 0.01 K * B)
+      -> global subnet on [local, 0.01 K * B] (release, 2C channels) or on local alone (paper, C channels):
+         seven 3x3 convs with dilation 4 + BN + ReLU (x 0.1) + dropout, then a linear 1x1 conv -> O_g
+      -> omega = local + O_g  (eq. 2)
+
+The 0.1 and 0.01 factors are the release's fixed scalings (they keep activations and the kernel-convolved maps, whose
+kernel sums to about 207, in a range where the heatmap targets of peak ~1 are reachable with ordinary weights).
+Every layer has stride 1 and zero padding, so the network is fully convolutional and its receptive field is a
+square of radius ``receptive_radius`` pixels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
+from lgc_fast.ops.kernel_conv import kernel_conv
+
+VARIANTS = ("release", "paper")
+GLOBAL_LAYERS = 7
+GLOBAL_DILATION = 4
+INPUT_SCALE = 0.1
+ACTIVATION_SCALE = 0.1
+KERNEL_OUTPUT_SCALE = 0.01
+
+
+def default_local_layers(variant: str) -> tuple[int, ...]:
+    """Kernel sizes of the local subnet's conv layers: release 5 x 5x5 then 10 x 3x3; paper 15 x 3x3."""
+    if variant == "release":
+        return (5,) * 5 + (3,) * 10
+    if variant == "paper":
+        return (3,) * 15
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+
+
+class ConvBlock(nn.Module):
+    """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, dilation: int = 1, dropout: float = 0.1,
+                 act_scale: float = ACTIVATION_SCALE):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act_scale = act_scale
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        if self.act_scale != 1.0:
+            y = y * self.act_scale
+        return self.drop(y)
+
+
+class LGCN(nn.Module):
+    """Local-Global Context Network.
+
+    variant: "release" (the authors' released network: five 5x5 + ten 3x3 local layers and a second 1x1 branch into
+    the global subnet) or "paper" (fifteen 3x3 local layers; the global subnet sees the C kernel-convolved maps only).
+    width: filters per conv layer (128 in both); n_landmarks: C; dropout: after every non-output layer;
+    local_layers: kernel sizes (odd) of the local conv layers, default per variant (narrow test/CPU models).
+    """
+
+    def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
+                 local_layers=None):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        layers = default_local_layers(variant) if local_layers is None else tuple(int(k) for k in local_layers)
+        if not layers or any(k < 1 or k % 2 == 0 for k in layers):
+            raise ValueError(f"local_layers must be a non-empty sequence of odd kernel sizes, got {local_layers!r}")
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        if n_landmarks < 1:
+            raise ValueError(f"n_landmarks must be >= 1, got {n_landmarks}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.variant = variant
+        self.width = int(width)
+        self.n_landmarks = int(n_landmarks)
+        self.dropout = float(dropout)
+        self.local_layers = layers
+
+        blocks, cin = [], 1
+        for k in layers:
+            blocks.append(ConvBlock(cin, width, k, dropout=dropout))
+            cin = width
+        self.local_features = nn.Sequential(*blocks)
+        self.local_out = nn.Conv2d(width, n_landmarks, 1)
+        if variant == "release":
+            self.branch = nn.Sequential(nn.Conv2d(width, n_landmarks, 1, bias=False), nn.BatchNorm2d(n_landmarks),
+                                        nn.ReLU())
+            global_in = 2 * n_landmarks
+        else:
+            self.branch = None
+            global_in = n_landmarks
+        blocks, cin = [], global_in
+        for _ in range(GLOBAL_LAYERS):
+            blocks.append(ConvBlock(cin, width, 3, dilation=GLOBAL_DILATION, dropout=dropout))
+            cin = width
+        self.global_features = nn.Sequential(*blocks)
+        self.global_out = nn.Conv2d(width, n_landmarks, 1)
+        # CNTK's defaults, which the release trained with: Glorot-uniform weights, zero biases (so the outputs start
+        # near zero instead of at a random offset that the 45x45 kernel multiplies by its sum of about 207).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def config(self) -> dict:
+        """Plain-JSON arguments that rebuild this network: ``LGCN(**model.config)``."""
+        return {"variant": self.variant, "width": self.width, "n_landmarks": self.n_landmarks,
+                "dropout": self.dropout, "local_layers": list(self.local_layers)}
+
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels: an output pixel depends on input pixels at most this far away (Chebyshev distance)."""
+        local = sum(k // 2 for k in self.local_layers)
+        return local + KERNEL_RADIUS + GLOBAL_LAYERS * GLOBAL_DILATION
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, 1, H, W) grey values in [0, 255] -> (local, omega), both (N, C, H, W).
+
+        local = 0.01 K * O_l (the kernel-convolved local output), omega = local + O_g (the network's output, eq. 2).
+        """
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
+        h = (x / 128.0 - 1.0) * INPUT_SCALE
+        feats = self.local_features(h)
+        o_local = self.local_out(feats)
+        if self.branch is not None:
+            # One kernel convolution over both C-channel maps: [K * O_l, K * B].
+            both = kernel_conv(torch.cat((o_local, self.branch(feats)), dim=1)) * KERNEL_OUTPUT_SCALE
+            local = both[:, : self.n_landmarks]
+            global_in = both
+        else:
+            local = kernel_conv(o_local) * KERNEL_OUTPUT_SCALE
+            global_in = local
+        omega = local + self.global_out(self.global_features(global_in))
+        return local, omega

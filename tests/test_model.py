@@ -1,0 +1,194 @@
+"""LGCN architecture, receptive field, memory formats, autocast, torch.compile, and checkpoint files."""
+import pytest
+import torch
+
+from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
+from lgc_fast.errors import LgcError
+from lgc_fast.model import LGCN
+from lgc_fast.ops import kernel_conv_ref
+
+
+def tiny(variant="release", **kw):
+    kw.setdefault("width", 4)
+    kw.setdefault("n_landmarks", 3)
+    kw.setdefault("local_layers", (5, 3))
+    torch.manual_seed(0)
+    return LGCN(variant, **kw)
+
+
+def images(n=2, h=24, w=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, h, w, generator=g) * 255
+
+
+def test_full_size_architectures():
+    release, paper = LGCN("release"), LGCN("paper")
+    assert release.local_layers == (5,) * 5 + (3,) * 10 and paper.local_layers == (3,) * 15
+    assert len(release.local_features) == 15 and len(release.global_features) == 7
+    # release: the global subnet sees [K*O_l, K*B] (136 channels); paper: K*O_l only (68).
+    assert release.global_features[0].conv.in_channels == 136
+    assert paper.global_features[0].conv.in_channels == 68 and paper.branch is None
+    assert all(b.conv.dilation == (4, 4) and b.conv.kernel_size == (3, 3) for b in release.global_features)
+    assert release.local_out.kernel_size == (1, 1) and release.global_out.out_channels == 68
+    # radius: local (5*2 + 10*1) + kernel 22 + global 7*4 = 70; paper 15 + 22 + 28 = 65
+    assert release.receptive_radius == 70 and paper.receptive_radius == 65
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_shapes_and_config_round_trip(variant):
+    model = tiny(variant).eval()
+    x = images()
+    local, omega = model(x)
+    assert local.shape == omega.shape == (2, 3, 24, 20)
+    rebuilt = LGCN(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x)[1], omega)
+    assert model.config == {"variant": variant, "width": 4, "n_landmarks": 3, "dropout": 0.1, "local_layers": [5, 3]}
+
+
+def test_omega_is_local_plus_global_and_dropout_only_in_training():
+    model = tiny().eval()
+    x = images()
+    local, omega = model(x)
+    feats = model.local_features((x / 128 - 1) * 0.1)
+    o_l = model.local_out(feats)
+    both = kernel_conv_ref(torch.cat((o_l, model.branch(feats)), 1)) * 0.01
+    torch.testing.assert_close(local, both[:, :3])
+    torch.testing.assert_close(omega, both[:, :3] + model.global_out(model.global_features(both)))
+    torch.testing.assert_close(model(x)[1], omega)  # eval is deterministic
+    model.train()
+    torch.manual_seed(3)
+    a = model(x)[1]
+    torch.manual_seed(4)
+    assert not torch.equal(a, model(x)[1])
+
+
+@pytest.mark.parametrize("bad", [dict(variant="other"), dict(width=0), dict(local_layers=(4,)),
+                                 dict(local_layers=()), dict(dropout=1.0)])
+def test_bad_arguments(bad):
+    kw = dict(variant="release", width=4, n_landmarks=3, local_layers=(3,))
+    kw.update(bad)
+    with pytest.raises(ValueError):
+        LGCN(**kw)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="N, 1, H, W"):
+        tiny()(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_receptive_field(variant):
+    """One input pixel influences the outputs exactly within the receptive radius (Chebyshev distance): perturbing
+    it changes nothing farther away, and the gradient of the outputs at it reaches exactly that far."""
+    model = tiny(variant, n_landmarks=2).double().eval()
+    # With BN means shifted far below the activations every ReLU is active, so a zero influence can only come from the
+    # structure (the tiny random network would otherwise have whole dead layers).
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(-1000.0)
+    radius = model.receptive_radius
+    local_radius = sum(k // 2 for k in model.local_layers) + 22
+    size = 2 * radius + 11
+    x = images(1, size, size, seed=5).double()
+    cy, cx = size // 2, size // 2
+    x2 = x.clone()
+    x2[0, 0, cy, cx] += 50.0
+    with torch.no_grad():
+        (l1, o1), (l2, o2) = model(x), model(x2)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    dist = torch.maximum((yy - cy).abs(), (xx - cx).abs())
+    for out_radius, change in ((local_radius, l2 - l1), (radius, o2 - o1)):
+        change = change.abs().amax(dim=(0, 1))
+        assert change[dist > out_radius].max() == 0
+        assert change[dist <= min(3, out_radius)].min() > 0
+    # The network is translation-equivariant, so the outputs that depend on pixel (cy, cx) are those at which the
+    # gradient with respect to the input, taken at output pixel (cy, cx), is non-zero.
+    for index, out_radius in ((0, local_radius), (1, radius)):
+        xg = x.clone().requires_grad_(True)
+        model(xg)[index][0, :, cy, cx].sum().backward()
+        grad = xg.grad[0, 0].abs()
+        assert grad[dist > out_radius].max() == 0
+        assert grad[dist == out_radius].max() > 0
+
+
+def test_channels_last_matches_contiguous():
+    model = tiny().eval()
+    x = images()
+    ref_local, ref_omega = model(x)
+    model_cl = model.to(memory_format=torch.channels_last)
+    local, omega = model_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(local, ref_local, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(omega, ref_omega, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = tiny().eval()
+    x = images()
+    ref_omega = model(x)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local, omega = model(x)
+    assert omega.dtype == torch.bfloat16
+    scale = ref_omega.abs().max()
+    assert (omega.float() - ref_omega).abs().max() <= 0.05 * scale
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local, omega = model(x)
+    (local.float().square().sum() + omega.float().square().sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = tiny(width=2, n_landmarks=2, local_layers=(3,)).eval()
+    x = images(1, 16, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    local, omega = compiled(x)
+    ref_local, ref_omega = model(x)
+    torch.testing.assert_close(omega, ref_omega)
+    torch.testing.assert_close(local, ref_local)
+
+
+def test_checkpoint_round_trip_and_export(tmp_path):
+    model = tiny().eval()
+    x = images()
+    path = tmp_path / "run" / "ckpt.pt"
+    save_checkpoint(path, {"config": model.config, "model": model.state_dict(), "epoch": 3})
+    save_checkpoint(path, {"config": model.config, "model": model.state_dict(), "epoch": 4,
+                           "image_size": 64})  # overwrite
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temporary files left behind
+    assert load_checkpoint(path)["epoch"] == 4
+    torch.testing.assert_close(load_model(path)(x)[1], model(x)[1])
+    export_weights(path, tmp_path / "w.pt", half=True)
+    exported = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert exported["model"]["local_out.weight"].dtype == torch.float16 and "epoch" not in exported
+    assert exported["image_size"] == 64
+    loaded = load_model(tmp_path / "w.pt")
+    assert loaded.local_out.weight.dtype == torch.float32 and not loaded.training
+    omega = model(x)[1]
+    assert (loaded(x)[1] - omega).abs().max() <= 1e-2 * omega.abs().max()
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(LgcError, match="missing.pt"):
+        load_model(missing)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    with pytest.raises(LgcError, match="corrupt.pt"):
+        load_model(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(LgcError, match="foreign.pt.*config"):
+        load_model(foreign)
+    model = tiny()
+    mismatched = tmp_path / "mismatched.pt"
+    config = dict(model.config, width=8)
+    save_checkpoint(mismatched, {"config": config, "model": model.state_dict()})
+    with pytest.raises(LgcError, match="mismatched.pt.*do not match"):
+        load_model(mismatched)
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(truncated, {"config": model.config, "model": model.state_dict()})
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(LgcError, match="truncated.pt"):
+        load_model(truncated)

@@ -1,0 +1,180 @@
+"""``lgc-fast train``: learning on real faces, exact resume, two-process DDP, bad data, run-folder safety."""
+import csv
+import json
+import os
+import signal
+import socket
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import lgc_fast.train as train_module
+from lgc_fast.checkpoint import load_checkpoint, load_model
+from lgc_fast.cli import main
+from lgc_fast.data import write_pts
+from lgc_fast.train import learning_rate, parse_args, train, train_step
+
+TINY = ["--width", "4", "--local-layers", "3", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+        "--log-every", "2"]
+
+
+def synthetic_faces(folder, n=12, size=64, seed=0):
+    """n random grey images, each with a jittered 68-point cloud, one person per image (under pytest's tmp_path)."""
+    rng = np.random.default_rng(seed)
+    template = rng.uniform(16, 48, size=(68, 2))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"Person_{i}_00.png"), rng.integers(0, 256, (size, size), dtype=np.uint8))
+        write_pts(folder / f"Person_{i}_00.pts", template + rng.normal(0, 1, (68, 2)))
+    return folder
+
+
+def test_learning_rate_steps():
+    assert [learning_rate(1e-3, e, 100) for e in (0, 49, 50, 74, 75, 89, 90, 99)] == pytest.approx(
+        [1e-3, 1e-3, 2e-4, 2e-4, 1e-4, 1e-4, 2e-5, 2e-5])
+    assert [learning_rate(1.0, e, 4) for e in range(4)] == pytest.approx([1.0, 1.0, 0.2, 0.1])
+    assert learning_rate(1.0, 0, 1) == 1.0 and learning_rate(1.0, 1, 2) == 0.2
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads that wait for each other cost more than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_lowers_validation_error(trainset_dir, tmp_path, one_thread):
+    """A small network on 59 training and 21 validation faces (different people) of the real trainset."""
+    out = tmp_path / "run"
+    args = parse_args(["--data", trainset_dir, "--out", out, "--limit", 80, "--val-fraction", 0.2, "--epochs", 16,
+                       "--batch-size", 8, "--width", 16, "--local-layers", "5,3,3,3", "--image-size", 48,
+                       "--lr", 1e-2, "--clip-norm", 10, "--no-augment", "--workers", 0, "--log-every", 7])
+    result = train(args)
+    nmes = [row["val_nme"] for row in result.history]
+    assert len(nmes) == 16 and result.step == 16 * 7  # 59 training faces, batch 8
+    assert min(nmes) < 0.7 * nmes[0], nmes
+    assert result.history[-1]["train_loss"] < 0.8 * result.history[0]["train_loss"]
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["val_nme"]) for r in rows] == pytest.approx(nmes)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([learning_rate(1e-2, e, 16) for e in range(16)])
+    log = json.loads((out / "log.json").read_text())
+    assert log["settings"]["limit"] == 80 and len(log["epochs"]) == 16
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_nme"] == pytest.approx(min(nmes)) and best["image_size"] == 48
+    assert best["epoch"] == 1 + nmes.index(min(nmes))
+    assert load_model(out / "best.pt").width == 16
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_after_interruptions_is_bit_exact(tmp_path, monkeypatch):
+    """Stopped by --max-steps inside epoch 2, then by SIGINT inside epoch 3, and resumed each time: the weights,
+    optimiser state and log equal those of an uninterrupted run (augmentation, dropout and a DataLoader worker on)."""
+    data = synthetic_faces(tmp_path / "faces", n=14)
+    common = ["--data", data, "--epochs", 3, "--val-fraction", 0.1, "--seed", 3, *TINY, "--workers", 1]
+    straight = train(parse_args(common + ["--out", tmp_path / "a"]))
+    assert straight.finished and straight.step == 3 * 3  # 12 training faces, batch 4
+    first = train(parse_args(common + ["--out", tmp_path / "b", "--max-steps", 5]))
+    assert not first.finished and first.step == 5
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (1, 5, 2)
+
+    calls = []
+
+    def step_then_signal(*args, **kwargs):  # SIGINT to this process during the run's third step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+    second = train(parse_args(common + ["--out", tmp_path / "b", "--resume"]))
+    monkeypatch.undo()
+    assert second.interrupted and not second.finished and second.step == 8
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 8, 2)
+    resumed = train(parse_args(common + ["--out", tmp_path / "b", "--resume"]))
+    assert resumed.finished and resumed.step == straight.step
+    a, b = _weights(straight.model), _weights(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("train_loss", "val_nme", "lr", "step"):
+        assert [r[key] for r in straight.history] == [r[key] for r in resumed.history]
+    opt_a = load_checkpoint(tmp_path / "a" / "last.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, argv, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(parse_args(argv))
+    torch.save(_weights(result.model), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_end_with_identical_weights(tmp_path):
+    data = synthetic_faces(tmp_path / "faces", n=20)
+    run = tmp_path / "run"
+    argv = [str(a) for a in ["--data", data, "--out", run, "--epochs", 2, "--val-fraction", 0.2, *TINY]]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    state = load_checkpoint(run / "last.pt")
+    # 16 training faces, 2 processes x batch 4 -> 2 steps per epoch; the checkpoint holds both ranks' RNG states.
+    assert state["step"] == 4 and len(state["rng"]) == 2 and state["settings"]["world_size"] == 2
+    assert all(torch.equal(state["model"][k], w0[k]) for k in w0)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.csv", "log.json", "settings.json"]
+
+
+def test_bad_data_is_named_and_skipped_or_stops(tmp_path, capsys):
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    (data / "Person_3_00.png").write_bytes(b"\xff\xd8 truncated jpeg")
+    (data / "Person_5_00.pts").write_text("version: 1\nn_points: 68\n{\n1 2\n3 4\n}\n")
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--val-fraction", "0.2",
+            *[str(a) for a in TINY]]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Person_3_00.png: cannot read" in err and "Person_5_00.pts" in err
+    assert len((run / "data_problems.txt").read_text().splitlines()) == 2
+    before = (run / "last.pt").read_bytes()
+    # --on-bad-data stop: the run stops naming the file and leaves the existing checkpoint untouched.
+    assert main(argv + ["--resume", "--epochs", "2", "--on-bad-data", "stop"]) == 2
+    assert "Person_5_00.pts" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before
+    fresh = tmp_path / "fresh"
+    (data / "Person_5_00.pts").unlink()
+    (data / "Person_5_00.png").unlink()
+    assert main(argv[:4] + [str(fresh)] + argv[5:] + ["--on-bad-data", "stop"]) == 2
+    assert "Person_3_00.png: cannot read" in capsys.readouterr().err
+    assert not (fresh / "last.pt").exists()
+
+
+def test_run_folder_is_protected(tmp_path, capsys):
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--val-fraction", "0.2",
+            *[str(a) for a in TINY]]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--batch-size", "2"]) == 2
+    assert "batch_size: 4 -> 2" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0  # nothing left to do: 1 of 1 epochs done
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
