@@ -9,6 +9,11 @@ import sys
 # name -> (module, one-line help); modules are imported only when their subcommand runs or help is built.
 COMMANDS = {
     "info": ("lgc_fast.info", "print versions and which backends are available"),
+    "train": ("lgc_fast.train", "train the network on a 300-W style folder (resumable; runs under torchrun)"),
+    "eval": ("lgc_fast.evaluate", "landmark errors (NME, failure rate, AUC, CED plot) of a checkpoint on a folder"),
+    "predict": ("lgc_fast.predict", "landmarks for images (JSON, overlay PNG, optional .pts), with or without boxes"),
+    "demo": ("lgc_fast.demo", "run the bundled model on the bundled astronaut image (offline, CPU)"),
+    "export": ("lgc_fast.export", "export the network to ONNX (standard ops) and check it with onnxruntime"),
 }
 
 

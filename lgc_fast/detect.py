@@ -1,0 +1,587 @@
+"""Landmarks for faces in images: the ``Detector`` API.
+
+``Detector.landmarks(images, boxes)`` crops each given face box exactly as training does (the box's square, scaled to
+96 x 96 grey levels), runs one batched forward pass, turns heatmaps into points (PCA shape fit or a decoder) and maps
+them back into image pixels.
+
+``Detector.detect(image)`` needs no boxes and no face detector (paper section 4.3):
+
+1. Pyramid: the image, then halved again and again; the first level whose short side is below 96 px is the last.
+2. The fully convolutional network runs on every level (tiled, so memory stays bounded on large images).
+3. Combination: every level's heatmaps (omega) are upsampled bilinearly to the original resolution and combined by a
+   pixel-wise maximum, remembering which level won each pixel.
+4. Candidates: per-channel local maxima of the combined maps above ``threshold``.
+5. Hypotheses: a face seen at level l is about 96 * 2^l px wide (the training crop size), so a candidate of landmark j
+   at level l votes for a face centre at its position minus 2^l times landmark j's offset from the centre in the
+   mean shape placed in a training crop. Votes are clustered by weighted mean shift with a radius proportional to
+   the vote's scale (votes of adjacent levels may join: a face between two scales shows up at both). A cluster with
+   enough distinct landmarks becomes a hypothesis: a similarity (position, scale, rotation) fitted from the mean
+   shape to its candidates.
+6. Verification: the combined heatmaps are resampled into the hypothesis' 96 x 96 crop frame and the PCA shape model
+   is fitted there (windows global, 20 px, 7 px, as for single faces). Only the levels within a factor of two of the
+   hypothesis' scale enter its crop, and each landmark's map only within 0.4 x 96 px of its mean-shape position, so
+   that neighbouring faces of other or equal scale do not pull the fit. A hypothesis is kept when enough fitted
+   points sit on activations above ``threshold``, the shape coefficients' Mahalanobis distance is bounded, and the
+   fitted scale agrees with the crop's. Overlapping survivors are suppressed by score.
+
+Memory: the forward passes are tiled within ``max_memory_bytes``; the omega maps of all levels are kept on the CPU
+(C x H x W x 4 bytes x ~4/3, e.g. 0.75 GB for a 1080p image), and the combination runs a few channels at a time.
+Coordinates are 0-based pixels with pixel centres at integers (OpenCV's convention) throughout.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lgc_fast.data.dataset import read_gray
+from lgc_fast.data.geometry import box_to_square, crop_transform, transform_points, warp_image
+from lgc_fast.decode import DECODERS, blend, decode
+from lgc_fast.errors import LgcError
+from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+WEIGHTS_FILE = "lgcn.pt"
+SHAPE_FILE = "shape_model.npz"
+METADATA_FILE = "metadata.json"
+CROP = 96  # training crop side (paper section 3.1)
+ENLARGE = 1.17  # training boxes: tight box around the points, enlarged by 17 %
+FIT_WINDOWS = (None, 20, 7)  # paper section 3.3: global, 20 px, 7 px
+DEFAULT_MEMORY = 1 << 30
+# Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
+SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
+DEFAULT_DECODE = "kernel_deconv"  # exact on the network's own targets (see lgc_fast.decode)
+
+
+@dataclass
+class Face:
+    """One face: points (68, 2) in image pixels (x, y); confidence (68,) the heatmap value at each point, clipped to
+    [0, 1]; score their mean; box (x0, y0, x1, y1) the square the network saw (axis-aligned hull if rotated)."""
+
+    points: np.ndarray
+    confidence: np.ndarray
+    score: float
+    box: tuple[float, float, float, float]
+
+    def to_dict(self) -> dict:
+        return {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 4),
+                "points": np.round(self.points, 3).tolist(), "confidence": np.round(self.confidence, 4).tolist()}
+
+
+def load_gray(image) -> np.ndarray:
+    """A path, or an array (H, W) / (H, W, 3) RGB / (H, W, 4) RGBA, uint8 or float in [0, 255] -> (H, W) float32.
+
+    Paths are decoded to grey by OpenCV exactly as the training data is.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        gray = read_gray(image)
+        if gray is None:
+            raise LgcError(f"{image}: cannot read or decode the image")
+        return gray.astype(np.float32)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "uif":
+        raise LgcError(f"image must be a path or a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = cv2.cvtColor(arr.astype(np.float32), cv2.COLOR_RGB2GRAY if arr.shape[2] == 3 else cv2.COLOR_RGBA2GRAY)
+    elif arr.ndim != 2:
+        raise LgcError(f"image must be (H, W), (H, W, 3) RGB, (H, W, 4) RGBA or a path, got shape {arr.shape}")
+    if arr.size == 0:
+        raise LgcError(f"image is empty (shape {arr.shape})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def invert_affine(affine) -> np.ndarray:
+    """(2, 3) affine -> its inverse (2, 3)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = np.linalg.inv(affine[:, :2])
+    return np.hstack([linear, -(linear @ affine[:, 2])[:, None]])
+
+
+def sample_maps(heatmaps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of heatmaps (N, C, H, W) at points (N, C, 2) (x, y map pixels) -> (N, C); 0 outside."""
+    n, c, h, w = heatmaps.shape
+    pts = points.to(heatmaps.dtype)
+    grid = torch.stack(((2 * pts[..., 0] + 1) / w - 1, (2 * pts[..., 1] + 1) / h - 1), dim=-1)
+    out = F.grid_sample(heatmaps.reshape(n * c, 1, h, w), grid.reshape(n * c, 1, 1, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return out.reshape(n, c)
+
+
+def square_hull(affine) -> tuple[float, float, float, float]:
+    """The axis-aligned box around the image region that a (2, 3) image -> crop affine maps onto the 96 x 96 crop."""
+    corners = np.array([[-0.5, -0.5], [CROP - 0.5, -0.5], [CROP - 0.5, CROP - 0.5], [-0.5, CROP - 0.5]])
+    img = transform_points(corners, invert_affine(affine))
+    return (*(float(v) for v in img.min(axis=0)), *(float(v) for v in img.max(axis=0)))
+
+
+# ---- multi-face pipeline pieces (section 4.3); pure functions of arrays so that they can be tested one by one ----
+
+def pyramid_shapes(height: int, width: int, min_side: int = CROP) -> list[tuple[int, int]]:
+    """Level sizes (h, w): the original, then halved (rounding up) until the first level whose short side < min_side."""
+    shapes = [(int(height), int(width))]
+    while min(shapes[-1]) >= min_side:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def build_pyramid(gray: np.ndarray, min_side: int = CROP) -> list[np.ndarray]:
+    """gray (H, W) float32 -> the pyramid levels (area averaging), level 0 being `gray` itself."""
+    levels = [gray]
+    for h, w in pyramid_shapes(*gray.shape, min_side)[1:]:
+        levels.append(cv2.resize(levels[-1], (w, h), interpolation=cv2.INTER_AREA))
+    return levels
+
+
+def _normalised_grid(xy: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # grid_sample's normalised coordinates span the image's outer pixel edges, so the same grid addresses every
+    # pyramid level: level pixel u = (x + 0.5) * w_l / W - 0.5 is the bilinear upsampling used by the combination.
+    return torch.stack(((2 * xy[..., 0] + 1) / width - 1, (2 * xy[..., 1] + 1) / height - 1), dim=-1)
+
+
+def sample_levels(levels: list[torch.Tensor], height: int, width: int, xy: torch.Tensor,
+                  channels: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined map at arbitrary points: max over levels of each level's map upsampled bilinearly to the
+    height x width original resolution (border values continue outwards).
+
+    levels: list of (C, h_l, w_l); xy: (P, Q, 2) original-image pixel coordinates.
+    Returns (values (C', P, Q), winning level index (C', P, Q) int64) for the selected channels.
+    """
+    grid = _normalised_grid(xy.to(levels[0].dtype), height, width)[None]
+    best = winner = None
+    for index, level in enumerate(levels):
+        vals = F.grid_sample(level[None, channels], grid, mode="bilinear", padding_mode="border",
+                             align_corners=False)[0]
+        if best is None:
+            best, winner = vals, torch.zeros(vals.shape, dtype=torch.int64)
+        else:
+            better = vals > best
+            best = torch.where(better, vals, best)
+            winner = torch.where(better, index, winner)
+    return best, winner
+
+
+def combine_levels(levels: list[torch.Tensor], height: int, width: int,
+                   channels: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined maps over the whole image: pixel-wise max over levels of each level upsampled bilinearly to
+    height x width (``sample_levels`` at every pixel centre, computed with F.interpolate, which is faster).
+
+    levels: list of (C, h_l, w_l), level 0 of size height x width. Returns (values (C', H, W), level (C', H, W) int8).
+    """
+    best = levels[0][channels].clone()
+    winner = torch.zeros(best.shape, dtype=torch.int8)
+    for index, level in enumerate(levels[1:], start=1):
+        up = F.interpolate(level[None, channels], size=(height, width), mode="bilinear", align_corners=False)[0]
+        better = up > best
+        winner.masked_fill_(better, index)
+        torch.maximum(best, up, out=best)
+    return best, winner
+
+
+def find_candidates(levels: list[torch.Tensor], height: int, width: int, threshold: float, radius: int = 2,
+                    per_channel: int = 64, chunk_bytes: int = 1 << 28) -> np.ndarray:
+    """Local maxima of the combined maps above `threshold` -> (M, 5) float64 rows (channel, x, y, value, level).
+
+    A pixel is a maximum when it equals the maximum of its (2 radius + 1)^2 neighbourhood; at most `per_channel`
+    strongest per channel. Channels are combined a few at a time so that about chunk_bytes are held at once.
+    """
+    n_channels = levels[0].shape[0]
+    chunk = int(max(1, min(n_channels, chunk_bytes // (16 * height * width))))
+    rows = []
+    for c0 in range(0, n_channels, chunk):
+        values, winner = combine_levels(levels, height, width, slice(c0, c0 + chunk))
+        pooled = F.max_pool2d(values[None], 2 * radius + 1, stride=1, padding=radius)[0]
+        k, y, x = torch.nonzero((values == pooled) & (values > threshold), as_tuple=True)
+        rows.append(np.stack([(k + c0).numpy(), x.numpy(), y.numpy(), values[k, y, x].double().numpy(),
+                              winner[k, y, x].numpy()], axis=1).astype(np.float64))
+    found = np.concatenate(rows)
+    # By channel, strongest first, then raster order; equal neighbours (plateaus, e.g. a peak upsampled between two
+    # pixels) keep only their first pixel.
+    found = found[np.lexsort((found[:, 1], found[:, 2], -found[:, 3], found[:, 0]))]
+    keep = np.ones(len(found), dtype=bool)
+    for start, stop in zip(*_runs(found[:, 0])):
+        for i in range(start, stop):
+            if keep[i]:
+                near = np.abs(found[i + 1:stop, 1:3] - found[i, 1:3]).max(axis=1) <= radius
+                keep[i + 1:stop][near] = False
+    found = found[keep]
+    rank = np.arange(len(found)) - np.searchsorted(found[:, 0], found[:, 0])
+    return found[rank < per_channel]
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the runs of equal values in a sorted 1-D array."""
+    if len(sorted_keys) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    edges = np.flatnonzero(np.diff(sorted_keys)) + 1
+    return np.concatenate(([0], edges)), np.concatenate((edges, [len(sorted_keys)]))
+
+
+def canonical_mean(shape_model) -> tuple[np.ndarray, float]:
+    """The shape model's mean placed in a 96 x 96 training crop (tight box enlarged by 17 %, centred) ->
+    (points (C, 2) crop pixels, crop pixels per mean-shape unit)."""
+    mean = np.asarray(shape_model.mean, dtype=np.float64)
+    lo, hi = mean.min(axis=0), mean.max(axis=0)
+    scale = CROP / (float((hi - lo).max()) * ENLARGE)
+    return (mean - (lo + hi) / 2) * scale + (CROP - 1) / 2, scale
+
+
+def face_votes(candidates: np.ndarray, mean_crop: np.ndarray, level_scales: np.ndarray) -> np.ndarray:
+    """Face-centre votes (M, 2): each candidate (channel, x, y, value, level) minus its landmark's offset from the
+    crop centre in `mean_crop` (C, 2), scaled by its level's original-pixels-per-level-pixel factor."""
+    channel = candidates[:, 0].astype(np.int64)
+    scale = level_scales[candidates[:, 4].astype(np.int64)]
+    return candidates[:, 1:3] - scale[:, None] * (mean_crop[channel] - (CROP - 1) / 2)
+
+
+def cluster_votes(votes: np.ndarray, weights: np.ndarray, scales: np.ndarray, radius: float = 0.25,
+                  iterations: int = 20) -> np.ndarray:
+    """Greedy weighted mean shift -> a cluster label per vote (M,), -1 for votes that joined no cluster.
+
+    Seeds are taken strongest first; a cluster gathers the unlabelled votes within radius * 96 * scale of its centre
+    (scale: the seed's level factor) whose scale is within a factor of two of the seed's, and its centre moves to
+    their weighted mean until it settles.
+    """
+    m = len(votes)
+    labels = np.full(m, -1, dtype=np.int64)
+    tried = np.zeros(m, dtype=bool)
+    label = 0
+    for seed in np.argsort(-weights, kind="stable"):
+        if labels[seed] >= 0 or tried[seed]:
+            continue
+        tried[seed] = True
+        reach = radius * CROP * scales[seed]
+        free = (labels < 0) & (scales <= 2.01 * scales[seed]) & (scales >= scales[seed] / 2.01)
+        centre = votes[seed]
+        for _ in range(iterations):
+            members = free & (np.linalg.norm(votes - centre, axis=1) <= reach)
+            if not members.any():
+                break
+            moved = np.average(votes[members], axis=0, weights=weights[members])
+            done = np.linalg.norm(moved - centre) < 1e-3 * reach
+            centre = moved
+            if done:
+                break
+        members = free & (np.linalg.norm(votes - centre, axis=1) <= reach)
+        if members.any():
+            labels[members] = label
+            label += 1
+    return labels
+
+
+def fit_similarity(src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> tuple[complex, complex]:
+    """Weighted least-squares similarity dst ~ q src + t in complex form -> (q, t): |q| scale, arg q rotation."""
+    zs = src[:, 0] + 1j * src[:, 1]
+    zd = dst[:, 0] + 1j * dst[:, 1]
+    w = weights / weights.sum()
+    ms, md = (w * zs).sum(), (w * zd).sum()
+    q = (w * np.conj(zs - ms) * (zd - md)).sum() / (w * np.abs(zs - ms) ** 2).sum()
+    return complex(q), complex(md - q * ms)
+
+
+def similarity_affine(q: complex, t: complex) -> np.ndarray:
+    """The (2, 3) affine of z -> q z + t."""
+    return np.array([[q.real, -q.imag, t.real], [q.imag, q.real, t.imag]])
+
+
+def face_hypotheses(candidates: np.ndarray, labels: np.ndarray, mean_crop: np.ndarray, level_scales: np.ndarray,
+                    min_landmarks: int = 8) -> list[np.ndarray]:
+    """One (2, 3) image -> crop affine per cluster with at least `min_landmarks` distinct landmarks: the similarity
+    that maps the cluster's strongest candidate per landmark onto `mean_crop`, scaled within a factor of two of the
+    cluster's level."""
+    hypotheses = []
+    for label in range(labels.max() + 1 if len(labels) else 0):
+        rows = candidates[labels == label]
+        rows = rows[np.argsort(-rows[:, 3], kind="stable")]
+        _, first = np.unique(rows[:, 0], return_index=True)
+        rows = rows[first]
+        if len(rows) < min_landmarks:
+            continue
+        q, t = fit_similarity(mean_crop[rows[:, 0].astype(np.int64)], rows[:, 1:3], rows[:, 3])
+        level_scale = np.average(level_scales[rows[:, 4].astype(np.int64)], weights=rows[:, 3])
+        if not 0.5 <= abs(q) / level_scale <= 2.0:
+            continue
+        hypotheses.append(invert_affine(similarity_affine(q, t)))
+    return hypotheses
+
+
+def crop_maps(levels: list[torch.Tensor], level_scales: np.ndarray, height: int, width: int,
+              affines: list[np.ndarray], mean_crop: np.ndarray, window: float = 0.4) -> torch.Tensor:
+    """Each hypothesis' heatmaps in its 96 x 96 crop frame -> (N, C, 96, 96).
+
+    The combined maps of the levels whose scale is within a factor of two of the hypothesis' (the nearest level if
+    none is), so that a much larger or smaller face nearby does not leak into the fit; channel j is kept only within
+    window * 96 px of the mean shape's landmark j (``mean_crop`` (C, 2)), so that neighbouring faces of the same
+    scale do not either.
+    """
+    n_channels = levels[0].shape[0]
+    u = np.arange(CROP, dtype=np.float64)
+    uv = np.stack(np.meshgrid(u, u, indexing="xy"), axis=-1)
+    dist = np.linalg.norm(uv[None] - mean_crop[:, None, None], axis=-1)
+    keep = torch.from_numpy(dist <= window * CROP)
+    out = torch.zeros((len(affines), n_channels, CROP, CROP))
+    for i, affine in enumerate(affines):
+        scale = 1.0 / np.sqrt(abs(np.linalg.det(np.asarray(affine)[:, :2])))  # image px per crop px
+        ratio = level_scales / scale
+        chosen = np.flatnonzero((ratio >= 0.5) & (ratio <= 2.0))
+        if chosen.size == 0:
+            chosen = [int(np.argmin(np.abs(np.log(ratio))))]
+        xy = transform_points(uv.reshape(-1, 2), invert_affine(affine)).reshape(CROP, CROP, 2)
+        values, _ = sample_levels([levels[k] for k in chosen], height, width, torch.from_numpy(xy).float())
+        out[i] = torch.where(keep, values, 0.0)
+    return out
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def suppress_overlaps(faces: list[Face], max_iou: float) -> list[Face]:
+    """Faces sorted by score, dropping any whose box overlaps a kept one by more than `max_iou`."""
+    kept: list[Face] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        if all(box_iou(face.box, k.box) <= max_iou for k in kept):
+            kept.append(face)
+    return kept
+
+
+# ---- the API ----
+
+def read_metadata(assets_dir: Path) -> dict:
+    """The assets folder's metadata.json as a dict ({} when absent); LgcError naming it when it is malformed."""
+    path = assets_dir / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LgcError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LgcError(f"{path}: expected a JSON object")
+    return data
+
+
+def _bundled(name: str, what: str, argument: str) -> Path:
+    path = ASSETS_DIR / name
+    if not path.is_file():
+        raise LgcError(f"bundled {what} {path} not found (this installation ships without trained assets): "
+                       f"pass {argument}=PATH (--{argument.replace('_', '-')} PATH on the command line)")
+    return path
+
+
+def _check_boxes(boxes, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise LgcError(f"{where}: boxes must be numbers (x0, y0, x1, y1), got {boxes!r}") from None
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.size == 0:
+        return np.zeros((0, 4))
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise LgcError(f"{where}: boxes must be (x0, y0, x1, y1) or a (K, 4) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all() or not ((arr[:, 2] > arr[:, 0]) & (arr[:, 3] > arr[:, 1])).all():
+        raise LgcError(f"{where}: every box needs finite x0 < x1 and y0 < y1, got {arr.tolist()}")
+    return arr
+
+
+class Detector:
+    """Facial landmarks from a trained Local-Global Context Network.
+
+    weights: a checkpoint / exported weights path, an ``LGCN`` module, or None for the bundled ``assets/lgcn.pt``;
+    shape_model: a ``ShapeModel``, a path to one, or None for the bundled ``assets/shape_model.npz`` (loaded only when
+    needed: ``fit=True`` or ``detect``); device: torch device, default CUDA when available; decode: a decoder of
+    ``lgc_fast.decode.DECODERS``; fit: fit the PCA shape model (paper section 3.3). With fit and a local decoder
+    (anything but argmax) the points are the release's: the fit, then the regional maximum nearest to each fitted
+    point refined by the decoder, blended with the fit by heatmap value (``lgc_fast.decode.blend``); with fit and
+    argmax, the fit alone; without fit, the decoder alone. max_memory_bytes: working-memory budget of a forward pass
+    (batch size in ``landmarks``, tile size in ``detect``).
+    """
+
+    def __init__(self, weights=None, shape_model=None, device=None, decode: str = DEFAULT_DECODE, fit: bool = True,
+                 max_memory_bytes: int = DEFAULT_MEMORY):
+        if decode not in DECODERS:
+            raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
+        if not max_memory_bytes > 0:
+            raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes!r}")
+        try:
+            self.device = torch.device(device if device is not None else
+                                       "cuda" if torch.cuda.is_available() else "cpu")
+        except (RuntimeError, TypeError) as exc:
+            raise LgcError(f"device {device!r} is not a torch device ({exc})") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise LgcError(f"device {device!r}: CUDA is not available here")
+        if isinstance(weights, torch.nn.Module):
+            model = weights
+        else:
+            from lgc_fast.checkpoint import load_model
+
+            path = _bundled(WEIGHTS_FILE, "weights", "weights") if weights is None else weights
+            model = load_model(path, map_location="cpu")
+        self.model = model.to(self.device).eval()
+        self.n_landmarks = int(getattr(model, "n_landmarks", 68))
+        self.decode = decode
+        self.fit = bool(fit)
+        self.max_memory_bytes = int(max_memory_bytes)
+        self._shape_source = shape_model
+        self._shape = None
+
+    @property
+    def shape_model(self):
+        """The PCA shape model (loaded on first use)."""
+        if self._shape is None:
+            from lgc_fast.shape import ShapeModel
+
+            source = self._shape_source
+            if isinstance(source, ShapeModel):
+                self._shape = source
+            else:
+                self._shape = ShapeModel.load(_bundled(SHAPE_FILE, "shape model", "shape_model")
+                                              if source is None else source)
+            if self._shape.n_landmarks != self.n_landmarks:
+                raise LgcError(f"the shape model has {self._shape.n_landmarks} landmarks but the network "
+                               f"{self.n_landmarks}")
+        return self._shape
+
+    def heatmaps(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) on the CPU, in memory-bounded batches."""
+        per_crop = bytes_per_pixel(self.model) * crops.shape[2] * crops.shape[3]
+        batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
+        out = []
+        with torch.inference_mode():
+            for start in range(0, crops.shape[0], batch):
+                _, omega = self.model(crops[start:start + batch].to(self.device))
+                out.append(omega.float().cpu())
+        return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]))
+
+    def points_from_heatmaps(self, heatmaps: torch.Tensor, fit: bool | None = None):
+        """heatmaps (N, C, h, w) -> (points (N, C, 2) map pixels, confidence (N, C) in [0, 1], fitted (N,) bool,
+        the ShapeFit of the fitted faces or None). fit: default ``self.fit``.
+
+        Faces whose maps hold no positive value cannot be fitted; they keep the decoder's points."""
+        points, _ = decode(heatmaps, self.decode)
+        points = points.double()
+        shape_fit = None
+        alive = torch.zeros(len(heatmaps), dtype=torch.bool)
+        if (self.fit if fit is None else fit) and len(heatmaps):
+            from lgc_fast.ops.fit_shape import fit_shape
+
+            alive = (heatmaps.amax(dim=(1, 2, 3)) > 0) & torch.isfinite(heatmaps).all(dim=(1, 2, 3))
+            if alive.any():
+                shape_fit = fit_shape(heatmaps[alive], self.shape_model, windows=FIT_WINDOWS)
+                fitted = shape_fit.points.double()
+                if self.decode in SEEDED_DECODERS:
+                    # The release's refinement: the regional maximum nearest to each fitted point, refined locally
+                    # and blended with the fit by its heatmap value (low values trust the shape model).
+                    local, local_conf = DECODERS[self.decode](heatmaps[alive], seeds=fitted.float())
+                    fitted = blend(local.double(), local_conf, fitted)
+                points[alive] = fitted
+        conf = sample_maps(heatmaps.double(), points).clamp(0.0, 1.0)
+        return points, conf, alive, shape_fit
+
+    def landmarks(self, images, boxes):
+        """Landmarks of the faces in the given boxes.
+
+        images: one image or a list of them (paths, or arrays (H, W) / (H, W, 3) RGB, uint8 or float in [0, 255]);
+        boxes: for one image, (x0, y0, x1, y1) or (K, 4); for a list, one such entry per image. Each box's square
+        (its centre, its longer side) is the crop the network sees, like the training crops (the tight box around
+        the 68 points enlarged by 17 %). Returns list[Face] for one image, list[list[Face]] for a list.
+        """
+        single = isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor))
+        image_list = [images] if single else list(images)
+        box_list = [boxes] if single else list(boxes)
+        if len(box_list) != len(image_list):
+            raise LgcError(f"boxes must have one entry per image: {len(image_list)} images, {len(box_list)} entries")
+        crops, affines, owner = [], [], []
+        for index, (image, image_boxes) in enumerate(zip(image_list, box_list)):
+            where = str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+            gray = load_gray(image)
+            for box in _check_boxes(image_boxes, where):
+                cx, cy, size = box_to_square(box)
+                affine = crop_transform((cx, cy), size, CROP)
+                crops.append(warp_image(gray, affine, CROP))
+                affines.append(affine)
+                owner.append(index)
+        results: list[list[Face]] = [[] for _ in image_list]
+        if crops:
+            heat = self.heatmaps(torch.from_numpy(np.stack(crops))[:, None])
+            points, conf, _, _ = self.points_from_heatmaps(heat)
+            for i, affine in enumerate(affines):
+                pts = transform_points(points[i].numpy(), invert_affine(affine))
+                c = conf[i].numpy()
+                results[owner[i]].append(Face(pts, c, float(c.mean()), square_hull(affine)))
+        return results[0] if single else results
+
+    def pyramid_heatmaps(self, gray: np.ndarray) -> list[torch.Tensor]:
+        """omega (C, h_l, w_l) on the CPU for every pyramid level of gray (H, W), tiled within the memory budget."""
+        maps = []
+        for level in build_pyramid(gray):
+            image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
+            omega = torch.empty((self.n_landmarks, *level.shape))  # only omega is kept: half of tiled_forward's
+            for t, _, tile_omega in iter_tiles(self.model, image, tile=None, max_memory_bytes=self.max_memory_bytes):
+                omega[:, t.y0:t.y1, t.x0:t.x1] = tile_omega[0].float().cpu()
+            maps.append(omega)
+        return maps
+
+    def detect(self, image, threshold: float = 0.2, min_landmarks: int = 8, min_support: int = 20,
+               max_mahalanobis: float = 5.75, scale_tolerance: float = 1.5, max_overlap: float = 0.3) -> list[Face]:
+        """All faces in one image without boxes (paper section 4.3; algorithm in the module docstring).
+
+        threshold: heatmap value for a candidate and for a supporting fitted point; min_landmarks: distinct
+        landmarks a vote cluster needs to become a hypothesis; min_support: fitted points on activations above
+        threshold needed to keep a face; max_mahalanobis: bound on sqrt(sum (b_k / stddev_k)^2) of the shape
+        coefficients (5.75 ~ the 99.9 % chi-square quantile for 12 modes); scale_tolerance: allowed factor between
+        the fitted face size and the training crop's; max_overlap: box IoU above which the weaker face is dropped.
+        """
+        gray = load_gray(image)
+        return self.faces_from_levels(self.pyramid_heatmaps(gray), gray.shape, threshold, min_landmarks,
+                                      min_support, max_mahalanobis, scale_tolerance, max_overlap)
+
+    def faces_from_levels(self, levels: list[torch.Tensor], image_shape, threshold: float = 0.2,
+                          min_landmarks: int = 8, min_support: int = 20, max_mahalanobis: float = 5.75,
+                          scale_tolerance: float = 1.5, max_overlap: float = 0.3) -> list[Face]:
+        """Steps 3-6 of ``detect`` on given pyramid heatmaps: levels (C, h_l, w_l) of an image of image_shape (H, W)."""
+        height, width = int(image_shape[0]), int(image_shape[1])
+        scales = np.array([(width / lv.shape[2] + height / lv.shape[1]) / 2 for lv in levels])
+        mean_crop, canonical_scale = canonical_mean(self.shape_model)
+        candidates = find_candidates(levels, height, width, threshold)
+        if len(candidates) == 0:
+            return []
+        votes = face_votes(candidates, mean_crop, scales)
+        labels = cluster_votes(votes, candidates[:, 3], scales[candidates[:, 4].astype(np.int64)])
+        affines = face_hypotheses(candidates, labels, mean_crop, scales, min_landmarks)
+        if not affines:
+            return []
+        heat = crop_maps(levels, scales, height, width, affines, mean_crop)
+        points, conf, fitted, shape_fit = self.points_from_heatmaps(heat, fit=True)
+        if shape_fit is None:
+            return []
+        stddev = torch.as_tensor(self.shape_model.stddev)
+        mahalanobis = torch.sqrt(((shape_fit.coeffs.double() / stddev) ** 2).sum(dim=1))
+        fitted_scale = torch.hypot(shape_fit.similarity[:, 0], shape_fit.similarity[:, 1]).double()
+        faces = []
+        for row, i in enumerate(torch.nonzero(fitted)[:, 0].tolist()):
+            support = int((conf[i] > threshold).sum())  # conf: the maps at the fitted points, clipped to [0, 1]
+            ratio = float(fitted_scale[row]) / canonical_scale
+            if support < min_support or float(mahalanobis[row]) > max_mahalanobis or \
+                    not 1 / scale_tolerance <= ratio <= scale_tolerance:
+                continue
+            pts = transform_points(points[i].numpy(), invert_affine(affines[i]))
+            c = conf[i].numpy()
+            faces.append(Face(pts, c, float(c.mean()), square_hull(affines[i])))
+        return suppress_overlaps(faces, max_overlap)

@@ -1,0 +1,193 @@
+"""``lgc-fast export``: the network as an ONNX graph of standard operators, checked against PyTorch.
+
+The kernel convolution (eq. 1) is a custom op in PyTorch; in the graph it becomes ordinary convolutions:
+``separable`` (default) uses K = (1/5) sum_s g_s g_s^T: a depthwise 1x45 convolution producing the five Gaussian
+rows per channel, a depthwise 45x1 convolution, and a grouped 1x1 convolution summing the five with weight 1/5 (450
+multiply-adds per pixel and channel instead of 2025); ``dense`` is the literal depthwise 45x45 convolution.
+Input ``image`` (N, 1, H, W) grey levels in [0, 255], any N, H, W; outputs ``local`` and ``omega`` (N, C, H, W).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lgc_fast.errors import LgcError
+from lgc_fast.model import INPUT_SCALE, KERNEL_OUTPUT_SCALE, LGCN
+from lgc_fast.ops.kernel_conv import KERNEL_SIZE, RADIUS, WEIGHT, kernel_2d, kernel_taps
+
+KERNEL_FORMS = ("separable", "dense")
+OPSET = 17
+CHECK_TOLERANCE = 1e-4  # max |onnx - torch| relative to max |omega|
+
+
+class KernelConv2d(nn.Module):
+    """The kernel convolution of eq. 1 on `channels` channels, written with standard convolutions only (exportable).
+    x: (N, channels, H, W) -> (N, channels, H, W), zero padding."""
+
+    def __init__(self, channels: int, form: str = "separable"):
+        super().__init__()
+        if form not in KERNEL_FORMS:
+            raise ValueError(f"form must be one of {', '.join(KERNEL_FORMS)}, not {form!r}")
+        self.channels, self.form = int(channels), form
+        if form == "dense":
+            self.register_buffer("weight", kernel_2d(torch.float32).expand(channels, 1, KERNEL_SIZE, KERNEL_SIZE)
+                                 .contiguous())
+        else:
+            taps = kernel_taps(torch.float32)  # (5, 45)
+            n = taps.shape[0]
+            self.register_buffer("row", taps.repeat(channels, 1).reshape(channels * n, 1, 1, KERNEL_SIZE))
+            self.register_buffer("col", taps.repeat(channels, 1).reshape(channels * n, 1, KERNEL_SIZE, 1))
+            self.register_buffer("mix", torch.full((channels, n, 1, 1), WEIGHT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "dense":
+            return F.conv2d(x, self.weight, padding=RADIUS, groups=self.channels)
+        rows = F.conv2d(x, self.row, padding=(0, RADIUS), groups=self.channels)  # (N, 5C, H, W)
+        both = F.conv2d(rows, self.col, padding=(RADIUS, 0), groups=rows.shape[1])
+        return F.conv2d(both, self.mix, groups=self.channels)
+
+
+class ExportableLGCN(nn.Module):
+    """``LGCN.forward`` rebuilt from the network's own submodules with KernelConv2d in place of the custom op.
+
+    Mirrors lgc_fast.model.LGCN.forward; ``check_equivalence`` (run by every export and by the tests) compares the
+    two, so a change of the model that this does not follow fails loudly instead of exporting a different network.
+    """
+
+    def __init__(self, model: LGCN, form: str = "separable"):
+        super().__init__()
+        self.net = model
+        kernel_channels = 2 * model.n_landmarks if model.branch is not None else model.n_landmarks
+        self.kernel = KernelConv2d(kernel_channels, form)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.net
+        feats = m.local_features((x / 128.0 - 1.0) * INPUT_SCALE)
+        o_local = m.local_out(feats)
+        if m.branch is not None:
+            both = self.kernel(torch.cat((o_local, m.branch(feats)), dim=1)) * KERNEL_OUTPUT_SCALE
+            local, global_in = both[:, : m.n_landmarks], both
+        else:
+            local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
+            global_in = local
+        return local, local + m.global_out(m.global_features(global_in))
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (absolute when expected is all zeros)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.abs(expected).max()
+    return float(np.abs(actual - expected).max() / (scale if scale > 0 else 1.0))
+
+
+def check_equivalence(wrapper: ExportableLGCN, image: torch.Tensor) -> float:
+    """Relative max error between the wrapper's omega and the model's own forward on image (N, 1, H, W)."""
+    with torch.no_grad():
+        _, expected = wrapper.net(image)
+        _, actual = wrapper(image)
+    return relative_error(actual.numpy(), expected.numpy())
+
+
+def export_onnx(model: LGCN, path, form: str = "separable", opset: int = OPSET, probe: torch.Tensor | None = None):
+    """Write `model` (eval mode, CPU) as ONNX to `path` atomically, dynamic in N, H and W.
+
+    probe: an image (N, 1, H, W) to trace with and to check the rebuilt forward against the model on (default: a
+    96 x 96 ramp). Returns the wrapper's relative error against the model. LgcError when it exceeds the tolerance.
+    """
+    model = model.cpu().eval()
+    wrapper = ExportableLGCN(model, form).eval()
+    if probe is None:
+        probe = torch.linspace(0, 255, 96 * 96).reshape(1, 1, 96, 96)
+    error = check_equivalence(wrapper, probe)
+    if error > CHECK_TOLERANCE:
+        raise LgcError(f"the exportable network differs from LGCN.forward (relative error {error:.2e}); "
+                       "lgc_fast.export is out of step with lgc_fast.model")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}, "local": {0: "batch", 2: "height", 3: "width"},
+               "omega": {0: "batch", 2: "height", 3: "width"}}
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of dynamo=True, which needs onnxscript (not a
+            # dependency); this graph (convolutions, ReLU, slicing) is within what the TorchScript exporter handles.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, (probe,), tmp, input_names=["image"], output_names=["local", "omega"],
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return error
+
+
+def onnx_check(path, model: LGCN, images: list[torch.Tensor]) -> float | None:
+    """Max relative error of onnxruntime's omega against the PyTorch model over `images` (each (N, 1, H, W));
+    None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for image in images:
+        with torch.no_grad():
+            _, expected = model.cpu().eval()(image)
+        _, omega = session.run(None, {"image": image.numpy().astype(np.float32)})
+        worst = max(worst, relative_error(omega, expected.numpy()))
+    return worst
+
+
+def face_probe() -> torch.Tensor:
+    """The bundled astronaut's face as the network sees it: the 96 x 96 grey crop of its known box, (1, 1, 96, 96)."""
+    from lgc_fast.data.geometry import box_to_square, crop_transform, warp_image
+    from lgc_fast.demo import DEMO_IMAGE, demo_box
+    from lgc_fast.detect import CROP, load_gray
+
+    cx, cy, size = box_to_square(demo_box())
+    crop = warp_image(load_gray(DEMO_IMAGE), crop_transform((cx, cy), size, CROP), CROP)
+    return torch.from_numpy(crop)[None, None]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--onnx", required=True, type=Path, metavar="FILE", help="the ONNX file to write")
+    parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
+    parser.add_argument("--kernel", choices=KERNEL_FORMS, default="separable",
+                        help="how the 45x45 kernel convolution is written in the graph (default: separable)")
+    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+
+
+def run(args) -> int:
+    from lgc_fast.checkpoint import load_model
+    from lgc_fast.detect import ASSETS_DIR, WEIGHTS_FILE
+
+    weights = args.weights if args.weights is not None else ASSETS_DIR / WEIGHTS_FILE
+    if args.weights is None and not weights.is_file():
+        raise LgcError(f"bundled weights {weights} not found (this installation ships without trained assets): "
+                       "pass --weights PATH")
+    model = load_model(weights)
+    face = face_probe()
+    error = export_onnx(model, args.onnx, args.kernel, args.opset, probe=face)
+    print(f"wrote {args.onnx} ({args.kernel} kernel convolution, opset {args.opset}); "
+          f"rebuilt forward vs PyTorch: {error:.1e}")
+    wide = torch.nn.functional.interpolate(face, size=(120, 150), mode="bilinear", align_corners=False)
+    checked = onnx_check(args.onnx, model, [face, wide.repeat(2, 1, 1, 1)])
+    if checked is None:
+        print("onnxruntime is not installed: the exported graph was not run (pip install onnxruntime)")
+        return 0
+    print(f"onnxruntime vs PyTorch on a real face (96x96, and 2x120x150): max relative error {checked:.1e}")
+    if checked > CHECK_TOLERANCE:
+        print(f"lgc-fast export: error: onnxruntime disagrees with PyTorch beyond {CHECK_TOLERANCE:g}",
+              file=sys.stderr)
+        return 1
+    return 0

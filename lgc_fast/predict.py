@@ -1,0 +1,172 @@
+"""``lgc-fast predict``: landmarks for image files, written as JSON (+ overlay PNG, + optional 300-W .pts).
+
+Per input image STEM.EXT the output folder gets STEM.json::
+
+    {"image": "path/as/given.jpg", "width": W, "height": H, "mode": "boxes" | "detect",
+     "coordinates": "0-based pixels, pixel centres at integers",
+     "faces": [{"box": [x0, y0, x1, y1], "score": s, "points": [[x, y] x 68], "confidence": [c x 68]}, ...]}
+
+faces sorted by score; STEM.png, the image with the faces drawn (unless --no-overlay); and with --pts, STEM.pts
+holding the best face in the 300-W layout (1-based; none when no face was found), so that results feed back into a
+training folder. Stems that
+repeat among the inputs get _2, _3, ... appended. Images listed in --boxes use their boxes; the others (and every
+image without --boxes) are searched for faces (section 4.3). An image that cannot be read is reported by name on
+stderr and skipped; the exit status is nonzero only when no image at all could be processed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lgc_fast.errors import LgcError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _box(values, where: str) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise LgcError(f"{where}: a box must be four numbers x0 y0 x1 y1, got {values!r}") from None
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or not (box[2] > box[0] and box[3] > box[1]):
+        raise LgcError(f"{where}: a box must be four finite numbers x0 y0 x1 y1 with x1 > x0 and y1 > y0, "
+                       f"got {values!r}")
+    return box
+
+
+def load_face_boxes(path) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Face boxes per image from `path`: ``*.json`` {"KEY": [x0, y0, x1, y1] or [[x0, y0, x1, y1], ...]}; any other
+    file is text, one box per line ``KEY x0 y0 x1 y1`` (a KEY may repeat: several faces; '#' starts a comment line).
+    KEY is the image path as given on the command line or its file name. 0-based pixel coordinates."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LgcError(f"{path}: cannot read boxes file ({exc})") from None
+    boxes: dict[str, list] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LgcError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise LgcError(f"{path}: expected a JSON object mapping image names to boxes")
+        for key, value in data.items():
+            many = isinstance(value, list) and value and all(isinstance(v, (list, tuple)) for v in value)
+            boxes[key] = [_box(v, f"{path}: entry {key!r}") for v in (value if many else [value])]
+        return boxes
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.rsplit(maxsplit=4)
+        if len(fields) != 5:
+            raise LgcError(f"{path}:{number}: expected 'KEY x0 y0 x1 y1', got {line!r}")
+        boxes.setdefault(fields[0], []).append(_box(fields[1:], f"{path}:{number}"))
+    return boxes
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Files as given; a folder stands for the images directly inside it (sorted)."""
+    paths = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(item)
+    return paths
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        stems.append(path.stem if count == 1 else f"{path.stem}_{count}")
+    return stems
+
+
+def read_color(path: Path):
+    """(H, W, 3) BGR uint8, or None when the file cannot be read or decoded."""
+    import cv2
+
+    try:
+        encoded = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    image = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if encoded.size else None
+    return image if image is not None and image.size else None
+
+
+def predict_image(detector, path: Path, boxes, detect_options: dict) -> dict:
+    """The JSON record of one image (see the module docstring). LgcError when the image cannot be read."""
+    from lgc_fast.detect import load_gray
+
+    gray = load_gray(path)
+    if boxes is None:
+        faces, mode = detector.detect(gray, **detect_options), "detect"
+    else:
+        faces, mode = detector.landmarks(gray, boxes), "boxes"
+    faces = sorted(faces, key=lambda f: -f.score)
+    return {"image": str(path), "width": int(gray.shape[1]), "height": int(gray.shape[0]), "mode": mode,
+            "coordinates": "0-based pixels, pixel centres at integers", "faces": [f.to_dict() for f in faces]}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files or folders of images")
+    parser.add_argument("--boxes", type=Path, metavar="FILE",
+                        help="face boxes (JSON or 'KEY x0 y0 x1 y1' lines); images not listed are searched")
+    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
+    parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
+    parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    from lgc_fast.detect import DEFAULT_DECODE, DECODERS
+
+    parser.add_argument("--decode", default=DEFAULT_DECODE, choices=sorted(DECODERS),
+                        help=f"heatmap decoder (default: {DEFAULT_DECODE})")
+    parser.add_argument("--no-fit", action="store_true", help="decode only, without the PCA shape fit")
+    parser.add_argument("--threshold", type=float, default=0.2, help="heatmap threshold of the face search")
+    parser.add_argument("--pts", action="store_true", help="also write STEM.pts (300-W, 1-based) with the best face")
+    parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
+
+
+def run(args) -> int:
+    import cv2
+
+    from lgc_fast.checkpoint import atomic_write_text
+    from lgc_fast.data.pts import write_pts
+    from lgc_fast.detect import Detector
+    from lgc_fast.draw import draw_faces, save_image
+
+    boxes = load_face_boxes(args.boxes) if args.boxes is not None else {}
+    paths = expand_inputs(args.images)
+    if not paths:
+        raise LgcError("no images: the given folders hold no image files")
+    detector = Detector(weights=args.weights, shape_model=args.shape_model, device=args.device,
+                        decode=args.decode, fit=not args.no_fit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    for path, stem in zip(paths, _unique_stems(paths)):
+        given = boxes.get(str(path), boxes.get(path.name))
+        try:
+            record = predict_image(detector, path, given, {"threshold": args.threshold})
+        except LgcError as exc:
+            print(f"lgc-fast predict: skipped: {exc}", file=sys.stderr)  # the message names the file
+            continue
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(record, indent=1) + "\n")
+        if args.pts and record["faces"]:
+            write_pts(args.out / f"{stem}.pts", np.asarray(record["faces"][0]["points"]))
+        if not args.no_overlay:
+            color = read_color(path)
+            if color is not None:
+                save_image(args.out / f"{stem}.png", draw_faces(color, record["faces"]))
+        print(f"{path}: {len(record['faces'])} face(s) ({record['mode']})")
+        done += 1
+    print(f"{done} of {len(paths)} images processed; results in {args.out}")
+    return 0 if done else 1

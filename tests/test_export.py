@@ -1,0 +1,79 @@
+"""ONNX export: the kernel convolution as standard ops, the rebuilt forward, and onnxruntime against PyTorch."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lgc_fast import cli
+from lgc_fast.checkpoint import save_checkpoint
+from lgc_fast.export import (CHECK_TOLERANCE, KERNEL_FORMS, ExportableLGCN, KernelConv2d, check_equivalence,
+                             export_onnx, face_probe, onnx_check, relative_error)
+from lgc_fast.model import LGCN
+from lgc_fast.ops.kernel_conv import kernel_conv_ref
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def tiny(variant: str = "release") -> LGCN:
+    torch.manual_seed(0)
+    return LGCN(variant, width=8, local_layers=(3, 5)).eval()
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_kernel_conv_as_standard_ops_matches_the_reference(form):
+    x = torch.randn((2, 3, 50, 61), generator=torch.Generator().manual_seed(0))
+    assert relative_error(KernelConv2d(3, form)(x).numpy(), kernel_conv_ref(x).numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_rebuilt_forward_matches_the_model(variant):
+    model = tiny(variant)
+    image = face_probe()
+    assert check_equivalence(ExportableLGCN(model), image) < 1e-5
+    with torch.no_grad():
+        local, _ = ExportableLGCN(model)(image)
+        expected, _ = model(image)
+    assert relative_error(local.numpy(), expected.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("form", KERNEL_FORMS)
+def test_exported_graph_runs_in_onnxruntime_like_pytorch(form, tmp_path):
+    model = tiny()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, form, probe=face_probe())
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}  # standard operators only
+    assert {node.op_type for node in graph.graph.node} >= {"Conv", "Relu"}
+    face = face_probe()
+    wide = torch.nn.functional.interpolate(face, size=(120, 150), mode="bilinear").repeat(2, 1, 1, 1)
+    images = [face, wide] if form == "separable" else [face]  # onnxruntime's dense 45x45 depthwise conv is slow
+    assert onnx_check(path, model, images) < CHECK_TOLERANCE  # a real face; dynamic batch and spatial size
+
+
+def test_export_command(tmp_path, capsys):
+    model = tiny("paper")
+    save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
+    code = cli.main(["export", "--onnx", str(tmp_path / "out" / "m.onnx"), "--weights", str(tmp_path / "w.pt")])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "out" / "m.onnx").is_file()
+    assert "onnxruntime vs PyTorch" in out
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "m.onnx"]  # no temporary files left
+
+
+def test_export_without_onnxruntime_skips_the_check(tmp_path, monkeypatch, capsys):
+    model = tiny()
+    save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    assert onnx_check(tmp_path / "none.onnx", model, [face_probe()]) is None
+    code = cli.main(["export", "--onnx", str(tmp_path / "m.onnx"), "--weights", str(tmp_path / "w.pt")])
+    assert code == 0 and "onnxruntime is not installed" in capsys.readouterr().out
+
+
+def test_face_probe_is_a_face_crop():
+    face = face_probe()
+    assert face.shape == (1, 1, 96, 96) and 0 <= face.min() and face.max() <= 255
+    assert float(face.std()) > 20  # a textured face, not a flat patch
+    assert np.isfinite(face.numpy()).all()
