@@ -14,29 +14,28 @@ times the composed torch ops (oneDNN) at a small batch so the script runs anywhe
 would specialise it, and reports registers, spill stack, shared memory and whether wgmma and cp.async are used.
 
 Usage: python bench/bench_dilated_block.py [--quick | --sm90-report] [--batches 64 256] [--dtypes bf16 fp32]
-Writes JSON to bench/results/dilated_block_<cuda|cpu|sm90_compile>.json (atomic replace).
+Writes the results under "dilated_block" (or "dilated_block_sm90_compile") in bench/results/<device-slug>.json
+(merged with other benches).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import importlib
-import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import device_name, environment, results_path, time_reps, write_results  # noqa: E402
 
 from lgc_fast.ops.dilated_block import dilated_block, dilated_conv  # noqa: E402
 
@@ -57,29 +56,6 @@ def _datasheet_peak(name: str, dtype: torch.dtype):
     return None
 
 
-def _time(fn, device, warmup, reps):
-    """Milliseconds per call: (median, 20 % quantile, 80 % quantile)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return statistics.median(times), q[1], q[7]
-
-
 def _matmul_ceiling(device, dtype, reps):
     """TFLOP/s of a large matrix product in `dtype`; float32 uses TF32 exactly when cuDNN convolutions do."""
     n = 8192
@@ -88,10 +64,15 @@ def _matmul_ceiling(device, dtype, reps):
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     try:
-        ms, _, _ = _time(lambda: a @ b, device, 3, reps)
+        ms = time_reps(lambda: a @ b, device, 3, reps).median_ms
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _quantiles(t) -> list[float]:
+    """[median, 20 %, 80 %] in ms, the order this bench's rows and tables use."""
+    return [t.median_ms, t.p20_ms, t.p80_ms]
 
 
 def _rel(a, b):
@@ -145,13 +126,15 @@ def run_gpu(args, device):
                 }
                 for variant, (fast, base) in variants.items():
                     err = _rel(fast(), base())
-                    t_fast = _time(fast, device, args.warmup, args.reps)
-                    t_base = _time(base, device, args.warmup, args.reps)
-                    tflops = flops / (t_fast[0] * 1e-3) / 1e12
+                    t_fast = time_reps(fast, device, args.warmup, args.reps)
+                    t_base = time_reps(base, device, args.warmup, args.reps)
+                    tflops = flops / (t_fast.median_ms * 1e-3) / 1e12
                     rows.append(dict(
                         variant=variant, dtype=dname, n=n, c_in=c_in, c_out=args.cout, hw=args.hw,
-                        triton_ms=t_fast, cudnn_ms=t_base, speedup=t_base[0] / t_fast[0],
-                        triton_tflops=tflops, cudnn_tflops=flops / (t_base[0] * 1e-3) / 1e12,
+                        triton_ms=_quantiles(t_fast), cudnn_ms=_quantiles(t_base),
+                        triton_timing=t_fast.as_dict(), cudnn_timing=t_base.as_dict(),
+                        speedup=t_base.median_ms / t_fast.median_ms,
+                        triton_tflops=tflops, cudnn_tflops=flops / (t_base.median_ms * 1e-3) / 1e12,
                         pct_datasheet_peak=None if peak is None else 100 * tflops / peak,
                         pct_matmul_ceiling=100 * tflops / ceiling, matmul_ceiling_tflops=ceiling,
                         rel_err_vs_cudnn=err))
@@ -172,13 +155,14 @@ def run_cpu(args):
                 scale = gamma * torch.rsqrt(var + 1e-5)
                 shift = beta - mean * scale
                 flops = 2 * n * args.hw * args.hw * args.cout * c_in * 9
-                ref = _time(lambda: dilated_block(x, w, scale, shift, keep, dropout_p=DROPOUT_P, backend="ref"),
-                            dev, args.warmup, args.reps)
-                base = _time(lambda: _composed(x, w, gamma, beta, mean, var, keep), dev, args.warmup, args.reps)
+                ref = time_reps(lambda: dilated_block(x, w, scale, shift, keep, dropout_p=DROPOUT_P, backend="ref"),
+                                dev, args.warmup, args.reps)
+                base = time_reps(lambda: _composed(x, w, gamma, beta, mean, var, keep), dev, args.warmup, args.reps)
                 rows.append(dict(variant="train", dtype=dname, n=n, c_in=c_in, c_out=args.cout, hw=args.hw,
-                                 ref_ms=ref, composed_ms=base, ref_gflops=flops / (ref[0] * 1e-3) / 1e9,
-                                 composed_gflops=flops / (base[0] * 1e-3) / 1e9))
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", rows
+                                 ref_ms=_quantiles(ref), composed_ms=_quantiles(base), ref_timing=ref.as_dict(),
+                                 composed_timing=base.as_dict(), ref_gflops=flops / (ref.median_ms * 1e-3) / 1e9,
+                                 composed_gflops=flops / (base.median_ms * 1e-3) / 1e9))
+    return device_name(dev), rows
 
 
 def sm90_report(args):
@@ -236,14 +220,6 @@ def sm90_report(args):
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small batch, few repetitions (CPU smoke run)")
@@ -268,21 +244,21 @@ def main(argv=None) -> int:
     args.reps = args.reps if args.reps is not None else (3 if args.quick else 30)
 
     if args.sm90_report:
-        device_name, rows = sm90_report(args)
+        measured_on, rows = sm90_report(args)
         note = "compile-only resource report; nothing timed"
     elif cuda:
-        device_name, rows = run_gpu(args, torch.device("cuda"))
+        measured_on, rows = run_gpu(args, torch.device("cuda"))
         note = "GPU measured: Triton vs cuDNN composed, same run"
     else:
-        device_name, rows = run_cpu(args)
+        measured_on, rows = run_cpu(args)
         note = "no CUDA device: only the reference (oneDNN) path timed; GPU figures unmeasured"
-    payload = dict(bench="dilated_block", device=device_name, torch=torch.__version__, note=note,
+    device = torch.device("cuda" if cuda else "cpu")
+    payload = dict(environment=environment(device), measured_on=measured_on, note=note,
                    tf32=torch.backends.cudnn.allow_tf32, args={k: str(v) for k, v in vars(args).items()}, rows=rows)
-    tag = "sm90_compile" if args.sm90_report else "cuda" if cuda else "cpu"
-    out = args.out or ROOT / "bench" / "results" / f"dilated_block_{tag}.json"
-    _write_json(out, payload)
+    bench = "dilated_block_sm90_compile" if args.sm90_report else "dilated_block"
+    out = write_results(args.out or results_path(device), bench, payload)
 
-    print(f"# {device_name}; {note}")
+    print(f"# {measured_on}; {note}")
     if args.sm90_report:
         print(f"{'dtype':5} {'Cin':>4} {'tile MxNxK':>12} {'w':>2} {'st':>2} {'regs':>4} {'spill':>5} {'smem KB':>7} "
               f"{'wgmma':>5} {'cp.async':>8}")
@@ -304,7 +280,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['dtype']:5} {r['n']:>4} {r['c_in']:>4} {r['ref_ms'][0]:9.2f} {r['composed_ms'][0]:12.2f} "
                   f"{r['ref_gflops']:12.1f}")
-    print(f"# wrote {out}")
+    print(f"# wrote {out} (key {bench})")
     return 0
 
 

@@ -10,26 +10,24 @@ Decoders: encode -> decode round trips of random sub-pixel points through the ne
 (``target_maps_ref``), mean and max |error| per axis for every decoder in ``lgc_fast.decode.DECODERS``.
 
 The heatmaps are exact targets of random model shapes (the face spans about 70 px), rendered separably.
-Usage: python bench/bench_fit_shape.py [--batch N] [--ref-faces N] [--reps N] [--out PATH]
-Writes JSON to bench/results/fit_shape_<device>.json (atomic replace).
+Usage: python bench/bench_fit_shape.py [--quick] [--batch N] [--ref-faces N] [--reps N] [--out PATH]
+Writes the results under "fit_shape" in bench/results/<device-slug>.json (merged with other benches).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from common import environment, results_path, time_reps, write_results  # noqa: E402
 
 import lgc_fast  # noqa: E402
 from lgc_fast.decode import DECODERS  # noqa: E402
@@ -39,27 +37,7 @@ from lgc_fast.shape import ShapeModel  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ytf68" / "trainset"
 MAP = 96
-
-
-def _time(fn, device, warmup, reps):
-    """Milliseconds per call: (median, 20 % quantile, 80 % quantile)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return statistics.median(times), q[1], q[7]
+BENCH = "fit_shape"
 
 
 def _model() -> tuple[ShapeModel, str]:
@@ -108,25 +86,30 @@ def _faces(model: ShapeModel, n: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([_render(pts[i:i + 16], MAP, MAP).float() for i in range(0, n, 16)])
 
 
+def _times(t) -> dict:
+    """Row fields of one Timing of a whole call."""
+    return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, timing=t.as_dict())
+
+
 def bench_fit(args, model, maps):
     rows = []
     cpu = torch.device("cpu")
     ref_maps = maps[:args.ref_faces]
     reference = fit_shape_ref(ref_maps, model)  # warm-up and the points to compare with
-    ref_ms = _time(lambda: [fit_shape_ref(ref_maps[i:i + 1], model) for i in range(len(ref_maps))], cpu, 0,
-                   args.ref_reps)
-    ref_faces_s = len(ref_maps) / (ref_ms[0] * 1e-3)
-    rows.append(dict(impl="fit_shape_ref (per-face loop)", device="cpu", batch=len(ref_maps), ms=ref_ms,
+    ref_t = time_reps(lambda: [fit_shape_ref(ref_maps[i:i + 1], model) for i in range(len(ref_maps))], cpu, 0,
+                      args.ref_reps)
+    ref_faces_s = len(ref_maps) / (ref_t.median_ms * 1e-3)
+    rows.append(dict(impl="fit_shape_ref (per-face loop)", device="cpu", batch=len(ref_maps), **_times(ref_t),
                      faces_per_s=ref_faces_s))
     report = lgc_fast.backends()
     for backend in ("cpu", "ref"):
         if not report[backend][0]:
             continue
-        ms = _time(lambda: fit_shape(maps, model, backend=backend), cpu, 1, args.reps)
+        t = time_reps(lambda: fit_shape(maps, model, backend=backend), cpu, 1, args.reps)
         diff = (fit_shape(ref_maps, model, backend=backend).points - reference.points).abs().max().item()
-        rows.append(dict(impl=f"fit_shape batched, stats backend {backend}", device="cpu", batch=len(maps), ms=ms,
-                         faces_per_s=len(maps) / (ms[0] * 1e-3),
-                         speedup_vs_ref_loop=len(maps) / (ms[0] * 1e-3) / ref_faces_s,
+        rows.append(dict(impl=f"fit_shape batched, stats backend {backend}", device="cpu", batch=len(maps),
+                         **_times(t), faces_per_s=len(maps) / (t.median_ms * 1e-3),
+                         speedup_vs_ref_loop=len(maps) / (t.median_ms * 1e-3) / ref_faces_s,
                          max_abs_point_diff_vs_ref_px=diff))
     if torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -134,11 +117,11 @@ def bench_fit(args, model, maps):
         for backend in ("cuda", "triton"):
             if not report[backend][0]:
                 continue
-            ms = _time(lambda: fit_shape(big, model, backend=backend), dev, 3, args.reps)
+            t = time_reps(lambda: fit_shape(big, model, backend=backend), dev, 3, args.reps)
             diff = (fit_shape(ref_maps.to(dev), model, backend=backend).points.cpu() - reference.points).abs().max()
             rows.append(dict(impl=f"fit_shape batched, stats backend {backend}", device=torch.cuda.get_device_name(),
-                             batch=len(big), ms=ms, faces_per_s=len(big) / (ms[0] * 1e-3),
-                             speedup_vs_ref_loop=len(big) / (ms[0] * 1e-3) / ref_faces_s,
+                             batch=len(big), **_times(t), faces_per_s=len(big) / (t.median_ms * 1e-3),
+                             speedup_vs_ref_loop=len(big) / (t.median_ms * 1e-3) / ref_faces_s,
                              max_abs_point_diff_vs_ref_px=diff.item()))
     return rows
 
@@ -154,48 +137,44 @@ def bench_decoders(points: int = 256, size: int = 48):
     return dict(points=points, map=size, border_px=4, errors=result)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=64, help="faces per batched call on the CPU")
-    p.add_argument("--gpu-batch", type=int, default=8192, help="faces per batched call on CUDA")
-    p.add_argument("--ref-faces", type=int, default=8, help="faces timed through the per-face reference loop")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--ref-reps", type=int, default=3)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="a smoke run: batch 8, 2 reference faces, 2 timed calls")
+    p.add_argument("--batch", type=int, default=None, help="faces per batched call on the CPU (default 64)")
+    p.add_argument("--gpu-batch", type=int, default=None, help="faces per batched call on CUDA (default 8192)")
+    p.add_argument("--ref-faces", type=int, default=None,
+                   help="faces timed through the per-face reference loop (default 8)")
+    p.add_argument("--reps", type=int, default=None, help="timed batched calls (default 7)")
+    p.add_argument("--ref-reps", type=int, default=None, help="timed reference loops (default 3)")
+    p.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = p.parse_args(argv)
+    defaults = (dict(batch=8, gpu_batch=1024, ref_faces=2, reps=2, ref_reps=1) if args.quick else
+                dict(batch=64, gpu_batch=8192, ref_faces=8, reps=7, ref_reps=3))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.ref_faces = min(args.ref_faces, args.batch)
     model, source = _model()
     maps = _faces(model, args.batch)
     rows = bench_fit(args, model, maps)
     decoders = bench_decoders()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     payload = dict(
-        bench="fit_shape", device=device, cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__, torch_threads=torch.get_num_threads(),
-        env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LGC_FAST_BACKEND")},
+        environment=environment(device),
+        env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "LGC_FAST_BACKEND")},
         model=dict(source=source, landmarks=model.n_landmarks, modes=model.n_modes), map=[68, MAP, MAP],
         fit=rows, decoders=decoders,
         gpu_note=None if torch.cuda.is_available() else "no CUDA device: GPU faces/s (target >= 100000) unmeasured",
     )
     for row in rows:
         extra = f"  x{row['speedup_vs_ref_loop']:.0f} vs ref loop" if "speedup_vs_ref_loop" in row else ""
-        print(f"{row['impl']:42s} {row['device']:>10s} batch {row['batch']:5d}: {row['ms'][0]:9.2f} ms "
-              f"(20-80 % {row['ms'][1]:.2f}-{row['ms'][2]:.2f})  {row['faces_per_s']:10.1f} faces/s{extra}")
+        print(f"{row['impl']:42s} {row['device']:>10s} batch {row['batch']:5d}: {row['median_ms']:9.2f} ms "
+              f"(20-80 % {row['p20_ms']:.2f}-{row['p80_ms']:.2f})  {row['faces_per_s']:10.1f} faces/s{extra}")
     for name, e in decoders["errors"].items():
         print(f"decoder {name:15s} mean {e['mean_abs_error_px']:.4f} px  max {e['max_abs_error_px']:.4f} px")
     if payload["gpu_note"]:
         print(payload["gpu_note"])
-    out = args.out or ROOT / "bench" / "results" / f"fit_shape_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
-    _write_json(out, payload)
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")
     return 0
 
 

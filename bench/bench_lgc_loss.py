@@ -8,26 +8,22 @@ cuda and triton) and dtype, time
 reporting median and 20/80 % quantiles in ms (CUDA events on a GPU, perf_counter on the CPU) and the speed-up
 torch / fused of the forward+backward medians, plus the largest relative difference of the two losses.
 
-Self-contained timer (bench/common.py did not exist when this was written). Usage:
-  python bench/bench_lgc_loss.py [--batch N] [--dtypes fp32 bf16] [--reps R] [--ref-reps R] [--out PATH]
-Writes JSON to bench/results/lgc_loss_<cpu or cuda>.json (atomic replace).
+Usage:
+  python bench/bench_lgc_loss.py [--quick] [--batch N] [--dtypes fp32 bf16] [--reps R] [--ref-reps R] [--out PATH]
+Writes the results under "lgc_loss" in bench/results/<device-slug>.json (merged with other benches).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import environment, results_path, time_reps, write_results  # noqa: E402
 
 import lgc_fast  # noqa: E402
 from lgc_fast.ops import lgc_loss, lgc_loss_ref  # noqa: E402
@@ -35,28 +31,8 @@ from lgc_fast.ops import lgc_loss, lgc_loss_ref  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LANDMARKS = 68
 SIZE = 96
+BENCH = "lgc_loss"
 GPU_TARGET = 10.0  # the fused forward+backward should beat the torch composition by this factor on a GPU
-
-
-def _time(fn, device: torch.device, warmup: int, reps: int) -> dict:
-    """Milliseconds per call: median and 20/80 % quantiles."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else times * 9
-    return {"median_ms": statistics.median(times), "q20_ms": q[1], "q80_ms": q[7], "reps": reps}
 
 
 def make_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -99,57 +75,44 @@ def bench_case(device, dtype_name, backend, n, reps, ref_reps, ref_result):
     rel_diff = ((fused_value.double() - ref_value.double()).abs() / ref_value.double().abs().clamp_min(1e-30)).max()
     row = {
         "backend": backend, "dtype": dtype_name,
-        "fused_fwd": _time(fused_fwd, device, 2, reps),
-        "fused_fwd_bwd": _time(_fwd_bwd(fused_loss, local, omega, points, labelled), device, 2, reps),
+        "fused_fwd": time_reps(fused_fwd, device, 2, reps).as_dict(),
+        "fused_fwd_bwd": time_reps(_fwd_bwd(fused_loss, local, omega, points, labelled), device, 2, reps).as_dict(),
         "max_rel_diff_vs_torch": rel_diff.item(),
     }
     if ref_result is None:
-        ref_timing = _time(_fwd_bwd(lgc_loss_ref, local, omega, points, labelled), device, 1, ref_reps)
+        ref_timing = time_reps(_fwd_bwd(lgc_loss_ref, local, omega, points, labelled), device, 1, ref_reps).as_dict()
         ref_result = {"value": ref_value, "timing": ref_timing}
     row["torch_fwd_bwd"] = ref_result["timing"]
     row["speedup_fwd_bwd"] = row["torch_fwd_bwd"]["median_ms"] / row["fused_fwd_bwd"]["median_ms"]
     return row, ref_result
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 3 timed calls, 1 of the torch one")
     parser.add_argument("--batch", type=int, help="faces N (default 256 on a GPU, 16 on the CPU)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default fp32 bf16 (GPU), fp32 (CPU)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls of the fused op (default 50 GPU, 20 CPU)")
     parser.add_argument("--ref-reps", type=int, default=None, help="timed calls of the torch composition (20 / 3)")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/lgc_loss_<cpu or cuda>.json)")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    n = args.batch or (256 if gpu else 16)
+    n = args.batch or (2 if args.quick else 256 if gpu else 16)
     dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
-    reps = args.reps or (50 if gpu else 20)
-    ref_reps = args.ref_reps or (20 if gpu else 3)
+    reps = args.reps or (3 if args.quick else 50 if gpu else 20)
+    ref_reps = args.ref_reps or (1 if args.quick else 20 if gpu else 3)
     report = lgc_fast.backends()
     backends = [b for b in (("cuda", "triton") if gpu else ("cpu",)) if report[b][0]]
     if not backends:
         print(f"no fused backend runs on {device}: " + "; ".join(f"{b}: {report[b][1]}" for b in report))
         return 1
 
-    name = _device_name(device)
-    print(f"lgc_loss fwd+bwd, {n} x {LANDMARKS} x {SIZE} x {SIZE} on {name} ({torch.get_num_threads()} CPU threads)")
+    env = environment(device)
+    print(f"lgc_loss fwd+bwd, {n} x {LANDMARKS} x {SIZE} x {SIZE} on {env['device']}; torch {env['torch']}, "
+          f"triton {env['triton']}, commit {env['commit']}")
     print(f"{'backend':8} {'dtype':5} {'fused fwd ms':>22} {'fused fwd+bwd ms':>22} {'torch fwd+bwd ms':>24} "
           f"{'speed-up':>9} {'rel diff':>9}")
     rows = []
@@ -160,7 +123,7 @@ def main(argv=None) -> int:
             rows.append(row)
 
             def fmt(t):
-                return f"{t['median_ms']:9.3f} [{t['q20_ms']:.3f}, {t['q80_ms']:.3f}]"
+                return f"{t['median_ms']:9.3f} [{t['p20_ms']:.3f}, {t['p80_ms']:.3f}]"
             print(f"{backend:8} {dtype_name:5} {fmt(row['fused_fwd']):>22} {fmt(row['fused_fwd_bwd']):>22} "
                   f"{fmt(row['torch_fwd_bwd']):>24} {row['speedup_fwd_bwd']:8.1f}x "
                   f"{row['max_rel_diff_vs_torch']:9.1e}")
@@ -169,14 +132,11 @@ def main(argv=None) -> int:
         print(f"GPU target: >= {GPU_TARGET:.0f}x forward+backward; cuda worst {worst}")
 
     payload = {
-        "op": "lgc_loss", "device": name, "device_type": device.type, "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(), "shape": [n, LANDMARKS, SIZE, SIZE],
+        "environment": env, "shape": [n, LANDMARKS, SIZE, SIZE], "reps": reps, "ref_reps": ref_reps,
         "baseline": "lgc_loss_ref with autograd (dense splat + 45x45 depthwise conv2d + elementwise)",
         "gpu_target_speedup_fwd_bwd": GPU_TARGET, "results": rows,
     }
-    out = args.out or ROOT / "bench" / "results" / f"lgc_loss_{device.type}.json"
-    _write_json(out, payload)
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")
     return 0
 
 

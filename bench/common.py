@@ -5,6 +5,7 @@ Typical use::
 
     from common import Timing, time_interleaved, environment, write_results, results_path
     timings = time_interleaved({"mine": f, "torch": g}, device)   # {name: Timing}
+    timing = time_reps(f, device, warmup=2, reps=20)                # a fixed number of calls: one Timing
     write_results(results_path(device), "my_bench", {"results": [...]})
 """
 from __future__ import annotations
@@ -170,6 +171,30 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 2
     return Timing(median, p20, p80, note="triton.testing.do_bench")
 
 
+def time_reps(fn: Callable[[], object], device: torch.device | str, warmup: int, reps: int) -> Timing:
+    """`warmup` untimed calls, then `reps` timed calls one after another: CUDA events around each call on a GPU,
+    wall clock (and process CPU time) on the CPU. For benches that time a fixed number of calls per method."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples, cpu = [], []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    return Timing.from_samples(samples, cpu or None, note="CUDA events" if device.type == "cuda" else "")
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str = "cpu", *,
                      warmup: int | dict[str, int] = 1, min_runs: int = 5, max_runs: int = 50, budget_s: float = 10.0,
                      runs: dict[str, int] | None = None) -> dict[str, Timing]:
@@ -257,4 +282,4 @@ def write_results(path: Path | str, bench: str, payload: dict) -> Path:
 
 __all__ = ["PEAK_BANDWIDTH", "Timing", "device_name", "device_slug", "environment", "format_table",
            "git_commit", "peak_bandwidth", "results_path", "synchronize", "time_cuda", "time_interleaved",
-           "write_results"]
+           "time_reps", "write_results"]
