@@ -7,4 +7,13 @@ from lgc_fast._backend import backends
 from lgc_fast import ops
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "__version__"]
+__all__ = ["Detector", "backends", "ops", "__version__"]
+
+
+def __getattr__(name):
+    # The detector pulls in OpenCV and the model: import it only when asked for.
+    if name == "Detector":
+        from lgc_fast.detect import Detector
+
+        return Detector
+    raise AttributeError(f"module 'lgc_fast' has no attribute {name!r}")

@@ -1,25 +1,26 @@
 """Landmarks for faces in images: the ``Detector`` API.
 
 ``Detector.landmarks(images, boxes)`` crops each given face box exactly as training does (the box's square, scaled to
-96 x 96 grey levels), runs one batched forward pass, turns heatmaps into points (PCA shape fit or a decoder) and maps
-them back into image pixels.
+S x S grey levels, S the training crop size: 96 in the paper, a checkpoint's ``image_size``), runs one batched forward
+pass, turns heatmaps into points (PCA shape fit and/or a decoder) and maps them back into image pixels.
 
 ``Detector.detect(image)`` needs no boxes and no face detector (paper section 4.3):
 
-1. Pyramid: the image, then halved again and again; the first level whose short side is below 96 px is the last.
+1. Pyramid: the image, then halved again and again; the first level whose short side is below S px is the last.
 2. The fully convolutional network runs on every level (tiled, so memory stays bounded on large images).
 3. Combination: every level's heatmaps (omega) are upsampled bilinearly to the original resolution and combined by a
    pixel-wise maximum, remembering which level won each pixel.
 4. Candidates: per-channel local maxima of the combined maps above ``threshold``.
-5. Hypotheses: a face seen at level l is about 96 * 2^l px wide (the training crop size), so a candidate of landmark j
+5. Hypotheses: a face seen at level l is about S * 2^l px wide (the training crop size), so a candidate of landmark j
    at level l votes for a face centre at its position minus 2^l times landmark j's offset from the centre in the
    mean shape placed in a training crop. Votes are clustered by weighted mean shift with a radius proportional to
    the vote's scale (votes of adjacent levels may join: a face between two scales shows up at both). A cluster with
    enough distinct landmarks becomes a hypothesis: a similarity (position, scale, rotation) fitted from the mean
    shape to its candidates.
-6. Verification: the combined heatmaps are resampled into the hypothesis' 96 x 96 crop frame and the PCA shape model
-   is fitted there (windows global, 20 px, 7 px, as for single faces). Only the levels within a factor of two of the
-   hypothesis' scale enter its crop, and each landmark's map only within 0.4 x 96 px of its mean-shape position, so
+6. Verification: the combined heatmaps are resampled into the hypothesis' S x S crop frame and the PCA shape model
+   is fitted there (windows global, 20 px, 7 px at S = 96, as for single faces). Only the levels within a factor of
+   two of the hypothesis' scale enter its crop, and each landmark's map only within 0.4 S px of its mean-shape
+   position, so
    that neighbouring faces of other or equal scale do not pull the fit. A hypothesis is kept when enough fitted
    points sit on activations above ``threshold``, the shape coefficients' Mahalanobis distance is bounded, and the
    fitted scale agrees with the crop's. Overlapping survivors are suppressed by score.
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast.data.dataset import read_gray
-from lgc_fast.data.geometry import box_to_square, crop_transform, transform_points, warp_image
+from lgc_fast.data.geometry import box_to_square, crop_transform, face_box, transform_points, warp_image
 from lgc_fast.decode import DECODERS, blend, decode
 from lgc_fast.errors import LgcError
 from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
@@ -51,9 +52,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "lgcn.pt"
 SHAPE_FILE = "shape_model.npz"
 METADATA_FILE = "metadata.json"
-CROP = 96  # training crop side (paper section 3.1)
+CROP = 96  # training crop side (paper section 3.1); a checkpoint's "image_size" overrides it
 ENLARGE = 1.17  # training boxes: tight box around the points, enlarged by 17 %
-FIT_WINDOWS = (None, 20, 7)  # paper section 3.3: global, 20 px, 7 px
+FIT_WINDOWS = (None, 20, 7)  # paper section 3.3: global, 20 px, 7 px in a 96 px crop (scaled with the crop)
 DEFAULT_MEMORY = 1 << 30
 # Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
@@ -63,7 +64,8 @@ DEFAULT_DECODE = "kernel_deconv"  # exact on the network's own targets (see lgc_
 @dataclass
 class Face:
     """One face: points (68, 2) in image pixels (x, y); confidence (68,) the heatmap value at each point, clipped to
-    [0, 1]; score their mean; box (x0, y0, x1, y1) the square the network saw (axis-aligned hull if rotated)."""
+    [0, 1]; score their mean; box (x0, y0, x1, y1): from ``landmarks`` the square the network saw, from ``detect``
+    the training-style box of the found points (their tight square enlarged by 17 %, usable as a ``landmarks`` box)."""
 
     points: np.ndarray
     confidence: np.ndarray
@@ -118,9 +120,10 @@ def sample_maps(heatmaps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, c)
 
 
-def square_hull(affine) -> tuple[float, float, float, float]:
-    """The axis-aligned box around the image region that a (2, 3) image -> crop affine maps onto the 96 x 96 crop."""
-    corners = np.array([[-0.5, -0.5], [CROP - 0.5, -0.5], [CROP - 0.5, CROP - 0.5], [-0.5, CROP - 0.5]])
+def square_hull(affine, crop: int = CROP) -> tuple[float, float, float, float]:
+    """The axis-aligned box around the image region that a (2, 3) image -> crop affine maps onto the crop x crop
+    crop."""
+    corners = np.array([[-0.5, -0.5], [crop - 0.5, -0.5], [crop - 0.5, crop - 0.5], [-0.5, crop - 0.5]])
     img = transform_points(corners, invert_affine(affine))
     return (*(float(v) for v in img.min(axis=0)), *(float(v) for v in img.max(axis=0)))
 
@@ -228,28 +231,29 @@ def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(([0], edges)), np.concatenate((edges, [len(sorted_keys)]))
 
 
-def canonical_mean(shape_model) -> tuple[np.ndarray, float]:
-    """The shape model's mean placed in a 96 x 96 training crop (tight box enlarged by 17 %, centred) ->
+def canonical_mean(shape_model, crop: int = CROP) -> tuple[np.ndarray, float]:
+    """The shape model's mean placed in a crop x crop training crop (tight box enlarged by 17 %, centred) ->
     (points (C, 2) crop pixels, crop pixels per mean-shape unit)."""
     mean = np.asarray(shape_model.mean, dtype=np.float64)
     lo, hi = mean.min(axis=0), mean.max(axis=0)
-    scale = CROP / (float((hi - lo).max()) * ENLARGE)
-    return (mean - (lo + hi) / 2) * scale + (CROP - 1) / 2, scale
+    scale = crop / (float((hi - lo).max()) * ENLARGE)
+    return (mean - (lo + hi) / 2) * scale + (crop - 1) / 2, scale
 
 
-def face_votes(candidates: np.ndarray, mean_crop: np.ndarray, level_scales: np.ndarray) -> np.ndarray:
+def face_votes(candidates: np.ndarray, mean_crop: np.ndarray, level_scales: np.ndarray,
+               crop: int = CROP) -> np.ndarray:
     """Face-centre votes (M, 2): each candidate (channel, x, y, value, level) minus its landmark's offset from the
     crop centre in `mean_crop` (C, 2), scaled by its level's original-pixels-per-level-pixel factor."""
     channel = candidates[:, 0].astype(np.int64)
     scale = level_scales[candidates[:, 4].astype(np.int64)]
-    return candidates[:, 1:3] - scale[:, None] * (mean_crop[channel] - (CROP - 1) / 2)
+    return candidates[:, 1:3] - scale[:, None] * (mean_crop[channel] - (crop - 1) / 2)
 
 
 def cluster_votes(votes: np.ndarray, weights: np.ndarray, scales: np.ndarray, radius: float = 0.25,
-                  iterations: int = 20) -> np.ndarray:
+                  iterations: int = 20, crop: int = CROP) -> np.ndarray:
     """Greedy weighted mean shift -> a cluster label per vote (M,), -1 for votes that joined no cluster.
 
-    Seeds are taken strongest first; a cluster gathers the unlabelled votes within radius * 96 * scale of its centre
+    Seeds are taken strongest first; a cluster gathers the unlabelled votes within radius * crop * scale of its centre
     (scale: the seed's level factor) whose scale is within a factor of two of the seed's, and its centre moves to
     their weighted mean until it settles.
     """
@@ -261,7 +265,7 @@ def cluster_votes(votes: np.ndarray, weights: np.ndarray, scales: np.ndarray, ra
         if labels[seed] >= 0 or tried[seed]:
             continue
         tried[seed] = True
-        reach = radius * CROP * scales[seed]
+        reach = radius * crop * scales[seed]
         free = (labels < 0) & (scales <= 2.01 * scales[seed]) & (scales >= scales[seed] / 2.01)
         centre = votes[seed]
         for _ in range(iterations):
@@ -317,27 +321,27 @@ def face_hypotheses(candidates: np.ndarray, labels: np.ndarray, mean_crop: np.nd
 
 
 def crop_maps(levels: list[torch.Tensor], level_scales: np.ndarray, height: int, width: int,
-              affines: list[np.ndarray], mean_crop: np.ndarray, window: float = 0.4) -> torch.Tensor:
-    """Each hypothesis' heatmaps in its 96 x 96 crop frame -> (N, C, 96, 96).
+              affines: list[np.ndarray], mean_crop: np.ndarray, window: float = 0.4, crop: int = CROP) -> torch.Tensor:
+    """Each hypothesis' heatmaps in its crop frame -> (N, C, crop, crop).
 
     The combined maps of the levels whose scale is within a factor of two of the hypothesis' (the nearest level if
     none is), so that a much larger or smaller face nearby does not leak into the fit; channel j is kept only within
-    window * 96 px of the mean shape's landmark j (``mean_crop`` (C, 2)), so that neighbouring faces of the same
+    window * crop px of the mean shape's landmark j (``mean_crop`` (C, 2)), so that neighbouring faces of the same
     scale do not either.
     """
     n_channels = levels[0].shape[0]
-    u = np.arange(CROP, dtype=np.float64)
+    u = np.arange(crop, dtype=np.float64)
     uv = np.stack(np.meshgrid(u, u, indexing="xy"), axis=-1)
     dist = np.linalg.norm(uv[None] - mean_crop[:, None, None], axis=-1)
-    keep = torch.from_numpy(dist <= window * CROP)
-    out = torch.zeros((len(affines), n_channels, CROP, CROP))
+    keep = torch.from_numpy(dist <= window * crop)
+    out = torch.zeros((len(affines), n_channels, crop, crop))
     for i, affine in enumerate(affines):
         scale = 1.0 / np.sqrt(abs(np.linalg.det(np.asarray(affine)[:, :2])))  # image px per crop px
         ratio = level_scales / scale
         chosen = np.flatnonzero((ratio >= 0.5) & (ratio <= 2.0))
         if chosen.size == 0:
             chosen = [int(np.argmin(np.abs(np.log(ratio))))]
-        xy = transform_points(uv.reshape(-1, 2), invert_affine(affine)).reshape(CROP, CROP, 2)
+        xy = transform_points(uv.reshape(-1, 2), invert_affine(affine)).reshape(crop, crop, 2)
         values, _ = sample_levels([levels[k] for k in chosen], height, width, torch.from_numpy(xy).float())
         out[i] = torch.where(keep, values, 0.0)
     return out
@@ -352,7 +356,8 @@ def box_iou(a, b) -> float:
 
 
 def suppress_overlaps(faces: list[Face], max_iou: float) -> list[Face]:
-    """Faces sorted by score, dropping any whose box overlaps a kept one by more than `max_iou`."""
+    """Faces sorted by score, dropping any whose box overlaps a kept one by more than `max_iou` (intersection over
+    union: a face inside a much larger one is kept, since either may be the false one)."""
     kept: list[Face] = []
     for face in sorted(faces, key=lambda f: -f.score):
         if all(box_iou(face.box, k.box) <= max_iou for k in kept):
@@ -410,11 +415,12 @@ class Detector:
     (anything but argmax) the points are the release's: the fit, then the regional maximum nearest to each fitted
     point refined by the decoder, blended with the fit by heatmap value (``lgc_fast.decode.blend``); with fit and
     argmax, the fit alone; without fit, the decoder alone. max_memory_bytes: working-memory budget of a forward pass
-    (batch size in ``landmarks``, tile size in ``detect``).
+    (batch size in ``landmarks``, tile size in ``detect``). image_size: the crop size the network was trained on
+    (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96).
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str = DEFAULT_DECODE, fit: bool = True,
-                 max_memory_bytes: int = DEFAULT_MEMORY):
+                 max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None):
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
         if not max_memory_bytes > 0:
@@ -426,13 +432,20 @@ class Detector:
             raise LgcError(f"device {device!r} is not a torch device ({exc})") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LgcError(f"device {device!r}: CUDA is not available here")
+        trained_size = None
         if isinstance(weights, torch.nn.Module):
             model = weights
         else:
-            from lgc_fast.checkpoint import load_model
+            from lgc_fast.checkpoint import load_checkpoint, model_from_state
 
             path = _bundled(WEIGHTS_FILE, "weights", "weights") if weights is None else weights
-            model = load_model(path, map_location="cpu")
+            state = load_checkpoint(path)
+            model = model_from_state(state, path)
+            trained_size = state.get("image_size", read_metadata(ASSETS_DIR).get("image_size") if weights is None
+                                     else None)
+        self.crop = int(image_size or trained_size or CROP)
+        if self.crop < 8:
+            raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
@@ -483,7 +496,8 @@ class Detector:
 
             alive = (heatmaps.amax(dim=(1, 2, 3)) > 0) & torch.isfinite(heatmaps).all(dim=(1, 2, 3))
             if alive.any():
-                shape_fit = fit_shape(heatmaps[alive], self.shape_model, windows=FIT_WINDOWS)
+                windows = tuple(None if r is None else r * heatmaps.shape[-1] / CROP for r in FIT_WINDOWS)
+                shape_fit = fit_shape(heatmaps[alive], self.shape_model, windows=windows)
                 fitted = shape_fit.points.double()
                 if self.decode in SEEDED_DECODERS:
                     # The release's refinement: the regional maximum nearest to each fitted point, refined locally
@@ -513,8 +527,8 @@ class Detector:
             gray = load_gray(image)
             for box in _check_boxes(image_boxes, where):
                 cx, cy, size = box_to_square(box)
-                affine = crop_transform((cx, cy), size, CROP)
-                crops.append(warp_image(gray, affine, CROP))
+                affine = crop_transform((cx, cy), size, self.crop)
+                crops.append(warp_image(gray, affine, self.crop))
                 affines.append(affine)
                 owner.append(index)
         results: list[list[Face]] = [[] for _ in image_list]
@@ -524,13 +538,13 @@ class Detector:
             for i, affine in enumerate(affines):
                 pts = transform_points(points[i].numpy(), invert_affine(affine))
                 c = conf[i].numpy()
-                results[owner[i]].append(Face(pts, c, float(c.mean()), square_hull(affine)))
+                results[owner[i]].append(Face(pts, c, float(c.mean()), square_hull(affine, self.crop)))
         return results[0] if single else results
 
     def pyramid_heatmaps(self, gray: np.ndarray) -> list[torch.Tensor]:
         """omega (C, h_l, w_l) on the CPU for every pyramid level of gray (H, W), tiled within the memory budget."""
         maps = []
-        for level in build_pyramid(gray):
+        for level in build_pyramid(gray, self.crop):
             image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
             omega = torch.empty((self.n_landmarks, *level.shape))  # only omega is kept: half of tiled_forward's
             for t, _, tile_omega in iter_tiles(self.model, image, tile=None, max_memory_bytes=self.max_memory_bytes):
@@ -558,16 +572,16 @@ class Detector:
         """Steps 3-6 of ``detect`` on given pyramid heatmaps: levels (C, h_l, w_l) of an image of image_shape (H, W)."""
         height, width = int(image_shape[0]), int(image_shape[1])
         scales = np.array([(width / lv.shape[2] + height / lv.shape[1]) / 2 for lv in levels])
-        mean_crop, canonical_scale = canonical_mean(self.shape_model)
+        mean_crop, canonical_scale = canonical_mean(self.shape_model, self.crop)
         candidates = find_candidates(levels, height, width, threshold)
         if len(candidates) == 0:
             return []
-        votes = face_votes(candidates, mean_crop, scales)
-        labels = cluster_votes(votes, candidates[:, 3], scales[candidates[:, 4].astype(np.int64)])
+        votes = face_votes(candidates, mean_crop, scales, self.crop)
+        labels = cluster_votes(votes, candidates[:, 3], scales[candidates[:, 4].astype(np.int64)], crop=self.crop)
         affines = face_hypotheses(candidates, labels, mean_crop, scales, min_landmarks)
         if not affines:
             return []
-        heat = crop_maps(levels, scales, height, width, affines, mean_crop)
+        heat = crop_maps(levels, scales, height, width, affines, mean_crop, crop=self.crop)
         points, conf, fitted, shape_fit = self.points_from_heatmaps(heat, fit=True)
         if shape_fit is None:
             return []
@@ -583,5 +597,6 @@ class Detector:
                 continue
             pts = transform_points(points[i].numpy(), invert_affine(affines[i]))
             c = conf[i].numpy()
-            faces.append(Face(pts, c, float(c.mean()), square_hull(affines[i])))
+            cx, cy, size = face_box(pts, enlarge=ENLARGE)  # the training box of the found face
+            faces.append(Face(pts, c, float(c.mean()), (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)))
         return suppress_overlaps(faces, max_overlap)

@@ -279,12 +279,14 @@ def synthetic_levels(height, width, shapes, peak=0.9):
 
 
 def _match(found, truth, tolerance):
-    """Each true face has exactly one found face whose points are within tolerance x its box size on average."""
+    """Each true face has exactly one found face whose points are within tolerance x its box size on average and
+    whose box is close to its training box."""
     assert len(found) == len(truth), f"found {len(found)} faces, expected {len(truth)}"
     for pts in truth:
         size = face_box(pts)[2]
         errs = [np.linalg.norm(f.points - pts, axis=1).mean() / size for f in found]
         assert min(errs) < tolerance, f"best mean error {min(errs):.3f} x box size"
+        assert D.box_iou(found[int(np.argmin(errs))].box, _square_box(pts)) > 0.8
 
 
 @needs_data
@@ -358,8 +360,10 @@ def test_overlapping_faces_keep_the_best():
     def face(x0, score):
         return D.Face(np.zeros((68, 2)), np.zeros(68), score, (x0, 0.0, x0 + 100.0, 100.0))
 
-    kept = D.suppress_overlaps([face(0, 0.5), face(10, 0.7), face(300, 0.1)], max_iou=0.3)
-    assert [f.score for f in kept] == [0.7, 0.1]
+    inner = D.Face(np.zeros((68, 2)), np.zeros(68), 0.6, (30.0, 30.0, 50.0, 50.0))  # inside the strongest: IoU 0.04
+    kept = D.suppress_overlaps([face(0, 0.5), face(10, 0.7), face(300, 0.1), inner, face(160, 0.2)], max_iou=0.3)
+    assert [f.score for f in kept] == [0.7, 0.6, 0.2, 0.1]
+    assert D.box_iou(face(0, 0).box, face(50, 0).box) == 1 / 3
 
 
 def _composite(faces, placements, height, width):
@@ -410,3 +414,52 @@ def test_detect_runs_the_real_network_class(faces, shape_model):
                                   max_mahalanobis=np.inf, scale_tolerance=100.0)  # detect() minus the forward
     for face in found:
         assert face.points.shape == (68, 2) and np.isfinite(face.points).all() and 0 <= face.score <= 1
+
+
+# ---- with the bundled trained weights (skipped where the installation ships without them) ----
+
+needs_assets = pytest.mark.skipif(not (D.ASSETS_DIR / D.WEIGHTS_FILE).is_file() or
+                                  not (D.ASSETS_DIR / D.SHAPE_FILE).is_file(), reason="no bundled weights")
+
+
+def _inside(points, box, margin):
+    x0, y0, x1, y1 = box
+    m = margin * (x1 - x0)
+    return ((points[:, 0] >= x0 - m) & (points[:, 0] <= x1 + m) & (points[:, 1] >= y0 - m) & (points[:, 1] <= y1 + m))
+
+
+def _face_like(points):
+    """Coarse anatomy of 68 iBUG points in an upright face: jaw ends left/right, eyes above the nose tip above the
+    mouth, the chin lowest of the jaw."""
+    eyes, nose_tip, mouth = points[36:48, 1].mean(), points[33, 1], points[48:68, 1].mean()
+    return points[0, 0] < points[16, 0] and eyes < nose_tip < mouth and points[8, 1] > mouth
+
+
+@needs_assets
+def test_bundled_model_on_the_demo_face():
+    from lgc_fast.demo import DEMO_BOX, DEMO_IMAGE
+
+    det = D.Detector(device="cpu")
+    (face,) = det.landmarks(str(DEMO_IMAGE), DEMO_BOX)
+    assert _inside(face.points, DEMO_BOX, 0.1).all() and _face_like(face.points)
+    found = det.detect(str(DEMO_IMAGE))
+    best = max((D.box_iou(f.box, DEMO_BOX), f) for f in found) if found else (0.0, None)
+    assert best[0] > 0.5, "the astronaut's face was not among the detections"
+    assert _face_like(best[1].points)
+
+
+def test_crop_size_comes_from_the_checkpoint(tmp_path):
+    from lgc_fast.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = LGCN("release", width=8, local_layers=(3,))
+    save_checkpoint(tmp_path / "w.pt", {"config": net.config, "model": net.state_dict(), "image_size": 64})
+    assert D.Detector(weights=tmp_path / "w.pt", fit=False).crop == 64
+    assert D.Detector(weights=tmp_path / "w.pt", fit=False, image_size=80).crop == 80
+    assert D.Detector(weights=net, fit=False).crop == D.CROP
+    calls = []
+    det = D.Detector(weights=tmp_path / "w.pt", fit=False)
+    det.model.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    (face,) = det.landmarks(np.zeros((100, 120), np.uint8), (10, 20, 60, 70))
+    assert calls == [(1, 1, 64, 64)]
+    np.testing.assert_allclose(face.box, (10, 20, 60, 70), atol=1e-9)
