@@ -31,7 +31,7 @@ from common import environment, results_path, time_reps, write_results  # noqa: 
 
 import lgc_fast  # noqa: E402
 from lgc_fast.decode import DECODERS  # noqa: E402
-from lgc_fast.ops import kernel_taps, target_maps_ref  # noqa: E402
+from lgc_fast.ops import kernel_conv, splat_heatmaps, target_maps_ref  # noqa: E402
 from lgc_fast.ops.fit_shape import fit_shape, fit_shape_ref  # noqa: E402
 from lgc_fast.shape import ShapeModel  # noqa: E402
 
@@ -56,23 +56,9 @@ def _model() -> tuple[ShapeModel, str]:
 
 
 def _render(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """T = K * G (as ``target_maps_ref``) separably: K = (1/5) sum_s g_s g_s^T, bilinear weights factor per axis."""
-    radius = kernel_taps().shape[1] // 2
-    sigmas = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0], dtype=torch.float64)[:, None]
-
-    def profiles(coord, size):
-        base = torch.floor(coord)
-        grid = torch.arange(size, dtype=torch.float64)
-        total = 0.0
-        for off, wgt in ((0.0, 1.0 - (coord - base)), (1.0, coord - base)):
-            d = grid - (base + off)[..., None]
-            keep = ((base + off >= 0) & (base + off <= size - 1))[..., None] & (d.abs() <= radius)
-            g = torch.exp(-(d[..., None, :] ** 2) / (2.0 * sigmas**2))
-            total = total + torch.where(keep[..., None, :], g, 0.0) * wgt[..., None, None]
-        return total
-
-    pts = points.double()
-    return torch.einsum("ncsy,ncsx->ncyx", profiles(pts[..., 1], height), profiles(pts[..., 0], width)) / 5.0
+    """T = K * G of every point (N, C, 2) -> (N, C, H, W), as ``target_maps_ref`` but with the fast ``kernel_conv``."""
+    labelled = torch.ones(points.shape[:2], dtype=torch.bool)
+    return kernel_conv(splat_heatmaps(points.double(), labelled, height, width))
 
 
 def _faces(model: ShapeModel, n: int, seed: int = 0) -> torch.Tensor:
