@@ -11,7 +11,8 @@ and the peak memory of one step (CUDA: max allocated; CPU: not measured per mode
 Usage:
   python bench/bench_train_step.py                                      # GPU: batches 64 128 256, width 128
   python bench/bench_train_step.py --batch-sizes 2 4 --width 32 --ref-runs 2   # a CPU run
-Results go under the key "train_step" of bench/results/<device>.json.
+  python bench/bench_train_step.py --quick [--out PATH.json]                      # a smoke run
+Results go under the key "train_step" of bench/results/<device>.json (or --out).
 """
 from __future__ import annotations
 
@@ -84,7 +85,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of timed lgc_fast steps per batch size")
     parser.add_argument("--ref-runs", type=int, default=None,
                         help="cap the timed eager-ref steps (default: as many as lgc_fast on a GPU, 3 on the CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: batch 2 (8 on a GPU), width 8, 2 s budget, one eager-ref step")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.width, args.budget_s, args.ref_runs = [8 if cuda else 2], 8, 2.0, 1
     device = torch.device("cuda" if cuda else "cpu")
     ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
     rows = []
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
                    "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
         "results": rows,
     }
-    path = write_results(results_path(device), "train_step", payload)
+    path = write_results(args.out or results_path(device), "train_step", payload)
     print(f"wrote {path} (key train_step)")
     return 0
 

@@ -30,10 +30,10 @@ BENCHES = {
     "lgc_loss": ([], ["--quick"]),
     "fit_shape": ([], ["--quick"]),
     "dilated_block": ([], ["--quick"]),
-    "train_step": ([], ["--batch-sizes", "2", "--width", "8", "--budget-s", "2", "--ref-runs", "1"]),
+    "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
+    "detect": ([], ["--quick"]),
 }
-NO_OUT_OPTION = {"train_step"}  # writes only to bench/results/<device-slug>.json
 
 
 def run_benches(names: list[str], quick: bool, out: Path | None) -> dict[str, str]:
@@ -43,10 +43,7 @@ def run_benches(names: list[str], quick: bool, out: Path | None) -> dict[str, st
         full, small = BENCHES[name]
         cmd = [sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *(small if quick else full)]
         if out is not None:
-            if name in NO_OUT_OPTION:
-                print(f"note: bench_{name}.py has no --out; it writes to its default results file", flush=True)
-            else:
-                cmd += ["--out", str(out)]
+            cmd += ["--out", str(out)]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         try:
@@ -132,6 +129,15 @@ def rows_inference(entry, device):
                     None)
         yield _row(f"inference {r['method']} vs untiled forward", f"{r['frame']} frame",
                    r["median_s"] * 1e3, None if base is None else base["median_s"] * 1e3, device)
+
+
+def rows_detect(entry, device):
+    default = next((r for r in entry.get("results", []) if r.get("default")), None)
+    if default is not None:
+        height, width = entry["image_size"]
+        yield _row(f"detect (pyramid forward; default thresholds: recall {default['recall']:.2f}, precision "
+                   f"{default['precision']:.2f})", f"{width}x{height} scene", entry["forward_ms"]["median"], None,
+                   device)
 
 
 RENDERERS = {name: globals()[f"rows_{name}"] for name in BENCHES}

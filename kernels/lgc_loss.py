@@ -84,22 +84,30 @@ def _target_tile(taps_ptr, rows, cols, x0, wx0, wx1, y0, wy0, wy1,
 
 
 @triton.jit
+def _tile_residuals(local_ptr, omega_ptr, taps_ptr, plane, r0, c0, H, W, x0, wx0, wx1, y0, wy0, wy1,
+                    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The (BLOCK_H x BLOCK_W) tile of the plane from row r0, column c0: (offsets, in-plane mask, local - T,
+    omega - T), the residuals in ACC (-T outside the plane)."""
+    rows = r0 + tl.arange(0, BLOCK_H)
+    cols = c0 + tl.arange(0, BLOCK_W)
+    inside = (rows < H)[:, None] & (cols < W)[None, :]
+    offs = (plane * H * W + rows.to(tl.int64) * W)[:, None] + cols[None, :]
+    t = _target_tile(taps_ptr, rows, cols, x0, wx0, wx1, y0, wy0, wy1, ACC, BLOCK_H, BLOCK_W)
+    dl = tl.load(local_ptr + offs, mask=inside, other=0.0).to(ACC) - t
+    do = tl.load(omega_ptr + offs, mask=inside, other=0.0).to(ACC) - t
+    return offs, inside, dl, do
+
+
+@triton.jit
 def _lgc_loss_fwd_kernel(local_ptr, omega_ptr, points_ptr, lab_ptr, taps_ptr, plane_loss_ptr, C, H, W,
                          ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
     weight, x0, wx0, wx1, y0, wy0, wy1 = _plane_setup(points_ptr, lab_ptr, plane, C, H, W, ACC, BLOCK_C)
-    base = plane * H * W
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=ACC)
     for r0 in range(0, H, BLOCK_H):
-        rows = r0 + tl.arange(0, BLOCK_H)
-        row_offs = base + rows.to(tl.int64) * W
         for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            inside = (rows < H)[:, None] & (cols < W)[None, :]
-            offs = row_offs[:, None] + cols[None, :]
-            t = _target_tile(taps_ptr, rows, cols, x0, wx0, wx1, y0, wy0, wy1, ACC, BLOCK_H, BLOCK_W)
-            dl = tl.load(local_ptr + offs, mask=inside, other=0.0).to(ACC) - t
-            do = tl.load(omega_ptr + offs, mask=inside, other=0.0).to(ACC) - t
+            offs, inside, dl, do = _tile_residuals(local_ptr, omega_ptr, taps_ptr, plane, r0, c0, H, W, x0, wx0, wx1,
+                                                   y0, wy0, wy1, ACC, BLOCK_H, BLOCK_W)
             acc += tl.where(inside, dl * dl + do * do, 0.0)
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     tl.store(plane_loss_ptr + plane, tl.where(weight != 0, weight * total, 0.0))
@@ -112,20 +120,13 @@ def _lgc_loss_bwd_kernel(grad_ptr, local_ptr, omega_ptr, points_ptr, lab_ptr, ta
     plane = tl.program_id(0).to(tl.int64)
     weight, x0, wx0, wx1, y0, wy0, wy1 = _plane_setup(points_ptr, lab_ptr, plane, C, H, W, ACC, BLOCK_C)
     scale = 2.0 * weight * tl.load(grad_ptr + plane // C).to(ACC)
-    base = plane * H * W
     for r0 in range(0, H, BLOCK_H):
-        rows = r0 + tl.arange(0, BLOCK_H)
-        row_offs = base + rows.to(tl.int64) * W
         for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            inside = (rows < H)[:, None] & (cols < W)[None, :]
-            offs = row_offs[:, None] + cols[None, :]
-            t = _target_tile(taps_ptr, rows, cols, x0, wx0, wx1, y0, wy0, wy1, ACC, BLOCK_H, BLOCK_W)
-            gl = scale * (tl.load(local_ptr + offs, mask=inside, other=0.0).to(ACC) - t)
-            go = scale * (tl.load(omega_ptr + offs, mask=inside, other=0.0).to(ACC) - t)
+            offs, inside, dl, do = _tile_residuals(local_ptr, omega_ptr, taps_ptr, plane, r0, c0, H, W, x0, wx0, wx1,
+                                                   y0, wy0, wy1, ACC, BLOCK_H, BLOCK_W)
             # Planes of weight 0 get exact zeros (as the compiled kernels), whatever the maps hold.
-            gl = tl.where(weight != 0, gl, 0.0)
-            go = tl.where(weight != 0, go, 0.0)
+            gl = tl.where(weight != 0, scale * dl, 0.0)
+            go = tl.where(weight != 0, scale * do, 0.0)
             tl.store(grad_local_ptr + offs, gl.to(grad_local_ptr.dtype.element_ty), mask=inside)
             tl.store(grad_omega_ptr + offs, go.to(grad_omega_ptr.dtype.element_ty), mask=inside)
 

@@ -9,38 +9,16 @@ Files are written atomically (a temporary file in the same folder, then ``os.rep
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lgc_fast._io import atomic_write_bytes
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
 
 WEIGHTS_FORMAT = "lgc_fast.weights/1"
 CHECKPOINT_FORMAT = "lgc_fast.checkpoint/1"
-
-
-def atomic_write_bytes(path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path, state: dict) -> None:

@@ -23,18 +23,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lgc_fast.ops._checks import check_maps
 from lgc_fast.ops.kernel_conv import RADIUS, kernel_2d
-
-
-def _check_heatmaps(heatmaps) -> None:
-    if not isinstance(heatmaps, torch.Tensor):
-        raise TypeError(f"heatmaps must be a torch.Tensor, got {type(heatmaps).__name__}")
-    if heatmaps.dim() != 4:
-        raise ValueError(f"heatmaps must have 4 dimensions (N, C, H, W), got shape {tuple(heatmaps.shape)}")
-    if not heatmaps.dtype.is_floating_point:
-        raise TypeError(f"heatmaps must be a floating-point tensor, got {heatmaps.dtype}")
-    if heatmaps.shape[2] == 0 or heatmaps.shape[3] == 0:
-        raise ValueError(f"heatmaps must have non-empty maps, got shape {tuple(heatmaps.shape)}")
 
 
 def _check_seeds(seeds, heatmaps) -> None:
@@ -86,6 +76,16 @@ def _window(heatmaps: torch.Tensor, peak: torch.Tensor, radius: int):
     return torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device)), inside, px, py
 
 
+def _checked_window(heatmaps, seeds, radius: int):
+    """Validate the decoders' input, find the peak (see _peak) and read its window (see _window): the flat peak
+    index (N, C) followed by _window's values, mask, px and py."""
+    check_maps(heatmaps, "heatmaps", non_empty=True)
+    if seeds is not None:
+        _check_seeds(seeds, heatmaps)
+    peak = _peak(heatmaps, seeds)
+    return (peak, *_window(heatmaps, peak, radius))
+
+
 def _result(px, py, shift_x, shift_y, heatmaps, peak) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = peak.shape
     conf = heatmaps.reshape(n, c, -1).gather(2, peak[..., None])[..., 0]
@@ -96,11 +96,7 @@ def _result(px, py, shift_x, shift_y, heatmaps, peak) -> tuple[torch.Tensor, tor
 def argmax_shift(heatmaps: torch.Tensor, seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The peak pixel moved 0.25 px toward its higher neighbour on each axis (no move where a neighbour is off the
     map or both are equal). heatmaps: (N, C, H, W) -> points (N, C, 2), confidence (N, C)."""
-    _check_heatmaps(heatmaps)
-    if seeds is not None:
-        _check_seeds(seeds, heatmaps)
-    peak = _peak(heatmaps, seeds)
-    win, inside, px, py = _window(heatmaps, peak, 1)
+    peak, win, inside, px, py = _checked_window(heatmaps, seeds, 1)
     win = win.double()
 
     def shift(lo, hi, lo_ok, hi_ok):
@@ -115,11 +111,7 @@ def local_centroid(heatmaps: torch.Tensor, seeds: torch.Tensor | None = None,
                    radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroid of the positive values in the (2 radius + 1)^2 window (5x5 by default) around the peak.
     heatmaps: (N, C, H, W) -> points (N, C, 2), confidence (N, C)."""
-    _check_heatmaps(heatmaps)
-    if seeds is not None:
-        _check_seeds(seeds, heatmaps)
-    peak = _peak(heatmaps, seeds)
-    win, _, px, py = _window(heatmaps, peak, radius)
+    peak, win, _, px, py = _checked_window(heatmaps, seeds, radius)
     wgt = win.double().clamp_min(0.0)
     off = torch.arange(-radius, radius + 1, dtype=torch.float64, device=heatmaps.device)
     total = wgt.sum(dim=(2, 3))
@@ -133,11 +125,7 @@ def local_gaussian(heatmaps: torch.Tensor, seeds: torch.Tensor | None = None) ->
     """Per axis, the vertex of the parabola through the log values of the peak and its two neighbours (a Gaussian
     fit), limited to +-0.5 px; no move where a value is not positive or a neighbour is off the map.
     heatmaps: (N, C, H, W) -> points (N, C, 2), confidence (N, C)."""
-    _check_heatmaps(heatmaps)
-    if seeds is not None:
-        _check_seeds(seeds, heatmaps)
-    peak = _peak(heatmaps, seeds)
-    win, inside, px, py = _window(heatmaps, peak, 1)
+    peak, win, inside, px, py = _checked_window(heatmaps, seeds, 1)
     win = win.double()
 
     def vertex(lo, mid, hi, ok):
@@ -173,12 +161,8 @@ def kernel_deconv(heatmaps: torch.Tensor, seeds: torch.Tensor | None = None) -> 
     sum_c w_c K(q - c) over the 3x3 pixels c around the peak by least squares, and return the centroid of the
     non-negative part of w (the peak pixel where that is empty). heatmaps: (N, C, H, W) -> points (N, C, 2),
     confidence (N, C)."""
-    _check_heatmaps(heatmaps)
-    if seeds is not None:
-        _check_seeds(seeds, heatmaps)
+    peak, win, inside, px, py = _checked_window(heatmaps, seeds, 2)
     n, c = heatmaps.shape[:2]
-    peak = _peak(heatmaps, seeds)
-    win, inside, px, py = _window(heatmaps, peak, 2)
     design = _deconv_design(heatmaps.device.type, heatmaps.device.index)
     mask = inside.reshape(n * c, 25).double()
     values = win.reshape(n * c, 25).double()

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import cv2
 import numpy as np
 
+from lgc_fast._io import atomic_write_bytes
 from lgc_fast.errors import LgcError
 
 # 0-based index ranges of the iBUG 68-point contours and whether each closes on itself.
@@ -72,13 +72,4 @@ def save_image(path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(ext, image)
     if not ok:
         raise LgcError(f"{path}: cannot encode an image with extension {ext!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, lambda f: f.write(buf.tobytes()))

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from lgc_fast import metrics
-from lgc_fast.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, model_from_state
-from lgc_fast.data import LandmarkDataset, read_gray, scan_folder
+from lgc_fast._io import atomic_write_bytes, atomic_write_text
+from lgc_fast.checkpoint import load_checkpoint, model_from_state
+from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
 from lgc_fast.errors import LgcError
 
 DEFAULT_IMAGE_SIZE = 96
 CED_MAX_ERROR = 0.10
+SPLITS = ("all", "train", "val")  # --split: "train" and "val" index split_by_person's (train, val) after "all"
 
 
 def add_arguments(parser) -> None:
@@ -44,6 +46,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
                         help="skip unreadable or malformed files (named on stderr) or stop at the first")
     parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="all faces of --data, or one side of lgc-fast train's person split of it (the same "
+                             "--val-fraction, --seed and --limit give the same split)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="as given to lgc-fast train (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="as given to lgc-fast train (default 0)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +134,10 @@ def evaluate(args) -> dict:
         raise LgcError(f"--limit must be >= 1, got {args.limit}")
     records, problems = load_faces(args.data, args.boxes, args.on_bad_data, args.workers, args.limit)
     report_problems(problems, "eval")
+    if args.split != "all":
+        if not 0.0 < args.val_fraction < 1.0:
+            raise LgcError(f"--val-fraction must be in (0, 1) with --split {args.split}, got {args.val_fraction}")
+        records = split_by_person(records, args.val_fraction, args.seed)[SPLITS.index(args.split) - 1]
     dataset = LandmarkDataset(records, out_size=image_size, augment=False, on_error="raise")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -139,6 +150,8 @@ def evaluate(args) -> dict:
     errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
     report = {
         "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "image_size": image_size,
+        "split": args.split if args.split == "all" else {"side": args.split, "val_fraction": args.val_fraction,
+                                                         "seed": args.seed, "limit": args.limit},
         "images": len(records), "skipped": problems,
         "metrics": {key: metrics.summarize(values) for key, values in errors.items()},
         "notes": "NME = mean point error / normaliser; box = sqrt(w*h) of the tight ground-truth box; "

@@ -58,6 +58,17 @@ class ConvBlock(nn.Module):
         return self.drop(y)
 
 
+class KernelConv(nn.Module):
+    """The kernel convolution of eq. 1 (``lgc_fast.ops.kernel_conv``) as a submodule: x (N, C, H, W) -> (N, C, H, W).
+
+    Holds no parameters or buffers, so it adds no state_dict keys; ``lgc_fast.export`` swaps it for a module of
+    standard convolutions.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel_conv(x)
+
+
 class LGCN(nn.Module):
     """Local-Global Context Network.
 
@@ -93,6 +104,7 @@ class LGCN(nn.Module):
             cin = width
         self.local_features = nn.Sequential(*blocks)
         self.local_out = nn.Conv2d(width, n_landmarks, 1)
+        self.kernel = KernelConv()
         if variant == "release":
             self.branch = nn.Sequential(nn.Conv2d(width, n_landmarks, 1, bias=False), nn.BatchNorm2d(n_landmarks),
                                         nn.ReLU())
@@ -138,11 +150,11 @@ class LGCN(nn.Module):
         o_local = self.local_out(feats)
         if self.branch is not None:
             # One kernel convolution over both C-channel maps: [K * O_l, K * B].
-            both = kernel_conv(torch.cat((o_local, self.branch(feats)), dim=1)) * KERNEL_OUTPUT_SCALE
+            both = self.kernel(torch.cat((o_local, self.branch(feats)), dim=1)) * KERNEL_OUTPUT_SCALE
             local = both[:, : self.n_landmarks]
             global_in = both
         else:
-            local = kernel_conv(o_local) * KERNEL_OUTPUT_SCALE
+            local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
             global_in = local
         omega = local + self.global_out(self.global_features(global_in))
         return local, omega

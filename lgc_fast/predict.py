@@ -42,31 +42,12 @@ def load_face_boxes(path) -> dict[str, list[tuple[float, float, float, float]]]:
     """Face boxes per image from `path`: ``*.json`` {"KEY": [x0, y0, x1, y1] or [[x0, y0, x1, y1], ...]}; any other
     file is text, one box per line ``KEY x0 y0 x1 y1`` (a KEY may repeat: several faces; '#' starts a comment line).
     KEY is the image path as given on the command line or its file name. 0-based pixel coordinates."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LgcError(f"{path}: cannot read boxes file ({exc})") from None
+    from lgc_fast.data.records import read_boxes_file
+
     boxes: dict[str, list] = {}
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LgcError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(data, dict):
-            raise LgcError(f"{path}: expected a JSON object mapping image names to boxes")
-        for key, value in data.items():
-            many = isinstance(value, list) and value and all(isinstance(v, (list, tuple)) for v in value)
-            boxes[key] = [_box(v, f"{path}: entry {key!r}") for v in (value if many else [value])]
-        return boxes
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.rsplit(maxsplit=4)
-        if len(fields) != 5:
-            raise LgcError(f"{path}:{number}: expected 'KEY x0 y0 x1 y1', got {line!r}")
-        boxes.setdefault(fields[0], []).append(_box(fields[1:], f"{path}:{number}"))
+    for key, value, where in read_boxes_file(path, expected="boxes"):
+        many = isinstance(value, list) and value and all(isinstance(v, (list, tuple)) for v in value)
+        boxes.setdefault(key, []).extend(_box(v, where) for v in (value if many else [value]))
     return boxes
 
 
@@ -139,7 +120,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import cv2
 
-    from lgc_fast.checkpoint import atomic_write_text
+    from lgc_fast._io import atomic_write_text
     from lgc_fast.data.pts import write_pts
     from lgc_fast.detect import Detector
     from lgc_fast.draw import draw_faces, save_image

@@ -11,8 +11,6 @@ the training shapes (square roots of the covariance eigenvalues), in the same un
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lgc_fast._io import atomic_write_bytes
 from lgc_fast.errors import LgcError
 
 FORMAT = "lgc_fast.shape_model.v1"
@@ -136,17 +135,8 @@ class ShapeModel:
 
     def save(self, path) -> None:
         """Write the model as .npz atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.array(FORMAT), mean=self.mean, modes=self.modes, stddev=self.stddev)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, lambda f: np.savez(f, format=np.array(FORMAT), mean=self.mean, modes=self.modes,
+                                                    stddev=self.stddev))
 
     @classmethod
     def load(cls, path) -> "ShapeModel":

@@ -3,6 +3,14 @@
 - Data: every NAME.jpg + NAME.pts under --data, split by person into train and validation (--val-fraction); crops of
   --image-size px around the box (ground truth + 17 %), augmented by mirroring, +-12.5 % scaling and +-30 degree
   rotation (on the CPU in the DataLoader workers; on CUDA on the device, one grid_sample per batch).
+- Backgrounds (paper section 4.3, for detection-free use): --backgrounds DIR (images of any kind, read as grey;
+  unreadable ones are named and skipped or stop the run, as --on-bad-data says for faces) or --backgrounds synthetic
+  (procedural clutter) makes --background-fraction (default 0.1) of every epoch's training samples non-faces, mixed
+  into the same batches: a random square crop (side >= --image-size where the image allows, else the whole image)
+  scaled to --image-size, with all 68 landmarks labelled and far outside the crop, so eq. 3 weighs each of its
+  channels 1/10 against a zero target. Backgrounds never enter validation.
+- Fine-tuning: --init FILE starts a new run (fresh optimiser, epoch 0) from the weights of a checkpoint or exported
+  weights file of the same architecture (--variant, --width, --local-layers, 68 landmarks).
 - Loss: 0.05 (the release's scale) x the mean over faces of eq. 4 (``lgc_fast.ops.lgc_loss``).
 - Optimiser: SGD with momentum 0.9, the global gradient L2 norm clipped to --clip-norm (default 100), and the
   release's step schedule from --lr (1e-3) down to 2e-5: factors 1, 0.2, 0.1, 0.02 from the epochs nearest to 0, 50,
@@ -44,21 +52,26 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lgc_fast import metrics
-from lgc_fast.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from lgc_fast.data import LandmarkDataset, augment_batch, split_by_person
+from lgc_fast._io import atomic_write_text
+from lgc_fast.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from lgc_fast.data import (SYNTHETIC, BackgroundDataset, FacesAndBackgrounds, LandmarkDataset, augment_batch,
+                           background_count, scan_backgrounds, split_by_person)
 from lgc_fast.decode import DECODERS
 from lgc_fast.errors import LgcError
-from lgc_fast.evaluate import load_faces, predict, report_problems, resolve_device
-from lgc_fast.model import VARIANTS, LGCN
+from lgc_fast.evaluate import load_faces, predict, readable_images, report_problems, resolve_device
+from lgc_fast.model import VARIANTS, LGCN, default_local_layers
 from lgc_fast.ops import lgc_loss
 
 LOSS_SCALE = 0.05
 LR_STEPS = ((0.0, 1.0), (0.5, 0.2), (0.75, 0.1), (0.9, 0.02))  # (fraction of --epochs, factor of --lr)
 # Settings that define the run; --resume refuses to continue under different ones.
 RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "batch_size", "lr", "momentum",
-                "clip_norm", "seed", "val_fraction", "limit", "augment", "world_size")
+                "clip_norm", "seed", "val_fraction", "limit", "augment", "world_size", "backgrounds",
+                "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
 NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile")
+DEFAULT_BACKGROUND_FRACTION = 0.1
+N_LANDMARKS = 68
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_nme", "samples_per_s", "epoch_time_s", "val_time_s", "best")
 
 
@@ -87,6 +100,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", nargs="?", const="last", metavar="CHECKPOINT",
                    help="continue from --out/last.pt (or the given checkpoint)")
+    p.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                   help="start a new run (fresh optimiser, epoch 0) from the weights of this checkpoint or exported "
+                        "weights file; its architecture must match --variant, --width and --local-layers")
+    p.add_argument("--backgrounds", metavar="SOURCE",
+                   help=f"add non-face samples: a folder of images (any kind, read as grey) or '{SYNTHETIC}' "
+                        f"(procedural clutter); all landmarks labelled and outside the crop (paper section 4.3)")
+    p.add_argument("--background-fraction", type=float, metavar="F",
+                   help=f"share of each epoch's training samples that are backgrounds (default "
+                        f"{DEFAULT_BACKGROUND_FRACTION} with --backgrounds)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
     p.add_argument("--max-steps", type=int, help="stop (saving last.pt) after this many steps in all")
     p.add_argument("--limit", type=int, help="use only the first N faces (in path order) of --data")
@@ -279,12 +301,27 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "variant": args.variant, "width": args.width, "local_layers": args.local_layers, "dropout": args.dropout,
         "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
         "clip_norm": args.clip_norm, "seed": args.seed, "val_fraction": args.val_fraction, "limit": args.limit,
-        "augment": args.augment, "world_size": world,
+        "augment": args.augment, "world_size": world, "backgrounds": _background_source(args),
+        "background_fraction": _background_fraction(args),
         "amp": cuda if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
         "device_augment": cuda and args.augment, "compile": bool(args.compile),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
+        "init": None if args.init is None else str(Path(args.init).resolve()),
     }
+
+
+def _background_source(args) -> str | None:
+    """SYNTHETIC, the absolute background folder (so --resume matches from any working directory), or None."""
+    if args.backgrounds is None or args.backgrounds == SYNTHETIC:
+        return args.backgrounds
+    return str(Path(args.backgrounds).resolve())
+
+
+def _background_fraction(args) -> float | None:
+    if args.backgrounds is None:
+        return None
+    return DEFAULT_BACKGROUND_FRACTION if args.background_fraction is None else args.background_fraction
 
 
 def _check_args(args) -> None:
@@ -299,6 +336,13 @@ def _check_args(args) -> None:
         raise LgcError(f"--limit must be >= 2, got {args.limit}")
     if not (args.lr > 0 and args.clip_norm > 0 and 0 <= args.momentum < 1):
         raise LgcError("--lr and --clip-norm must be > 0 and --momentum in [0, 1)")
+    if args.background_fraction is not None:
+        if args.backgrounds is None:
+            raise LgcError("--background-fraction needs --backgrounds (a folder of images or 'synthetic')")
+        if not 0.0 < args.background_fraction < 1.0:
+            raise LgcError(f"--background-fraction must be in (0, 1), got {args.background_fraction}")
+    if args.init is not None and args.resume is not None:
+        raise LgcError("--init starts a new run and --resume continues one; pass only one of them")
 
 
 def _make_optimizer(params, lr: float, momentum: float):
@@ -306,6 +350,14 @@ def _make_optimizer(params, lr: float, momentum: float):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGINT/SIGTERM. A signal to the whole process group (Ctrl-C, `kill -- -PGID`,
+    a batch scheduler) reaches the workers too; dying of it would make the trainer raise on its lost worker instead of
+    finishing the step, saving last.pt and closing the workers itself."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def train_step(net, optimizer, images, points, labelled, amp: bool, clip_norm: float) -> torch.Tensor:
@@ -344,7 +396,51 @@ def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
         progress.line(f"note: resuming with different {', '.join(numeric)}; the result will not be bit-identical "
                       f"to an uninterrupted run")
     state["path"] = str(path)
+    settings["init"] = saved.get("init")  # the weights the run started from, not an argument of this call
     return state
+
+
+def _init_weights(args) -> dict | None:
+    """--init: the state_dict (float32) of a checkpoint or exported weights file whose network has the run's
+    architecture; LgcError naming the file when it is missing, unreadable or of another architecture."""
+    if args.init is None:
+        return None
+    try:
+        source = model_from_state(load_checkpoint(args.init), args.init)
+    except LgcError as exc:
+        raise LgcError(f"--init: {exc}") from None
+    want = {"variant": args.variant, "width": args.width, "n_landmarks": N_LANDMARKS,
+            "local_layers": list(default_local_layers(args.variant) if args.local_layers is None
+                                 else args.local_layers)}
+    diffs = [f"{k} {source.config[k]!r} (here {v!r})" for k, v in want.items() if source.config[k] != v]
+    if diffs:
+        raise LgcError(f"--init {args.init}: the network there has another architecture: {', '.join(diffs)}")
+    return source.state_dict()
+
+
+@dataclass
+class _ImageFile:
+    """A background image for ``readable_images``, which checks records by their ``image_path``."""
+
+    image_path: Path
+
+
+def _background_set(args, n_faces: int, on_error: str) -> tuple[BackgroundDataset | None, list[str]]:
+    """The epoch's backgrounds for n_faces training faces (None without --backgrounds) and the unreadable files."""
+    if args.backgrounds is None:
+        return None, []
+    problems = []
+    if args.backgrounds == SYNTHETIC:
+        source = SYNTHETIC
+    else:
+        images, problems = readable_images([_ImageFile(p) for p in scan_backgrounds(args.backgrounds)],
+                                           args.on_bad_data, args.workers)
+        if not images:
+            raise LgcError(f"--backgrounds {args.backgrounds}: none of the images can be read (first: "
+                           f"{problems[0]})")
+        source = [image.image_path for image in images]
+    count = background_count(n_faces, _background_fraction(args))
+    return BackgroundDataset(source, count, args.image_size, args.seed, on_error, N_LANDMARKS), problems
 
 
 def _write_logs(out: Path, settings: dict, history: list) -> None:
@@ -383,32 +479,41 @@ def _train(args, dist_: _Dist) -> TrainResult:
     progress = Progress(dist_.main)
     settings = _settings(args, world, device)
     resume = _resume_state(args, settings, progress)
+    init = _init_weights(args)
 
     records, problems = load_faces(args.data, None, args.on_bad_data, args.workers, args.limit)
     train_records, val_records = split_by_person(records, args.val_fraction, args.seed)
     if len(train_records) < args.batch_size * world:
         raise LgcError(f"{args.data}: {len(train_records)} training faces, fewer than one batch "
                        f"({args.batch_size} x {world} processes)")
+    on_error = "raise" if args.on_bad_data == "stop" else "skip"
+    backgrounds, background_problems = _background_set(args, len(train_records), on_error)
+    problems += background_problems
     if dist_.main:
         args.out.mkdir(parents=True, exist_ok=True)
         report_problems(problems, "train")
         if problems:
             atomic_write_text(args.out / "data_problems.txt", "\n".join(problems) + "\n")
         atomic_write_text(args.out / "settings.json", json.dumps(settings, indent=2) + "\n")
-        progress.line(f"{len(train_records)} training and {len(val_records)} validation faces "
+        extra = "" if backgrounds is None else f" + {len(backgrounds)} backgrounds per epoch"
+        progress.line(f"{len(train_records)} training faces{extra}, {len(val_records)} validation faces "
                       f"({len(problems)} skipped), {world} process(es) on {device}")
 
-    on_error = "raise" if args.on_bad_data == "stop" else "skip"
     cpu_augment = args.augment and not settings["device_augment"]
     train_set = LandmarkDataset(train_records, args.image_size, augment=cpu_augment, seed=args.seed, on_error=on_error)
+    if backgrounds is not None:
+        train_set = FacesAndBackgrounds(train_set, backgrounds)
     val_set = LandmarkDataset(val_records, args.image_size, augment=False, on_error=on_error)
     sampler = ResumableSampler(train_set, world, rank, args.seed)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=args.batch_size,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=leave_stop_signals_to_the_trainer)
     steps_per_epoch = len(sampler) // args.batch_size
 
     torch.manual_seed(args.seed)
-    model = LGCN(args.variant, args.width, 68, args.dropout, args.local_layers)
+    model = LGCN(args.variant, args.width, N_LANDMARKS, args.dropout, args.local_layers)
+    if init is not None:
+        model.load_state_dict(init)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     optimizer = _make_optimizer(model.parameters(), args.lr, args.momentum)
@@ -458,7 +563,8 @@ def _train(args, dist_: _Dist) -> TrainResult:
             # The loader's own generator seeds its workers, so creating it never draws from the global RNG.
             loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=args.workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+                                generator=torch.Generator().manual_seed(args.seed * 100003 + epoch),
+                                worker_init_fn=leave_stop_signals_to_the_trainer)
             net.train()
             loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float32, device=device)
             samples, batch_in_epoch = partial["samples"], skip

@@ -13,6 +13,7 @@ import torch
 
 from lgc_fast import detect as D
 from lgc_fast.data import box_to_square, crop_transform, face_box, read_pts, transform_points
+from lgc_fast.data.composite import clutter_background, paste_faces, random_placements
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
 from lgc_fast.ops.kernel_conv import RADIUS, SIGMAS
@@ -366,29 +367,40 @@ def test_overlapping_faces_keep_the_best():
     assert D.box_iou(face(0, 0).box, face(50, 0).box) == 1 / 3
 
 
-def _composite(faces, placements, height, width):
-    """Real trainset faces pasted onto a grey canvas at the given (box size, centre): (canvas RGB, true points)."""
-    canvas = np.full((height, width, 3), 90, np.uint8)
-    truth = []
-    for (path, pts), (box_size, centre) in zip(faces, placements):
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        cx, cy, size = face_box(pts)
-        zoom = box_size / size
-        affine = np.array([[zoom, 0, centre[0] - zoom * cx], [0, zoom, centre[1] - zoom * cy]])
-        warped = cv2.warpAffine(image, affine, (width, height), flags=cv2.INTER_AREA)
-        region = np.zeros(image.shape[:2], np.uint8)
-        half = 0.75 * size
-        region[max(int(cy - half), 0):int(cy + half), max(int(cx - half), 0):int(cx + half)] = 1
-        mask = cv2.warpAffine(region, affine, (width, height), flags=cv2.INTER_NEAREST).astype(bool)
-        canvas[mask] = warped[mask]
-        truth.append(transform_points(pts, affine))
-    return canvas, truth
+def test_random_scenes_place_faces_inside_without_overlap():
+    rng = np.random.default_rng(3)
+    background = clutter_background(rng, 240, 320)
+    assert background.shape == (240, 320, 3) and background.dtype == np.uint8 and background.std() > 10
+    placed = random_placements(rng, 4, 240, 320, 40, 120)
+    assert len(placed) >= 2
+    for i, (size, (cx, cy)) in enumerate(placed):
+        half = 0.75 * size  # the pasted square
+        assert 40 <= size <= 120 and half <= cx <= 320 - half and half <= cy <= 240 - half
+        for other, (ox, oy) in placed[i + 1:]:
+            assert max(abs(cx - ox), abs(cy - oy)) > half + 0.75 * other
+    with pytest.raises(ValueError, match="min_box"):
+        random_placements(rng, 1, 100, 100, 50, 10)
+
+
+def test_pasted_points_follow_the_pixels():
+    """A white square drawn at one landmark of a synthetic face lands where paste_faces maps that landmark."""
+    t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    points = np.stack([100 + 40 * np.cos(t), 110 + 50 * np.sin(t)], axis=1)
+    image = np.zeros((220, 200, 3), np.uint8)
+    x, y = np.round(points[20]).astype(int)
+    image[y - 2:y + 3, x - 2:x + 3] = 255
+    canvas, (mapped,) = paste_faces([(image, points)], [(70.0, (150.0, 90.0))], 200, 260)
+    weights = (canvas[..., 0].astype(np.float64) - 90).clip(min=0)
+    ys, xs = np.nonzero(weights > 20)
+    centroid = np.array([np.average(xs, weights=weights[ys, xs]), np.average(ys, weights=weights[ys, xs])])
+    assert np.abs(centroid - mapped[20]).max() < 0.6
+    assert np.allclose(face_box(mapped)[:2], (150.0, 90.0)) and np.isclose(face_box(mapped)[2], 70.0)
 
 
 @needs_data
 def test_detect_end_to_end_on_a_composite_image(faces, shape_model):
     height, width = 300, 420
-    canvas, truth = _composite(faces[8:11], [(100, (80, 80)), (110, (90, 230)), (200, (290, 180))], height, width)
+    canvas, truth = paste_faces(faces[8:11], [(100, (80, 80)), (110, (90, 230)), (200, (290, 180))], height, width)
     gray = D.load_gray(canvas)
     net = PyramidNet(D.build_pyramid(gray), synthetic_levels(height, width, truth))
     found = D.Detector(weights=net, shape_model=shape_model).detect(canvas)
@@ -402,7 +414,7 @@ def test_detect_runs_the_real_network_class(faces, shape_model):
     torch.manual_seed(0)
     net = LGCN("release", width=8, local_layers=(3,))
     det = D.Detector(weights=net, shape_model=shape_model, device="cpu", max_memory_bytes=1 << 27)
-    canvas, _ = _composite(faces[:2], [(100, (60, 60)), (90, (150, 130))], 180, 220)
+    canvas, _ = paste_faces(faces[:2], [(100, (60, 60)), (90, (150, 130))], 180, 220)
     gray = D.load_gray(canvas)
     levels = det.pyramid_heatmaps(gray)  # level 0 needs 2 x 3 tiles within this budget
     assert [tuple(lv.shape[1:]) for lv in levels] == D.pyramid_shapes(180, 220)

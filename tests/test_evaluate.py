@@ -10,7 +10,7 @@ import torch
 from lgc_fast import metrics
 from lgc_fast.checkpoint import save_checkpoint
 from lgc_fast.cli import main
-from lgc_fast.data import LandmarkDataset, scan_folder, write_pts
+from lgc_fast.data import LandmarkDataset, scan_folder, split_by_person, write_pts
 from lgc_fast.decode import decode
 from lgc_fast.evaluate import crop_to_image
 from lgc_fast.model import LGCN
@@ -170,3 +170,21 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
     data = write_faces(tmp_path / "faces", n=1)
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_eval_split_matches_the_training_split(tmp_path):
+    data = write_faces(tmp_path / "faces", n=10)
+    tiny_checkpoint(tmp_path / "model.pt")
+    records, _ = scan_folder(data)
+    train, val = split_by_person(records, 0.3, seed=4)
+    names = {}
+    for side in ("train", "val"):
+        out = tmp_path / side
+        assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0",
+                     "--out", str(out), "--split", side, "--val-fraction", "0.3", "--seed", "4"]) == 0
+        with open(out / "errors.csv") as f:
+            names[side] = [r["image"] for r in csv.DictReader(f)]
+        assert json.loads((out / "report.json").read_text())["split"]["side"] == side
+    assert names == {"train": [r.image_path.name for r in train], "val": [r.image_path.name for r in val]}
+    assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--split", "val",
+                 "--val-fraction", "0"]) == 2

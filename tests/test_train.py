@@ -1,4 +1,5 @@
-"""``lgc-fast train``: learning on real faces, exact resume, two-process DDP, bad data, run-folder safety."""
+"""``lgc-fast train``: learning on real faces, exact resume, two-process DDP, bad data, run-folder safety,
+background (non-face) samples and --init."""
 import csv
 import json
 import os
@@ -12,9 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 import lgc_fast.train as train_module
-from lgc_fast.checkpoint import load_checkpoint, load_model
+from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
 from lgc_fast.cli import main
 from lgc_fast.data import write_pts
+from lgc_fast.errors import LgcError
+from lgc_fast.model import LGCN
 from lgc_fast.train import learning_rate, parse_args, train, train_step
 
 TINY = ["--width", "4", "--local-layers", "3", "--image-size", "32", "--batch-size", "4", "--workers", "0",
@@ -178,3 +181,117 @@ def test_run_folder_is_protected(tmp_path, capsys):
     assert main(argv + ["--resume"]) == 0  # nothing left to do: 1 of 1 epochs done
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_synthetic_backgrounds_train_and_resume_bit_exact(tmp_path, one_thread):
+    """A quarter of the samples are backgrounds (12 faces + 4 per epoch); stopped by --max-steps inside epoch 2 and
+    resumed, the run ends with the weights and log of an uninterrupted one (a DataLoader worker on)."""
+    data = synthetic_faces(tmp_path / "faces", n=14)
+    common = ["--data", data, "--epochs", 2, "--val-fraction", 0.1, "--seed", 1, "--backgrounds", "synthetic",
+              "--background-fraction", 0.25, *TINY, "--workers", 1]
+    straight = train(parse_args(common + ["--out", tmp_path / "a"]))
+    assert straight.finished and straight.step == 2 * 4  # 16 samples per epoch, batch 4
+    first = train(parse_args(common + ["--out", tmp_path / "b", "--max-steps", 5]))
+    assert not first.finished and first.step == 5
+    other_fraction = [a if a != 0.25 else 0.5 for a in common]
+    with pytest.raises(LgcError, match=r"background_fraction: 0.25 -> 0.5"):
+        train(parse_args(other_fraction + ["--out", tmp_path / "b", "--resume"]))
+    resumed = train(parse_args(common + ["--out", tmp_path / "b", "--resume"]))
+    assert resumed.finished and resumed.step == straight.step
+    a, b = _weights(straight.model), _weights(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
+    settings = load_checkpoint(tmp_path / "b" / "last.pt")["settings"]
+    assert (settings["backgrounds"], settings["background_fraction"]) == ("synthetic", 0.25)
+
+
+def test_folder_backgrounds_name_and_skip_a_corrupt_file(tmp_path, capsys, one_thread):
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    folder = tmp_path / "backgrounds"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        cv2.imwrite(str(folder / f"scene{i}.jpg"), rng.integers(0, 256, (50 + 20 * i, 70), dtype=np.uint8))
+    (folder / "scene_broken.png").write_bytes(b"\x89PNG truncated")
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--val-fraction", "0.2",
+            "--backgrounds", str(folder), "--background-fraction", "0.5", *[str(a) for a in TINY]]
+    assert main(argv) == 0
+    assert "scene_broken.png: cannot read or decode the image" in capsys.readouterr().err
+    assert (tmp_path / "run" / "data_problems.txt").read_text().count("scene_broken.png") == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4  # 8 training faces + 8 backgrounds, batch 4
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["backgrounds"] == str(folder.resolve()) and settings["background_fraction"] == 0.5
+    default = parse_args(argv[1:-len(TINY) - 2])
+    assert train_module._settings(default, 1, torch.device("cpu"))["background_fraction"] == 0.1
+    assert main(argv[:4] + [str(tmp_path / "stop")] + argv[5:] + ["--on-bad-data", "stop"]) == 2
+    assert "scene_broken.png: cannot read" in capsys.readouterr().err
+    assert main(argv[:4] + [str(tmp_path / "x")] + argv[5:9] + ["--background-fraction", "0.2"]) == 2
+    assert "--background-fraction needs --backgrounds" in capsys.readouterr().err
+
+
+def test_init_starts_a_new_run_from_weights_of_the_same_architecture(tmp_path, monkeypatch, capsys, one_thread):
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    torch.manual_seed(5)
+    source = LGCN("release", 4, 68, 0.1, [3])
+    save_checkpoint(tmp_path / "source.pt", {"config": source.config, "model": source.state_dict()})
+    export_weights(tmp_path / "source.pt", tmp_path / "exported.pt", half=True)
+    started = []
+
+    def record_then_step(net, *args, **kwargs):  # the weights the first step starts from
+        if not started:
+            started.append(_weights(net))
+        return train_step(net, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", record_then_step)
+    common = ["--data", data, "--epochs", 1, "--val-fraction", 0.2, *TINY]
+    result = train(parse_args(common + ["--out", tmp_path / "run", "--init", tmp_path / "exported.pt",
+                                        "--max-steps", 1]))
+    want = source.state_dict()
+    assert result.step == 1 and started[0].keys() == want.keys()
+    assert all(torch.equal(started[0][k], want[k].half().to(want[k].dtype) if want[k].is_floating_point()
+                           else want[k]) for k in want)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["settings"]["init"] == str((tmp_path / "exported.pt").resolve())
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (0, 1, 1)  # a new run, not a continuation
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["init"] == state["settings"]["init"]
+    monkeypatch.undo()
+    train(parse_args(common + ["--out", tmp_path / "run", "--resume"]))  # the resumed run keeps its origin
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["settings"]["init"] == state["settings"]["init"]
+
+    argv = ["train", *[str(a) for a in common], "--out", str(tmp_path / "other"), "--init"]
+    assert main(argv + [str(tmp_path / "source.pt"), "--width", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "another architecture: width 4 (here 8)" in err and len(err.strip().splitlines()) == 1
+    assert main(argv + [str(tmp_path / "source.pt"), "--local-layers", "3,3"]) == 2
+    assert "local_layers [3] (here [3, 3])" in capsys.readouterr().err
+    assert main(argv + [str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: no such file" in capsys.readouterr().err
+    assert main(argv + [str(tmp_path / "source.pt"), "--resume"]) == 2
+    assert "pass only one of them" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_signal_to_the_process_group_saves_the_run(tmp_path):
+    """SIGTERM to the whole process group (workers included: a scheduler, `kill -- -PGID`) mid-run: the trainer
+    saves last.pt and exits 130 with a one-line message, instead of dying of its killed DataLoader worker."""
+    import subprocess
+    import sys
+    import time
+
+    data = synthetic_faces(tmp_path / "faces", n=24)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "lgc_fast.cli", "train", "--data", str(data), "--out", str(out), "--epochs", "100",
+            *TINY, "--workers", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: the signal reaches nothing else
+    deadline = time.monotonic() + 120
+    while not (out / "log.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first epoch is done: the run is inside a later one
+    assert proc.poll() is None, proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] > 0 and (state["epoch"], state["batch_in_epoch"]) != (0, 0)

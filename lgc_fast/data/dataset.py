@@ -28,6 +28,58 @@ def read_gray(path) -> np.ndarray | None:
     return gray
 
 
+class ImageFiles:
+    """Image files read on demand as (H, W) uint8 grey, standing in the next readable file for an unreadable one.
+
+    An unreadable file raises LgcError naming it with on_error="raise"; with "skip" it is reported once in
+    ``problems`` and in the log and skipped from then on. `kind` ("face", "background") names the files in the log.
+    """
+
+    def __init__(self, paths, on_error: str, kind: str):
+        check_on_error(on_error)
+        self.paths = list(paths)
+        self.on_error, self.kind = on_error, kind
+        self.problems: list[str] = []
+        self._unreadable: set[int] = set()
+
+    def first_readable(self, start: int) -> tuple[int, np.ndarray]:
+        """(index, image) of the first readable file at or after position `start`, wrapping around."""
+        n = len(self.paths)
+        for step in range(n):
+            candidate = (start + step) % n
+            if candidate in self._unreadable:
+                continue
+            gray = read_gray(self.paths[candidate])
+            if gray is not None:
+                return candidate, gray
+            message = f"{self.paths[candidate]}: cannot read or decode the image"
+            if self.on_error == "raise":
+                raise LgcError(message)
+            self._unreadable.add(candidate)
+            self.problems.append(message)
+            log.warning("%s; using the next readable %s instead", message, self.kind)
+        raise LgcError(f"none of the {n} images can be read (first: {self.paths[0]})")
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """Base of the training datasets: items read from ``self._images`` (ImageFiles) with random draws fixed by
+    (seed, epoch, index)."""
+
+    epoch = 0
+    _images: ImageFiles
+
+    @property
+    def problems(self) -> list[str]:
+        """The unreadable images met so far in this process."""
+        return self._images.problems
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of `epoch`: the same (seed, epoch, index) always gives the same item."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+
 def draw_augmentation(rng: np.random.Generator, scale: float, rotation_deg: float, mirror: bool,
                       grid: bool) -> tuple[float, float, bool]:
     """One draw -> (scale factor, angle in degrees, mirrored).
@@ -45,7 +97,7 @@ def draw_augmentation(rng: np.random.Generator, scale: float, rotation_deg: floa
     return float(factor), float(angle), bool(mirror and u[2] < 0.5)
 
 
-class LandmarkDataset(torch.utils.data.Dataset):
+class LandmarkDataset(EpochDataset):
     """Face crops for training and evaluation.
 
     Each item is a dict: ``image`` (1, out_size, out_size) float32 grey levels in [0, 255]; ``points`` (P, 2) float32
@@ -74,9 +126,7 @@ class LandmarkDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.on_error = on_error
         self.scale, self.rotation_deg, self.mirror, self.grid = float(scale), float(rotation_deg), bool(mirror), grid
-        self.epoch = 0
-        self.problems: list[str] = []
-        self._unreadable: set[int] = set()
+        self._images = ImageFiles([record.image_path for record in self.records], on_error, "face")
         self._squares = []
         for record in self.records:
             if record.points.ndim != 2 or record.points.shape[1] != 2:
@@ -93,12 +143,6 @@ class LandmarkDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the augmentation draws of `epoch`: the same (seed, epoch, index) always gives the same item."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
-
     def augmentation(self, index: int) -> tuple[float, float, bool]:
         """(scale factor, angle in degrees, mirrored) used for record `index` in the current epoch."""
         if not self.augment:
@@ -106,31 +150,11 @@ class LandmarkDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return draw_augmentation(rng, self.scale, self.rotation_deg, self.mirror, self.grid)
 
-    def _read(self, index: int) -> np.ndarray | None:
-        path = self.records[index].image_path
-        gray = read_gray(path)
-        if gray is None:
-            message = f"{path}: cannot read or decode the image"
-            if self.on_error == "raise":
-                raise LgcError(message)
-            self._unreadable.add(index)
-            self.problems.append(message)
-            log.warning("%s; using the next readable face instead", message)
-        return gray
-
     def __getitem__(self, index: int) -> dict:
         n = len(self.records)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} faces")
-        index %= n
-        for step in range(n):
-            candidate = (index + step) % n
-            if candidate in self._unreadable:
-                continue
-            gray = self._read(candidate)
-            if gray is not None:
-                return self._item(candidate, gray)
-        raise LgcError(f"none of the {n} images can be read (first: {self.records[0].image_path})")
+        return self._item(*self._images.first_readable(index % n))
 
     def _item(self, index: int, gray: np.ndarray) -> dict:
         record = self.records[index]

@@ -7,12 +7,11 @@ point is written ``nan nan`` and read as NaN.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from lgc_fast._io import atomic_write_text
 from lgc_fast.errors import LgcError
 
 
@@ -111,18 +110,4 @@ def write_pts(path, points) -> None:
     for x, y in points + 1.0:
         lines.append("nan nan" if math.isnan(x) else f"{float(x)!r} {float(y)!r}")
     lines.append("}")
-    _atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename over it: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")

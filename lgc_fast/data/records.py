@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,17 @@ def load_boxes(source) -> dict[str, tuple[float, float, float, float]]:
     """
     if isinstance(source, Mapping):
         return {str(key): _check_box(value, f"boxes[{key!r}]") for key, value in source.items()}
-    path = Path(source)
+    return {key: _check_box(values, where) for key, values, where in read_boxes_file(source)}
+
+
+def read_boxes_file(path, expected: str = "[x0, y0, x1, y1]") -> Iterator[tuple[str, object, str]]:
+    """The entries of a boxes file, in file order, as (KEY, value, where), values unchecked.
+
+    A ``*.json`` file holds one object {"KEY": value, ...}; any other file is text, ``KEY x0 y0 x1 y1`` per line (the
+    value is the four fields as strings; blank lines and lines starting with '#' are skipped). `where` names the file
+    and the entry or line for error messages; `expected` describes a value in the error for JSON that is no object.
+    """
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -82,9 +92,10 @@ def load_boxes(source) -> dict[str, tuple[float, float, float, float]]:
         except json.JSONDecodeError as exc:
             raise LgcError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(data, dict):
-            raise LgcError(f"{path}: expected a JSON object mapping image names to [x0, y0, x1, y1]")
-        return {key: _check_box(value, f"{path}: entry {key!r}") for key, value in data.items()}
-    boxes = {}
+            raise LgcError(f"{path}: expected a JSON object mapping image names to {expected}")
+        for key, value in data.items():
+            yield key, value, f"{path}: entry {key!r}"
+        return
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -92,8 +103,7 @@ def load_boxes(source) -> dict[str, tuple[float, float, float, float]]:
         fields = line.rsplit(maxsplit=4)
         if len(fields) != 5:
             raise LgcError(f"{path}:{number}: expected 'KEY x0 y0 x1 y1', got {line!r}")
-        boxes[fields[0]] = _check_box(fields[1:], f"{path}:{number}")
-    return boxes
+        yield fields[0], fields[1:], f"{path}:{number}"
 
 
 def scan_folder(root, n_points: int = 68, boxes=None, on_error: str = "skip") -> tuple[list[FaceRecord], list[str]]:

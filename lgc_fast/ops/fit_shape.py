@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lgc_fast import _backend
+from lgc_fast.ops._checks import check_maps
 from lgc_fast.shape import ShapeModel
 
 MAX_THRESHOLDS = 4
@@ -124,12 +125,7 @@ def _is_number(value) -> bool:
 
 
 def _check_stats_inputs(heatmaps, peak, centers, radius, thresholds) -> None:
-    if not isinstance(heatmaps, torch.Tensor):
-        raise TypeError(f"heatmaps must be a torch.Tensor, got {type(heatmaps).__name__}")
-    if heatmaps.dim() != 4:
-        raise ValueError(f"heatmaps must have 4 dimensions (N, C, H, W), got shape {tuple(heatmaps.shape)}")
-    if not heatmaps.dtype.is_floating_point:
-        raise TypeError(f"heatmaps must be float32, float16, bfloat16 or float64, got {heatmaps.dtype}")
+    check_maps(heatmaps, "heatmaps")
     n, c = heatmaps.shape[:2]
     if not isinstance(peak, torch.Tensor) or peak.shape != (n, c) or not peak.dtype.is_floating_point:
         raise ValueError(f"peak must be a float tensor of shape (N, C) = {(n, c)}, got "
@@ -163,19 +159,12 @@ def fit_shape_stats(heatmaps: torch.Tensor, peak: torch.Tensor, centers: Optiona
 # Validation shared by the batched fit and the oracle.
 
 def _check_fit_args(heatmaps, model, windows, threshold, bound_sigma, kabsch_threshold) -> tuple:
-    if not isinstance(heatmaps, torch.Tensor):
-        raise TypeError(f"heatmaps must be a torch.Tensor, got {type(heatmaps).__name__}")
-    if heatmaps.dim() != 4:
-        raise ValueError(f"heatmaps must have 4 dimensions (N, C, H, W), got shape {tuple(heatmaps.shape)}")
-    if not heatmaps.dtype.is_floating_point:
-        raise TypeError(f"heatmaps must be a floating-point tensor, got {heatmaps.dtype}")
+    check_maps(heatmaps, "heatmaps", non_empty=True)
     if not isinstance(model, ShapeModel):
         raise TypeError(f"model must be a lgc_fast.shape.ShapeModel, got {type(model).__name__}")
     if heatmaps.shape[1] != model.n_landmarks:
         raise ValueError(f"heatmaps has {heatmaps.shape[1]} channels but the shape model has {model.n_landmarks} "
                          "landmarks")
-    if heatmaps.shape[2] == 0 or heatmaps.shape[3] == 0:
-        raise ValueError(f"heatmaps must have non-empty maps, got shape {tuple(heatmaps.shape)}")
     windows = tuple(windows)
     if not windows or windows[0] is not None:
         raise ValueError(f"windows must start with None (the whole-map fit), got {windows!r}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
+from lgc_fast.ops._checks import check_maps
 
 KERNEL_SIZE = 45
 RADIUS = KERNEL_SIZE // 2
@@ -58,12 +59,7 @@ def kernel_conv_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_input(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_maps(x, "x")
     if x.shape[1] == 0:
         raise ValueError(f"x must have at least one channel (C >= 1), got shape {tuple(x.shape)}")
 

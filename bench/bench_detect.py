@@ -1,0 +1,142 @@
+"""Detection without boxes (``Detector.detect``, paper section 4.3) on multi-face scenes with known truth: recall,
+precision, point error and time per image, over a grid of the detector's thresholds, to calibrate its defaults.
+
+Scenes: validation faces (the training run's 90/10 split by person, seed 0, so the network never saw them) pasted
+onto cluttered backgrounds (``lgc_fast.data.composite``), one to four per scene, training boxes log-uniform between
+1x and 3.5x the network's crop. A found face matches a true one when their training boxes overlap by IoU >= 0.5
+(greedy, best score first); its error is the NME over 68 points normalised by the true box (sqrt(w h) of the tight
+box). The pyramid forward runs once per scene; every setting of the grid then reruns steps 3-6 on its heatmaps.
+
+Usage: python bench/bench_detect.py [--weights W] [--shape-model S] [--scenes 24] [--quick] [--out PATH]
+Writes the results under "detect" in bench/results/<device-slug>.json (merged with other benches).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from common import environment, format_table, results_path, write_results  # noqa: E402
+
+from lgc_fast.data import face_box, scan_folder, split_by_person  # noqa: E402
+from lgc_fast.data.composite import clutter_background, paste_faces, random_placements  # noqa: E402
+from lgc_fast.detect import Detector, box_iou, load_gray  # noqa: E402
+from lgc_fast.metrics import nme  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ytf68" / "trainset"
+BENCH = "detect"
+GRID = {"threshold": (0.1, 0.15, 0.2, 0.3), "min_support": (10, 20, 30), "max_mahalanobis": (4.0, 5.75, 8.0)}
+MATCH_IOU = 0.5
+
+
+def make_scenes(records, crop: int, count: int, seed: int):
+    """count scenes (canvas RGB, [true points (68, 2)]) of 1-4 validation faces each."""
+    rng = np.random.default_rng(seed)
+    height, width = int(5.6 * crop), int(7.5 * crop)
+    scenes = []
+    for _ in range(count):
+        placements = random_placements(rng, int(rng.integers(1, 5)), height, width, crop, 3.5 * crop)
+        chosen = rng.choice(len(records), size=len(placements), replace=False)
+        faces = [(records[i].image_path, records[i].points) for i in chosen]
+        scenes.append(paste_faces(faces, placements, height, width, clutter_background(rng, height, width)))
+    return scenes
+
+
+def square(points) -> tuple[float, float, float, float]:
+    cx, cy, size = face_box(points)
+    return cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2
+
+
+def score_scene(found, truth) -> tuple[int, int, list[float]]:
+    """(true faces matched, false detections, NME per matched face)."""
+    boxes = [square(t) for t in truth]
+    free = set(range(len(truth)))
+    errors, false = [], 0
+    for face in sorted(found, key=lambda f: -f.score):
+        best = max(free, key=lambda j: box_iou(face.box, boxes[j]), default=None)
+        if best is None or box_iou(face.box, boxes[best]) < MATCH_IOU:
+            false += 1
+            continue
+        free.discard(best)
+        errors.append(float(nme(face.points[None], truth[best][None], normaliser="box")[0]))
+    return len(truth) - len(free), false, errors
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA, help="300-W folder the network was trained on (default: ytf68)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--shape-model", default=None, help="shape model .npz (default: the bundled one)")
+    p.add_argument("--scenes", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="3 scenes, the default setting only")
+    p.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
+    args = p.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"bench_detect: skipped, no data at {args.data}", file=sys.stderr)
+        return 0
+    det = Detector(weights=args.weights, shape_model=args.shape_model)
+    records, _ = scan_folder(args.data)
+    _, val = split_by_person(records)
+    scenes = make_scenes(val, det.crop, 3 if args.quick else args.scenes, args.seed)
+    defaults = {"threshold": 0.2, "min_support": 20, "max_mahalanobis": 5.75}
+    grid = [defaults] if args.quick else [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    if defaults not in grid:
+        grid.append(defaults)
+    tallies = [[0, 0, [], 0.0] for _ in grid]  # matched, false, errors, seconds in steps 3-6
+    forward_s, n_true = [], 0
+    for canvas, truth in scenes:
+        gray = load_gray(canvas)
+        start = time.perf_counter()
+        with torch.no_grad():
+            levels = det.pyramid_heatmaps(gray)
+        forward_s.append(time.perf_counter() - start)
+        n_true += len(truth)
+        for setting, tally in zip(grid, tallies):
+            start = time.perf_counter()
+            found = det.faces_from_levels(levels, gray.shape, **setting)
+            tally[3] += time.perf_counter() - start
+            matched, false, errors = score_scene(found, truth)
+            tally[0] += matched
+            tally[1] += false
+            tally[2] += errors
+    rows = []
+    for setting, (matched, false, errors, seconds) in zip(grid, tallies):
+        recall, found = matched / n_true, matched + false
+        precision = matched / found if found else 1.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({**setting, "recall": recall, "precision": precision, "f1": f1, "false_per_image": false /
+                     len(scenes), "nme_box_mean": float(np.mean(errors)) if errors else None,
+                     "nme_box_median": float(np.median(errors)) if errors else None,
+                     "post_ms_per_image": 1e3 * seconds / len(scenes), "default": setting == defaults})
+    rows.sort(key=lambda r: (-r["f1"], -r["recall"]))
+    print(format_table(rows, [("threshold", "threshold"), ("min_support", "support"),
+                              ("max_mahalanobis", "mahalanobis"), ("recall", "recall"), ("precision", "precision"),
+                              ("f1", "F1"), ("false_per_image", "false/img"), ("nme_box_mean", "NME box"),
+                              ("post_ms_per_image", "steps 3-6 ms"), ("default", "default")]))
+    forward = sorted(forward_s)
+    print(f"{len(scenes)} scenes ({scenes[0][0].shape[1]}x{scenes[0][0].shape[0]}), {n_true} faces; pyramid forward "
+          f"median {1e3 * forward[len(forward) // 2]:.0f} ms per image on {det.device}")
+    payload = {
+        "environment": environment(det.device),
+        "weights": str(args.weights or "bundled"), "crop": det.crop, "scenes": len(scenes), "faces": n_true,
+        "image_size": list(scenes[0][0].shape[:2]), "seed": args.seed, "match_iou": MATCH_IOU,
+        "forward_ms": {"median": 1e3 * forward[len(forward) // 2], "p20": 1e3 * float(np.quantile(forward, 0.2)),
+                       "p80": 1e3 * float(np.quantile(forward, 0.8))},
+        "results": rows,
+    }
+    print(f"wrote {write_results(args.out or results_path(det.device), BENCH, payload)} (key {BENCH})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Input validation shared by the ops and the decoders: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+
+def check_maps(value, name: str, non_empty: bool = False) -> None:
+    """TypeError or ValueError naming `name` unless `value` is a floating-point torch.Tensor (N, C, H, W) (with
+    `non_empty`, also H, W >= 1)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (N, C, H, W), got shape {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
+    if non_empty and (value.shape[2] == 0 or value.shape[3] == 0):
+        raise ValueError(f"{name} must have non-empty maps, got shape {tuple(value.shape)}")
