@@ -5,7 +5,8 @@ Scenes: validation faces (the training run's 90/10 split by person, seed 0, so t
 onto cluttered backgrounds (``lgc_fast.data.composite``), one to four per scene, training boxes log-uniform between
 1x and 3.5x the network's crop. A found face matches a true one when their training boxes overlap by IoU >= 0.5
 (greedy, best score first); its error is the NME over 68 points normalised by the true box (sqrt(w h) of the tight
-box). The pyramid forward runs once per scene; every setting of the grid then reruns steps 3-6 on its heatmaps.
+box). The pyramid forward runs once per scene, steps 3-6 up to the shape fit once per threshold, and the filters
+of step 6 once per setting of the grid.
 
 Usage: python bench/bench_detect.py [--weights W] [--shape-model S] [--scenes 24] [--quick] [--out PATH]
 Writes the results under "detect" in bench/results/<device-slug>.json (merged with other benches).
@@ -29,12 +30,14 @@ from common import environment, format_table, results_path, write_results  # noq
 
 from lgc_fast.data import face_box, scan_folder, split_by_person  # noqa: E402
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements  # noqa: E402
-from lgc_fast.detect import Detector, box_iou, load_gray  # noqa: E402
+from lgc_fast import detect  # noqa: E402
+from lgc_fast.detect import Detector, box_iou, load_gray, select_faces  # noqa: E402
 from lgc_fast.metrics import nme  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ytf68" / "trainset"
 BENCH = "detect"
-GRID = {"threshold": (0.1, 0.15, 0.2, 0.3), "min_support": (10, 20, 30), "max_mahalanobis": (4.0, 5.75, 8.0)}
+GRID = {"threshold": (0.2, 0.3, 0.4, 0.5, 0.6), "min_support": (20, 30, 40, 50), "max_mahalanobis": (5.75, 8.0, 12.0)}
+DEFAULTS = {"threshold": detect.THRESHOLD, "min_support": detect.MIN_SUPPORT, "max_mahalanobis": detect.MAX_MAHALANOBIS}
 MATCH_IOU = 0.5
 
 
@@ -71,6 +74,11 @@ def score_scene(found, truth) -> tuple[int, int, list[float]]:
     return len(truth) - len(free), false, errors
 
 
+def milliseconds(seconds: list[float]) -> dict:
+    return {"median": 1e3 * float(np.median(seconds)), "p20": 1e3 * float(np.quantile(seconds, 0.2)),
+            "p80": 1e3 * float(np.quantile(seconds, 0.8)), "runs": len(seconds)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA, help="300-W folder the network was trained on (default: ytf68)")
@@ -78,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape-model", default=None, help="shape model .npz (default: the bundled one)")
     p.add_argument("--scenes", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pyramid-step", type=float, default=detect.PYRAMID_STEP, help="size factor between levels")
     p.add_argument("--quick", action="store_true", help="3 scenes, the default setting only")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = p.parse_args(argv)
@@ -88,50 +97,53 @@ def main(argv=None) -> int:
     records, _ = scan_folder(args.data)
     _, val = split_by_person(records)
     scenes = make_scenes(val, det.crop, 3 if args.quick else args.scenes, args.seed)
-    defaults = {"threshold": 0.2, "min_support": 20, "max_mahalanobis": 5.75}
-    grid = [defaults] if args.quick else [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
-    if defaults not in grid:
-        grid.append(defaults)
-    tallies = [[0, 0, [], 0.0] for _ in grid]  # matched, false, errors, seconds in steps 3-6
-    forward_s, n_true = [], 0
+    grid = [DEFAULTS] if args.quick else [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
+    if DEFAULTS not in grid:
+        grid.append(DEFAULTS)
+    tallies = [[0, 0, []] for _ in grid]  # matched, false, errors
+    forward_s, post_s, n_true = [], [], 0
     for canvas, truth in scenes:
         gray = load_gray(canvas)
         start = time.perf_counter()
         with torch.no_grad():
-            levels = det.pyramid_heatmaps(gray)
+            levels = det.pyramid_heatmaps(gray, args.pyramid_step)
         forward_s.append(time.perf_counter() - start)
         n_true += len(truth)
-        for setting, tally in zip(grid, tallies):
+        hypotheses = {}
+        for threshold in sorted({setting["threshold"] for setting in grid}):
             start = time.perf_counter()
-            found = det.faces_from_levels(levels, gray.shape, **setting)
-            tally[3] += time.perf_counter() - start
+            hypotheses[threshold] = det.hypotheses_from_levels(levels, gray.shape, threshold)
+            post_s.append(time.perf_counter() - start)
+        for setting, tally in zip(grid, tallies):
+            found = select_faces(hypotheses[setting["threshold"]], setting["min_support"],
+                                 setting["max_mahalanobis"])
             matched, false, errors = score_scene(found, truth)
             tally[0] += matched
             tally[1] += false
             tally[2] += errors
     rows = []
-    for setting, (matched, false, errors, seconds) in zip(grid, tallies):
+    for setting, (matched, false, errors) in zip(grid, tallies):
         recall, found = matched / n_true, matched + false
         precision = matched / found if found else 1.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         rows.append({**setting, "recall": recall, "precision": precision, "f1": f1, "false_per_image": false /
                      len(scenes), "nme_box_mean": float(np.mean(errors)) if errors else None,
                      "nme_box_median": float(np.median(errors)) if errors else None,
-                     "post_ms_per_image": 1e3 * seconds / len(scenes), "default": setting == defaults})
+                     "default": setting == DEFAULTS})
     rows.sort(key=lambda r: (-r["f1"], -r["recall"]))
     print(format_table(rows, [("threshold", "threshold"), ("min_support", "support"),
                               ("max_mahalanobis", "mahalanobis"), ("recall", "recall"), ("precision", "precision"),
                               ("f1", "F1"), ("false_per_image", "false/img"), ("nme_box_mean", "NME box"),
-                              ("post_ms_per_image", "steps 3-6 ms"), ("default", "default")]))
-    forward = sorted(forward_s)
-    print(f"{len(scenes)} scenes ({scenes[0][0].shape[1]}x{scenes[0][0].shape[0]}), {n_true} faces; pyramid forward "
-          f"median {1e3 * forward[len(forward) // 2]:.0f} ms per image on {det.device}")
+                              ("default", "default")]))
+    print(f"{len(scenes)} scenes ({scenes[0][0].shape[1]}x{scenes[0][0].shape[0]}), {n_true} faces on "
+          f"{det.device}: pyramid forward median {1e3 * np.median(forward_s):.0f} ms per image, steps 3-6 median "
+          f"{1e3 * np.median(post_s):.0f} ms per image and threshold")
     payload = {
         "environment": environment(det.device),
         "weights": str(args.weights or "bundled"), "crop": det.crop, "scenes": len(scenes), "faces": n_true,
         "image_size": list(scenes[0][0].shape[:2]), "seed": args.seed, "match_iou": MATCH_IOU,
-        "forward_ms": {"median": 1e3 * forward[len(forward) // 2], "p20": 1e3 * float(np.quantile(forward, 0.2)),
-                       "p80": 1e3 * float(np.quantile(forward, 0.8))},
+        "pyramid_step": args.pyramid_step,
+        "forward_ms": milliseconds(forward_s), "steps_3_to_6_ms": milliseconds(post_s),
         "results": rows,
     }
     print(f"wrote {write_results(args.out or results_path(det.device), BENCH, payload)} (key {BENCH})")

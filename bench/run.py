@@ -33,6 +33,7 @@ BENCHES = {
     "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
     "detect": ([], ["--quick"]),
+    "landmarks": ([], ["--quick"]),
 }
 
 
@@ -129,6 +130,18 @@ def rows_inference(entry, device):
                     None)
         yield _row(f"inference {r['method']} vs untiled forward", f"{r['frame']} frame",
                    r["median_s"] * 1e3, None if base is None else base["median_s"] * 1e3, device)
+
+
+def rows_landmarks(entry, device):
+    by_batch = {}
+    for r in entry.get("results", []):
+        by_batch.setdefault(r["batch"], {})[r["mode"]] = r
+    for batch, modes in by_batch.items():
+        if "lgc_fast" in modes and "eager-ref" in modes:
+            fast = modes["lgc_fast"]
+            yield _row(f"landmarks, given boxes ({fast['faces_per_s']:.0f} faces/s) vs eager torch reference",
+                       f"batch {batch}, {entry.get('config', {}).get('model')}", fast["median_ms"],
+                       modes["eager-ref"]["median_ms"], device)
 
 
 def rows_detect(entry, device):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ DEFAULT_MEMORY = 1 << 30
 # Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
 DEFAULT_DECODE = "kernel_deconv"  # exact on the network's own targets (see lgc_fast.decode)
+PYRAMID_STEP = 2.0  # paper section 4.3: the image, then halved again and again
+# Defaults of detect() (documented there).
+THRESHOLD, MIN_LANDMARKS, MIN_SUPPORT, MAX_MAHALANOBIS, SCALE_TOLERANCE, MAX_OVERLAP = 0.2, 8, 20, 5.75, 1.5, 0.3
 
 
 @dataclass
@@ -130,19 +134,22 @@ def square_hull(affine, crop: int = CROP) -> tuple[float, float, float, float]:
 
 # ---- multi-face pipeline pieces (section 4.3); pure functions of arrays so that they can be tested one by one ----
 
-def pyramid_shapes(height: int, width: int, min_side: int = CROP) -> list[tuple[int, int]]:
-    """Level sizes (h, w): the original, then halved (rounding up) until the first level whose short side < min_side."""
+def pyramid_shapes(height: int, width: int, min_side: int = CROP, step: float = PYRAMID_STEP) -> list[tuple[int, int]]:
+    """Level sizes (h, w): level k is ceil(size / step^k) (step 2: halved, rounding up), down to the first level whose
+    short side < min_side."""
+    if not step > 1:
+        raise ValueError(f"the pyramid step must be > 1, got {step!r}")
     shapes = [(int(height), int(width))]
     while min(shapes[-1]) >= min_side:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
+        factor = step ** len(shapes)
+        shapes.append((math.ceil(height / factor - 1e-9), math.ceil(width / factor - 1e-9)))
     return shapes
 
 
-def build_pyramid(gray: np.ndarray, min_side: int = CROP) -> list[np.ndarray]:
-    """gray (H, W) float32 -> the pyramid levels (area averaging), level 0 being `gray` itself."""
+def build_pyramid(gray: np.ndarray, min_side: int = CROP, step: float = PYRAMID_STEP) -> list[np.ndarray]:
+    """gray (H, W) float32 -> the pyramid levels (area averaging, each from the one before), level 0 `gray` itself."""
     levels = [gray]
-    for h, w in pyramid_shapes(*gray.shape, min_side)[1:]:
+    for h, w in pyramid_shapes(*gray.shape, min_side, step)[1:]:
         levels.append(cv2.resize(levels[-1], (w, h), interpolation=cv2.INTER_AREA))
     return levels
 
@@ -192,6 +199,22 @@ def combine_levels(levels: list[torch.Tensor], height: int, width: int,
     return best, winner
 
 
+def square_max(values: torch.Tensor, radius: int) -> torch.Tensor:
+    """values (C, H, W) -> the maximum over each pixel's (2 radius + 1)^2 neighbourhood inside the image (what
+    max_pool2d with stride 1 gives), as row then column maxima of shifted views: whole-array vectorised passes,
+    several times faster than max_pool2d's stride-1 loops on the CPU."""
+    out = values.clone()
+    for axis in (2, 1):
+        src = out.clone()
+        size = src.shape[axis]
+        for shift in range(1, min(radius, size - 1) + 1):
+            torch.maximum(out.narrow(axis, 0, size - shift), src.narrow(axis, shift, size - shift),
+                          out=out.narrow(axis, 0, size - shift))
+            torch.maximum(out.narrow(axis, shift, size - shift), src.narrow(axis, 0, size - shift),
+                          out=out.narrow(axis, shift, size - shift))
+    return out
+
+
 def find_candidates(levels: list[torch.Tensor], height: int, width: int, threshold: float, radius: int = 2,
                     per_channel: int = 64, chunk_bytes: int = 1 << 28) -> np.ndarray:
     """Local maxima of the combined maps above `threshold` -> (M, 5) float64 rows (channel, x, y, value, level).
@@ -204,7 +227,7 @@ def find_candidates(levels: list[torch.Tensor], height: int, width: int, thresho
     rows = []
     for c0 in range(0, n_channels, chunk):
         values, winner = combine_levels(levels, height, width, slice(c0, c0 + chunk))
-        pooled = F.max_pool2d(values[None], 2 * radius + 1, stride=1, padding=radius)[0]
+        pooled = square_max(values, radius)
         k, y, x = torch.nonzero((values == pooled) & (values > threshold), as_tuple=True)
         rows.append(np.stack([(k + c0).numpy(), x.numpy(), y.numpy(), values[k, y, x].double().numpy(),
                               winner[k, y, x].numpy()], axis=1).astype(np.float64))
@@ -366,6 +389,26 @@ def suppress_overlaps(faces: list[Face], max_iou: float) -> list[Face]:
 
 
 # ---- the API ----
+
+@dataclass
+class Hypothesis:
+    """A fitted face of ``detect`` before its plausibility filters: support, the fitted points on activations above
+    the threshold; mahalanobis, of the shape coefficients; scale_ratio, the fitted face size over the crop's."""
+
+    face: Face
+    support: int
+    mahalanobis: float
+    scale_ratio: float
+
+
+def select_faces(hypotheses: list[Hypothesis], min_support: int = MIN_SUPPORT,
+                 max_mahalanobis: float = MAX_MAHALANOBIS, scale_tolerance: float = SCALE_TOLERANCE,
+                 max_overlap: float = MAX_OVERLAP) -> list[Face]:
+    """The plausible hypotheses' faces, overlaps suppressed (arguments as in ``Detector.detect``)."""
+    kept = [h.face for h in hypotheses if h.support >= min_support and h.mahalanobis <= max_mahalanobis
+            and 1 / scale_tolerance <= h.scale_ratio <= scale_tolerance]
+    return suppress_overlaps(kept, max_overlap)
+
 
 def read_metadata(assets_dir: Path) -> dict:
     """The assets folder's metadata.json as a dict ({} when absent); LgcError naming it when it is malformed."""
@@ -541,10 +584,10 @@ class Detector:
                 results[owner[i]].append(Face(pts, c, float(c.mean()), square_hull(affine, self.crop)))
         return results[0] if single else results
 
-    def pyramid_heatmaps(self, gray: np.ndarray) -> list[torch.Tensor]:
+    def pyramid_heatmaps(self, gray: np.ndarray, step: float = PYRAMID_STEP) -> list[torch.Tensor]:
         """omega (C, h_l, w_l) on the CPU for every pyramid level of gray (H, W), tiled within the memory budget."""
         maps = []
-        for level in build_pyramid(gray, self.crop):
+        for level in build_pyramid(gray, self.crop, step):
             image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
             omega = torch.empty((self.n_landmarks, *level.shape))  # only omega is kept: half of tiled_forward's
             for t, _, tile_omega in iter_tiles(self.model, image, tile=None, max_memory_bytes=self.max_memory_bytes):
@@ -552,24 +595,35 @@ class Detector:
             maps.append(omega)
         return maps
 
-    def detect(self, image, threshold: float = 0.2, min_landmarks: int = 8, min_support: int = 20,
-               max_mahalanobis: float = 5.75, scale_tolerance: float = 1.5, max_overlap: float = 0.3) -> list[Face]:
+    def detect(self, image, threshold: float = THRESHOLD, min_landmarks: int = MIN_LANDMARKS,
+               min_support: int = MIN_SUPPORT, max_mahalanobis: float = MAX_MAHALANOBIS,
+               scale_tolerance: float = SCALE_TOLERANCE, max_overlap: float = MAX_OVERLAP,
+               pyramid_step: float = PYRAMID_STEP) -> list[Face]:
         """All faces in one image without boxes (paper section 4.3; algorithm in the module docstring).
 
         threshold: heatmap value for a candidate and for a supporting fitted point; min_landmarks: distinct
         landmarks a vote cluster needs to become a hypothesis; min_support: fitted points on activations above
         threshold needed to keep a face; max_mahalanobis: bound on sqrt(sum (b_k / stddev_k)^2) of the shape
         coefficients (5.75 ~ the 99.9 % chi-square quantile for 12 modes); scale_tolerance: allowed factor between
-        the fitted face size and the training crop's; max_overlap: box IoU above which the weaker face is dropped.
+        the fitted face size and the training crop's; max_overlap: box IoU above which the weaker face is dropped;
+        pyramid_step: size factor between pyramid levels (the paper's 2; smaller steps cost more forward passes and
+        leave the network smaller gaps between the face sizes it was trained on).
         """
         gray = load_gray(image)
-        return self.faces_from_levels(self.pyramid_heatmaps(gray), gray.shape, threshold, min_landmarks,
+        return self.faces_from_levels(self.pyramid_heatmaps(gray, pyramid_step), gray.shape, threshold, min_landmarks,
                                       min_support, max_mahalanobis, scale_tolerance, max_overlap)
 
-    def faces_from_levels(self, levels: list[torch.Tensor], image_shape, threshold: float = 0.2,
-                          min_landmarks: int = 8, min_support: int = 20, max_mahalanobis: float = 5.75,
-                          scale_tolerance: float = 1.5, max_overlap: float = 0.3) -> list[Face]:
+    def faces_from_levels(self, levels: list[torch.Tensor], image_shape, threshold: float = THRESHOLD,
+                          min_landmarks: int = MIN_LANDMARKS, min_support: int = MIN_SUPPORT,
+                          max_mahalanobis: float = MAX_MAHALANOBIS, scale_tolerance: float = SCALE_TOLERANCE,
+                          max_overlap: float = MAX_OVERLAP) -> list[Face]:
         """Steps 3-6 of ``detect`` on given pyramid heatmaps: levels (C, h_l, w_l) of an image of image_shape (H, W)."""
+        hypotheses = self.hypotheses_from_levels(levels, image_shape, threshold, min_landmarks)
+        return select_faces(hypotheses, min_support, max_mahalanobis, scale_tolerance, max_overlap)
+
+    def hypotheses_from_levels(self, levels: list[torch.Tensor], image_shape, threshold: float = THRESHOLD,
+                               min_landmarks: int = MIN_LANDMARKS) -> list[Hypothesis]:
+        """Steps 3-6 of ``detect`` up to the shape fit, before its filters: every fitted hypothesis."""
         height, width = int(image_shape[0]), int(image_shape[1])
         scales = np.array([(width / lv.shape[2] + height / lv.shape[1]) / 2 for lv in levels])
         mean_crop, canonical_scale = canonical_mean(self.shape_model, self.crop)
@@ -588,15 +642,12 @@ class Detector:
         stddev = torch.as_tensor(self.shape_model.stddev)
         mahalanobis = torch.sqrt(((shape_fit.coeffs.double() / stddev) ** 2).sum(dim=1))
         fitted_scale = torch.hypot(shape_fit.similarity[:, 0], shape_fit.similarity[:, 1]).double()
-        faces = []
+        hypotheses = []
         for row, i in enumerate(torch.nonzero(fitted)[:, 0].tolist()):
-            support = int((conf[i] > threshold).sum())  # conf: the maps at the fitted points, clipped to [0, 1]
-            ratio = float(fitted_scale[row]) / canonical_scale
-            if support < min_support or float(mahalanobis[row]) > max_mahalanobis or \
-                    not 1 / scale_tolerance <= ratio <= scale_tolerance:
-                continue
             pts = transform_points(points[i].numpy(), invert_affine(affines[i]))
-            c = conf[i].numpy()
+            c = conf[i].numpy()  # the maps at the fitted points, clipped to [0, 1]
             cx, cy, size = face_box(pts, enlarge=ENLARGE)  # the training box of the found face
-            faces.append(Face(pts, c, float(c.mean()), (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)))
-        return suppress_overlaps(faces, max_overlap)
+            face = Face(pts, c, float(c.mean()), (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
+            hypotheses.append(Hypothesis(face, int((c > threshold).sum()), float(mahalanobis[row]),
+                                         float(fitted_scale[row]) / canonical_scale))
+        return hypotheses

@@ -107,12 +107,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    from lgc_fast.detect import DEFAULT_DECODE, DECODERS
+    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, PYRAMID_STEP, THRESHOLD
 
     parser.add_argument("--decode", default=DEFAULT_DECODE, choices=sorted(DECODERS),
                         help=f"heatmap decoder (default: {DEFAULT_DECODE})")
     parser.add_argument("--no-fit", action="store_true", help="decode only, without the PCA shape fit")
-    parser.add_argument("--threshold", type=float, default=0.2, help="heatmap threshold of the face search")
+    parser.add_argument("--threshold", type=float, default=THRESHOLD, help="heatmap threshold of the face search")
+    parser.add_argument("--pyramid-step", type=float, default=PYRAMID_STEP,
+                        help=f"size factor between the face search's pyramid levels (default {PYRAMID_STEP:g}, the "
+                             "paper's; 1.41 finds more faces between the trained sizes, at 1.5x the time)")
     parser.add_argument("--pts", action="store_true", help="also write STEM.pts (300-W, 1-based) with the best face")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
 
@@ -125,6 +128,8 @@ def run(args) -> int:
     from lgc_fast.detect import Detector
     from lgc_fast.draw import draw_faces, save_image
 
+    if not args.pyramid_step > 1:
+        raise LgcError(f"--pyramid-step must be > 1, got {args.pyramid_step:g}")
     boxes = load_face_boxes(args.boxes) if args.boxes is not None else {}
     paths = expand_inputs(args.images)
     if not paths:
@@ -136,7 +141,8 @@ def run(args) -> int:
     for path, stem in zip(paths, _unique_stems(paths)):
         given = boxes.get(str(path), boxes.get(path.name))
         try:
-            record = predict_image(detector, path, given, {"threshold": args.threshold})
+            search = {"threshold": args.threshold, "pyramid_step": args.pyramid_step}
+            record = predict_image(detector, path, given, search)
         except LgcError as exc:
             print(f"lgc-fast predict: skipped: {exc}", file=sys.stderr)  # the message names the file
             continue

@@ -215,6 +215,11 @@ def test_pyramid_shapes_follow_the_paper():
     assert D.pyramid_shapes(95, 300) == [(95, 300)]
     assert D.pyramid_shapes(96, 97) == [(96, 97), (48, 49)]
     assert D.pyramid_shapes(1080, 1920)[-1] == (68, 120) and len(D.pyramid_shapes(1080, 1920)) == 5
+    root2 = 2 ** 0.5  # an optional finer pyramid: every other level is the paper's
+    assert D.pyramid_shapes(480, 640, step=root2) == [(480, 640), (340, 453), (240, 320), (170, 227), (120, 160),
+                                                      (85, 114)]
+    with pytest.raises(ValueError, match="step"):
+        D.pyramid_shapes(480, 640, step=1.0)
     levels = D.build_pyramid(np.full((201, 333), 77.0, np.float32))
     assert [lv.shape for lv in levels] == D.pyramid_shapes(201, 333)
     assert all(np.allclose(lv, 77.0) for lv in levels)
@@ -241,6 +246,14 @@ def test_combination_is_the_max_of_upsampled_levels():
     x = torch.arange(2, 47, dtype=torch.float32)
     assert torch.allclose(values[0, 5, 2:47], (x + 0.5) * 25 / 50 - 0.5, atol=1e-5)
     assert (winner[0, :, 2:47] == 1).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 1, 6), (4, 5, 1), (1, 2, 2)])
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_square_max_is_the_stride_1_max_pool(shape, radius):
+    values = torch.rand(shape, generator=torch.Generator().manual_seed(radius))
+    pooled = torch.nn.functional.max_pool2d(values[None], 2 * radius + 1, stride=1, padding=radius)[0]
+    assert torch.equal(D.square_max(values, radius), pooled)
 
 
 def test_candidates_are_local_maxima_above_threshold():

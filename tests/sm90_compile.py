@@ -1,0 +1,97 @@
+"""Compile every Triton kernel of lgc_fast for sm_90 (H100/H200) with Triton's own ptxas, as its launcher would
+specialise it for typical shapes, without a GPU. Run by tests/test_triton_sm90.py in a process of its own (the
+interpreter, which the other tests switch on, replaces triton.jit's compiler).
+
+Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes"}; exits non-zero with
+the compiler's error on the first kernel that does not compile.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lgc_fast.kernels import dilated_conv, fit_shape, kernel_conv, lgc_loss
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+
+
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, case: str) -> None:
+    """types: argument name -> Triton type ("*fp32", "i32", ...) for every argument not in constexprs."""
+    while not isinstance(fn, triton.runtime.JITFunction):  # an autotuner (or heuristics) wraps the jit function
+        fn = fn.fn
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, attrs={},
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    print(json.dumps({"kernel": fn.__name__, "case": case, "cubin_bytes": len(compiled.asm["cubin"]),
+                      "shared_bytes": compiled.metadata.shared}), flush=True)
+
+
+def ints(*names: str) -> dict:
+    return dict.fromkeys(names, "i32")
+
+
+def kernel_conv_cases() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        fp64 = dtype == torch.float64
+        band = PTR[torch.float64 if fp64 else torch.float32]
+        types = {"x_ptr": PTR[dtype], "y_ptr": PTR[dtype], "row_band_ptr": band, "col_band_ptr": band,
+                 **ints("channels", "height", "width", "tiles_w", "sx_n", "sx_c", "sx_h", "sx_w",
+                        "sy_n", "sy_c", "sy_h", "sy_w")}
+        for side in (96, 1024):  # one whole tile / tiles with halos
+            tile_h, in_h, halo_h = kernel_conv._side_tiling(side, kernel_conv._WHOLE_ROWS)
+            tile_w, in_w, halo_w = kernel_conv._side_tiling(side, kernel_conv._WHOLE_COLS)
+            meta = dict(TILE_H=tile_h, IN_H=in_h, HALO_H=halo_h, TILE_W=tile_w, IN_W=in_w, HALO_W=halo_w,
+                        BLOCK_K=min(kernel_conv._CHUNK, in_h), BLOCK_N=min(kernel_conv._CHUNK, in_w),
+                        INPUT_PRECISION="ieee" if fp64 else "tf32x3", ACC_FP64=fp64)
+            compile_sm90(kernel_conv._kernel_conv_tile, types, meta, 8, 2, f"{dtype} {side}x{side}")
+
+
+def lgc_loss_cases() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        local = torch.empty(2, 68, 96, 96, dtype=dtype)
+        _, _, _, meta = lgc_loss._launch_args(local, torch.zeros(2, 68, 2), torch.ones(2, 68, dtype=torch.bool))
+        num_warps = 8 if meta["BLOCK_H"] * meta["BLOCK_W"] >= 2048 else 4  # the launcher's choice on CUDA
+        maps = {"local_ptr": PTR[dtype], "omega_ptr": PTR[dtype], "points_ptr": "*fp32", "lab_ptr": "*u8",
+                "taps_ptr": "*fp32", **ints("C", "H", "W")}
+        compile_sm90(lgc_loss._lgc_loss_fwd_kernel, {**maps, "plane_loss_ptr": "*fp32"}, meta, num_warps, 3,
+                     f"forward {dtype} 96x96")
+        compile_sm90(lgc_loss._lgc_loss_bwd_kernel, {**maps, "grad_ptr": "*fp32", "grad_local_ptr": PTR[dtype],
+                                                     "grad_omega_ptr": PTR[dtype]}, meta, num_warps, 3,
+                     f"backward {dtype} 96x96")
+
+
+def fit_shape_cases() -> None:
+    types = {"x_ptr": "*fp32", "peak_ptr": "*fp32", "centers_ptr": "*fp32", "params_ptr": "*fp64", "out_ptr": "*fp32",
+             **ints("height", "width", "n_thresholds")}
+    for radius in (None, 20.0):
+        block_h, block_w = fit_shape._blocks(96, 96, radius)
+        meta = dict(WINDOWED=radius is not None, ACC_FP64=False, BLOCK_H=block_h, BLOCK_W=block_w)
+        compile_sm90(fit_shape._fit_shape_stats_kernel, types, meta, 4, 3, f"window {radius}")
+
+
+def dilated_conv_cases() -> None:
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
+        vec = 16 // torch.tensor([], dtype=dtype).element_size()
+        types = {"x_ptr": PTR[dtype], "w_ptr": PTR[dtype], "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                 "keep_ptr": "*u8", "y_ptr": PTR[dtype],
+                 **ints("n_pix", "height", "width", "c_in", "c_out", "sx_n", "sx_c", "sx_h", "sx_w",
+                        "sy_n", "sy_c", "sy_h", "sy_w", "sk_n", "sk_c", "sk_h", "sk_w")}
+        for config in dilated_conv.gpu_configs()[:2]:
+            meta = dict(DILATION=4, EPILOGUE=True, CLAMP_ABOVE=False, HAS_MASK=True, INPUT_PRECISION=precision,
+                        ACC_FP64=False, DOT_IN_FP32=False, USE_INT64=False, VEC=vec, OUT_VEC=vec, **config.kwargs)
+            compile_sm90(dilated_conv.dilated_conv_kernel, types, meta, config.num_warps, config.num_stages,
+                         f"{dtype} {config.kwargs}")
+
+
+if __name__ == "__main__":
+    for cases in (kernel_conv_cases, lgc_loss_cases, fit_shape_cases, dilated_conv_cases):
+        cases()
+    sys.exit(0)
