@@ -8,8 +8,10 @@ onto cluttered backgrounds (``lgc_fast.data.composite``), one to four per scene,
 box). The pyramid forward runs once per scene, steps 3-6 up to the shape fit once per threshold, and the filters
 of step 6 once per setting of the grid.
 
-Usage: python bench/bench_detect.py [--weights W] [--shape-model S] [--scenes 24] [--quick] [--out PATH]
-Writes the results under "detect" in bench/results/<device-slug>.json (merged with other benches).
+Usage: python bench/bench_detect.py [--weights W] [--shape-model S] [--scenes 24] [--pyramid-step 2] [--quick]
+                                    [--out PATH]
+Writes the results under "detect" (another --pyramid-step: "detect_stepS") in bench/results/<device-slug>.json
+(merged with other benches).
 """
 from __future__ import annotations
 
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
         "forward_ms": milliseconds(forward_s), "steps_3_to_6_ms": milliseconds(post_s),
         "results": rows,
     }
-    print(f"wrote {write_results(args.out or results_path(det.device), BENCH, payload)} (key {BENCH})")
+    key = BENCH if args.pyramid_step == detect.PYRAMID_STEP else f"{BENCH}_step{args.pyramid_step:.3g}"
+    print(f"wrote {write_results(args.out or results_path(det.device), key, payload)} (key {key})")
     return 0
 
 

@@ -61,8 +61,9 @@ DEFAULT_MEMORY = 1 << 30
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
 DEFAULT_DECODE = "kernel_deconv"  # exact on the network's own targets (see lgc_fast.decode)
 PYRAMID_STEP = 2.0  # paper section 4.3: the image, then halved again and again
-# Defaults of detect() (documented there).
-THRESHOLD, MIN_LANDMARKS, MIN_SUPPORT, MAX_MAHALANOBIS, SCALE_TOLERANCE, MAX_OVERLAP = 0.2, 8, 20, 5.75, 1.5, 0.3
+# Defaults of detect() (documented there): threshold, support and Mahalanobis bound are the best F1 of
+# bench/bench_detect.py with the bundled model (24 scenes, 49 held-out faces; bench/results/cpu-amd-epyc.json).
+THRESHOLD, MIN_LANDMARKS, MIN_SUPPORT, MAX_MAHALANOBIS, SCALE_TOLERANCE, MAX_OVERLAP = 0.5, 8, 20, 8.0, 1.5, 0.3
 
 
 @dataclass
@@ -604,9 +605,9 @@ class Detector:
         threshold: heatmap value for a candidate and for a supporting fitted point; min_landmarks: distinct
         landmarks a vote cluster needs to become a hypothesis; min_support: fitted points on activations above
         threshold needed to keep a face; max_mahalanobis: bound on sqrt(sum (b_k / stddev_k)^2) of the shape
-        coefficients (5.75 ~ the 99.9 % chi-square quantile for 12 modes); scale_tolerance: allowed factor between
-        the fitted face size and the training crop's; max_overlap: box IoU above which the weaker face is dropped;
-        pyramid_step: size factor between pyramid levels (the paper's 2; smaller steps cost more forward passes and
+        coefficients (the 99.9 % chi-square quantile for 12 modes is 5.75; fits on real heatmaps spread wider);
+        scale_tolerance: allowed factor between the fitted face size and the training crop's; max_overlap: box IoU
+        above which the weaker face is dropped; pyramid_step: size factor between pyramid levels (the paper's 2; smaller steps cost more forward passes and
         leave the network smaller gaps between the face sizes it was trained on).
         """
         gray = load_gray(image)
