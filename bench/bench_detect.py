@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import environment, format_table, results_path, write_results  # noqa: E402
 
-from lgc_fast.data import face_box, scan_folder, split_by_person  # noqa: E402
+from lgc_fast.data import face_box, scan_folder, split_by_person, square_to_box  # noqa: E402
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements  # noqa: E402
 from lgc_fast import detect  # noqa: E402
 from lgc_fast.detect import Detector, box_iou, load_gray, select_faces  # noqa: E402
@@ -56,14 +56,9 @@ def make_scenes(records, crop: int, count: int, seed: int):
     return scenes
 
 
-def square(points) -> tuple[float, float, float, float]:
-    cx, cy, size = face_box(points)
-    return cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2
-
-
 def score_scene(found, truth) -> tuple[int, int, list[float]]:
     """(true faces matched, false detections, NME per matched face)."""
-    boxes = [square(t) for t in truth]
+    boxes = [square_to_box(*face_box(t)) for t in truth]
     free = set(range(len(truth)))
     errors, false = [], 0
     for face in sorted(found, key=lambda f: -f.score):

@@ -141,6 +141,11 @@ def _acc_dtype(local: torch.Tensor) -> torch.dtype:
     return torch.float64 if local.dtype == torch.float64 else torch.float32
 
 
+def gpu_num_warps(block_h: int, block_w: int) -> int:
+    """Warps per program on a GPU for a BLOCK_H x BLOCK_W tile."""
+    return 8 if block_h * block_w >= 2048 else 4
+
+
 def _launch_args(local, points, labelled):
     n, c, h, w = local.shape
     acc = _acc_dtype(local)
@@ -149,7 +154,7 @@ def _launch_args(local, points, labelled):
     meta = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=min(triton.next_power_of_2(c), 128),
                 BLOCK_H=block_h, BLOCK_W=block_w)
     if local.device.type == "cuda":
-        meta["num_warps"] = 8 if block_h * block_w >= 2048 else 4
+        meta["num_warps"] = gpu_num_warps(block_h, block_w)
     pts = points.to(acc).contiguous()
     lab = labelled.contiguous().view(torch.uint8)
     return pts, lab, _taps(acc, local.device), meta

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast.data.dataset import read_gray
-from lgc_fast.data.geometry import box_to_square, crop_transform, face_box, transform_points, warp_image
+from lgc_fast.data.geometry import (box_to_square, crop_transform, face_box, square_to_box, transform_points,
+                                    warp_image)
 from lgc_fast.decode import DECODERS, blend, decode
 from lgc_fast.errors import LgcError
 from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
@@ -607,8 +608,9 @@ class Detector:
         threshold needed to keep a face; max_mahalanobis: bound on sqrt(sum (b_k / stddev_k)^2) of the shape
         coefficients (the 99.9 % chi-square quantile for 12 modes is 5.75; fits on real heatmaps spread wider);
         scale_tolerance: allowed factor between the fitted face size and the training crop's; max_overlap: box IoU
-        above which the weaker face is dropped; pyramid_step: size factor between pyramid levels (the paper's 2; smaller steps cost more forward passes and
-        leave the network smaller gaps between the face sizes it was trained on).
+        above which the weaker face is dropped; pyramid_step: size factor between pyramid levels (the paper's 2;
+        smaller steps cost more forward passes and leave the network smaller gaps between the face sizes it was
+        trained on).
         """
         gray = load_gray(image)
         return self.faces_from_levels(self.pyramid_heatmaps(gray, pyramid_step), gray.shape, threshold, min_landmarks,
@@ -647,8 +649,7 @@ class Detector:
         for row, i in enumerate(torch.nonzero(fitted)[:, 0].tolist()):
             pts = transform_points(points[i].numpy(), invert_affine(affines[i]))
             c = conf[i].numpy()  # the maps at the fitted points, clipped to [0, 1]
-            cx, cy, size = face_box(pts, enlarge=ENLARGE)  # the training box of the found face
-            face = Face(pts, c, float(c.mean()), (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
+            face = Face(pts, c, float(c.mean()), square_to_box(*face_box(pts, enlarge=ENLARGE)))  # its training box
             hypotheses.append(Hypothesis(face, int((c > threshold).sum()), float(mahalanobis[row]),
                                          float(fitted_scale[row]) / canonical_scale))
         return hypotheses

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +66,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def readable_images(records, on_bad_data: str, workers: int = 1) -> tuple[list, list[str]]:
+def readable_images(records, on_bad_data: str, workers: int = 1,
+                    path_of=attrgetter("image_path")) -> tuple[list, list[str]]:
     """Decode every image once up front -> (records whose image decodes, problems). With on_bad_data="stop" the first
-    unreadable image raises LgcError naming it; a run never meets it half-way (or substitutes another face for it)."""
+    unreadable image raises LgcError naming it; a run never meets it half-way (or substitutes another face for it).
+    path_of(record): the record's image file (default: its ``image_path``; pass ``Path`` for plain paths)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV decodes without the GIL
-        ok = list(pool.map(lambda r: read_gray(r.image_path) is not None, records))
+        ok = list(pool.map(lambda r: read_gray(path_of(r)) is not None, records))
     kept, problems = [], []
     for record, good in zip(records, ok):
         if good:
             kept.append(record)
             continue
-        message = f"{record.image_path}: cannot read or decode the image"
+        message = f"{path_of(record)}: cannot read or decode the image"
         if on_bad_data == "stop":
             raise LgcError(message)
         problems.append(message)

@@ -418,13 +418,6 @@ def _init_weights(args) -> dict | None:
     return source.state_dict()
 
 
-@dataclass
-class _ImageFile:
-    """A background image for ``readable_images``, which checks records by their ``image_path``."""
-
-    image_path: Path
-
-
 def _background_set(args, n_faces: int, on_error: str) -> tuple[BackgroundDataset | None, list[str]]:
     """The epoch's backgrounds for n_faces training faces (None without --backgrounds) and the unreadable files."""
     if args.backgrounds is None:
@@ -433,12 +426,11 @@ def _background_set(args, n_faces: int, on_error: str) -> tuple[BackgroundDatase
     if args.backgrounds == SYNTHETIC:
         source = SYNTHETIC
     else:
-        images, problems = readable_images([_ImageFile(p) for p in scan_backgrounds(args.backgrounds)],
-                                           args.on_bad_data, args.workers)
-        if not images:
+        source, problems = readable_images(scan_backgrounds(args.backgrounds), args.on_bad_data, args.workers,
+                                           path_of=Path)
+        if not source:
             raise LgcError(f"--backgrounds {args.backgrounds}: none of the images can be read (first: "
                            f"{problems[0]})")
-        source = [image.image_path for image in images]
     count = background_count(n_faces, _background_fraction(args))
     return BackgroundDataset(source, count, args.image_size, args.seed, on_error, N_LANDMARKS), problems
 

@@ -58,7 +58,7 @@ def lgc_loss_cases() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         local = torch.empty(2, 68, 96, 96, dtype=dtype)
         _, _, _, meta = lgc_loss._launch_args(local, torch.zeros(2, 68, 2), torch.ones(2, 68, dtype=torch.bool))
-        num_warps = 8 if meta["BLOCK_H"] * meta["BLOCK_W"] >= 2048 else 4  # the launcher's choice on CUDA
+        num_warps = lgc_loss.gpu_num_warps(meta["BLOCK_H"], meta["BLOCK_W"])
         maps = {"local_ptr": PTR[dtype], "omega_ptr": PTR[dtype], "points_ptr": "*fp32", "lab_ptr": "*u8",
                 "taps_ptr": "*fp32", **ints("C", "H", "W")}
         compile_sm90(lgc_loss._lgc_loss_fwd_kernel, {**maps, "plane_loss_ptr": "*fp32"}, meta, num_warps, 3,

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from lgc_fast.data import (MIRROR_68, FaceRecord, LandmarkDataset, affines_from_draws, apply_affines, augment_batch,
-                           compose, crop_transform, face_box, load_boxes, person_of, random_affines, read_pts,
-                           scan_folder, split_by_person, transform_points, warp_image, write_pts)
+                           box_to_square, compose, crop_transform, face_box, load_boxes, person_of, random_affines,
+                           read_pts, scan_folder, split_by_person, square_to_box, transform_points, warp_image,
+                           write_pts)
 from lgc_fast.errors import LgcError
 
 from conftest import devices
@@ -239,6 +240,11 @@ def test_face_box_is_tight_square_enlarged_by_17_percent():
         face_box(pts, np.zeros(4, bool))
     with pytest.raises(LgcError, match="span no area"):
         face_box(pts[:1])
+
+
+def test_square_to_box_inverts_box_to_square_on_squares():
+    assert square_to_box(30.0, 55.0, 70.0) == pytest.approx((-5.0, 20.0, 65.0, 90.0))
+    assert box_to_square(square_to_box(30.0, 55.0, 70.0)) == pytest.approx((30.0, 55.0, 70.0))
 
 
 def test_crop_transform_maps_box_edges_to_crop_edges():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lgc_fast import detect as D
-from lgc_fast.data import box_to_square, crop_transform, face_box, read_pts, transform_points
+from lgc_fast.data import box_to_square, crop_transform, face_box, read_pts, square_to_box, transform_points
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
@@ -114,8 +114,7 @@ def test_crop_and_inverse_map_round_trip(faces):
 
 
 def _square_box(points, enlarge=1.17):
-    cx, cy, size = face_box(points, enlarge=enlarge)
-    return (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
+    return square_to_box(*face_box(points, enlarge=enlarge))
 
 
 def _crop_points(points, box):

@@ -138,14 +138,9 @@ LGC_HD Out from_acc(Acc v) {
   }
 }
 
-LGC_HD float fused(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return fmaf(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-LGC_HD double fused(double a, double b, double c) {
+// a * b + c rounded once (float or double), on the device and in the host emulation alike.
+template <typename T>
+LGC_HD T fused(T a, T b, T c) {
 #if defined(__CUDA_ARCH__)
   return fma(a, b, c);
 #else

@@ -61,6 +61,12 @@ def box_to_square(box) -> tuple[float, float, float]:
     return (x0 + x1) / 2.0, (y0 + y1) / 2.0, max(x1 - x0, y1 - y0)
 
 
+def square_to_box(cx: float, cy: float, size: float) -> tuple[float, float, float, float]:
+    """(cx, cy, size) -> the square's (x0, y0, x1, y1); the inverse of box_to_square on squares."""
+    half = size / 2.0
+    return cx - half, cy - half, cx + half, cy + half
+
+
 def crop_transform(center, size: float, out_size: int = 96, scale: float = 1.0, angle_deg: float = 0.0,
                    mirror: bool = False) -> np.ndarray:
     """(2, 3) float64 affine from image pixels to crop pixels.
