@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast.data.dataset import read_gray
-from lgc_fast.data.geometry import (box_to_square, crop_transform, face_box, square_to_box, transform_points,
-                                    warp_image)
+from lgc_fast.data.geometry import (MIRROR_68, box_to_square, crop_transform, face_box, square_to_box,
+                                    transform_points, warp_image)
 from lgc_fast.decode import DECODERS, blend, decode
 from lgc_fast.errors import LgcError
+from lgc_fast.model import mirror_averaged_omega
 from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -461,11 +462,19 @@ class Detector:
     point refined by the decoder, blended with the fit by heatmap value (``lgc_fast.decode.blend``); with fit and
     argmax, the fit alone; without fit, the decoder alone. max_memory_bytes: working-memory budget of a forward pass
     (batch size in ``landmarks``, tile size in ``detect``). image_size: the crop size the network was trained on
-    (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96).
+    (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96). decode=None: the bundled
+    metadata's ``"decode"`` for the bundled weights (the pipeline measured best on its validation split), else
+    ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's heatmaps with those of its mirror image
+    (``model.mirror_averaged_omega``; twice the network time).
     """
 
-    def __init__(self, weights=None, shape_model=None, device=None, decode: str = DEFAULT_DECODE, fit: bool = True,
-                 max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None):
+    def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
+                 max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False):
+        if decode is None:
+            decode = read_metadata(ASSETS_DIR).get("decode", DEFAULT_DECODE) if weights is None else DEFAULT_DECODE
+            if decode not in DECODERS:
+                raise LgcError(f"{ASSETS_DIR / METADATA_FILE}: decode must be one of {', '.join(DECODERS)}, "
+                               f"not {decode!r}")
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
         if not max_memory_bytes > 0:
@@ -495,6 +504,9 @@ class Detector:
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)
+        self.mirror = bool(mirror)
+        if self.mirror and self.n_landmarks != len(MIRROR_68):
+            raise LgcError(f"mirror needs a network with {len(MIRROR_68)} landmarks, this one has {self.n_landmarks}")
         self.max_memory_bytes = int(max_memory_bytes)
         self._shape_source = shape_model
         self._shape = None
@@ -517,13 +529,15 @@ class Detector:
         return self._shape
 
     def heatmaps(self, crops: torch.Tensor) -> torch.Tensor:
-        """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) on the CPU, in memory-bounded batches."""
+        """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) on the CPU, in memory-bounded batches
+        (mirror-averaged with ``mirror``)."""
         per_crop = bytes_per_pixel(self.model) * crops.shape[2] * crops.shape[3]
         batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
         out = []
         with torch.inference_mode():
             for start in range(0, crops.shape[0], batch):
-                _, omega = self.model(crops[start:start + batch].to(self.device))
+                images = crops[start:start + batch].to(self.device)
+                omega = mirror_averaged_omega(self.model, images) if self.mirror else self.model(images)[1]
                 out.append(omega.float().cpu())
         return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]))
 

@@ -1,8 +1,9 @@
 """``lgc-fast eval``: landmark errors of a trained network on a 300-W style folder.
 
 Every face is cropped like in training (its box from --boxes, else the tight box around its ground truth enlarged by
-17 %, the paper's protocol for data without boxes), run through the network, decoded (--decode) and mapped back to
-image pixels, where the errors are measured (see lgc_fast.metrics: NME by inter-ocular, inter-pupil and box size, over
+17 %, the paper's protocol for data without boxes), run through the network (--mirror: averaged with its mirror
+image), decoded (--decode; with --fit the Detector's pipeline: PCA shape fit, blended with a local decoder) and mapped
+back to image pixels, where the errors are measured (see lgc_fast.metrics: NME by inter-ocular, inter-pupil and box size, over
 68 and the 51 inner points). Writes to --out: report.json (the summary), errors.csv (one row per image) and ced.png
 (cumulative error curves; skipped with a note when matplotlib is missing).
 """
@@ -27,6 +28,7 @@ from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
 from lgc_fast.errors import LgcError
+from lgc_fast.model import mirror_averaged_omega
 
 DEFAULT_IMAGE_SIZE = 96
 CED_MAX_ERROR = 0.10
@@ -39,6 +41,12 @@ def add_arguments(parser) -> None:
                         help="a training checkpoint (best.pt / last.pt) or exported weights")
     parser.add_argument("--out", type=Path, help="folder for report.json, errors.csv and ced.png (default: print only)")
     parser.add_argument("--decode", default="argmax", choices=sorted(DECODERS), help="heatmap decoder")
+    parser.add_argument("--fit", action="store_true",
+                        help="the Detector's pipeline: fit the PCA shape model to the heatmaps, then (for a local "
+                             "--decode) blend the decoder's points with the fit; with argmax, the fit alone")
+    parser.add_argument("--shape-model", type=Path, help="shape model .npz for --fit (default: the bundled one)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="average each crop's heatmaps with its mirror image's (test-time mirroring)")
     parser.add_argument("--boxes", type=Path,
                         help="face boxes file (see lgc_fast.data.load_boxes); default: ground-truth box + 17 %%")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -106,17 +114,21 @@ def report_problems(problems: list[str], command: str, shown: int = 10) -> None:
 
 
 @torch.no_grad()
-def predict(model, loader, device, method: str = "argmax", amp: bool = False, channels_last: bool = False):
-    """Yield (batch, points (N, C, 2) in crop pixels, on device) for every batch of `loader`; model in eval mode."""
+def predict(model, loader, device, method: str = "argmax", amp: bool = False, channels_last: bool = False,
+            mirror: bool = False, to_points=None):
+    """Yield (batch, points (N, C, 2) in crop pixels) for every batch of `loader`; model in eval mode.
+
+    The points are decode(omega, method) on the device, or to_points(omega) when given (e.g. a Detector's shape fit);
+    mirror: omega averaged with the mirror images' (``model.mirror_averaged_omega``).
+    """
     model.eval()
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            _, omega = model(images)
-        points, _ = decode(omega.float(), method)
-        yield batch, points
+            omega = mirror_averaged_omega(model, images) if mirror else model(images)[1]
+        yield batch, (decode(omega.float(), method)[0] if to_points is None else to_points(omega.float()))
 
 
 def crop_to_image(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -144,15 +156,24 @@ def evaluate(args) -> dict:
     dataset = LandmarkDataset(records, out_size=image_size, augment=False, on_error="raise")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
+    to_points = None
+    if args.fit:
+        from lgc_fast.detect import Detector
+
+        detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size)
+
+        def to_points(omega):
+            return detector.points_from_heatmaps(omega.cpu())[0]
     predicted = np.zeros((len(records), model.n_landmarks, 2))
-    for batch, points in predict(model, loader, device, args.decode):
+    for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points):
         index = batch["index"].numpy()
         predicted[index] = crop_to_image(points.double().cpu().numpy(), batch["affine"].double().numpy())
     gt = np.stack([r.points for r in records])
     labelled = np.stack([r.labelled for r in records])
     errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
     report = {
-        "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "image_size": image_size,
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "fit": args.fit,
+        "mirror": args.mirror, "image_size": image_size,
         "split": args.split if args.split == "all" else {"side": args.split, "val_fraction": args.val_fraction,
                                                          "seed": args.seed, "limit": args.limit},
         "images": len(records), "skipped": problems,
@@ -229,7 +250,9 @@ def _json_safe(value):
 
 
 def format_summary(report: dict) -> str:
-    lines = [f"{report['images']} images, decode {report['decode']}",
+    pipeline = ("shape fit" + ("" if report["decode"] == "argmax" else f" + {report['decode']} blend")
+                if report.get("fit") else f"decode {report['decode']}") + (", mirrored" if report.get("mirror") else "")
+    lines = [f"{report['images']} images, {pipeline}",
              f"{'normaliser/points':22s} {'mean':>7s} {'median':>7s} {'fail@8':>7s} {'fail@10':>7s} "
              f"{'auc@8':>7s} {'auc@10':>7s}"]
     for key, s in report["metrics"].items():

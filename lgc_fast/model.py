@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lgc_fast.data.geometry import MIRROR_68
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
 
@@ -158,3 +159,16 @@ class LGCN(nn.Module):
             global_in = local
         omega = local + self.global_out(self.global_features(global_in))
         return local, omega
+
+
+def mirror_averaged_omega(model, images: torch.Tensor) -> torch.Tensor:
+    """Test-time mirroring: images (N, 1, H, W) -> omega (N, 68, H, W), the mean of the network's omega for the
+    images and for their mirror images, the latter mirrored back and its channels relabelled left <-> right
+    (MIRROR_68), so each channel still maps the same landmark. Costs two forward passes; the model needs 68 landmarks.
+    """
+    n_landmarks = getattr(model, "n_landmarks", len(MIRROR_68))
+    if n_landmarks != len(MIRROR_68):
+        raise ValueError(f"mirroring needs the {len(MIRROR_68)} iBUG landmarks, the network has {n_landmarks}")
+    _, omega = model(images)
+    _, mirrored = model(images.flip(-1))
+    return (omega + mirrored.flip(-1)[:, torch.tensor(MIRROR_68, device=omega.device)]) / 2

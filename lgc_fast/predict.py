@@ -109,9 +109,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     from lgc_fast.detect import DECODERS, DEFAULT_DECODE, PYRAMID_STEP, THRESHOLD
 
-    parser.add_argument("--decode", default=DEFAULT_DECODE, choices=sorted(DECODERS),
-                        help=f"heatmap decoder (default: {DEFAULT_DECODE})")
+    parser.add_argument("--decode", choices=sorted(DECODERS),
+                        help="heatmap decoder (default: the bundled model's choice in its metadata, for other "
+                             f"weights {DEFAULT_DECODE})")
     parser.add_argument("--no-fit", action="store_true", help="decode only, without the PCA shape fit")
+    parser.add_argument("--mirror", action="store_true",
+                        help="average each boxed face's heatmaps with its mirror image's (twice the network time)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="heatmap threshold of the face search")
     parser.add_argument("--pyramid-step", type=float, default=PYRAMID_STEP,
                         help=f"size factor between the face search's pyramid levels (default {PYRAMID_STEP:g}, the "
@@ -135,7 +138,7 @@ def run(args) -> int:
     if not paths:
         raise LgcError("no images: the given folders hold no image files")
     detector = Detector(weights=args.weights, shape_model=args.shape_model, device=args.device,
-                        decode=args.decode, fit=not args.no_fit)
+                        decode=args.decode, fit=not args.no_fit, mirror=args.mirror)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     for path, stem in zip(paths, _unique_stems(paths)):

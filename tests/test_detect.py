@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lgc_fast import detect as D
-from lgc_fast.data import box_to_square, crop_transform, face_box, read_pts, square_to_box, transform_points
+from lgc_fast.data import MIRROR_68, box_to_square, crop_transform, face_box, read_pts, square_to_box, transform_points
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
@@ -178,6 +178,41 @@ def test_landmarks_with_a_random_network(faces, shape_model):
     for face in result:
         assert face.points.shape == (68, 2) and np.isfinite(face.points).all()
         assert ((face.confidence >= 0) & (face.confidence <= 1)).all() and 0 <= face.score <= 1
+
+
+@needs_data
+def test_mirror_averaging_recovers_the_faces_points(faces):
+    """A perfect network answers the mirrored crop with mirrored blobs in relabelled channels; averaging maps them
+    back onto the original blobs, so the points are those without mirroring."""
+    chosen = faces[:2]
+    boxes = [_square_box(pts) for _, pts in chosen]
+    crop_points = [_crop_points(pts, box) for (_, pts), box in zip(chosen, boxes)]
+    mirrored = [np.column_stack((D.CROP - 1 - p[:, 0], p[:, 1]))[MIRROR_68] for p in crop_points]
+    plain = D.Detector(weights=QueueNet(crop_points), decode="kernel_deconv", fit=False)
+    both = D.Detector(weights=QueueNet([crop_points[0], mirrored[0], crop_points[1], mirrored[1]]),
+                      decode="kernel_deconv", fit=False, mirror=True, max_memory_bytes=1)  # one crop per batch
+    paths = [str(p) for p, _ in chosen]
+    for (a,), (b,) in zip(plain.landmarks(paths, [[box] for box in boxes]),
+                          both.landmarks(paths, [[box] for box in boxes])):
+        np.testing.assert_allclose(b.points, a.points, atol=1e-4)
+
+
+def test_default_decoder_comes_from_the_bundled_metadata(monkeypatch, tmp_path):
+    from lgc_fast.checkpoint import save_checkpoint
+
+    net = LGCN("release", width=4, local_layers=(3,))
+    save_checkpoint(tmp_path / D.WEIGHTS_FILE, {"config": net.config, "model": net.state_dict()})
+    monkeypatch.setattr(D, "ASSETS_DIR", tmp_path)
+    assert D.Detector(fit=False).decode == D.DEFAULT_DECODE  # no metadata
+    (tmp_path / D.METADATA_FILE).write_text('{"decode": "argmax"}')
+    assert D.Detector(fit=False).decode == "argmax"
+    assert D.Detector(fit=False, decode="local_gaussian").decode == "local_gaussian"
+    assert D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False).decode == D.DEFAULT_DECODE  # not the bundled
+    (tmp_path / D.METADATA_FILE).write_text('{"decode": "best"}')
+    with pytest.raises(LgcError, match="metadata.json: decode must be one of"):
+        D.Detector(fit=False)
+    with pytest.raises(LgcError, match="mirror needs a network with 68 landmarks"):
+        D.Detector(weights=LGCN("release", width=4, n_landmarks=5, local_layers=(3,)), mirror=True)
 
 
 def test_bad_boxes_and_images_rejected():

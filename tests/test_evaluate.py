@@ -188,3 +188,35 @@ def test_eval_split_matches_the_training_split(tmp_path):
     assert names == {"train": [r.image_path.name for r in train], "val": [r.image_path.name for r in val]}
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--split", "val",
                  "--val-fraction", "0"]) == 2
+
+
+def test_eval_fit_and_mirror_run_the_detector_pipeline(tmp_path):
+    from lgc_fast.detect import Detector
+    from lgc_fast.evaluate import format_summary
+    from lgc_fast.shape import ShapeModel
+
+    data = write_faces(tmp_path / "faces", n=4)
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    records, _ = scan_folder(data)
+    shapes = ShapeModel.fit(np.stack([r.points for r in records]), n_modes=2)
+    shapes.save(tmp_path / "shapes.npz")
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out),
+                 "--workers", "0", "--fit", "--shape-model", str(tmp_path / "shapes.npz"), "--mirror",
+                 "--decode", "local_gaussian"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fit"] and report["mirror"] and report["decode"] == "local_gaussian"
+    assert "shape fit + local_gaussian blend, mirrored" in format_summary(report)
+    with open(out / "errors.csv") as f:
+        got = [float(r["inter_ocular/68"]) for r in csv.DictReader(f)]
+    # The same faces through Detector.landmarks' own steps give the same errors.
+    detector = Detector(model, tmp_path / "shapes.npz", "cpu", "local_gaussian", image_size=32, mirror=True)
+    batch = torch.utils.data.default_collate([LandmarkDataset(records, out_size=32)[i] for i in range(4)])
+    points = detector.points_from_heatmaps(detector.heatmaps(batch["image"]))[0]
+    pred = crop_to_image(points.numpy(), batch["affine"].double().numpy())
+    expected = metrics.nme(pred, np.stack([r.points for r in records]), None, "inter_ocular", "68")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    plain = main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--out",
+                  str(tmp_path / "plain"), "--workers", "0", "--decode", "local_gaussian"])
+    with open(tmp_path / "plain" / "errors.csv") as f:
+        assert plain == 0 and [float(r["inter_ocular/68"]) for r in csv.DictReader(f)] != got

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
+from lgc_fast.data import MIRROR_68
 from lgc_fast.errors import LgcError
-from lgc_fast.model import LGCN
+from lgc_fast.model import LGCN, mirror_averaged_omega
 from lgc_fast.ops import kernel_conv_ref
 
 
@@ -192,3 +193,21 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(LgcError, match="truncated.pt"):
         load_model(truncated)
+
+
+def test_mirror_averaged_omega():
+    torch.manual_seed(0)
+    net = LGCN("release", width=4, local_layers=(3,)).eval()
+    x = torch.rand(2, 1, 24, 20) * 255
+    with torch.no_grad():
+        averaged = mirror_averaged_omega(net, x)
+        _, plain = net(x)
+        _, of_mirror = net(x.flip(-1))
+        # The oracle: channel j of the mirrored face's maps is landmark MIRROR_68[j] of the original, mirrored back.
+        expected = (plain + torch.stack([of_mirror[:, MIRROR_68[j]] for j in range(68)], dim=1).flip(-1)) / 2
+        torch.testing.assert_close(averaged, expected)
+        # Mirroring the input mirrors the averaged maps and relabels them: exactly, for any weights.
+        again = mirror_averaged_omega(net, x.flip(-1))
+        torch.testing.assert_close(again, averaged.flip(-1)[:, torch.tensor(MIRROR_68)])
+    with pytest.raises(ValueError, match="68 iBUG landmarks"):
+        mirror_averaged_omega(LGCN("release", width=4, n_landmarks=5, local_layers=(3,)), x)

@@ -140,3 +140,23 @@ def test_demo_box_frames_the_bundled_face():
     assert image is not None and image.shape == (512, 512, 3)
     x0, y0, x1, y1 = DEMO_BOX
     assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512 and 80 <= x1 - x0 <= 120 and abs((x1 - x0) - (y1 - y0)) < 5
+
+
+def test_predict_mirror_and_decode_reach_the_detector(assets, tmp_path, capsys):
+    from lgc_fast.detect import Detector
+
+    weights, shape = assets
+    image = np.random.default_rng(3).integers(0, 256, (120, 100), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "face.png"), image)
+    box = [10.0, 20.0, 90.0, 100.0]
+    (tmp_path / "boxes.json").write_text(json.dumps({"face.png": box}))
+    code, _, _ = _run(capsys, "predict", tmp_path / "face.png", "--boxes", tmp_path / "boxes.json", "--out",
+                      tmp_path / "out", "--weights", weights, "--shape-model", shape, "--device", "cpu", "--mirror",
+                      "--decode", "local_gaussian", "--no-overlay")
+    assert code == 0
+    (face,) = json.loads((tmp_path / "out" / "face.json").read_text())["faces"]
+    expected = {}
+    for mirror in (True, False):
+        (expected[mirror],) = Detector(weights, shape, "cpu", "local_gaussian", mirror=mirror).landmarks(image, box)
+    np.testing.assert_allclose(face["points"], expected[True].points, atol=2e-3)
+    assert np.abs(expected[True].points - expected[False].points).max() > 0.01
