@@ -58,6 +58,7 @@ METADATA_FILE = "metadata.json"
 CROP = 96  # training crop side (paper section 3.1); a checkpoint's "image_size" overrides it
 ENLARGE = 1.17  # training boxes: tight box around the points, enlarged by 17 %
 FIT_WINDOWS = (None, 20, 7)  # paper section 3.3: global, 20 px, 7 px in a 96 px crop (scaled with the crop)
+FIT_THRESHOLD = 0.01  # pixels above 1 % of their channel's maximum enter the fit (the release's)
 DEFAULT_MEMORY = 1 << 30
 # Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
@@ -427,6 +428,21 @@ def read_metadata(assets_dir: Path) -> dict:
     return data
 
 
+def bundled_pipeline() -> dict:
+    """The bundled model's measured best Detector settings: metadata.json's "pipeline" ({"decode": name,
+    "fit_threshold": value}, either optional), checked; {} when there is none."""
+    pipeline = read_metadata(ASSETS_DIR).get("pipeline", {})
+    where = ASSETS_DIR / METADATA_FILE
+    if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold"}:
+        raise LgcError(f"{where}: pipeline must be an object with decode and/or fit_threshold, got {pipeline!r}")
+    if pipeline.get("decode", DEFAULT_DECODE) not in DECODERS:
+        raise LgcError(f"{where}: pipeline decode must be one of {', '.join(DECODERS)}, not {pipeline['decode']!r}")
+    threshold = pipeline.get("fit_threshold", FIT_THRESHOLD)
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise LgcError(f"{where}: pipeline fit_threshold must be a number in [0, 1), got {threshold!r}")
+    return pipeline
+
+
 def _bundled(name: str, what: str, argument: str) -> Path:
     path = ASSETS_DIR / name
     if not path.is_file():
@@ -462,21 +478,24 @@ class Detector:
     point refined by the decoder, blended with the fit by heatmap value (``lgc_fast.decode.blend``); with fit and
     argmax, the fit alone; without fit, the decoder alone. max_memory_bytes: working-memory budget of a forward pass
     (batch size in ``landmarks``, tile size in ``detect``). image_size: the crop size the network was trained on
-    (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96). decode=None: the bundled
-    metadata's ``"decode"`` for the bundled weights (the pipeline measured best on its validation split), else
-    ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's heatmaps with those of its mirror image
-    (``model.mirror_averaged_omega``; twice the network time).
+    (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96). decode=None: for the bundled
+    weights its metadata's ``"pipeline"`` choice (``bundled_pipeline``: the settings measured best on the training
+    split and reported on the validation split), else ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's heatmaps with those of its mirror image
+    (``model.mirror_averaged_omega``; twice the network time). fit_threshold: pixels above this share of their
+    channel's maximum enter the shape fit (``fit_shape``'s threshold); None: the bundled metadata's for the bundled
+    weights, else ``FIT_THRESHOLD`` (1 %, the release's).
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
-                 max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False):
-        if decode is None:
-            decode = read_metadata(ASSETS_DIR).get("decode", DEFAULT_DECODE) if weights is None else DEFAULT_DECODE
-            if decode not in DECODERS:
-                raise LgcError(f"{ASSETS_DIR / METADATA_FILE}: decode must be one of {', '.join(DECODERS)}, "
-                               f"not {decode!r}")
+                 max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
+                 fit_threshold: float | None = None):
+        pipeline = bundled_pipeline() if weights is None else {}
+        decode = pipeline.get("decode", DEFAULT_DECODE) if decode is None else decode
+        fit_threshold = pipeline.get("fit_threshold", FIT_THRESHOLD) if fit_threshold is None else fit_threshold
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
+        if not 0 <= fit_threshold < 1:
+            raise ValueError(f"fit_threshold must be in [0, 1), got {fit_threshold!r}")
         if not max_memory_bytes > 0:
             raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes!r}")
         try:
@@ -504,6 +523,7 @@ class Detector:
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)
+        self.fit_threshold = float(fit_threshold)
         self.mirror = bool(mirror)
         if self.mirror and self.n_landmarks != len(MIRROR_68):
             raise LgcError(f"mirror needs a network with {len(MIRROR_68)} landmarks, this one has {self.n_landmarks}")
@@ -556,7 +576,7 @@ class Detector:
             alive = (heatmaps.amax(dim=(1, 2, 3)) > 0) & torch.isfinite(heatmaps).all(dim=(1, 2, 3))
             if alive.any():
                 windows = tuple(None if r is None else r * heatmaps.shape[-1] / CROP for r in FIT_WINDOWS)
-                shape_fit = fit_shape(heatmaps[alive], self.shape_model, windows=windows)
+                shape_fit = fit_shape(heatmaps[alive], self.shape_model, windows=windows, threshold=self.fit_threshold)
                 fitted = shape_fit.points.double()
                 if self.decode in SEEDED_DECODERS:
                     # The release's refinement: the regional maximum nearest to each fitted point, refined locally

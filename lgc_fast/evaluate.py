@@ -27,6 +27,7 @@ from lgc_fast._io import atomic_write_bytes, atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
+from lgc_fast.detect import FIT_THRESHOLD
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 
@@ -45,6 +46,9 @@ def add_arguments(parser) -> None:
                         help="the Detector's pipeline: fit the PCA shape model to the heatmaps, then (for a local "
                              "--decode) blend the decoder's points with the fit; with argmax, the fit alone")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz for --fit (default: the bundled one)")
+    parser.add_argument("--fit-threshold", type=float, default=FIT_THRESHOLD,
+                        help="--fit: pixels above this share of their channel's maximum enter the fit (default "
+                             f"{FIT_THRESHOLD:g}; the bundled model's choice is in its metadata.json)")
     parser.add_argument("--mirror", action="store_true",
                         help="average each crop's heatmaps with its mirror image's (test-time mirroring)")
     parser.add_argument("--boxes", type=Path,
@@ -160,7 +164,8 @@ def evaluate(args) -> dict:
     if args.fit:
         from lgc_fast.detect import Detector
 
-        detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size)
+        detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size,
+                            fit_threshold=args.fit_threshold)
 
         def to_points(omega):
             return detector.points_from_heatmaps(omega.cpu())[0]
@@ -173,7 +178,7 @@ def evaluate(args) -> dict:
     errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
     report = {
         "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "fit": args.fit,
-        "mirror": args.mirror, "image_size": image_size,
+        "fit_threshold": args.fit_threshold if args.fit else None, "mirror": args.mirror, "image_size": image_size,
         "split": args.split if args.split == "all" else {"side": args.split, "val_fraction": args.val_fraction,
                                                          "seed": args.seed, "limit": args.limit},
         "images": len(records), "skipped": problems,
@@ -250,7 +255,8 @@ def _json_safe(value):
 
 
 def format_summary(report: dict) -> str:
-    pipeline = ("shape fit" + ("" if report["decode"] == "argmax" else f" + {report['decode']} blend")
+    pipeline = (f"shape fit (threshold {report['fit_threshold']:g})"
+                + ("" if report["decode"] == "argmax" else f" + {report['decode']} blend")
                 if report.get("fit") else f"decode {report['decode']}") + (", mirrored" if report.get("mirror") else "")
     lines = [f"{report['images']} images, {pipeline}",
              f"{'normaliser/points':22s} {'mean':>7s} {'median':>7s} {'fail@8':>7s} {'fail@10':>7s} "

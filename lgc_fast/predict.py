@@ -113,6 +113,9 @@ def add_arguments(parser) -> None:
                         help="heatmap decoder (default: the bundled model's choice in its metadata, for other "
                              f"weights {DEFAULT_DECODE})")
     parser.add_argument("--no-fit", action="store_true", help="decode only, without the PCA shape fit")
+    parser.add_argument("--fit-threshold", type=float,
+                        help="pixels above this share of their channel's maximum enter the shape fit (default: the "
+                             "bundled model's choice in its metadata, for other weights 0.01)")
     parser.add_argument("--mirror", action="store_true",
                         help="average each boxed face's heatmaps with its mirror image's (twice the network time)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="heatmap threshold of the face search")
@@ -138,7 +141,8 @@ def run(args) -> int:
     if not paths:
         raise LgcError("no images: the given folders hold no image files")
     detector = Detector(weights=args.weights, shape_model=args.shape_model, device=args.device,
-                        decode=args.decode, fit=not args.no_fit, mirror=args.mirror)
+                        decode=args.decode, fit=not args.no_fit, mirror=args.mirror,
+                        fit_threshold=args.fit_threshold)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     for path, stem in zip(paths, _unique_stems(paths)):

@@ -197,20 +197,28 @@ def test_mirror_averaging_recovers_the_faces_points(faces):
         np.testing.assert_allclose(b.points, a.points, atol=1e-4)
 
 
-def test_default_decoder_comes_from_the_bundled_metadata(monkeypatch, tmp_path):
+def test_bundled_pipeline_settings_come_from_the_metadata(monkeypatch, tmp_path):
     from lgc_fast.checkpoint import save_checkpoint
 
     net = LGCN("release", width=4, local_layers=(3,))
     save_checkpoint(tmp_path / D.WEIGHTS_FILE, {"config": net.config, "model": net.state_dict()})
     monkeypatch.setattr(D, "ASSETS_DIR", tmp_path)
-    assert D.Detector(fit=False).decode == D.DEFAULT_DECODE  # no metadata
-    (tmp_path / D.METADATA_FILE).write_text('{"decode": "argmax"}')
-    assert D.Detector(fit=False).decode == "argmax"
-    assert D.Detector(fit=False, decode="local_gaussian").decode == "local_gaussian"
-    assert D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False).decode == D.DEFAULT_DECODE  # not the bundled
-    (tmp_path / D.METADATA_FILE).write_text('{"decode": "best"}')
-    with pytest.raises(LgcError, match="metadata.json: decode must be one of"):
-        D.Detector(fit=False)
+    det = D.Detector(fit=False)  # no metadata
+    assert (det.decode, det.fit_threshold) == (D.DEFAULT_DECODE, D.FIT_THRESHOLD)
+    (tmp_path / D.METADATA_FILE).write_text('{"pipeline": {"decode": "argmax", "fit_threshold": 0.5}}')
+    det = D.Detector(fit=False)
+    assert (det.decode, det.fit_threshold) == ("argmax", 0.5)
+    det = D.Detector(fit=False, decode="local_gaussian", fit_threshold=0.2)
+    assert (det.decode, det.fit_threshold) == ("local_gaussian", 0.2)
+    det = D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False)  # other weights: the general defaults
+    assert (det.decode, det.fit_threshold) == (D.DEFAULT_DECODE, D.FIT_THRESHOLD)
+    for bad, message in (('{"decode": "best"}', "decode must be one of"), ('{"fit_threshold": 1.5}', "in \\[0, 1\\)"),
+                         ('{"windows": 3}', "decode and/or fit_threshold"), ('[1]', "must be an object")):
+        (tmp_path / D.METADATA_FILE).write_text(f'{{"pipeline": {bad}}}')
+        with pytest.raises(LgcError, match=f"metadata.json: pipeline .*{message}"):
+            D.Detector(fit=False)
+    with pytest.raises(ValueError, match="fit_threshold"):
+        D.Detector(weights=net, fit_threshold=-0.1)
     with pytest.raises(LgcError, match="mirror needs a network with 68 landmarks"):
         D.Detector(weights=LGCN("release", width=4, n_landmarks=5, local_layers=(3,)), mirror=True)
 
