@@ -25,8 +25,9 @@ pass, turns heatmaps into points (PCA shape fit and/or a decoder) and maps them 
    points sit on activations above ``threshold``, the shape coefficients' Mahalanobis distance is bounded, and the
    fitted scale agrees with the crop's. Overlapping survivors are suppressed by score.
 
-Memory: the forward passes are tiled within ``max_memory_bytes``; the omega maps of all levels are kept on the CPU
-(C x H x W x 4 bytes x ~4/3, e.g. 0.75 GB for a 1080p image), and the combination runs a few channels at a time.
+Memory: the forward passes are tiled within ``max_memory_bytes``; the omega maps of all levels (C x H x W x 4 bytes x
+~4/3, e.g. 0.75 GB for a 1080p image) are kept on the GPU when they take at most half of its free memory, so steps 3-6
+run there too, else on the CPU; the combination runs a few channels at a time.
 Coordinates are 0-based pixels with pixel centres at integers (OpenCV's convention) throughout.
 """
 from __future__ import annotations
@@ -172,13 +173,13 @@ def sample_levels(levels: list[torch.Tensor], height: int, width: int, xy: torch
     levels: list of (C, h_l, w_l); xy: (P, Q, 2) original-image pixel coordinates.
     Returns (values (C', P, Q), winning level index (C', P, Q) int64) for the selected channels.
     """
-    grid = _normalised_grid(xy.to(levels[0].dtype), height, width)[None]
+    grid = _normalised_grid(xy.to(levels[0].device, levels[0].dtype), height, width)[None]
     best = winner = None
     for index, level in enumerate(levels):
         vals = F.grid_sample(level[None, channels], grid, mode="bilinear", padding_mode="border",
                              align_corners=False)[0]
         if best is None:
-            best, winner = vals, torch.zeros(vals.shape, dtype=torch.int64)
+            best, winner = vals, torch.zeros(vals.shape, dtype=torch.int64, device=vals.device)
         else:
             better = vals > best
             best = torch.where(better, vals, best)
@@ -194,7 +195,7 @@ def combine_levels(levels: list[torch.Tensor], height: int, width: int,
     levels: list of (C, h_l, w_l), level 0 of size height x width. Returns (values (C', H, W), level (C', H, W) int8).
     """
     best = levels[0][channels].clone()
-    winner = torch.zeros(best.shape, dtype=torch.int8)
+    winner = torch.zeros(best.shape, dtype=torch.int8, device=best.device)
     for index, level in enumerate(levels[1:], start=1):
         up = F.interpolate(level[None, channels], size=(height, width), mode="bilinear", align_corners=False)[0]
         better = up > best
@@ -233,8 +234,8 @@ def find_candidates(levels: list[torch.Tensor], height: int, width: int, thresho
         values, winner = combine_levels(levels, height, width, slice(c0, c0 + chunk))
         pooled = square_max(values, radius)
         k, y, x = torch.nonzero((values == pooled) & (values > threshold), as_tuple=True)
-        rows.append(np.stack([(k + c0).numpy(), x.numpy(), y.numpy(), values[k, y, x].double().numpy(),
-                              winner[k, y, x].numpy()], axis=1).astype(np.float64))
+        rows.append(torch.stack([(k + c0).double(), x.double(), y.double(), values[k, y, x].double(),
+                                 winner[k, y, x].double()], dim=1).cpu().numpy())
     found = np.concatenate(rows)
     # By channel, strongest first, then raster order; equal neighbours (plateaus, e.g. a peak upsampled between two
     # pixels) keep only their first pixel.
@@ -360,8 +361,9 @@ def crop_maps(levels: list[torch.Tensor], level_scales: np.ndarray, height: int,
     u = np.arange(crop, dtype=np.float64)
     uv = np.stack(np.meshgrid(u, u, indexing="xy"), axis=-1)
     dist = np.linalg.norm(uv[None] - mean_crop[:, None, None], axis=-1)
-    keep = torch.from_numpy(dist <= window * crop)
-    out = torch.zeros((len(affines), n_channels, crop, crop))
+    device = levels[0].device
+    keep = torch.from_numpy(dist <= window * crop).to(device)
+    out = torch.zeros((len(affines), n_channels, crop, crop), device=device)
     for i, affine in enumerate(affines):
         scale = 1.0 / np.sqrt(abs(np.linalg.det(np.asarray(affine)[:, :2])))  # image px per crop px
         ratio = level_scales / scale
@@ -569,7 +571,7 @@ class Detector:
         points, _ = decode(heatmaps, self.decode)
         points = points.double()
         shape_fit = None
-        alive = torch.zeros(len(heatmaps), dtype=torch.bool)
+        alive = torch.zeros(len(heatmaps), dtype=torch.bool, device=heatmaps.device)
         if (self.fit if fit is None else fit) and len(heatmaps):
             from lgc_fast.ops.fit_shape import fit_shape
 
@@ -620,14 +622,27 @@ class Detector:
                 results[owner[i]].append(Face(pts, c, float(c.mean()), square_hull(affine, self.crop)))
         return results[0] if single else results
 
+    def maps_device(self, shapes) -> torch.device:
+        """Where ``detect`` keeps the omega maps of pyramid levels of these (h, w) shapes, and so runs steps 3-6:
+        on the GPU when the maps take at most half of its free memory, else on the CPU."""
+        if self.device.type != "cuda":
+            return torch.device("cpu")
+        needed = 4 * self.n_landmarks * sum(h * w for h, w in shapes)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if 2 * needed <= free else torch.device("cpu")
+
     def pyramid_heatmaps(self, gray: np.ndarray, step: float = PYRAMID_STEP) -> list[torch.Tensor]:
-        """omega (C, h_l, w_l) on the CPU for every pyramid level of gray (H, W), tiled within the memory budget."""
+        """omega (C, h_l, w_l) float32 for every pyramid level of gray (H, W), tiled within the memory budget, on
+        ``maps_device``."""
+        levels = build_pyramid(gray, self.crop, step)
+        device = self.maps_device([level.shape for level in levels])
         maps = []
-        for level in build_pyramid(gray, self.crop, step):
+        for level in levels:
             image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
-            omega = torch.empty((self.n_landmarks, *level.shape))  # only omega is kept: half of tiled_forward's
+            # only omega is kept: half of tiled_forward's memory
+            omega = torch.empty((self.n_landmarks, *level.shape), device=device)
             for t, _, tile_omega in iter_tiles(self.model, image, tile=None, max_memory_bytes=self.max_memory_bytes):
-                omega[:, t.y0:t.y1, t.x0:t.x1] = tile_omega[0].float().cpu()
+                omega[:, t.y0:t.y1, t.x0:t.x1] = tile_omega[0].float().to(device)
             maps.append(omega)
         return maps
 
@@ -677,8 +692,9 @@ class Detector:
         if shape_fit is None:
             return []
         stddev = torch.as_tensor(self.shape_model.stddev)
-        mahalanobis = torch.sqrt(((shape_fit.coeffs.double() / stddev) ** 2).sum(dim=1))
-        fitted_scale = torch.hypot(shape_fit.similarity[:, 0], shape_fit.similarity[:, 1]).double()
+        mahalanobis = torch.sqrt(((shape_fit.coeffs.double().cpu() / stddev) ** 2).sum(dim=1))
+        fitted_scale = torch.hypot(shape_fit.similarity[:, 0], shape_fit.similarity[:, 1]).double().cpu()
+        points, conf, fitted = points.cpu(), conf.cpu(), fitted.cpu()
         hypotheses = []
         for row, i in enumerate(torch.nonzero(fitted)[:, 0].tolist()):
             pts = transform_points(points[i].numpy(), invert_affine(affines[i]))

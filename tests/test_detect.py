@@ -389,6 +389,24 @@ def test_faces_from_levels_finds_each_face_and_rejects_clutter(faces, shape_mode
 
 
 @needs_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steps_3_to_6_run_on_the_gpu_maps(faces, shape_model):
+    """detect keeps the pyramid maps on the GPU when they fit: the candidates, clustering, crops and fits then run
+    there and find the faces the CPU finds."""
+    height, width = 300, 420
+    truth = [_place(faces[2][1], 100, (80, 80)), _place(faces[5][1], 200, (290, 180))]
+    levels = synthetic_levels(height, width, truth)
+    det = D.Detector(weights=QueueNet([]), shape_model=shape_model, device="cuda")
+    assert det.maps_device([lv.shape[1:] for lv in levels]).type == "cuda"
+    on_cpu = det.faces_from_levels(levels, (height, width))
+    on_gpu = det.faces_from_levels([lv.cuda() for lv in levels], (height, width))
+    assert len(on_gpu) == len(on_cpu) == 2
+    for a, b in zip(on_cpu, on_gpu):
+        np.testing.assert_allclose(b.points, a.points, atol=0.05)
+        assert isinstance(b.points, np.ndarray) and b.score == pytest.approx(a.score, abs=1e-3)
+
+
+@needs_data
 def test_plausibility_filters(faces, shape_model):
     height, width = 200, 200
     det = D.Detector(weights=QueueNet([]), shape_model=shape_model)
