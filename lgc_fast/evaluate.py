@@ -203,7 +203,7 @@ def write_outputs(out: Path, report: dict, names: list[str], errors: dict[str, n
     for i, name in enumerate(names):
         writer.writerow([name] + ["" if math.isnan(errors[k][i]) else f"{errors[k][i]:.6f}" for k in keys])
     atomic_write_text(out / "errors.csv", buffer.getvalue())
-    note = plot_ced(out / "ced.png", errors, report["decode"])
+    note = plot_ced(out / "ced.png", errors, pipeline_name(report))
     if note:
         print(f"lgc-fast eval: {note}", file=sys.stderr)
 
@@ -235,7 +235,7 @@ def plot_ced(path: Path, errors: dict[str, np.ndarray], title: str) -> str | Non
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("fraction of images")
-    fig.suptitle(f"cumulative error distribution (decode: {title})")
+    fig.suptitle(f"cumulative error distribution ({title})")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -254,11 +254,18 @@ def _json_safe(value):
     return value
 
 
+def pipeline_name(report: dict) -> str:
+    """How the report's points were made, e.g. "shape fit (threshold 0.5)" or "decode argmax, mirrored"."""
+    if report.get("fit"):
+        name = f"shape fit (threshold {report['fit_threshold']:g})"
+        name += "" if report["decode"] == "argmax" else f" + {report['decode']} blend"
+    else:
+        name = f"decode {report['decode']}"
+    return name + (", mirrored" if report.get("mirror") else "")
+
+
 def format_summary(report: dict) -> str:
-    pipeline = (f"shape fit (threshold {report['fit_threshold']:g})"
-                + ("" if report["decode"] == "argmax" else f" + {report['decode']} blend")
-                if report.get("fit") else f"decode {report['decode']}") + (", mirrored" if report.get("mirror") else "")
-    lines = [f"{report['images']} images, {pipeline}",
+    lines = [f"{report['images']} images, {pipeline_name(report)}",
              f"{'normaliser/points':22s} {'mean':>7s} {'median':>7s} {'fail@8':>7s} {'fail@10':>7s} "
              f"{'auc@8':>7s} {'auc@10':>7s}"]
     for key, s in report["metrics"].items():
