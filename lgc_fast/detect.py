@@ -431,10 +431,10 @@ def read_metadata(assets_dir: Path) -> dict:
     return data
 
 
-def bundled_pipeline() -> dict:
-    """The bundled model's measured best Detector settings: metadata.json's "pipeline" ({"decode": name,
-    "fit_threshold": value}, either optional), checked; {} when there is none."""
-    pipeline = read_metadata(ASSETS_DIR).get("pipeline", {})
+def bundled_pipeline(metadata: dict) -> dict:
+    """The bundled model's measured best Detector settings from its metadata (``read_metadata``): the "pipeline"
+    entry ({"decode": name, "fit_threshold": value}, either optional), checked; {} when there is none."""
+    pipeline = metadata.get("pipeline", {})
     where = ASSETS_DIR / METADATA_FILE
     if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold"}:
         raise LgcError(f"{where}: pipeline must be an object with decode and/or fit_threshold, got {pipeline!r}")
@@ -492,7 +492,8 @@ class Detector:
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
                  max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
                  fit_threshold: float | None = None):
-        pipeline = bundled_pipeline() if weights is None else {}
+        metadata = read_metadata(ASSETS_DIR) if weights is None else {}
+        pipeline = bundled_pipeline(metadata)
         decode = pipeline.get("decode", DEFAULT_DECODE) if decode is None else decode
         fit_threshold = pipeline.get("fit_threshold", FIT_THRESHOLD) if fit_threshold is None else fit_threshold
         if decode not in DECODERS:
@@ -517,8 +518,7 @@ class Detector:
             path = _bundled(WEIGHTS_FILE, "weights", "weights") if weights is None else weights
             state = load_checkpoint(path)
             model = model_from_state(state, path)
-            trained_size = state.get("image_size", read_metadata(ASSETS_DIR).get("image_size") if weights is None
-                                     else None)
+            trained_size = state.get("image_size", metadata.get("image_size"))
         self.crop = int(image_size or trained_size or CROP)
         if self.crop < 8:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")

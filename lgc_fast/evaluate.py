@@ -27,7 +27,7 @@ from lgc_fast._io import atomic_write_bytes, atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
-from lgc_fast.detect import FIT_THRESHOLD
+from lgc_fast.detect import FIT_THRESHOLD, Detector
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 
@@ -162,13 +162,11 @@ def evaluate(args) -> dict:
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     to_points = None
     if args.fit:
-        from lgc_fast.detect import Detector
-
         detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size,
                             fit_threshold=args.fit_threshold)
 
         def to_points(omega):
-            return detector.points_from_heatmaps(omega.cpu())[0]
+            return detector.points_from_heatmaps(omega)[0]
     predicted = np.zeros((len(records), model.n_landmarks, 2))
     for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points):
         index = batch["index"].numpy()
