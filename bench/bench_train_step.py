@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch_sizes, args.width, args.budget_s, args.ref_runs = [8 if cuda else 2], 8, 2.0, 1
     device = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cudnn.benchmark = cuda  # as lgc-fast train does: both modes get the fastest conv algorithms
     ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
     rows = []
     for batch in args.batch_sizes:

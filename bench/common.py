@@ -107,7 +107,8 @@ def environment(device: torch.device | str) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": git_commit(),
+        # A copy of the tree without .git (a lent GPU machine) names its commit in LGC_FAST_COMMIT.
+        "commit": git_commit() or os.environ.get("LGC_FAST_COMMIT"),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

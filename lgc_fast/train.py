@@ -508,6 +508,8 @@ def _train(args, dist_: _Dist) -> TrainResult:
         model.load_state_dict(init)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop and batch shapes: pick each conv's fastest algorithm once
     optimizer = _make_optimizer(model.parameters(), args.lr, args.momentum)
     augment_generator = torch.Generator(device).manual_seed(args.seed + 7919 * rank) \
         if settings["device_augment"] else None
