@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="checkpoint or exported weights (default: the bundled model)")
     p.add_argument("--width", type=int, default=None, help="a random release network of this width instead")
     p.add_argument("--image-size", type=int, default=96, help="crop size of the --width network (default 96)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256, 1024] if cuda else [1, 16])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256] if cuda else [1, 16])
     p.add_argument("--budget-s", type=float, default=10.0, help="seconds of timed lgc_fast calls per batch size")
     p.add_argument("--ref-runs", type=int, default=3, help="cap on the timed eager-ref calls")
     p.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 1 s budget, one eager-ref call")

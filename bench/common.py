@@ -107,8 +107,8 @@ def environment(device: torch.device | str) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        # A copy of the tree without .git (a lent GPU machine) names its commit in LGC_FAST_COMMIT.
-        "commit": git_commit() or os.environ.get("LGC_FAST_COMMIT"),
+        # A copy of the tree whose .git is missing or stale (a lent GPU machine) names its commit in LGC_FAST_COMMIT.
+        "commit": os.environ.get("LGC_FAST_COMMIT") or git_commit(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -551,9 +551,9 @@ class Detector:
                                f"{self.n_landmarks}")
         return self._shape
 
-    def heatmaps(self, crops: torch.Tensor) -> torch.Tensor:
-        """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) on the CPU, in memory-bounded batches
-        (mirror-averaged with ``mirror``)."""
+    def heatmaps(self, crops: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) float32 on `device`, in memory-bounded
+        batches (mirror-averaged with ``mirror``)."""
         per_crop = bytes_per_pixel(self.model) * crops.shape[2] * crops.shape[3]
         batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
         out = []
@@ -561,8 +561,8 @@ class Detector:
             for start in range(0, crops.shape[0], batch):
                 images = crops[start:start + batch].to(self.device)
                 omega = mirror_averaged_omega(self.model, images) if self.mirror else self.model(images)[1]
-                out.append(omega.float().cpu())
-        return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]))
+                out.append(omega.float().to(device))
+        return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]), device=device)
 
     def points_from_heatmaps(self, heatmaps: torch.Tensor, fit: bool | None = None):
         """heatmaps (N, C, h, w) -> (points (N, C, 2) map pixels, confidence (N, C) in [0, 1], fitted (N,) bool,
@@ -615,8 +615,11 @@ class Detector:
                 owner.append(index)
         results: list[list[Face]] = [[] for _ in image_list]
         if crops:
-            heat = self.heatmaps(torch.from_numpy(np.stack(crops))[:, None])
+            # On a GPU the maps stay there when they fit, so decoding and the shape fit run there too.
+            heat = self.heatmaps(torch.from_numpy(np.stack(crops))[:, None],
+                                 self.maps_device([(self.crop, self.crop)] * len(crops)))
             points, conf, _, _ = self.points_from_heatmaps(heat)
+            points, conf = points.cpu(), conf.cpu()
             for i, affine in enumerate(affines):
                 pts = transform_points(points[i].numpy(), invert_affine(affine))
                 c = conf[i].numpy()
@@ -624,8 +627,9 @@ class Detector:
         return results[0] if single else results
 
     def maps_device(self, shapes) -> torch.device:
-        """Where ``detect`` keeps the omega maps of pyramid levels of these (h, w) shapes, and so runs steps 3-6:
-        on the GPU when the maps take at most half of its free memory, else on the CPU."""
+        """Where ``detect`` keeps the omega maps of pyramid levels (``landmarks``: of crops) of these (h, w) shapes,
+        and so runs the steps after the network: on the GPU when the maps take at most half of its free memory, else
+        on the CPU."""
         if self.device.type != "cuda":
             return torch.device("cpu")
         needed = 4 * self.n_landmarks * sum(h * w for h, w in shapes)

@@ -407,6 +407,27 @@ def test_steps_3_to_6_run_on_the_gpu_maps(faces, shape_model):
 
 
 @needs_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_landmarks_decode_and_fit_on_the_gpu_maps(faces, shape_model):
+    """landmarks keeps the crops' maps on the GPU when they fit: decoding and the shape fit run there and give the
+    CPU's points."""
+    chosen = faces[:4]
+    boxes = [_square_box(pts) for _, pts in chosen]
+    queue = [_crop_points(pts, box) for (_, pts), box in zip(chosen, boxes)]
+    paths = [str(p) for p, _ in chosen]
+    found = {}
+    for device in ("cpu", "cuda"):
+        det = D.Detector(weights=QueueNet(list(queue)), shape_model=shape_model, decode="kernel_deconv", fit=True,
+                         device=device)
+        assert det.maps_device([(det.crop, det.crop)] * len(boxes)).type == device
+        found[device] = det.landmarks(paths, boxes)
+    for (a,), (b,) in zip(found["cpu"], found["cuda"]):
+        assert isinstance(b.points, np.ndarray)
+        np.testing.assert_allclose(b.points, a.points, atol=0.05)
+        np.testing.assert_allclose(b.confidence, a.confidence, atol=1e-3)
+
+
+@needs_data
 def test_plausibility_filters(faces, shape_model):
     height, width = 200, 200
     det = D.Detector(weights=QueueNet([]), shape_model=shape_model)
