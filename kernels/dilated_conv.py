@@ -84,7 +84,7 @@ def dilated_conv_kernel(
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)  # float64 acc on Triton 3.6
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     if EPILOGUE:
