@@ -87,10 +87,10 @@ def _kernel_conv_tile(
                 x = tl.load(x_cols + in_rows.to(tl.int64)[:, None] * sx_h, mask=rows_ok[:, None] & cols_ok[None, :],
                             other=0.0).to(cols_filtered.dtype)
                 row_band = tl.load(row_band_ptr + (s * TILE_H + outs_h)[:, None] * IN_H + (k0 + ks)[None, :])
+                # out_dtype names the accumulator's type: Triton 3.6 rejects a float64 acc with the default float32
                 cols_filtered = tl.dot(row_band, x, acc=cols_filtered, input_precision=INPUT_PRECISION,
                                        out_dtype=cols_filtered.dtype)
             col_band = tl.load(col_band_ptr + (s * IN_W + j0 + ns)[:, None] * TILE_W + outs_w[None, :])
-            # out_dtype names the accumulator's type: Triton 3.6 rejects a float64 acc with the default float32
             y = tl.dot(cols_filtered, col_band, acc=y, input_precision=INPUT_PRECISION, out_dtype=y.dtype)
 
     out_rows = row0 + outs_h

@@ -483,10 +483,10 @@ class Detector:
     (batch size in ``landmarks``, tile size in ``detect``). image_size: the crop size the network was trained on
     (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96). decode=None: for the bundled
     weights its metadata's ``"pipeline"`` choice (``bundled_pipeline``: the settings measured best on the training
-    split and reported on the validation split), else ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's heatmaps with those of its mirror image
-    (``model.mirror_averaged_omega``; twice the network time). fit_threshold: pixels above this share of their
-    channel's maximum enter the shape fit (``fit_shape``'s threshold); None: the bundled metadata's for the bundled
-    weights, else ``FIT_THRESHOLD`` (1 %, the release's).
+    split and reported on the validation split), else ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's
+    heatmaps with those of its mirror image (``model.mirror_averaged_omega``; twice the network time). fit_threshold:
+    pixels above this share of their channel's maximum enter the shape fit (``fit_shape``'s threshold); None: the
+    bundled metadata's for the bundled weights, else ``FIT_THRESHOLD`` (1 %, the release's).
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,

@@ -107,7 +107,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, PYRAMID_STEP, THRESHOLD
+    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, PYRAMID_STEP, THRESHOLD
 
     parser.add_argument("--decode", choices=sorted(DECODERS),
                         help="heatmap decoder (default: the bundled model's choice in its metadata, for other "
@@ -115,7 +115,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-fit", action="store_true", help="decode only, without the PCA shape fit")
     parser.add_argument("--fit-threshold", type=float,
                         help="pixels above this share of their channel's maximum enter the shape fit (default: the "
-                             "bundled model's choice in its metadata, for other weights 0.01)")
+                             f"bundled model's choice in its metadata, for other weights {FIT_THRESHOLD:g})")
     parser.add_argument("--mirror", action="store_true",
                         help="average each boxed face's heatmaps with its mirror image's (twice the network time)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="heatmap threshold of the face search")
