@@ -2,7 +2,9 @@
 
 Two modes in the same run, on the same synthetic batch (random 0-255 images, landmarks inside the crop):
   eager-ref : plain torch: every lgc_fast op on its reference path (LGC_FAST_BACKEND=ref), no torch.compile;
-  lgc_fast  : the automatic fast backends (compiled C++ on the CPU; CUDA/Triton on a GPU), optionally compiled.
+  lgc_fast  : the automatic fast backends (compiled C++ on the CPU; CUDA/Triton on a GPU);
+  lgc_fast-compiled (with --compile [MODE]): lgc_fast with the forward pass and loss under torch.compile(mode=MODE)
+              as `lgc-fast train --compile MODE` runs it (reduce-overhead adds CUDA graphs).
 Both use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
 ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits both alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
@@ -32,10 +34,11 @@ from common import environment, format_table, results_path, time_interleaved, wr
 
 import lgc_fast  # noqa: E402
 from lgc_fast.model import LGCN  # noqa: E402
-from lgc_fast.train import LOSS_SCALE, _make_optimizer, train_step  # noqa: E402
+from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled_forward_loss,  # noqa: E402
+                            forward_loss, train_step)
 
 LANDMARKS = 68
-MODES = ("eager-ref", "lgc_fast")
+MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled")
 
 
 def make_batch(n: int, size: int, device: torch.device, seed: int = 0):
@@ -52,7 +55,7 @@ def make_step(mode: str, args, device: torch.device, batch: int):
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
-    net = torch.compile(model) if (args.compile and mode == "lgc_fast") else model
+    loss_fn = compiled_forward_loss(args.compile) if mode == "lgc_fast-compiled" else forward_loss
     optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)
     images, points, labelled = make_batch(batch, args.size, device)
     images = images.contiguous(memory_format=memory_format)
@@ -63,7 +66,7 @@ def make_step(mode: str, args, device: torch.device, batch: int):
         else:
             os.environ.pop("LGC_FAST_BACKEND", None)
         try:
-            return train_step(net, optimizer, images, points, labelled, args.amp, 100.0)
+            return train_step(model, optimizer, images, points, labelled, args.amp, 100.0, loss_fn)
         finally:
             os.environ.pop("LGC_FAST_BACKEND", None)
 
@@ -79,9 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=96, help="crop size in pixels")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=cuda)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=cuda)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the model in the lgc_fast mode")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="add the lgc_fast-compiled mode: the forward pass and loss under torch.compile(mode=MODE) "
+                             "as in lgc-fast train --compile MODE (default MODE: default)")
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help="default: eager-ref and lgc_fast, and lgc_fast-compiled with --compile")
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of timed lgc_fast steps per batch size")
     parser.add_argument("--ref-runs", type=int, default=None,
                         help="cap the timed eager-ref steps (default: as many as lgc_fast on a GPU, 3 on the CPU)")
@@ -91,6 +96,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.width, args.budget_s, args.ref_runs = [8 if cuda else 2], 8, 2.0, 1
+    if args.modes is None:
+        args.modes = list(MODES) if args.compile else list(MODES[:2])
+    elif "lgc_fast-compiled" in args.modes and not args.compile:
+        args.compile = "default"
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = cuda  # as lgc-fast train does: both modes get the fastest conv algorithms
     ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
@@ -98,11 +107,12 @@ def main(argv=None) -> int:
     for batch in args.batch_sizes:
         steps = {mode: make_step(mode, args, device, batch) for mode in args.modes}
         peak = {}
-        for mode, step in steps.items():  # one untimed step each: warm-up, compilation, and the peak memory
+        for mode, step in steps.items():  # untimed steps: warm-up, compilation (and graph capture), peak memory
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            step()
+            for _ in range(3 if mode == "lgc_fast-compiled" else 1):  # CUDA graphs are recorded on the 2nd/3rd call
+                step()
             if cuda:
                 torch.cuda.synchronize(device)
                 peak[mode] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -112,8 +122,10 @@ def main(argv=None) -> int:
             rows.append({"batch": batch, "mode": mode, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
                          "p80_ms": t.p80_ms, "runs": t.runs, "samples_per_s": batch / (t.median_ms / 1e3),
                          "peak_memory_mib": peak.get(mode)})
-        if set(MODES) <= set(timings):
-            rows[-1]["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / timings["lgc_fast"].median_ms
+        if "eager-ref" in timings:
+            for row in rows[-len(timings):]:
+                if row["mode"] != "eager-ref":
+                    row["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / row["median_ms"]
         del steps
     print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/step"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("runs", "runs"), ("samples_per_s", "samples/s"),
@@ -122,7 +134,7 @@ def main(argv=None) -> int:
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},
         "config": {"variant": args.variant, "width": args.width, "size": args.size, "amp": args.amp,
-                   "channels_last": args.channels_last, "compile": args.compile, "loss_scale": LOSS_SCALE,
+                   "channels_last": args.channels_last, "compile": args.compile or False, "loss_scale": LOSS_SCALE,
                    "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
         "results": rows,
     }

@@ -118,9 +118,12 @@ def rows_train_step(entry, device):
     for r in entry.get("results", []):
         by_batch.setdefault(r["batch"], {})[r["mode"]] = r
     for batch, modes in by_batch.items():
-        if "lgc_fast" in modes and "eager-ref" in modes:
-            yield _row("train step (lgc_fast) vs eager torch reference", f"batch {batch}, width {config.get('width')}",
-                       modes["lgc_fast"]["median_ms"], modes["eager-ref"]["median_ms"], device)
+        for mode in ("lgc_fast", "lgc_fast-compiled"):
+            if mode in modes and "eager-ref" in modes:
+                name = mode if mode == "lgc_fast" else f"lgc_fast, torch.compile mode {config.get('compile')}"
+                yield _row(f"train step ({name}) vs eager torch reference",
+                           f"batch {batch}, width {config.get('width')}", modes[mode]["median_ms"],
+                           modes["eager-ref"]["median_ms"], device)
 
 
 def rows_inference(entry, device):

@@ -20,6 +20,7 @@ import triton.language as tl
 
 _INTERPRET_CONFIG_LIMITS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 _INT32_MAX = 2**31 - 1
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (H100/H200)
 
 
 @triton.jit
@@ -115,13 +116,23 @@ def gpu_configs():
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
-def _prune(configs, named_args, **_):
-    # Tiles far wider than the channel counts only add masked work; keep at least one config.
+def shared_bytes_bound(config, element_size: int) -> int:
+    """An upper bound of the shared memory of `config`: num_stages buffers of the A (BLOCK_M x BLOCK_K) and B
+    (BLOCK_K x BLOCK_N) tiles. Triton's sm_90 pipeliner stays within it (compiled sizes: tests/sm90_compile.py)."""
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (m * k + k * n) * element_size
+
+
+def prune_configs(configs, named_args, **_):
+    """Tiles far wider than the channel counts only add masked work, and float64's largest tiles exceed the shared
+    memory (the autotuner would compile them only to fail at launch); keep at least one config."""
     c_in, c_out = named_args["c_in"], named_args["c_out"]
+    element_size = named_args["x_ptr"].element_size()
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(c_out))
-            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(c_in))]
-    return kept or configs[:1]
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(c_in))
+            and shared_bytes_bound(c, element_size) <= SHARED_MEMORY_LIMIT]
+    return kept or [min(configs, key=lambda c: shared_bytes_bound(c, element_size))]
 
 
 _autotuned = None
@@ -132,7 +143,7 @@ def _gpu_kernel():
     if _autotuned is None:
         _autotuned = triton.autotune(
             configs=gpu_configs(), key=["n_pix", "c_in", "c_out", "EPILOGUE", "HAS_MASK"],
-            prune_configs_by={"early_config_prune": _prune},
+            prune_configs_by={"early_config_prune": prune_configs},
         )(dilated_conv_kernel)
     return _autotuned
 

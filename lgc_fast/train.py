@@ -72,6 +72,7 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
 NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile")
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_nme", "samples_per_s", "epoch_time_s", "val_time_s", "best")
 
 
@@ -117,7 +118,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for CUDA)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the forward pass and the loss as one graph; MODE is torch.compile's mode "
+                        f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -305,7 +308,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "background_fraction": _background_fraction(args),
         "amp": cuda if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
-        "device_augment": cuda and args.augment, "compile": bool(args.compile),
+        "device_augment": cuda and args.augment, "compile": args.compile or False,
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }
@@ -360,14 +363,36 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def train_step(net, optimizer, images, points, labelled, amp: bool, clip_norm: float) -> torch.Tensor:
-    """One optimisation step without host synchronisation; returns the (detached) batch loss on the device.
+def forward_loss(net, images, points, labelled, amp: bool) -> torch.Tensor:
+    """The scaled training loss of one batch: net forward (bfloat16 autocast if amp) + lgc_loss, mean over faces.
 
-    images: (N, 1, H, W) in [0, 255]; points: (N, 68, 2) crop pixels; labelled: (N, 68) bool.
+    images: (N, 1, H, W) in [0, 255]; points: (N, 68, 2) crop pixels; labelled: (N, 68) bool. Returns a 0-d tensor.
     """
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         local, omega = net(images)
-    loss = lgc_loss(local, omega, points, labelled).mean() * LOSS_SCALE
+    return lgc_loss(local, omega, points, labelled).mean() * LOSS_SCALE
+
+
+def compiled_forward_loss(mode: str):
+    """forward_loss under torch.compile(mode=mode): the network and the loss in one graph, so the elementwise BN,
+    ReLU, dropout and loss-mean passes fuse (lgc_fast's ops are registered custom ops, so compile keeps them)."""
+    compiled = torch.compile(forward_loss, mode=mode)
+    if mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
+        def step_loss(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
+            return compiled(*args)
+        return step_loss
+    return compiled
+
+
+def train_step(net, optimizer, images, points, labelled, amp: bool, clip_norm: float,
+               loss_fn=forward_loss) -> torch.Tensor:
+    """One optimisation step without host synchronisation; returns the (detached) batch loss on the device.
+
+    images: (N, 1, H, W) in [0, 255]; points: (N, 68, 2) crop pixels; labelled: (N, 68) bool;
+    loss_fn: forward_loss or compiled_forward_loss(mode).
+    """
+    loss = loss_fn(net, images, points, labelled, amp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -531,8 +556,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    if settings["compile"]:
-        net = torch.compile(net)
+    loss_fn = compiled_forward_loss(settings["compile"]) if settings["compile"] else forward_loss
 
     def checkpoint_state(batch_in_epoch: int) -> dict:
         rng = dist_.gather(_rng_state(augment_generator))  # every rank takes part; rank 0 writes
@@ -571,7 +595,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
                 if augment_generator is not None:
                     images, points, labelled = augment_batch(images, points, labelled, augment_generator)
                 images = images.contiguous(memory_format=memory_format)
-                loss = train_step(net, optimizer, images, points, labelled, settings["amp"], args.clip_norm)
+                loss = train_step(net, optimizer, images, points, labelled, settings["amp"], args.clip_norm, loss_fn)
                 loss_sum += loss * images.shape[0]
                 samples += images.shape[0] * world
                 step += 1

@@ -2,7 +2,8 @@
 specialise it for typical shapes, without a GPU. Run by tests/test_triton_sm90.py in a process of its own (the
 interpreter, which the other tests switch on, replaces triton.jit's compiler).
 
-Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes"}; exits non-zero with
+Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes"} (dilated_conv adds
+"shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with
 the compiler's error on the first kernel that does not compile.
 """
 from __future__ import annotations
@@ -22,8 +23,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, case: str) -> None:
-    """types: argument name -> Triton type ("*fp32", "i32", ...) for every argument not in constexprs."""
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, case: str,
+                 extra: dict | None = None) -> None:
+    """types: argument name -> Triton type ("*fp32", "i32", ...) for every argument not in constexprs; extra: more
+    fields for the JSON line."""
     while not isinstance(fn, triton.runtime.JITFunction):  # an autotuner (or heuristics) wraps the jit function
         fn = fn.fn
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
@@ -31,7 +34,7 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: 
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     print(json.dumps({"kernel": fn.__name__, "case": case, "cubin_bytes": len(compiled.asm["cubin"]),
-                      "shared_bytes": compiled.metadata.shared}), flush=True)
+                      "shared_bytes": compiled.metadata.shared, **(extra or {})}), flush=True)
 
 
 def ints(*names: str) -> dict:
@@ -55,7 +58,7 @@ def kernel_conv_cases() -> None:
 
 
 def lgc_loss_cases() -> None:
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         local = torch.empty(2, 68, 96, 96, dtype=dtype)
         _, _, _, meta = lgc_loss._launch_args(local, torch.zeros(2, 68, 2), torch.ones(2, 68, dtype=torch.bool))
         num_warps = lgc_loss.gpu_num_warps(meta["BLOCK_H"], meta["BLOCK_W"])
@@ -69,26 +72,35 @@ def lgc_loss_cases() -> None:
 
 
 def fit_shape_cases() -> None:
-    types = {"x_ptr": "*fp32", "peak_ptr": "*fp32", "centers_ptr": "*fp32", "params_ptr": "*fp64", "out_ptr": "*fp32",
-             **ints("height", "width", "n_thresholds")}
-    for radius in (None, 20.0):
-        block_h, block_w = fit_shape._blocks(96, 96, radius)
-        meta = dict(WINDOWED=radius is not None, ACC_FP64=False, BLOCK_H=block_h, BLOCK_W=block_w)
-        compile_sm90(fit_shape._fit_shape_stats_kernel, types, meta, 4, 3, f"window {radius}")
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
+        types = {"x_ptr": PTR[dtype], "peak_ptr": acc, "centers_ptr": acc, "params_ptr": "*fp64", "out_ptr": acc,
+                 **ints("height", "width", "n_thresholds")}
+        for radius in (None, 20.0, 7.0):
+            block_h, block_w = fit_shape._blocks(96, 96, radius)
+            meta = dict(WINDOWED=radius is not None, ACC_FP64=dtype == torch.float64, BLOCK_H=block_h,
+                        BLOCK_W=block_w)
+            compile_sm90(fit_shape._fit_shape_stats_kernel, types, meta, 4, 3, f"{dtype} window {radius}")
 
 
 def dilated_conv_cases() -> None:
-    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32")):
+    """The first two configs the autotuner keeps for the release's 136 -> 128 channels, per dtype."""
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
+                             (torch.float64, "ieee")):
         vec = 16 // torch.tensor([], dtype=dtype).element_size()
-        types = {"x_ptr": PTR[dtype], "w_ptr": PTR[dtype], "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+        acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
+        types = {"x_ptr": PTR[dtype], "w_ptr": PTR[dtype], "scale_ptr": acc, "shift_ptr": acc,
                  "keep_ptr": "*u8", "y_ptr": PTR[dtype],
                  **ints("n_pix", "height", "width", "c_in", "c_out", "sx_n", "sx_c", "sx_h", "sx_w",
                         "sy_n", "sy_c", "sy_h", "sy_w", "sk_n", "sk_c", "sk_h", "sk_w")}
-        for config in dilated_conv.gpu_configs()[:2]:
+        named_args = {"c_in": 136, "c_out": 128, "x_ptr": torch.empty(0, dtype=dtype)}
+        for config in dilated_conv.prune_configs(dilated_conv.gpu_configs(), named_args)[:2]:
             meta = dict(DILATION=4, EPILOGUE=True, CLAMP_ABOVE=False, HAS_MASK=True, INPUT_PRECISION=precision,
-                        ACC_FP64=False, DOT_IN_FP32=False, USE_INT64=False, VEC=vec, OUT_VEC=vec, **config.kwargs)
+                        ACC_FP64=dtype == torch.float64, DOT_IN_FP32=False, USE_INT64=False, VEC=vec, OUT_VEC=vec,
+                        **config.kwargs)
+            bound = dilated_conv.shared_bytes_bound(config, torch.tensor([], dtype=dtype).element_size())
             compile_sm90(dilated_conv.dilated_conv_kernel, types, meta, config.num_warps, config.num_stages,
-                         f"{dtype} {config.kwargs}")
+                         f"{dtype} {config.kwargs}", extra={"shared_bound_bytes": bound})
 
 
 if __name__ == "__main__":
