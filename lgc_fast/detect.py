@@ -50,6 +50,7 @@ from lgc_fast.data.geometry import (MIRROR_68, box_to_square, crop_transform, fa
 from lgc_fast.decode import DECODERS, blend, decode
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
+from lgc_fast.shape import remove_point_offsets
 from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -420,8 +421,11 @@ def select_faces(hypotheses: list[Hypothesis], min_support: int = MIN_SUPPORT,
 def read_metadata(assets_dir: Path) -> dict:
     """The assets folder's metadata.json as a dict ({} when absent); LgcError naming it when it is malformed."""
     path = assets_dir / METADATA_FILE
-    if not path.is_file():
-        return {}
+    return read_json_object(path) if path.is_file() else {}
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object, as a dict; LgcError naming the file when it is missing or malformed."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -431,18 +435,27 @@ def read_metadata(assets_dir: Path) -> dict:
     return data
 
 
-def bundled_pipeline(metadata: dict) -> dict:
+def bundled_pipeline(metadata: dict, where=ASSETS_DIR / METADATA_FILE) -> dict:
     """The bundled model's measured best Detector settings from its metadata (``read_metadata``): the "pipeline"
-    entry ({"decode": name, "fit_threshold": value}, either optional), checked; {} when there is none."""
+    entry ({"decode": name, "fit_threshold": value, "point_offsets": (C, 2) list}, each optional), checked; {} when
+    there is none. `where`: the file named in errors."""
     pipeline = metadata.get("pipeline", {})
-    where = ASSETS_DIR / METADATA_FILE
-    if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold"}:
-        raise LgcError(f"{where}: pipeline must be an object with decode and/or fit_threshold, got {pipeline!r}")
+    if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold", "point_offsets"}:
+        raise LgcError(f"{where}: pipeline must be an object with decode, fit_threshold and/or point_offsets, got "
+                       f"{pipeline!r}")
     if pipeline.get("decode", DEFAULT_DECODE) not in DECODERS:
         raise LgcError(f"{where}: pipeline decode must be one of {', '.join(DECODERS)}, not {pipeline['decode']!r}")
     threshold = pipeline.get("fit_threshold", FIT_THRESHOLD)
     if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
         raise LgcError(f"{where}: pipeline fit_threshold must be a number in [0, 1), got {threshold!r}")
+    if "point_offsets" in pipeline:
+        try:
+            offsets = np.asarray(pipeline["point_offsets"], dtype=np.float64)
+        except (TypeError, ValueError):
+            offsets = np.zeros(0)
+        if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.isfinite(offsets).all():
+            raise LgcError(f"{where}: pipeline point_offsets must be a (C, 2) list of finite numbers")
+        pipeline = {**pipeline, "point_offsets": offsets}
     return pipeline
 
 
@@ -486,14 +499,18 @@ class Detector:
     split and reported on the validation split), else ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's
     heatmaps with those of its mirror image (``model.mirror_averaged_omega``; twice the network time). fit_threshold:
     pixels above this share of their channel's maximum enter the shape fit (``fit_shape``'s threshold); None: the
-    bundled metadata's for the bundled weights, else ``FIT_THRESHOLD`` (1 %, the release's).
+    bundled metadata's for the bundled weights, else ``FIT_THRESHOLD`` (1 %, the release's). point_offsets: (C, 2)
+    systematic error of the fitted points in the shape model's frame (``lgc_fast.shape.mean_point_offsets``, measured
+    on training faces), removed from every fitted face at its size and rotation; None: the bundled metadata's for
+    the bundled weights, else no correction.
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
                  max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
-                 fit_threshold: float | None = None):
+                 fit_threshold: float | None = None, point_offsets=None):
         metadata = read_metadata(ASSETS_DIR) if weights is None else {}
         pipeline = bundled_pipeline(metadata)
+        point_offsets = pipeline.get("point_offsets") if point_offsets is None else point_offsets
         decode = pipeline.get("decode", DEFAULT_DECODE) if decode is None else decode
         fit_threshold = pipeline.get("fit_threshold", FIT_THRESHOLD) if fit_threshold is None else fit_threshold
         if decode not in DECODERS:
@@ -528,6 +545,9 @@ class Detector:
         self.fit = bool(fit)
         self.fit_threshold = float(fit_threshold)
         self.mirror = bool(mirror)
+        self.point_offsets = None if point_offsets is None else np.asarray(point_offsets, dtype=np.float64)
+        if self.point_offsets is not None and self.point_offsets.shape != (self.n_landmarks, 2):
+            raise LgcError(f"point_offsets must have shape ({self.n_landmarks}, 2), got {self.point_offsets.shape}")
         if self.mirror and self.n_landmarks != len(MIRROR_68):
             raise LgcError(f"mirror needs a network with {len(MIRROR_68)} landmarks, this one has {self.n_landmarks}")
         self.max_memory_bytes = int(max_memory_bytes)
@@ -586,6 +606,8 @@ class Detector:
                     # and blended with the fit by its heatmap value (low values trust the shape model).
                     local, local_conf = DECODERS[self.decode](heatmaps[alive], seeds=fitted.float())
                     fitted = blend(local.double(), local_conf, fitted)
+                if self.point_offsets is not None:
+                    fitted = remove_point_offsets(fitted, shape_fit.similarity.double(), self.point_offsets)
                 points[alive] = fitted
         conf = sample_maps(heatmaps.double(), points).clamp(0.0, 1.0)
         return points, conf, alive, shape_fit

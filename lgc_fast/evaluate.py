@@ -27,9 +27,10 @@ from lgc_fast._io import atomic_write_bytes, atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
-from lgc_fast.detect import FIT_THRESHOLD, Detector
+from lgc_fast.detect import FIT_THRESHOLD, Detector, bundled_pipeline, read_json_object
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
+from lgc_fast.shape import mean_point_offsets
 
 DEFAULT_IMAGE_SIZE = 96
 CED_MAX_ERROR = 0.10
@@ -49,6 +50,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fit-threshold", type=float, default=FIT_THRESHOLD,
                         help="--fit: pixels above this share of their channel's maximum enter the fit (default "
                              f"{FIT_THRESHOLD:g}; the bundled model's choice is in its metadata.json)")
+    parser.add_argument("--point-offsets", type=Path, metavar="JSON",
+                        help="--fit: remove the systematic point errors (pipeline.point_offsets) of this JSON file, "
+                             "e.g. lgc_fast/assets/metadata.json")
+    parser.add_argument("--save-point-offsets", type=Path, metavar="JSON",
+                        help="--fit: measure the fitted points' systematic errors on these faces (in the shape "
+                             "model's frame, lgc_fast.shape.mean_point_offsets) and write them as "
+                             "pipeline.point_offsets")
     parser.add_argument("--mirror", action="store_true",
                         help="average each crop's heatmaps with its mirror image's (test-time mirroring)")
     parser.add_argument("--boxes", type=Path,
@@ -59,6 +67,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
                         help="skip unreadable or malformed files (named on stderr) or stop at the first")
     parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
+    parser.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every Nth face of the split")
     parser.add_argument("--split", choices=SPLITS, default="all",
                         help="all faces of --data, or one side of lgc-fast train's person split of it (the same "
                              "--val-fraction, --seed and --limit give the same split)")
@@ -151,32 +160,66 @@ def evaluate(args) -> dict:
     image_size = int(state.get("image_size", DEFAULT_IMAGE_SIZE))
     if args.limit is not None and args.limit < 1:
         raise LgcError(f"--limit must be >= 1, got {args.limit}")
+    if args.every < 1:
+        raise LgcError(f"--every must be >= 1, got {args.every}")
+    if not args.fit and (args.point_offsets or args.save_point_offsets):
+        raise LgcError("--point-offsets and --save-point-offsets need --fit (they are errors of the shape fit)")
+    if args.point_offsets and args.save_point_offsets:
+        raise LgcError("pass --point-offsets or --save-point-offsets, not both (measure the errors uncorrected)")
     records, problems = load_faces(args.data, args.boxes, args.on_bad_data, args.workers, args.limit)
     report_problems(problems, "eval")
     if args.split != "all":
         if not 0.0 < args.val_fraction < 1.0:
             raise LgcError(f"--val-fraction must be in (0, 1) with --split {args.split}, got {args.val_fraction}")
         records = split_by_person(records, args.val_fraction, args.seed)[SPLITS.index(args.split) - 1]
+    records = records[::args.every]
     dataset = LandmarkDataset(records, out_size=image_size, augment=False, on_error="raise")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    to_points = None
+    to_points, similarities = None, []
     if args.fit:
+        offsets = None
+        if args.point_offsets is not None:
+            offsets = bundled_pipeline(read_json_object(args.point_offsets), args.point_offsets).get("point_offsets")
+            if offsets is None:
+                raise LgcError(f"{args.point_offsets}: no pipeline.point_offsets")
         detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size,
-                            fit_threshold=args.fit_threshold)
+                            fit_threshold=args.fit_threshold, point_offsets=offsets)
 
         def to_points(omega):
-            return detector.points_from_heatmaps(omega)[0]
-    predicted = np.zeros((len(records), model.n_landmarks, 2))
+            points, _, alive, shape_fit = detector.points_from_heatmaps(omega)
+            similarity = torch.full((len(points), 4), math.nan, dtype=torch.float64)
+            if shape_fit is not None:
+                similarity[alive.cpu()] = shape_fit.similarity.double().cpu()
+            similarities.append(similarity)
+            return points
+    n_points = model.n_landmarks
+    predicted, crop_points = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points, 2))
+    crop_truth, crop_labelled = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points), bool)
+    fit_similarity = np.full((len(records), 4), math.nan)
     for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points):
         index = batch["index"].numpy()
-        predicted[index] = crop_to_image(points.double().cpu().numpy(), batch["affine"].double().numpy())
+        crop_points[index] = points.double().cpu().numpy()
+        crop_truth[index], crop_labelled[index] = batch["points"].numpy(), batch["labelled"].numpy()
+        if similarities:
+            fit_similarity[index] = similarities.pop().numpy()
+        predicted[index] = crop_to_image(crop_points[index], batch["affine"].double().numpy())
+    if args.save_point_offsets is not None:
+        fitted = np.isfinite(fit_similarity).all(axis=1)
+        offsets = mean_point_offsets(crop_points[fitted], crop_truth[fitted], crop_labelled[fitted],
+                                     fit_similarity[fitted])
+        measured_on = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+                       "every": args.every, "faces": int(fitted.sum()), "fit_threshold": args.fit_threshold,
+                       "decode": args.decode, "mirror": args.mirror}
+        write_point_offsets(args.save_point_offsets, offsets, measured_on)
     gt = np.stack([r.points for r in records])
     labelled = np.stack([r.labelled for r in records])
     errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
     report = {
         "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "fit": args.fit,
-        "fit_threshold": args.fit_threshold if args.fit else None, "mirror": args.mirror, "image_size": image_size,
+        "fit_threshold": args.fit_threshold if args.fit else None, "mirror": args.mirror,
+        "point_offsets": None if args.point_offsets is None else str(args.point_offsets), "every": args.every,
+        "image_size": image_size,
         "split": args.split if args.split == "all" else {"side": args.split, "val_fraction": args.val_fraction,
                                                          "seed": args.seed, "limit": args.limit},
         "images": len(records), "skipped": problems,
@@ -188,6 +231,13 @@ def evaluate(args) -> dict:
     if args.out is not None:
         write_outputs(Path(args.out), report, names, errors)
     return report
+
+
+def write_point_offsets(path: Path, offsets: np.ndarray, measured_on: dict) -> None:
+    """{"pipeline": {"point_offsets": offsets (C, 2)}, "measured_on": ...} as JSON, one landmark per line (atomic)."""
+    rows = ",\n".join(f"   [{x:.6f}, {y:.6f}]" for x, y in offsets)
+    atomic_write_text(path, f'{{\n "pipeline": {{"point_offsets": [\n{rows}\n ]}},\n'
+                            f' "measured_on": {json.dumps(measured_on)}\n}}\n')
 
 
 def write_outputs(out: Path, report: dict, names: list[str], errors: dict[str, np.ndarray]) -> None:

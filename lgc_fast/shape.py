@@ -185,3 +185,43 @@ class ShapeModel:
         x = a[:, None] * q[..., 0] - c[:, None] * q[..., 1] + tx[:, None]
         y = c[:, None] * q[..., 0] + a[:, None] * q[..., 1] + ty[:, None]
         return torch.stack((x, y), dim=-1)
+
+
+def _turn(vectors: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """vectors (N, C, 2), a, c (N,) -> [[a, -c], [c, a]] v per face."""
+    x, y = vectors.unbind(dim=-1)
+    a, c = a[:, None], c[:, None]
+    return torch.stack((a * x - c * y, c * x + a * y), dim=-1)
+
+
+def mean_point_offsets(points, truth, labelled, similarity) -> np.ndarray:
+    """The systematic error of fitted points in the shape model's frame -> offsets (C, 2) float64.
+
+    points, truth: (N, C, 2) predicted and true points in one frame (e.g. crop pixels); labelled: (N, C) bool;
+    similarity: (N, 4) = (a, c, tx, ty) of each face's fit in that frame. Each error is turned and scaled back into the
+    model frame ([[a, -c], [c, a]]^-1 (points - truth)), so a face's size and in-plane rotation do not matter, and
+    averaged over the labelled points of each landmark. ``remove_point_offsets`` subtracts it again.
+    """
+    points, truth, similarity = (torch.as_tensor(v, dtype=torch.float64) for v in (points, truth, similarity))
+    labelled = torch.as_tensor(labelled, dtype=torch.bool)
+    if points.dim() != 3 or points.shape[2] != 2 or truth.shape != points.shape:
+        raise ValueError(f"points and truth must have the same shape (N, C, 2), got {tuple(points.shape)} and "
+                         f"{tuple(truth.shape)}")
+    if labelled.shape != points.shape[:2] or similarity.shape != (points.shape[0], 4):
+        raise ValueError(f"labelled must have shape (N, C) and similarity (N, 4), got {tuple(labelled.shape)} and "
+                         f"{tuple(similarity.shape)}")
+    a, c = similarity[:, 0], similarity[:, 1]
+    scale2 = (a * a + c * c)[:, None, None]
+    errors = _turn(points - torch.nan_to_num(truth), a, -c) / scale2  # the inverse of [[a, -c], [c, a]]
+    counts = labelled.sum(dim=0)
+    if (counts == 0).any():
+        raise ValueError(f"landmarks {torch.nonzero(counts == 0)[:, 0].tolist()} are labelled on no face")
+    return ((errors * labelled[..., None]).sum(dim=0) / counts[:, None]).numpy()
+
+
+def remove_point_offsets(points: torch.Tensor, similarity: torch.Tensor, offsets) -> torch.Tensor:
+    """points (N, C, 2) of faces fitted with similarity (N, 4) -> points - [[a, -c], [c, a]] offsets, offsets (C, 2)
+    in the model frame (``mean_point_offsets``), i.e. each face's systematic error at its size and rotation."""
+    offsets = torch.as_tensor(offsets, dtype=points.dtype, device=points.device)
+    similarity = similarity.to(device=points.device, dtype=points.dtype)
+    return points - _turn(offsets.expand_as(points), similarity[:, 0], similarity[:, 1])

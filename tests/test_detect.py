@@ -213,14 +213,41 @@ def test_bundled_pipeline_settings_come_from_the_metadata(monkeypatch, tmp_path)
     det = D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False)  # other weights: the general defaults
     assert (det.decode, det.fit_threshold) == (D.DEFAULT_DECODE, D.FIT_THRESHOLD)
     for bad, message in (('{"decode": "best"}', "decode must be one of"), ('{"fit_threshold": 1.5}', "in \\[0, 1\\)"),
-                         ('{"windows": 3}', "decode and/or fit_threshold"), ('[1]', "must be an object")):
+                         ('{"windows": 3}', "decode, fit_threshold and/or point_offsets"), ('[1]', "must be an object"),
+                         ('{"point_offsets": [[1, 2, 3]]}', r"point_offsets must be a \(C, 2\) list"),
+                         ('{"point_offsets": "none"}', r"point_offsets must be a \(C, 2\) list")):
         (tmp_path / D.METADATA_FILE).write_text(f'{{"pipeline": {bad}}}')
         with pytest.raises(LgcError, match=f"metadata.json: pipeline .*{message}"):
             D.Detector(fit=False)
+    (tmp_path / D.METADATA_FILE).write_text(f'{{"pipeline": {{"point_offsets": {[[0.5, -0.25]] * 68}}}}}')
+    np.testing.assert_array_equal(D.Detector(fit=False).point_offsets, [[0.5, -0.25]] * 68)
+    assert D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False).point_offsets is None  # the bundled weights' only
+    with pytest.raises(LgcError, match=r"point_offsets must have shape \(68, 2\)"):
+        D.Detector(weights=net, point_offsets=np.zeros((5, 2)))
     with pytest.raises(ValueError, match="fit_threshold"):
         D.Detector(weights=net, fit_threshold=-0.1)
     with pytest.raises(LgcError, match="mirror needs a network with 68 landmarks"):
         D.Detector(weights=LGCN("release", width=4, n_landmarks=5, local_layers=(3,)), mirror=True)
+
+
+def test_point_offsets_follow_each_faces_size_and_rotation():
+    """The correction is removed in each face's frame: a face turned by 90 degrees at 2/3 of the size gets the
+    first face's correction turned by 90 degrees at 2/3 of the length."""
+    rng = np.random.default_rng(0)
+    template = rng.uniform(-1, 1, (68, 2))
+    shape_model = ShapeModel.fit(template + rng.normal(0, 0.02, (40, 68, 2)), n_modes=4)
+    offsets = rng.normal(0, 0.05, (68, 2))
+    turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+    faces = [40 + 24 * template, 52 + 16 * template @ turn.T]
+    heat = torch.from_numpy(np.stack([render((96, 96), points) for points in faces]))
+    plain = D.Detector(weights=QueueNet([]), shape_model=shape_model, decode="argmax")
+    corrected = D.Detector(weights=QueueNet([]), shape_model=shape_model, decode="argmax", point_offsets=offsets)
+    before, _, fitted, _ = plain.points_from_heatmaps(heat)
+    after, _, _, _ = corrected.points_from_heatmaps(heat)
+    assert fitted.all()
+    shift = (before - after).numpy()
+    assert np.abs(shift[0]).max() > 0.1  # a correction of a few tenths of a pixel was made
+    np.testing.assert_allclose(shift[1], (16 / 24) * shift[0] @ turn.T, atol=0.02 * np.abs(shift[0]).max())
 
 
 def test_bad_boxes_and_images_rejected():

@@ -226,3 +226,46 @@ def test_eval_fit_and_mirror_run_the_detector_pipeline(tmp_path):
                   str(tmp_path / "plain"), "--workers", "0", "--decode", "local_gaussian"])
     with open(tmp_path / "plain" / "errors.csv") as f:
         assert plain == 0 and [float(r["inter_ocular/68"]) for r in csv.DictReader(f)] != got
+
+
+def test_eval_measures_and_removes_systematic_point_errors(tmp_path, capsys):
+    """--save-point-offsets writes the fitted points' mean error in the shape model's frame over the evaluated faces
+    (--every 2: every other one); --point-offsets removes it, giving what Detector(point_offsets=...) gives, and
+    the corrected points have no mean error left."""
+    from lgc_fast.detect import Detector
+    from lgc_fast.shape import ShapeModel, mean_point_offsets
+
+    data = write_faces(tmp_path / "faces", n=8)
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    records, _ = scan_folder(data)
+    records = records[::2]
+    ShapeModel.fit(np.stack([r.points for r in records]), n_modes=2).save(tmp_path / "shapes.npz")
+    common = ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0", "--fit",
+              "--shape-model", str(tmp_path / "shapes.npz"), "--every", "2"]
+    assert main(common + ["--save-point-offsets", str(tmp_path / "offsets.json")]) == 0
+    saved = json.loads((tmp_path / "offsets.json").read_text())
+    offsets = np.array(saved["pipeline"]["point_offsets"])
+    assert offsets.shape == (68, 2) and saved["measured_on"]["faces"] == 4 and saved["measured_on"]["every"] == 2
+
+    batch = torch.utils.data.default_collate([LandmarkDataset(records, out_size=32)[i] for i in range(4)])
+    plain = Detector(model, tmp_path / "shapes.npz", "cpu", "argmax", image_size=32)
+    points, _, _, fit = plain.points_from_heatmaps(plain.heatmaps(batch["image"]))
+    np.testing.assert_allclose(offsets, mean_point_offsets(points, batch["points"], batch["labelled"],
+                                                           fit.similarity), atol=2e-6)  # saved to 6 decimals
+    assert main(common + ["--point-offsets", str(tmp_path / "offsets.json"), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["point_offsets"] == str(tmp_path / "offsets.json")
+    with open(tmp_path / "eval" / "errors.csv") as f:
+        got = [float(r["inter_ocular/68"]) for r in csv.DictReader(f)]
+    corrected = Detector(model, tmp_path / "shapes.npz", "cpu", "argmax", image_size=32, point_offsets=offsets)
+    points = corrected.points_from_heatmaps(corrected.heatmaps(batch["image"]))[0]
+    expected = metrics.nme(crop_to_image(points.numpy(), batch["affine"].double().numpy()),
+                           np.stack([r.points for r in records]), None, "inter_ocular", "68")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(mean_point_offsets(points, batch["points"], batch["labelled"], fit.similarity)).max() < 1e-5
+    without_fit = [a for a in common if a != "--fit"]
+    assert main(without_fit + ["--point-offsets", str(tmp_path / "offsets.json")]) == 2
+    assert "need --fit" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"pipeline": {"decode": "argmax"}}')
+    assert main(common + ["--point-offsets", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: no pipeline.point_offsets" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from lgc_fast.errors import LgcError
 from lgc_fast.ops import kernel_conv, splat_heatmaps, target_maps_ref
 from lgc_fast.ops.fit_shape import ShapeFit, fit_shape, fit_shape_ref, fit_shape_stats, fit_shape_stats_ref
 from lgc_fast.decode import argmax
-from lgc_fast.shape import ShapeModel
+from lgc_fast.shape import ShapeModel, mean_point_offsets, remove_point_offsets
 
 MAP = 96
 
@@ -383,3 +383,25 @@ def test_fit_input_errors(model, clean_faces):
         fit_shape(maps, model, threshold=1.5)
     with pytest.raises(ValueError, match="bound_sigma"):
         fit_shape(maps, model, bound_sigma=0)
+
+
+def test_point_offsets_are_measured_and_removed_in_each_faces_frame():
+    """Faces of random size, rotation and position whose points carry one (C, 2) error in the model frame: the
+    error is measured back exactly (unlabelled points left out) and removing it restores the true points."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 30, 68
+    offsets = torch.randn(c, 2, generator=g, dtype=torch.float64) * 0.02
+    similarity = torch.randn(n, 4, generator=g, dtype=torch.float64) * 20
+    truth = torch.randn(n, c, 2, generator=g, dtype=torch.float64) * 30 + 48
+    a, s = similarity[:, :1], similarity[:, 1:2]
+    points = truth + torch.stack((a * offsets[:, 0] - s * offsets[:, 1], s * offsets[:, 0] + a * offsets[:, 1]), -1)
+    labelled = torch.rand(n, c, generator=g) > 0.2
+    garbage = torch.where(labelled[..., None], points, torch.full_like(points, 1e6))  # unlabelled: any value
+    np.testing.assert_allclose(mean_point_offsets(garbage, truth, labelled, similarity), offsets, atol=1e-12)
+    torch.testing.assert_close(remove_point_offsets(points, similarity, offsets), truth, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"landmarks \[3\] are labelled on no face"):
+        mean_point_offsets(points, truth, labelled & (torch.arange(c) != 3), similarity)
+    with pytest.raises(ValueError, match="same shape"):
+        mean_point_offsets(points[:, :5], truth, labelled, similarity)
+    with pytest.raises(ValueError, match=r"similarity \(N, 4\)"):
+        mean_point_offsets(points, truth, labelled, similarity[:, :3])
