@@ -18,9 +18,9 @@ DEMO_BOX = (176.0, 81.0, 275.0, 181.0)
 
 def demo_box() -> tuple[float, float, float, float]:
     """The face box of the bundled image: assets metadata's "demo_box" when present, else DEMO_BOX."""
-    from lgc_fast.detect import ASSETS_DIR, read_metadata
+    from lgc_fast.detect import ASSETS_DIR, METADATA_FILE, read_metadata
 
-    box = read_metadata(ASSETS_DIR).get("demo_box", DEMO_BOX)
+    box = read_metadata(ASSETS_DIR / METADATA_FILE).get("demo_box", DEMO_BOX)
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
         raise LgcError(f"assets metadata: demo_box must be [x0, y0, x1, y1], got {box!r}")
     return tuple(float(v) for v in box)

@@ -33,7 +33,6 @@ Coordinates are 0-based pixels with pixel centres at integers (OpenCV's conventi
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from lgc_fast.data.dataset import read_gray
 from lgc_fast.data.geometry import (MIRROR_68, box_to_square, crop_transform, face_box, square_to_box,
                                     transform_points, warp_image)
 from lgc_fast.decode import DECODERS, blend, decode
+from lgc_fast.detector_settings import DEFAULT_DECODE, FIT_THRESHOLD, bundled_pipeline, read_metadata
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 from lgc_fast.shape import remove_point_offsets
@@ -60,11 +60,9 @@ METADATA_FILE = "metadata.json"
 CROP = 96  # training crop side (paper section 3.1); a checkpoint's "image_size" overrides it
 ENLARGE = 1.17  # training boxes: tight box around the points, enlarged by 17 %
 FIT_WINDOWS = (None, 20, 7)  # paper section 3.3: global, 20 px, 7 px in a 96 px crop (scaled with the crop)
-FIT_THRESHOLD = 0.01  # pixels above 1 % of their channel's maximum enter the fit (the release's)
 DEFAULT_MEMORY = 1 << 30
 # Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
-DEFAULT_DECODE = "kernel_deconv"  # exact on the network's own targets (see lgc_fast.decode)
 PYRAMID_STEP = 2.0  # paper section 4.3: the image, then halved again and again
 # Defaults of detect() (documented there): threshold and support give the best F1 of bench/bench_detect.py with the
 # bundled model (24 scenes, 49 held-out faces; bench/results/cpu-amd-epyc.json); the Mahalanobis bound stays 8 (12
@@ -418,47 +416,6 @@ def select_faces(hypotheses: list[Hypothesis], min_support: int = MIN_SUPPORT,
     return suppress_overlaps(kept, max_overlap)
 
 
-def read_metadata(assets_dir: Path) -> dict:
-    """The assets folder's metadata.json as a dict ({} when absent); LgcError naming it when it is malformed."""
-    path = assets_dir / METADATA_FILE
-    return read_json_object(path) if path.is_file() else {}
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding one object, as a dict; LgcError naming the file when it is missing or malformed."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LgcError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise LgcError(f"{path}: expected a JSON object")
-    return data
-
-
-def bundled_pipeline(metadata: dict, where=ASSETS_DIR / METADATA_FILE) -> dict:
-    """The bundled model's measured best Detector settings from its metadata (``read_metadata``): the "pipeline"
-    entry ({"decode": name, "fit_threshold": value, "point_offsets": (C, 2) list}, each optional), checked; {} when
-    there is none. `where`: the file named in errors."""
-    pipeline = metadata.get("pipeline", {})
-    if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold", "point_offsets"}:
-        raise LgcError(f"{where}: pipeline must be an object with decode, fit_threshold and/or point_offsets, got "
-                       f"{pipeline!r}")
-    if pipeline.get("decode", DEFAULT_DECODE) not in DECODERS:
-        raise LgcError(f"{where}: pipeline decode must be one of {', '.join(DECODERS)}, not {pipeline['decode']!r}")
-    threshold = pipeline.get("fit_threshold", FIT_THRESHOLD)
-    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
-        raise LgcError(f"{where}: pipeline fit_threshold must be a number in [0, 1), got {threshold!r}")
-    if "point_offsets" in pipeline:
-        try:
-            offsets = np.asarray(pipeline["point_offsets"], dtype=np.float64)
-        except (TypeError, ValueError):
-            offsets = np.zeros(0)
-        if offsets.ndim != 2 or offsets.shape[1] != 2 or not np.isfinite(offsets).all():
-            raise LgcError(f"{where}: pipeline point_offsets must be a (C, 2) list of finite numbers")
-        pipeline = {**pipeline, "point_offsets": offsets}
-    return pipeline
-
-
 def _bundled(name: str, what: str, argument: str) -> Path:
     path = ASSETS_DIR / name
     if not path.is_file():
@@ -508,8 +465,8 @@ class Detector:
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
                  max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
                  fit_threshold: float | None = None, point_offsets=None):
-        metadata = read_metadata(ASSETS_DIR) if weights is None else {}
-        pipeline = bundled_pipeline(metadata)
+        metadata = read_metadata(ASSETS_DIR / METADATA_FILE) if weights is None else {}
+        pipeline = bundled_pipeline(metadata, ASSETS_DIR / METADATA_FILE)
         point_offsets = pipeline.get("point_offsets") if point_offsets is None else point_offsets
         decode = pipeline.get("decode", DEFAULT_DECODE) if decode is None else decode
         fit_threshold = pipeline.get("fit_threshold", FIT_THRESHOLD) if fit_threshold is None else fit_threshold

@@ -27,7 +27,8 @@ from lgc_fast._io import atomic_write_bytes, atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
-from lgc_fast.detect import FIT_THRESHOLD, Detector, bundled_pipeline, read_json_object
+from lgc_fast.detect import Detector
+from lgc_fast.detector_settings import FIT_THRESHOLD, bundled_pipeline, read_json_object
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 from lgc_fast.shape import mean_point_offsets
