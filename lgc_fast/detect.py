@@ -47,7 +47,7 @@ from lgc_fast.data.dataset import read_gray
 from lgc_fast.data.geometry import (MIRROR_68, box_to_square, crop_transform, face_box, square_to_box,
                                     transform_points, warp_image)
 from lgc_fast.decode import DECODERS, blend, decode
-from lgc_fast.detector_settings import DEFAULT_DECODE, FIT_THRESHOLD, bundled_pipeline, read_metadata
+from lgc_fast.detector_settings import DEFAULT_DECODE, FIT_THRESHOLD, pipeline_settings, read_metadata
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 from lgc_fast.shape import remove_point_offsets
@@ -452,7 +452,7 @@ class Detector:
     argmax, the fit alone; without fit, the decoder alone. max_memory_bytes: working-memory budget of a forward pass
     (batch size in ``landmarks``, tile size in ``detect``). image_size: the crop size the network was trained on
     (default: the checkpoint's ``image_size``, else the bundled metadata's, else 96). decode=None: for the bundled
-    weights its metadata's ``"pipeline"`` choice (``bundled_pipeline``: the settings measured best on the training
+    weights its metadata's ``"pipeline"`` choice (``pipeline_settings``: the settings measured best on the training
     split and reported on the validation split), else ``DEFAULT_DECODE``. mirror: ``landmarks`` averages each crop's
     heatmaps with those of its mirror image (``model.mirror_averaged_omega``; twice the network time). fit_threshold:
     pixels above this share of their channel's maximum enter the shape fit (``fit_shape``'s threshold); None: the
@@ -466,7 +466,7 @@ class Detector:
                  max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
                  fit_threshold: float | None = None, point_offsets=None):
         metadata = read_metadata(ASSETS_DIR / METADATA_FILE) if weights is None else {}
-        pipeline = bundled_pipeline(metadata, ASSETS_DIR / METADATA_FILE)
+        pipeline = pipeline_settings(metadata, ASSETS_DIR / METADATA_FILE)
         point_offsets = pipeline.get("point_offsets") if point_offsets is None else point_offsets
         decode = pipeline.get("decode", DEFAULT_DECODE) if decode is None else decode
         fit_threshold = pipeline.get("fit_threshold", FIT_THRESHOLD) if fit_threshold is None else fit_threshold
@@ -503,8 +503,10 @@ class Detector:
         self.fit_threshold = float(fit_threshold)
         self.mirror = bool(mirror)
         self.point_offsets = None if point_offsets is None else np.asarray(point_offsets, dtype=np.float64)
-        if self.point_offsets is not None and self.point_offsets.shape != (self.n_landmarks, 2):
-            raise LgcError(f"point_offsets must have shape ({self.n_landmarks}, 2), got {self.point_offsets.shape}")
+        if self.point_offsets is not None and (self.point_offsets.shape != (self.n_landmarks, 2)
+                                               or not np.isfinite(self.point_offsets).all()):
+            raise LgcError(f"point_offsets must have shape ({self.n_landmarks}, 2) and be finite, got shape "
+                           f"{self.point_offsets.shape}")
         if self.mirror and self.n_landmarks != len(MIRROR_68):
             raise LgcError(f"mirror needs a network with {len(MIRROR_68)} landmarks, this one has {self.n_landmarks}")
         self.max_memory_bytes = int(max_memory_bytes)

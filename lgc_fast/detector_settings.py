@@ -30,10 +30,10 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def bundled_pipeline(metadata: dict, where: Path) -> dict:
-    """The bundled model's measured best Detector settings from its metadata (``read_metadata``): the "pipeline"
-    entry ({"decode": name, "fit_threshold": value, "point_offsets": (C, 2) list}, each optional), checked; {} when
-    there is none. `where`: the file named in errors."""
+def pipeline_settings(metadata: dict, where: Path) -> dict:
+    """A model's measured best Detector settings from its metadata (``read_metadata``: the bundled model's, or a file
+    given to ``lgc-fast eval --point-offsets``): the "pipeline" entry ({"decode": name, "fit_threshold": value,
+    "point_offsets": (C, 2) list}, each optional), checked; {} when there is none. `where`: the file named in errors."""
     pipeline = metadata.get("pipeline", {})
     if not isinstance(pipeline, dict) or set(pipeline) - {"decode", "fit_threshold", "point_offsets"}:
         raise LgcError(f"{where}: pipeline must be an object with decode, fit_threshold and/or point_offsets, got "

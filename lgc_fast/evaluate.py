@@ -28,7 +28,7 @@ from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
 from lgc_fast.detect import Detector
-from lgc_fast.detector_settings import FIT_THRESHOLD, bundled_pipeline, read_json_object
+from lgc_fast.detector_settings import FIT_THRESHOLD, pipeline_settings, read_json_object
 from lgc_fast.errors import LgcError
 from lgc_fast.model import mirror_averaged_omega
 from lgc_fast.shape import mean_point_offsets
@@ -181,7 +181,7 @@ def evaluate(args) -> dict:
     if args.fit:
         offsets = None
         if args.point_offsets is not None:
-            offsets = bundled_pipeline(read_json_object(args.point_offsets), args.point_offsets).get("point_offsets")
+            offsets = pipeline_settings(read_json_object(args.point_offsets), args.point_offsets).get("point_offsets")
             if offsets is None:
                 raise LgcError(f"{args.point_offsets}: no pipeline.point_offsets")
         detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size,

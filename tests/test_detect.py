@@ -224,6 +224,8 @@ def test_bundled_pipeline_settings_come_from_the_metadata(monkeypatch, tmp_path)
     assert D.Detector(weights=tmp_path / D.WEIGHTS_FILE, fit=False).point_offsets is None  # the bundled weights' only
     with pytest.raises(LgcError, match=r"point_offsets must have shape \(68, 2\)"):
         D.Detector(weights=net, point_offsets=np.zeros((5, 2)))
+    with pytest.raises(LgcError, match=r"point_offsets must have shape \(68, 2\) and be finite"):
+        D.Detector(weights=net, point_offsets=np.full((68, 2), np.nan))
     with pytest.raises(ValueError, match="fit_threshold"):
         D.Detector(weights=net, fit_threshold=-0.1)
     with pytest.raises(LgcError, match="mirror needs a network with 68 landmarks"):
