@@ -1,10 +1,13 @@
 """Benchmark one training step of the LGCN (forward, loss, backward, gradient clipping, SGD update) in samples/s.
 
-Two modes in the same run, on the same synthetic batch (random 0-255 images, landmarks inside the crop):
+Modes, timed in the same run on the same synthetic batch (random 0-255 images, landmarks inside the crop):
   eager-ref : plain torch: every lgc_fast op on its reference path (LGC_FAST_BACKEND=ref), no torch.compile;
   lgc_fast  : the automatic fast backends (compiled C++ on the CPU; CUDA/Triton on a GPU);
   lgc_fast-compiled (with --compile [MODE]): lgc_fast with the forward pass and loss under torch.compile(mode=MODE)
               as `lgc-fast train --compile MODE` runs it (reduce-overhead adds CUDA graphs).
+  lgc_fast-fused, lgc_fast-fused-compiled: the same two with every conv block's BN + ReLU + scale + dropout as one
+              lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; CUDA only, on
+              the CPU the blocks keep torch's modules).
 Both use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
 ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits both alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
@@ -38,7 +41,7 @@ from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled
                             forward_loss, train_step)
 
 LANDMARKS = 68
-MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled")
+MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled")
 
 
 def make_batch(n: int, size: int, device: torch.device, seed: int = 0):
@@ -55,7 +58,8 @@ def make_step(mode: str, args, device: torch.device, batch: int):
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
-    loss_fn = compiled_forward_loss(args.compile) if mode == "lgc_fast-compiled" else forward_loss
+    model.fuse_epilogues("fused" in mode)
+    loss_fn = compiled_forward_loss(args.compile) if mode.endswith("-compiled") else forward_loss
     optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)
     images, points, labelled = make_batch(batch, args.size, device)
     images = images.contiguous(memory_format=memory_format)
@@ -97,8 +101,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch_sizes, args.width, args.budget_s, args.ref_runs = [8 if cuda else 2], 8, 2.0, 1
     if args.modes is None:
-        args.modes = list(MODES) if args.compile else list(MODES[:2])
-    elif "lgc_fast-compiled" in args.modes and not args.compile:
+        args.modes = list(MODES[:3]) if args.compile else list(MODES[:2])
+    elif any(m.endswith("-compiled") for m in args.modes) and not args.compile:
         args.compile = "default"
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = cuda  # as lgc-fast train does: both modes get the fastest conv algorithms
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(3 if mode == "lgc_fast-compiled" else 1):  # CUDA graphs are recorded on the 2nd/3rd call
+            for _ in range(3 if mode.endswith("-compiled") else 1):  # CUDA graphs are recorded on the 2nd/3rd call
                 step()
             if cuda:
                 torch.cuda.synchronize(device)

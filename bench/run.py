@@ -30,11 +30,16 @@ BENCHES = {
     "lgc_loss": ([], ["--quick"]),
     "fit_shape": ([], ["--quick"]),
     "dilated_block": ([], ["--quick"]),
+    "bn_relu_dropout": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
     "detect": ([], ["--quick"]),
     "landmarks": ([], ["--quick"]),
 }
+
+
+# The train step's modes after eager-ref, as bench_train_step.py names them.
+MODES_OF_TRAIN_STEP = ("lgc_fast", "lgc_fast-fused", "lgc_fast-compiled", "lgc_fast-fused-compiled")
 
 
 def run_benches(names: list[str], quick: bool, out: Path | None) -> dict[str, str]:
@@ -112,15 +117,28 @@ def rows_dilated_block(entry, device):
                        r["ref_ms"][0], r["composed_ms"][0], device)
 
 
+def rows_bn_relu_dropout(entry, device):
+    by_dtype = {}
+    for r in entry.get("results", []):
+        by_dtype.setdefault(r["dtype"], {})[r["method"]] = r
+    for dtype, methods in by_dtype.items():
+        fast = methods.get("lgc_fast")
+        for name in ("torch eager", "torch compiled"):
+            if fast is not None and name in methods:
+                yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, training) vs {name}",
+                           "x".join(map(str, fast["shape"])), fast["median_ms"], methods[name]["median_ms"], device)
+
+
 def rows_train_step(entry, device):
     config = entry.get("config", {})
     by_batch = {}
     for r in entry.get("results", []):
         by_batch.setdefault(r["batch"], {})[r["mode"]] = r
     for batch, modes in by_batch.items():
-        for mode in ("lgc_fast", "lgc_fast-compiled"):
+        for mode in MODES_OF_TRAIN_STEP:
             if mode in modes and "eager-ref" in modes:
-                name = mode if mode == "lgc_fast" else f"lgc_fast, torch.compile mode {config.get('compile')}"
+                name = mode if not mode.endswith("compiled") else \
+                    f"{mode.removesuffix('-compiled')}, torch.compile mode {config.get('compile')}"
                 yield _row(f"train step ({name}) vs eager torch reference",
                            f"batch {batch}, width {config.get('width')}", modes[mode]["median_ms"],
                            modes["eager-ref"]["median_ms"], device)

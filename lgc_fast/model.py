@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
 
@@ -41,7 +42,12 @@ def default_local_layers(variant: str) -> tuple[int, ...]:
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output."""
+    """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output.
+
+    With `fused_epilogue` set (``LGCN.fuse_epilogues``) and the Triton backend usable for the activations (CUDA), the
+    BN + ReLU + scale + dropout part runs as one ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their
+    updates are the modules' own, only the dropout mask comes from a different draw.
+    """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, dilation: int = 1, dropout: float = 0.1,
                  act_scale: float = ACTIVATION_SCALE):
@@ -51,12 +57,35 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
         self.act_scale = act_scale
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fused_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn(self.conv(x)))
+        z = self.conv(x)
+        if self.fused_epilogue and fused_backend(z.device) is not None:
+            return self._fused_epilogue(z)
+        y = torch.relu(self.bn(z))
         if self.act_scale != 1.0:
             y = y * self.act_scale
         return self.drop(y)
+
+    def _fused_epilogue(self, z: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
+        keep = None
+        if self.training and p > 0:
+            keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - p)  # 1 byte per value, z's layout
+        # nn.BatchNorm2d's rules: batch statistics in training or without running statistics; the running ones are
+        # updated in training (with the cumulative average when momentum is None).
+        batch_stats = self.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        update = not self.training or bn.track_running_stats
+        return bn_relu_dropout(z, bn.running_mean if update else None, bn.running_var if update else None,
+                               bn.weight, bn.bias, keep, training=batch_stats, momentum=momentum, eps=bn.eps,
+                               dropout_p=p, activation_scale=self.act_scale)
 
 
 class KernelConv(nn.Module):
@@ -132,6 +161,15 @@ class LGCN(nn.Module):
         """Plain-JSON arguments that rebuild this network: ``LGCN(**model.config)``."""
         return {"variant": self.variant, "width": self.width, "n_landmarks": self.n_landmarks,
                 "dropout": self.dropout, "local_layers": list(self.local_layers)}
+
+    def fuse_epilogues(self, enabled: bool = True) -> "LGCN":
+        """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its Triton kernels run
+        (CUDA; elsewhere torch's modules run as before). The weights, buffers and state_dict keys do not change.
+        Returns self."""
+        for module in self.modules():
+            if isinstance(module, ConvBlock):
+                module.fused_epilogue = bool(enabled)
+        return self
 
     @property
     def receptive_radius(self) -> int:

@@ -69,7 +69,7 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
                 "clip_norm", "seed", "val_fraction", "limit", "augment", "world_size", "backgrounds",
                 "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
-NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile")
+NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue")
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -121,6 +121,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the forward pass and the loss as one graph; MODE is torch.compile's mode "
                         f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")
+    p.add_argument("--fused-epilogue", action=argparse.BooleanOptionalAction, default=False,
+                   help="on CUDA, run every conv block's BatchNorm + ReLU + scale + dropout as one Triton op "
+                        "(lgc_fast.ops.bn_relu_dropout) instead of torch's modules (default: off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -309,6 +312,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "amp": cuda if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
         "device_augment": cuda and args.augment, "compile": args.compile or False,
+        "fused_epilogue": bool(args.fused_epilogue),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }
@@ -532,7 +536,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
     if init is not None:
         model.load_state_dict(init)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    model = model.to(device=device, memory_format=memory_format).fuse_epilogues(settings["fused_epilogue"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop and batch shapes: pick each conv's fastest algorithm once
     optimizer = _make_optimizer(model.parameters(), args.lr, args.momentum)

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lgc_fast.kernels import dilated_conv, fit_shape, kernel_conv, lgc_loss
+from lgc_fast.kernels import bn_relu_dropout, dilated_conv, fit_shape, kernel_conv, lgc_loss
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
@@ -103,7 +103,46 @@ def dilated_conv_cases() -> None:
                          f"{dtype} {config.kwargs}", extra={"shared_bound_bytes": bound})
 
 
+def bn_relu_dropout_cases() -> None:
+    """The four epilogue kernels for a channels_last 128-channel map in every dtype, and for a contiguous one in
+    bfloat16; the channel stride 1 (channels_last) or pixel stride 1 (contiguous) as the launcher specialises it."""
+    module = bn_relu_dropout
+    kernels = {
+        "_moments_kernel": ("z", "part"),
+        "_apply_kernel": ("z", "keep", "y", "scale", "shift"),
+        "_grad_sums_kernel": ("dy", "z", "keep", "scale", "shift", "center", "part"),
+        "_grad_apply_kernel": ("dy", "z", "keep", "dz", "scale", "shift", "k1", "k0"),
+    }
+    strided = {"z": "z", "dy": "dy", "keep": "k", "y": "y", "dz": "dz"}
+    for dtype, channels_last in [(d, True) for d in (torch.bfloat16, torch.float32, torch.float16, torch.float64)] \
+            + [(torch.bfloat16, False)]:
+        fp64 = dtype == torch.float64
+        z = torch.empty(16, 128, 96, 96, dtype=dtype)
+        if channels_last:
+            z = z.to(memory_format=torch.channels_last)
+        block_p, block_c = module.tile_shape(z)
+        acc = PTR[torch.float64 if fp64 else torch.float32]
+        for name, pointers in kernels.items():
+            fn = getattr(module, name)
+            types = {f"{p}_ptr": {"keep": "*u8", "z": PTR[dtype], "dy": PTR[dtype], "y": PTR[dtype],
+                                  "dz": PTR[dtype]}.get(p, acc) for p in pointers}
+            constexprs = dict(ACC=tl.float64 if fp64 else tl.float32, BLOCK_P=block_p, BLOCK_C=block_c)
+            for p in pointers:
+                if p in strided:
+                    prefix = strided[p]
+                    types.update(ints(f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sp"))
+                    constexprs[f"{prefix}_sc" if channels_last else f"{prefix}_sp"] = 1
+            types.update(ints("C", "P", "NPB"), out_scale="fp32")
+            if "keep" in pointers:
+                constexprs["HAS_KEEP"] = True
+            if name == "_grad_apply_kernel":
+                constexprs["CENTERED"] = True
+            for arg in constexprs:
+                types.pop(arg, None)
+            compile_sm90(fn, types, constexprs, 8, 3, f"{dtype} {'channels_last' if channels_last else 'contiguous'}")
+
+
 if __name__ == "__main__":
-    for cases in (kernel_conv_cases, lgc_loss_cases, fit_shape_cases, dilated_conv_cases):
+    for cases in (kernel_conv_cases, lgc_loss_cases, fit_shape_cases, dilated_conv_cases, bn_relu_dropout_cases):
         cases()
     sys.exit(0)

@@ -1,11 +1,14 @@
 """LGCN architecture, receptive field, memory formats, autocast, torch.compile, and checkpoint files."""
+import copy
+
 import pytest
 import torch
 
+from lgc_fast import _backend
 from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
 from lgc_fast.data import MIRROR_68
 from lgc_fast.errors import LgcError
-from lgc_fast.model import LGCN, mirror_averaged_omega
+from lgc_fast.model import LGCN, ConvBlock, mirror_averaged_omega
 from lgc_fast.ops import kernel_conv_ref
 
 
@@ -150,6 +153,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(local, ref_local)
 
 
+def test_fused_epilogues_compile_fullgraph(monkeypatch):
+    """The fused epilogue (custom ops, mask draw, running-statistics update) traces into one graph, forward and
+    backward, and computes what eager does."""
+    if not _backend._usable("triton", torch.device("cpu"))[0]:
+        pytest.skip("triton is not usable on the CPU here")
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    torch._dynamo.reset()
+    eager = tiny(width=2, n_landmarks=2, local_layers=(3,), dropout=0.0).fuse_epilogues().train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = images(2, 12, 12)
+    for net in (eager, compiled):
+        local, omega = net(x)
+        (local.sum() + omega.square().sum()).backward()
+    torch.testing.assert_close(compiled(x), eager(x))
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict())
+
+
 def test_checkpoint_round_trip_and_export(tmp_path):
     model = tiny().eval()
     x = images()
@@ -211,3 +234,52 @@ def test_mirror_averaged_omega():
         torch.testing.assert_close(again, averaged.flip(-1)[:, torch.tensor(MIRROR_68)])
     with pytest.raises(ValueError, match="68 iBUG landmarks"):
         mirror_averaged_omega(LGCN("release", width=4, n_landmarks=5, local_layers=(3,)), x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_epilogues_match_modules(monkeypatch, channels_last):
+    # Triton (the interpreter here) for every op of both models, so the epilogue is the only difference.
+    if not _backend._usable("triton", torch.device("cpu"))[0]:
+        pytest.skip("triton is not usable on the CPU here")
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    torch.manual_seed(0)
+    modules = LGCN("release", width=4, n_landmarks=3, dropout=0.0, local_layers=(3, 3))
+    fused = copy.deepcopy(modules).fuse_epilogues()
+    assert fused.state_dict().keys() == modules.state_dict().keys()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.rand(2, 1, 12, 12) * 255).contiguous(memory_format=memory_format)
+    outputs = []
+    for net in (modules, fused):
+        net.to(memory_format=memory_format).train()
+        local, omega = net(x)
+        (local.square().sum() + omega.sum()).backward()
+        net.eval()
+        outputs.append((local, omega, net(x)[1], {k: p.grad for k, p in net.named_parameters()}, net.state_dict()))
+    (*want, grads, state), (*got, fused_grads, fused_state) = outputs
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():  # float32 sums in another order: compare on the scale of each gradient
+        scale = g.abs().max() + 1.0
+        torch.testing.assert_close(fused_grads[name] / scale, g / scale, rtol=1e-5, atol=1e-5)
+    for name, v in state.items():  # running statistics and num_batches_tracked
+        torch.testing.assert_close(fused_state[name], v, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_epilogue_dropout_in_training_only(monkeypatch):
+    if not _backend._usable("triton", torch.device("cpu"))[0]:
+        pytest.skip("triton is not usable on the CPU here")
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    torch.manual_seed(1)
+    block = ConvBlock(2, 16, 3, dropout=0.5)
+    block.fused_epilogue = True
+    x = torch.randn(4, 2, 8, 8)
+    y = block(x)
+    z = block.conv(x)
+    fed = 0.1 * torch.relu(torch.nn.functional.batch_norm(z, None, None, block.bn.weight, block.bn.bias, True))
+    dropped = (y == 0) & (fed > 0)
+    assert 0.4 < dropped.sum() / (fed > 0).sum() < 0.6  # half of the active values dropped, the rest kept at 2x
+    torch.testing.assert_close(y[~dropped], 2 * fed[~dropped], rtol=1e-5, atol=1e-6)
+    block.eval()
+    torch.testing.assert_close(block(x), block(x))
+    block.fused_epilogue = False
+    torch.testing.assert_close(ConvBlock.forward(block, x), block(x))

@@ -333,3 +333,28 @@ def test_signal_to_the_process_group_saves_the_run(tmp_path):
     assert "Traceback" not in err
     state = load_checkpoint(out / "last.pt")
     assert state["step"] > 0 and (state["epoch"], state["batch_in_epoch"]) != (0, 0)
+
+
+def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
+    # The fused path runs only where Triton does; here it is switched on with the op's automatic (reference) backend,
+    # which tests the plumbing in seconds (the Triton kernels inside the model: tests/test_model.py).
+    import lgc_fast.model as model_module
+    calls = []
+    real_op = model_module.bn_relu_dropout
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["training"])
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "fused_backend", lambda device: "ref")
+    monkeypatch.setattr(model_module, "bn_relu_dropout", counted)
+    assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is False
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    result = train(parse_args(["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2,
+                               "--max-steps", 2, "--fused-epilogue", *TINY]))
+    assert result.step == 2 and all(np.isfinite(r["train_loss"]) for r in result.history)
+    blocks = [m for m in result.model.modules() if hasattr(m, "fused_epilogue")]
+    assert blocks and all(m.fused_epilogue for m in blocks)
+    assert all(int(m.bn.num_batches_tracked) == 2 for m in blocks)
+    assert calls.count(True) == 2 * len(blocks) and False in calls  # two training steps, then validation
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["settings"]["fused_epilogue"] is True

@@ -1,0 +1,130 @@
+"""Benchmark a conv block's epilogue (BatchNorm with batch statistics + ReLU + 0.1 scale + dropout), forward +
+backward as training runs it, against torch in the same run.
+
+Methods, on the same (N, C, 96, 96) channels_last map z (the conv output), each drawing its own dropout mask:
+  lgc_fast          : lgc_fast.ops.bn_relu_dropout (automatic backend: triton on a GPU, ref on the CPU), mask drawn
+                      as ConvBlock draws it (one byte per value)
+  torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
+  torch compiled    : the same function under torch.compile (inductor fuses the elementwise parts)
+Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, the speed-up of lgc_fast
+over each torch method, and (GPU) the achieved bandwidth of lgc_fast against the datasheet peak for the traffic
+its four passes need at least: z read twice forward and twice backward, the output gradient read twice, y and dz
+written once, the mask written once and read three times.
+
+Usage:
+  python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32] [--out PATH]
+Writes the results under "bn_relu_dropout" in bench/results/<device-slug>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
+
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout  # noqa: E402
+from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BENCH = "bn_relu_dropout"
+SIZE = 96
+
+
+def torch_epilogue(z, running_mean, running_var, weight, bias):
+    y = torch.relu(F.batch_norm(z, running_mean, running_var, weight, bias, training=True))
+    return F.dropout(y * ACTIVATION_SCALE, DROPOUT_P, training=True)
+
+
+def lgc_fast_epilogue(z, running_mean, running_var, weight, bias):
+    keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - DROPOUT_P)
+    return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True)
+
+
+def min_traffic_bytes(z: torch.Tensor) -> int:
+    """Bytes the fused forward + backward must move at least (see the module docstring)."""
+    return z.numel() * (8 * z.element_size() + 4)
+
+
+def make_step(fn, z, grad, params):
+    def step():
+        z.grad = None
+        for p in params[2:]:
+            p.grad = None
+        fn(z, *params).backward(grad)
+    return step
+
+
+def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch):
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (n, c, SIZE, SIZE)
+    z = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    z = z.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.ones(c, device=device, requires_grad=True)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+    params = [torch.zeros(c, device=device), torch.ones(c, device=device), weight, bias]
+    methods = {"lgc_fast": make_step(lgc_fast_epilogue, z, grad, params),
+               "torch eager": make_step(torch_epilogue, z, grad, params)}
+    if compile_torch:
+        methods["torch compiled"] = make_step(torch.compile(torch_epilogue), z, grad, params)
+    timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget_s)
+    rows = []
+    peak = peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    for name, t in timings.items():
+        row = {"dtype": dtype_name, "shape": list(shape), "method": name, **t.as_dict()}
+        if name == "lgc_fast":
+            gbps = min_traffic_bytes(z) / (t.median_ms / 1e3) / 1e9
+            row["min_traffic_gb_per_s"] = gbps
+            row["pct_of_peak_bandwidth"] = 100 * gbps * 1e9 / peak if peak else None
+        rows.append(row)
+    fast = timings["lgc_fast"].median_ms
+    for row in rows:
+        if row["method"] != "lgc_fast":
+            row["lgc_fast_speedup"] = row["median_ms"] / fast
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 16 channels, 1 s budget")
+    parser.add_argument("--batch", type=int, help="N (default 64 on a GPU, 4 on the CPU)")
+    parser.add_argument("--channels", type=int, default=128, help="C (the release's width: 128)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default bf16 fp32 (GPU), fp32 (CPU)")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per dtype (5; CPU 3)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile method")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    n = args.batch or (2 if args.quick else 64 if gpu else 4)
+    c = 16 if args.quick else args.channels
+    budget = 1.0 if args.quick else args.budget_s or (5.0 if gpu else 3.0)
+    dtypes = args.dtypes or (["bf16", "fp32"] if gpu else ["fp32"])
+    env = environment(device)
+    print(f"bn_relu_dropout fwd+bwd (training), {n} x {c} x {SIZE} x {SIZE} channels_last on {env['device']}; "
+          f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    rows = []
+    for dtype_name in dtypes:
+        rows += bench_dtype(device, dtype_name, n, c, budget, compile_torch=gpu and not args.no_compile)
+    print(format_table(rows, [("dtype", "dtype"), ("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"),
+                              ("p80_ms", "p80"), ("lgc_fast_speedup", "lgc_fast speed-up"),
+                              ("min_traffic_gb_per_s", "GB/s"), ("pct_of_peak_bandwidth", "% peak")]))
+    payload = {"environment": env, "batch": n, "channels": c, "size": SIZE, "dropout_p": DROPOUT_P,
+               "baselines": "torch eager (F.batch_norm + relu + scale + F.dropout) and the same under torch.compile",
+               "results": rows}
+    print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Triton kernels of a conv block's epilogue: BatchNorm (batch or running statistics), ReLU, the activation scale and
+dropout, forward and backward, in four memory passes where eager torch takes about twenty.
+
+Every kernel walks a map z: (N, C, H, W) as (N, C, P = H * W) in tiles of (BLOCK_P pixels x BLOCK_C channels), one
+program per tile, with each tensor's own (n, c, p) strides, so contiguous and channels_last maps both load along
+their innermost dimension. Per-channel sums come back as one partial row per tile (no atomics: the result does not
+depend on scheduling), which the caller reduces in torch; the moments are per-tile (mean, M2) pairs combined with
+Chan's formula, so the variance does not lose digits to E[z^2] - E[z]^2. Arithmetic in float32 (float64 maps in
+float64).
+
+    forward   moments: read z                      -> (mean, var) per channel
+              apply:   read z (+ keep), write y     y = out_scale * relu(z * scale + shift) * keep
+    backward  sums:    read dy, z (+ keep)          -> sum g, sum g * (z - mean), g = dy * out_scale * keep * [pre > 0]
+              apply:   read dy, z (+ keep), write dz   dz = scale * g + k1 * z + k0
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE_ELEMENTS = 4096
+
+
+@triton.jit
+def _tile(C, P, NPB, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tile: (row, n, pid_p, p, c, c_ok, inside). Axis 0 runs over (image n, pixel block pid_p), NPB
+    blocks an image, and numbers the tile's partial row; axis 1 over channel blocks."""
+    row = tl.program_id(0).to(tl.int64)
+    n = row // NPB
+    pid_p = row % NPB
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    inside = (p < P)[:, None] & c_ok[None, :]
+    return row, n, pid_p, p, c, c_ok, inside
+
+
+@triton.jit
+def _offsets(n, p, c, s_n, s_c, s_p):
+    return n * s_n + p[:, None] * s_p + c[None, :].to(tl.int64) * s_c
+
+
+@triton.jit
+def _moments_kernel(z_ptr, part_ptr, C, P, NPB, z_sn, z_sc, z_sp,
+                    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
+    z = tl.load(z_ptr + _offsets(n, p, c, z_sn, z_sc, z_sp), mask=inside, other=0.0).to(ACC)
+    count = tl.minimum(P - pid_p * BLOCK_P, BLOCK_P).to(ACC)
+    mean = tl.sum(z, axis=0) / count
+    d = tl.where(inside, z - mean[None, :], 0.0)
+    part = part_ptr + row * 2 * C
+    tl.store(part + c, mean, mask=c_ok)
+    tl.store(part + C + c, tl.sum(d * d, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
+               dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
+               HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
+    """(z, sc, g): the tile of z, the channel scales and the gradient at the BatchNorm output."""
+    z = tl.load(z_ptr + _offsets(n, p, c, z_sn, z_sc, z_sp), mask=inside, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + _offsets(n, p, c, dy_sn, dy_sc, dy_sp), mask=inside, other=0.0).to(ACC)
+    sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    active = (z * sc[None, :] + sh[None, :]) > 0.0
+    g = tl.where(active, dy * out_scale, 0.0)
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0)
+        g = tl.where(keep != 0, g, 0.0)
+    return z, sc, g
+
+
+@triton.jit
+def _apply_kernel(z_ptr, keep_ptr, y_ptr, scale_ptr, shift_ptr, out_scale, C, P, NPB,
+                  z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, y_sn, y_sc, y_sp,
+                  HAS_KEEP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
+    z = tl.load(z_ptr + _offsets(n, p, c, z_sn, z_sc, z_sp), mask=inside, other=0.0).to(ACC)
+    sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    # NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`: never a silent 0.
+    y = tl.maximum(z * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * out_scale
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0)
+        y = y * (keep != 0).to(ACC)
+    tl.store(y_ptr + _offsets(n, p, c, y_sn, y_sc, y_sp), y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, center_ptr, part_ptr, out_scale, C, P, NPB,
+                      dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
+                      HAS_KEEP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
+    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
+                          dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, HAS_KEEP, ACC)
+    center = tl.load(center_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    part = part_ptr + row * 2 * C
+    tl.store(part + c, tl.sum(g, axis=0), mask=c_ok)
+    tl.store(part + C + c, tl.sum(g * (z - center[None, :]), axis=0), mask=c_ok)
+
+
+@triton.jit
+def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, dz_ptr, scale_ptr, shift_ptr, k1_ptr, k0_ptr, out_scale, C, P, NPB,
+                       dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, dz_sn, dz_sc, dz_sp,
+                       HAS_KEEP: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
+    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
+                          dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, HAS_KEEP, ACC)
+    dz = g * sc[None, :]
+    if CENTERED:  # batch statistics: the gradient also flows through the mean and variance
+        k1 = tl.load(k1_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        k0 = tl.load(k0_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        dz += z * k1[None, :] + k0[None, :]
+    tl.store(dz_ptr + _offsets(n, p, c, dz_sn, dz_sc, dz_sp), dz.to(dz_ptr.dtype.element_ty), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers. Tensors are (N, C, H, W) with H and W flattenable into one pixel stride (contiguous or channels_last).
+
+def _ncp_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    _, _, h, w = t.shape
+    return t.stride(0), t.stride(1), (t.stride(3) if w > 1 else t.stride(2))
+
+
+def tile_shape(z: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): whole channel rows for channels_last maps, long pixel runs for contiguous ones."""
+    _, c, h, w = z.shape
+    p = h * w
+    if z.stride(1) == 1 and c > 1:
+        block_c = min(triton.next_power_of_2(c), 128)
+        block_p = min(max(_TILE_ELEMENTS // block_c, 1), triton.next_power_of_2(p))
+    else:
+        block_p = min(triton.next_power_of_2(p), 1024)
+        block_c = min(max(_TILE_ELEMENTS // block_p, 1), triton.next_power_of_2(c))
+    return block_p, block_c
+
+
+def _blocks(z: torch.Tensor, block_p: int, block_c: int) -> tuple[int, tuple[int, int]]:
+    """(pixel blocks an image, launch grid)."""
+    n, c, h, w = z.shape
+    npb = triton.cdiv(h * w, block_p)
+    return npb, (n * npb, triton.cdiv(c, block_c))
+
+
+def _acc(z: torch.Tensor):
+    return (tl.float64, torch.float64) if z.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _keep_view(keep: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    if keep is None:
+        return fallback
+    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+
+
+def _launch(kernel, grid, z, *args, **meta):
+    num_warps = 8 if meta["BLOCK_P"] * meta["BLOCK_C"] >= 4096 else 4
+    if z.device.type == "cuda":
+        with torch.cuda.device(z.device):
+            kernel[grid](*args, **meta, num_warps=num_warps)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def moments_triton(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased variance) of z: (N, C, H, W) -> two (C,) tensors in the accumulation dtype."""
+    n, c, h, w = z.shape
+    acc_tl, acc = _acc(z)
+    block_p, block_c = tile_shape(z)
+    npb, grid = _blocks(z, block_p, block_c)
+    part = torch.empty((grid[0], 2, c), dtype=acc, device=z.device)
+    _launch(_moments_kernel, grid, z, z, part, c, h * w, npb, *_ncp_strides(z),
+            ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    p = h * w
+    count = (p - torch.arange(npb, device=z.device, dtype=acc) * block_p).clamp(max=block_p).repeat(n)[:, None]
+    means, m2s = part[:, 0], part[:, 1]
+    mean = (count * means).sum(0) / (n * p)
+    m2 = m2s.sum(0) + (count * (means - mean) ** 2).sum(0)
+    return mean, m2 / (n * p)
+
+
+def apply_triton(z, scale, shift, keep, out_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = out_scale * relu(z * scale + shift) * keep (keep: bool/uint8 like z, or None). Returns out."""
+    n, c, h, w = z.shape
+    acc_tl, acc = _acc(z)
+    block_p, block_c = tile_shape(z)
+    k = _keep_view(keep, z)
+    npb, grid = _blocks(z, block_p, block_c)
+    _launch(_apply_kernel, grid, z, z, k, out, scale.to(acc).contiguous(),
+            shift.to(acc).contiguous(), out_scale, c, h * w, npb, *_ncp_strides(z), *_ncp_strides(k),
+            *_ncp_strides(out), HAS_KEEP=keep is not None, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
+
+
+def grad_sums_triton(dy, z, scale, shift, keep, center, out_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel (sum g, sum g * (z - center)) with g = dy * out_scale * keep * [z * scale + shift > 0]."""
+    n, c, h, w = z.shape
+    acc_tl, acc = _acc(z)
+    block_p, block_c = tile_shape(z)
+    npb, grid = _blocks(z, block_p, block_c)
+    part = torch.empty((grid[0], 2, c), dtype=acc, device=z.device)
+    k = _keep_view(keep, z)
+    _launch(_grad_sums_kernel, grid, z, dy, z, k, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
+            center.to(acc).contiguous(), part, out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z),
+            *_ncp_strides(k), HAS_KEEP=keep is not None, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    return part[:, 0].sum(0), part[:, 1].sum(0)
+
+
+def grad_apply_triton(dy, z, scale, shift, keep, k1, k0, out_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = scale * g + k1 * z + k0 (k1, k0: (C,) or both None for 0), g as in ``grad_sums_triton``."""
+    n, c, h, w = z.shape
+    acc_tl, acc = _acc(z)
+    block_p, block_c = tile_shape(z)
+    k = _keep_view(keep, z)
+    scale = scale.to(acc).contiguous()
+    centered = k1 is not None
+    k1 = k1.to(acc).contiguous() if centered else scale
+    k0 = k0.to(acc).contiguous() if centered else scale
+    npb, grid = _blocks(z, block_p, block_c)
+    _launch(_grad_apply_kernel, grid, z, dy, z, k, out, scale, shift.to(acc).contiguous(),
+            k1, k0, out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z), *_ncp_strides(k), *_ncp_strides(out),
+            HAS_KEEP=keep is not None, CENTERED=centered, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    return out

@@ -1,0 +1,310 @@
+"""The epilogue of every conv block of the LGCN (paper section 3.2, the release's layers): BatchNorm, ReLU, the
+release's 0.1 activation scale and dropout, as one op on the convolution's output z:
+
+    y = activation_scale * relu((z - mean) / sqrt(var + eps) * weight + bias) * keep / (1 - dropout_p)
+
+training=True normalises with the batch statistics of z (per channel over N, H, W) and updates running_mean /
+running_var in place as ``nn.BatchNorm2d`` does (unbiased variance, `momentum`); training=False uses the running
+statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep (``draw_dropout_mask``), or None for
+none (then no 1/(1-p) factor either).
+
+Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, about ten passes over the activations
+forward and ten backward, and activations dominate the training step's memory traffic. The Triton backend takes two
+passes forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z
+(and the mask) again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps
+both sides opaque.
+
+Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for) and "ref" (plain torch, the automatic
+choice on the CPU).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+
+from lgc_fast import _backend
+from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P, fold_batchnorm
+
+_SUPPORTED = ("triton", "ref")
+_MASK_DTYPES = (torch.bool, torch.uint8)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(z: torch.Tensor) -> torch.memory_format:
+    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _flattenable(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """t, or a copy in `memory_format` where its H and W strides cannot merge into one pixel stride."""
+    _, _, h, w = t.shape
+    if h == 1 or w == 1 or t.stride(2) == w * t.stride(3):
+        return t
+    return t.contiguous(memory_format=memory_format)
+
+
+def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(dtype)[:, None, None]
+
+
+def _kernels():
+    return importlib.import_module("lgc_fast.kernels.bn_relu_dropout")
+
+
+def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update: running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_((var.detach() * (count / (count - 1))).to(running_var.dtype),
+                                              alpha=momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (the test oracle): the formula of the module docstring, written out in torch.
+
+def bn_relu_dropout_ref(z: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        keep_mask: torch.Tensor | None = None, *, training: bool, momentum: float = 0.1,
+                        eps: float = 1e-5, dropout_p: float = DROPOUT_P,
+                        activation_scale: float = ACTIVATION_SCALE) -> torch.Tensor:
+    """z: (N, C, H, W) -> y (N, C, H, W) in z's dtype and memory format, computed in float32 (float64 for float64)."""
+    _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
+           activation_scale)
+    ct = _compute_dtype(z.dtype)
+    zc = z.to(ct)
+    if training:
+        mean = zc.mean(dim=(0, 2, 3))
+        var = zc.var(dim=(0, 2, 3), unbiased=False)
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, z.numel() // z.shape[1], momentum)
+    else:
+        mean, var = running_mean.to(ct), running_var.to(ct)
+    u = (zc - _channel(mean, ct)) * _channel(torch.rsqrt(var + eps), ct)
+    if weight is not None:
+        u = u * _channel(weight, ct)
+    if bias is not None:
+        u = u + _channel(bias, ct)
+    y = torch.relu(u) * activation_scale
+    if keep_mask is not None:
+        y = y * (keep_mask != 0).to(ct) * (1.0 / (1.0 - dropout_p))
+    out = torch.empty_like(z, memory_format=_memory_format(z))
+    out.copy_(y)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (Triton backend). out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
+
+def _new_like(z: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(z, memory_format=_memory_format(z))
+
+
+def _train_affine(weight, bias, mean, var, eps):
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.to(mean.dtype) * invstd
+    return invstd, scale, bias.to(mean.dtype) - mean * scale
+
+
+@torch.library.custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
+def _train_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_mask: Optional[torch.Tensor],
+              eps: float, out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    mean, var = kernels.moments_triton(z)
+    _, scale, shift = _train_affine(weight, bias, mean, var, eps)
+    return kernels.apply_triton(z, scale, shift, keep_mask, out_scale, _new_like(z)), mean, var
+
+
+@_train_op.register_fake
+def _(z, weight, bias, keep_mask, eps, out_scale):
+    stat = z.new_empty((z.shape[1],), dtype=_compute_dtype(z.dtype))
+    return _new_like(z), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
+def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor], eps: float,
+                       out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    invstd, scale, shift = _train_affine(weight, bias, mean, var, eps)
+    grad = _flattenable(grad, _memory_format(z))
+    sum_g, sum_g_centered = kernels.grad_sums_triton(grad, z, scale, shift, keep_mask, mean, out_scale)
+    count = z.numel() // z.shape[1]
+    # dz = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd, written as scale * g + k1 * z + k0.
+    k1 = -scale * invstd * invstd * sum_g_centered / count
+    k0 = -scale * sum_g / count - k1 * mean
+    dz = kernels.grad_apply_triton(grad, z, scale, shift, keep_mask, k1, k0, out_scale, _new_like(z))
+    return dz, (sum_g_centered * invstd).to(weight.dtype), sum_g.to(bias.dtype)
+
+
+@_train_backward_op.register_fake
+def _(grad, z, weight, bias, mean, var, keep_mask, eps, out_scale):
+    return _new_like(z), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _train_setup_context(ctx, inputs, output):
+    z, weight, bias, keep_mask, eps, out_scale = inputs
+    _, mean, var = output
+    ctx.save_for_backward(z, weight, bias, mean, var, keep_mask)
+    ctx.eps, ctx.out_scale = eps, out_scale
+
+
+def _train_backward(ctx, grad, grad_mean, grad_var):
+    # mean and var are returned for the running statistics only; the public function never lets them carry gradients.
+    z, weight, bias, mean, var, keep_mask = ctx.saved_tensors
+    dz, dweight, dbias = _train_backward_op(grad, z, weight, bias, mean, var, keep_mask, ctx.eps, ctx.out_scale)
+    return dz, dweight, dbias, None, None, None
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+@torch.library.custom_op("lgc_fast::scale_shift_relu_dropout", mutates_args=())
+def _affine_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_mask: Optional[torch.Tensor],
+               out_scale: float) -> torch.Tensor:
+    return _kernels().apply_triton(z, scale, shift, keep_mask, out_scale, _new_like(z))
+
+
+@_affine_op.register_fake
+def _(z, scale, shift, keep_mask, out_scale):
+    return _new_like(z)
+
+
+@torch.library.custom_op("lgc_fast::scale_shift_relu_dropout_backward", mutates_args=())
+def _affine_backward_op(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        keep_mask: Optional[torch.Tensor], out_scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    grad = _flattenable(grad, _memory_format(z))
+    sum_g, sum_gz = kernels.grad_sums_triton(grad, z, scale, shift, keep_mask, torch.zeros_like(scale), out_scale)
+    dz = kernels.grad_apply_triton(grad, z, scale, shift, keep_mask, None, None, out_scale, _new_like(z))
+    return dz, sum_gz.to(scale.dtype), sum_g.to(shift.dtype)
+
+
+@_affine_backward_op.register_fake
+def _(grad, z, scale, shift, keep_mask, out_scale):
+    return _new_like(z), torch.empty_like(scale), torch.empty_like(shift)
+
+
+def _affine_setup_context(ctx, inputs, output):
+    z, scale, shift, keep_mask, out_scale = inputs
+    ctx.save_for_backward(z, scale, shift, keep_mask)
+    ctx.out_scale = out_scale
+
+
+def _affine_backward(ctx, grad):
+    z, scale, shift, keep_mask = ctx.saved_tensors
+    dz, dscale, dshift = _affine_backward_op(grad, z, scale, shift, keep_mask, ctx.out_scale)
+    return dz, dscale, dshift, None, None
+
+
+_affine_op.register_autograd(_affine_backward, setup_context=_affine_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks
+
+def _check_vector(name, v, z) -> None:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+    if not v.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if tuple(v.shape) != (z.shape[1],):
+        raise ValueError(f"{name} must have shape (C={z.shape[1]},), got {tuple(v.shape)}")
+    if v.device != z.device:
+        raise ValueError(f"{name} must be on z's device {z.device}, got {v.device}")
+
+
+def _check_number(name, value, ok, what) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
+           activation_scale) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4:
+        raise ValueError(f"z must have shape (N, C, H, W), got {tuple(z.shape)}")
+    if z.dtype not in _DTYPES:
+        raise TypeError(f"z must be float32, float16, bfloat16 or float64, got {z.dtype}")
+    if z.shape[1] == 0:
+        raise ValueError(f"z must have at least one channel, got shape {tuple(z.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if v is not None:
+            _check_vector(name, v, z)
+    if not training and running_mean is None:
+        raise ValueError("training=False normalises with running_mean and running_var; both are None")
+    if training and z.numel() // z.shape[1] < 2:
+        raise ValueError(f"training=True needs more than one value per channel (N*H*W >= 2), got shape "
+                         f"{tuple(z.shape)}")
+    if keep_mask is not None:
+        if not isinstance(keep_mask, torch.Tensor) or keep_mask.dtype not in _MASK_DTYPES:
+            raise TypeError(f"keep_mask must be a bool or uint8 tensor, got "
+                            f"{getattr(keep_mask, 'dtype', type(keep_mask).__name__)}")
+        if keep_mask.shape != z.shape:
+            raise ValueError(f"keep_mask must have z's shape {tuple(z.shape)}, got {tuple(keep_mask.shape)}")
+        if keep_mask.device != z.device:
+            raise ValueError(f"keep_mask must be on z's device {z.device}, got {keep_mask.device}")
+    _check_number("momentum", momentum, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    _check_number("eps", eps, lambda v: v > 0.0, "a positive number")
+    _check_number("dropout_p", dropout_p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check_number("activation_scale", activation_scale, lambda v: True, "a finite number")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, keep_mask: torch.Tensor | None = None, *,
+                    training: bool, momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
+                    activation_scale: float = ACTIVATION_SCALE, backend: str | None = None) -> torch.Tensor:
+    """y = activation_scale * relu(batch_norm(z)) * keep / (1 - dropout_p), arguments in ``F.batch_norm``'s order.
+
+    z: (N, C, H, W) float32/float16/bfloat16/float64, contiguous or channels_last (y follows); running_mean,
+    running_var: (C,) or both None (training only); weight, bias: (C,) or None (1 and 0); keep_mask: (N, C, H, W)
+    bool/uint8 or None. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
+    backend: ``"triton" | "ref"``, default automatic (triton on CUDA, ref on CPU).
+    """
+    _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
+           activation_scale)
+    name = _backend.choose("bn_relu_dropout", z.device, backend, supported=_SUPPORTED)
+    if name == "ref" or z.numel() == 0:
+        return bn_relu_dropout_ref(z, running_mean, running_var, weight, bias, keep_mask, training=training,
+                                   momentum=momentum, eps=eps, dropout_p=dropout_p, activation_scale=activation_scale)
+    ct = _compute_dtype(z.dtype)
+    c = z.shape[1]
+    weight = torch.ones(c, dtype=ct, device=z.device) if weight is None else weight
+    bias = torch.zeros(c, dtype=ct, device=z.device) if bias is None else bias
+    out_scale = float(activation_scale) / (1.0 - dropout_p) if keep_mask is not None else float(activation_scale)
+    fmt = _memory_format(z)
+    z = _flattenable(z, fmt)
+    if keep_mask is not None:
+        keep_mask = _flattenable(keep_mask, fmt)
+    if not training:
+        scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
+        return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, out_scale)
+    y, mean, var = _train_op(z, weight, bias, keep_mask, float(eps), out_scale)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, z.numel() // c, momentum)
+    return y
+
+
+def fused_backend(device: torch.device) -> str | None:
+    """"triton" where ``bn_relu_dropout`` would run its Triton kernels on `device` by default, else None (the
+    reference, which is no faster than torch's own modules). A $LGC_FAST_BACKEND this op lacks also gives None."""
+    try:
+        name = _backend.choose("bn_relu_dropout", device, None, supported=_SUPPORTED)
+    except ValueError:
+        return None
+    return name if name == "triton" else None

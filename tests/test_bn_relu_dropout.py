@@ -1,0 +1,244 @@
+"""bn_relu_dropout: the reference against torch's modules, every backend against the reference (forward, gradients,
+running statistics), op registration, odd layouts and errors.
+
+Triton runs in the interpreter on CPU-only machines (conftest sets TRITON_INTERPRET=1), so shapes stay small. The
+interpreter rounds float32 -> bfloat16 stores toward zero (CUDA rounds to nearest): bfloat16 tolerances allow two
+units in the last place.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import available_backends, devices
+from lgc_fast import _backend
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_ref, fused_backend
+from lgc_fast.ops.dilated_block import draw_dropout_mask
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of values
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fast_backends(device):
+    return [b for b in available_backends(device) if b == "triton"]
+
+
+def _tol(dtype):
+    return {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+            torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+
+
+def _inputs(shape, dtype, device, seed, channels_last=False):
+    """z (scaled and shifted per channel, so the statistics matter), weight, bias, running stats and a keep mask."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    z = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(c, 1, 1, generator=g, dtype=torch.float64)
+                                                                 + 0.5) + torch.randn(c, 1, 1, generator=g,
+                                                                                      dtype=torch.float64)
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=stat_dtype)
+    bias = (torch.randn(c, generator=g, dtype=torch.float64) * 0.3).to(device=device, dtype=stat_dtype)
+    running_mean = (torch.randn(c, generator=g, dtype=torch.float64) * 0.2).to(device=device, dtype=stat_dtype)
+    running_var = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=stat_dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    z = z.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    mask = draw_dropout_mask(shape, P, generator=g, memory_format=memory_format).to(device)
+    return z, weight, bias, running_mean, running_var, mask
+
+
+def _run_both(backend, z, weight, bias, running_mean, running_var, mask, training, **kwargs):
+    """(y, grads, running stats) of the backend and of the reference, with the same output gradient."""
+    results = []
+    for fn in (lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend), bn_relu_dropout_ref):
+        leaves = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
+        stats = [t.clone() for t in (running_mean, running_var)]
+        y = fn(leaves[0], *stats, leaves[1], leaves[2], mask, training=training, dropout_p=P, **kwargs)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        (y.double() * grad_out.to(y.device)).sum().backward()
+        results.append((y, [t.grad for t in leaves], stats))
+    return results
+
+
+def test_reference_equals_batchnorm_relu_dropout_modules():
+    z, weight, bias, running_mean, running_var, mask = _inputs((3, 5, 6, 7), torch.float64, "cpu", 1)
+    bn = nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+        bn.running_mean.copy_(running_mean)
+        bn.running_var.copy_(running_var)
+    for training in (True, False):
+        bn.train(training)
+        rm, rv = running_mean.clone(), running_var.clone()
+        got = bn_relu_dropout_ref(z, rm, rv, weight, bias, mask, training=training, dropout_p=P)
+        expected = 0.1 * torch.relu(bn(z)) * mask / (1 - P)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rm, bn.running_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(rv, bn.running_var, rtol=1e-12, atol=1e-14)
+        running_mean, running_var = rm, rv
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_reference(device, dtype, channels_last, training):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 2, channels_last)
+        (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv,
+                                                                     mask if training else None, training)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(y, y_ref, **_tol(dtype))
+        for got, want in zip(grads, grads_ref):
+            scale = want.abs().max().item() + 1.0
+            torch.testing.assert_close(got.double() / scale, want.double() / scale, **_tol(dtype))
+        for got, want in zip(stats, stats_ref):
+            torch.testing.assert_close(got, want, **_tol(torch.float32 if dtype != torch.float64 else dtype))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,channels_last", [
+    ((1, 130, 3, 3), True),   # two channel blocks of a channels_last tile
+    ((2, 3, 40, 30), False),  # two pixel blocks per image, the second partial: counts of the moments' combination
+    ((1, 1, 1, 5), False),
+    ((4, 2, 1, 1), True),
+])
+def test_tile_edges(device, shape, channels_last):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs(shape, torch.float64, device, 4, channels_last)
+        (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
+        torch.testing.assert_close(y, y_ref, **_tol(torch.float64))
+        for got, want in zip(grads + stats, grads_ref + stats_ref):
+            torch.testing.assert_close(got, want, **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_strided_inputs_and_expanded_gradient(device):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 5)
+        z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]  # H and W strides that do not merge
+        results = []
+        for fn in (lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend), bn_relu_dropout_ref):
+            leaf = z_view.detach().requires_grad_()
+            y = fn(leaf, None, None, weight, bias, mask_view, training=True, dropout_p=P)
+            y.sum().backward()  # the output gradient is one value expanded: all strides 0
+            results.append((y, leaf.grad))
+        (y, grad), (y_ref, grad_ref) = results
+        torch.testing.assert_close(y, y_ref, **_tol(torch.float64))
+        torch.testing.assert_close(grad, grad_ref, **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_mask_forms_nan_and_scales(device):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs((2, 4, 5, 5), torch.float32, device, 6)
+        run = lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend)  # noqa: E731
+        torch.testing.assert_close(run(z, rm, rv, weight, bias, mask.to(torch.uint8) * 7, training=False, dropout_p=P),
+                                   run(z, rm, rv, weight, bias, mask, training=False, dropout_p=P))
+        for scale in (-0.5, 0.0, 2.0):
+            torch.testing.assert_close(
+                run(z, rm, rv, None, None, mask, training=True, dropout_p=P, activation_scale=scale),
+                bn_relu_dropout_ref(z, rm.clone(), rv.clone(), None, None, mask, training=True, dropout_p=P,
+                                    activation_scale=scale), rtol=1e-5, atol=1e-6)
+        z[0, 1, 2, 3] = z[1, 2, 0, 0] = float("nan")
+        mask[0, 1, 2, 3], mask[1, 2, 0, 0] = True, False  # a kept and a dropped NaN: both stay NaN
+        got = run(z, rm, rv, weight, bias, mask, training=False, dropout_p=P)
+        want = bn_relu_dropout_ref(z, rm, rv, weight, bias, mask, training=False, dropout_p=P)
+        assert got.isnan().sum() == 2 and torch.equal(got.isnan(), want.isnan())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradcheck_float64(device):
+    for backend in _fast_backends(device) + ["ref"]:
+        z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float64, device, 7, channels_last=True)
+        args = tuple(t.detach().clone().requires_grad_() for t in (z, weight, bias))
+        # fast_mode checks a random projection of the Jacobian: a handful of interpreter launches, not hundreds.
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: bn_relu_dropout(a, None, None, w, b, mask, training=True, dropout_p=P, backend=backend),
+            args, fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: bn_relu_dropout(a, rm, rv, w, b, mask, training=False, dropout_p=P, backend=backend),
+            args, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float32, device, 8, channels_last=True)
+        z.requires_grad_()
+        weight.requires_grad_()
+        ops = torch.ops.lgc_fast
+        torch.library.opcheck(ops.bn_relu_dropout_train.default, (z, weight, bias, mask, 1e-5, 0.1 / (1 - P)))
+        torch.library.opcheck(ops.scale_shift_relu_dropout.default, (z, weight, bias, None, 0.1))
+        mean, var = z.detach().mean(dim=(0, 2, 3)), z.detach().var(dim=(0, 2, 3), unbiased=False)
+        grad = torch.randn_like(z)
+        torch.library.opcheck(ops.bn_relu_dropout_train_backward.default,
+                              (grad, z.detach(), weight.detach(), bias, mean, var, mask, 1e-5, 0.1))
+        torch.library.opcheck(ops.scale_shift_relu_dropout_backward.default,
+                              (grad, z.detach(), weight.detach(), bias, mask, 0.1))
+
+
+def test_cpu_default_is_reference(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.choose("bn_relu_dropout", torch.device("cpu"), None, ("triton", "ref")) == "ref"
+    assert fused_backend(torch.device("cpu")) is None
+    monkeypatch.setenv(_backend.ENV_VAR, "cpu")  # a backend this op does not implement: no fused path, no error
+    assert fused_backend(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_batch_in_eval(device):
+    for backend in available_backends(device):
+        if backend not in ("triton", "ref"):
+            continue
+        z, weight, bias, rm, rv, _ = _inputs((0, 3, 4, 4), torch.float32, device, 9)
+        y = bn_relu_dropout(z, rm, rv, weight, bias, training=False, backend=backend)
+        assert y.shape == z.shape
+
+
+def _bad(**overrides):
+    z, weight, bias, rm, rv, mask = _inputs((1, 6, 5, 5), torch.float32, "cpu", 10)
+    args = dict(z=z, running_mean=rm, running_var=rv, weight=weight, bias=bias, keep_mask=mask, training=True)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides,exc,match", [
+    (dict(z=torch.ones(6, 5, 5)), ValueError, "z must have shape"),
+    (dict(z=torch.ones(1, 6, 5, 5, dtype=torch.int32)), TypeError, "z must be float32"),
+    (dict(running_var=None), ValueError, "both be tensors or both be None"),
+    (dict(running_mean=None, running_var=None, training=False), ValueError, "training=False normalises"),
+    (dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(C=6,\)"),
+    (dict(bias=torch.ones(6, dtype=torch.int64)), TypeError, "bias must be a floating-point"),
+    (dict(z=torch.ones(1, 6, 1, 1), keep_mask=None), ValueError, "more than one value per channel"),
+    (dict(keep_mask=torch.ones(1, 6, 5, 5)), TypeError, "keep_mask must be a bool or uint8"),
+    (dict(keep_mask=torch.ones(1, 6, 5, 4, dtype=torch.bool)), ValueError, "keep_mask must have z's shape"),
+    (dict(momentum=1.5), ValueError, "momentum must be"),
+    (dict(eps=0.0), ValueError, "eps must be"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p must be"),
+    (dict(activation_scale=float("nan")), ValueError, "activation_scale must be"),
+    (dict(backend="cuda"), ValueError, "not implemented for this op"),
+])
+def test_bad_inputs(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        bn_relu_dropout(**_bad(**overrides))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_release_shape(dtype):
+    z, weight, bias, rm, rv, mask = _inputs((8, 128, 96, 96), dtype, "cuda", 11, channels_last=True)
+    (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both("triton", z, weight, bias, rm, rv, mask, True)
+    torch.testing.assert_close(y, y_ref, **_tol(dtype))
+    for got, want in zip(grads, grads_ref):
+        scale = want.abs().max().item() + 1.0
+        torch.testing.assert_close(got.double() / scale, want.double() / scale, rtol=1e-2, atol=1e-3)
+    for got, want in zip(stats, stats_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
