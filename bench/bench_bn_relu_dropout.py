@@ -4,12 +4,14 @@ backward as training runs it, against torch in the same run.
 Methods, on the same (N, C, 96, 96) channels_last map z (the conv output), each drawing its own dropout mask:
   lgc_fast          : lgc_fast.ops.bn_relu_dropout (automatic backend: triton on a GPU, ref on the CPU), mask drawn
                       as ConvBlock draws it (one byte per value)
+  lgc_fast seeded   : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
+                      (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
   torch compiled    : the same function under torch.compile (inductor fuses the elementwise parts)
 Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, the speed-up of lgc_fast
 over each torch method, and (GPU) the achieved bandwidth of lgc_fast against the datasheet peak for the traffic
 its four passes need at least: z read twice forward and twice backward, the output gradient read twice, y and dz
-written once, the mask written once and read three times.
+written once, and for the byte mask, its write and three reads.
 
 Usage:
   python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32] [--out PATH]
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
 
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout  # noqa: E402
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend  # noqa: E402
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,9 +49,14 @@ def lgc_fast_epilogue(z, running_mean, running_var, weight, bias):
     return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True)
 
 
-def min_traffic_bytes(z: torch.Tensor) -> int:
+def lgc_fast_seeded_epilogue(z, running_mean, running_var, weight, bias):
+    seed = torch.randint(2**62, (1,), device=z.device)
+    return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, dropout_seed=seed)
+
+
+def min_traffic_bytes(z: torch.Tensor, mask: bool) -> int:
     """Bytes the fused forward + backward must move at least (see the module docstring)."""
-    return z.numel() * (8 * z.element_size() + 4)
+    return z.numel() * (8 * z.element_size() + (4 if mask else 0))
 
 
 def make_step(fn, z, grad, params):
@@ -61,7 +68,7 @@ def make_step(fn, z, grad, params):
     return step
 
 
-def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch):
+def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch, seeded):
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (n, c, SIZE, SIZE)
@@ -73,6 +80,8 @@ def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch):
     params = [torch.zeros(c, device=device), torch.ones(c, device=device), weight, bias]
     methods = {"lgc_fast": make_step(lgc_fast_epilogue, z, grad, params),
                "torch eager": make_step(torch_epilogue, z, grad, params)}
+    if seeded:
+        methods["lgc_fast seeded"] = make_step(lgc_fast_seeded_epilogue, z, grad, params)
     if compile_torch:
         methods["torch compiled"] = make_step(torch.compile(torch_epilogue), z, grad, params)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget_s)
@@ -80,15 +89,15 @@ def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch):
     peak = peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for name, t in timings.items():
         row = {"dtype": dtype_name, "shape": list(shape), "method": name, **t.as_dict()}
-        if name == "lgc_fast":
-            gbps = min_traffic_bytes(z) / (t.median_ms / 1e3) / 1e9
+        if name.startswith("lgc_fast"):
+            gbps = min_traffic_bytes(z, mask=name == "lgc_fast") / (t.median_ms / 1e3) / 1e9
             row["min_traffic_gb_per_s"] = gbps
             row["pct_of_peak_bandwidth"] = 100 * gbps * 1e9 / peak if peak else None
         rows.append(row)
     fast = timings["lgc_fast"].median_ms
     for row in rows:
         if row["method"] != "lgc_fast":
-            row["lgc_fast_speedup"] = row["median_ms"] / fast
+            row["lgc_fast_speedup"] = row["median_ms"] / fast  # > 1: the byte-mask lgc_fast is faster
     return rows
 
 
@@ -115,7 +124,8 @@ def main(argv=None) -> int:
           f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     rows = []
     for dtype_name in dtypes:
-        rows += bench_dtype(device, dtype_name, n, c, budget, compile_torch=gpu and not args.no_compile)
+        rows += bench_dtype(device, dtype_name, n, c, budget, compile_torch=gpu and not args.no_compile,
+                            seeded=fused_backend(device) is not None)
     print(format_table(rows, [("dtype", "dtype"), ("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("lgc_fast_speedup", "lgc_fast speed-up"),
                               ("min_traffic_gb_per_s", "GB/s"), ("pct_of_peak_bandwidth", "% peak")]))

@@ -15,11 +15,18 @@ float64).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 _TILE_ELEMENTS = 4096
+# DROPOUT modes of the kernels: none, a keep mask tensor, or Philox draws from a seed.
+NONE, MASK, SEEDED = 0, 1, 2
+_MASK_MODE = tl.constexpr(MASK)
+_SEEDED_MODE = tl.constexpr(SEEDED)
+SEEDED_LIMIT = 2**31  # values a seeded draw can number: Philox takes each value's index as a 32-bit counter
 
 
 @triton.jit
@@ -55,9 +62,21 @@ def _moments_kernel(z_ptr, part_ptr, C, P, NPB, z_sn, z_sc, z_sp,
 
 
 @triton.jit
-def _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
-               dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
-               HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
+def _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT: tl.constexpr):
+    """The tile's keep flags: read from the mask (DROPOUT == MASK) or drawn (SEEDED) by Philox from the seed and each
+    value's index in (N, C, H, W) order, so a seed gives the same mask in any memory format and again in backward."""
+    if DROPOUT == _MASK_MODE:
+        keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0) != 0
+    else:
+        index = (n * C + c[None, :]) * P + p[:, None]
+        keep = tl.rand(tl.load(seed_ptr), index.to(tl.int32)) >= dropout_p
+    return keep
+
+
+@triton.jit
+def _load_grad(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
+               C, P, dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
+               DROPOUT: tl.constexpr, ACC: tl.constexpr):
     """(z, sc, g): the tile of z, the channel scales and the gradient at the BatchNorm output."""
     z = tl.load(z_ptr + _offsets(n, p, c, z_sn, z_sc, z_sp), mask=inside, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + _offsets(n, p, c, dy_sn, dy_sc, dy_sp), mask=inside, other=0.0).to(ACC)
@@ -65,35 +84,35 @@ def _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
     active = (z * sc[None, :] + sh[None, :]) > 0.0
     g = tl.where(active, dy * out_scale, 0.0)
-    if HAS_KEEP:
-        keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0)
-        g = tl.where(keep != 0, g, 0.0)
+    if DROPOUT != 0:
+        keep = _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT)
+        g = tl.where(keep, g, 0.0)
     return z, sc, g
 
 
 @triton.jit
-def _apply_kernel(z_ptr, keep_ptr, y_ptr, scale_ptr, shift_ptr, out_scale, C, P, NPB,
+def _apply_kernel(z_ptr, keep_ptr, seed_ptr, dropout_p, y_ptr, scale_ptr, shift_ptr, out_scale, C, P, NPB,
                   z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, y_sn, y_sc, y_sp,
-                  HAS_KEEP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  DROPOUT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
     z = tl.load(z_ptr + _offsets(n, p, c, z_sn, z_sc, z_sp), mask=inside, other=0.0).to(ACC)
     sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
     # NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`: never a silent 0.
     y = tl.maximum(z * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * out_scale
-    if HAS_KEEP:
-        keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0)
-        y = y * (keep != 0).to(ACC)
+    if DROPOUT != 0:
+        keep = _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT)
+        y = y * keep.to(ACC)
     tl.store(y_ptr + _offsets(n, p, c, y_sn, y_sc, y_sp), y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, center_ptr, part_ptr, out_scale, C, P, NPB,
+def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, center_ptr, part_ptr, out_scale, C, P, NPB,
                       dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
-                      HAS_KEEP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      DROPOUT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
-    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
-                          dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, HAS_KEEP, ACC)
+    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, out_scale, n, p, c,
+                          c_ok, inside, C, P, dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, DROPOUT, ACC)
     center = tl.load(center_ptr + c, mask=c_ok, other=0.0).to(ACC)
     part = part_ptr + row * 2 * C
     tl.store(part + c, tl.sum(g, axis=0), mask=c_ok)
@@ -101,13 +120,13 @@ def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, center_ptr,
 
 
 @triton.jit
-def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, dz_ptr, scale_ptr, shift_ptr, k1_ptr, k0_ptr, out_scale, C, P, NPB,
+def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, dz_ptr, scale_ptr, shift_ptr, k1_ptr, k0_ptr, out_scale, C, P, NPB,
                        dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, dz_sn, dz_sc, dz_sp,
-                       HAS_KEEP: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
+                       DROPOUT: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
-    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, scale_ptr, shift_ptr, out_scale, n, p, c, c_ok, inside,
-                          dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, HAS_KEEP, ACC)
+    z, sc, g = _load_grad(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, out_scale, n, p, c,
+                          c_ok, inside, C, P, dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, DROPOUT, ACC)
     dz = g * sc[None, :]
     if CENTERED:  # batch statistics: the gradient also flows through the mean and variance
         k1 = tl.load(k1_ptr + c, mask=c_ok, other=0.0).to(ACC)
@@ -116,8 +135,35 @@ def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, dz_ptr, scale_ptr, shift_ptr, k1
     tl.store(dz_ptr + _offsets(n, p, c, dz_sn, dz_sc, dz_sp), dz.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _keep_mask_kernel(seed_ptr, dropout_p, out_ptr, C, P, NPB, o_sn, o_sc, o_sp,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
+    keep = _keep_tile(out_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, o_sn, o_sc, o_sp, _SEEDED_MODE)
+    tl.store(out_ptr + _offsets(n, p, c, o_sn, o_sc, o_sp), keep.to(tl.uint8), mask=inside)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers. Tensors are (N, C, H, W) with H and W flattenable into one pixel stride (contiguous or channels_last).
+
+@dataclass(frozen=True)
+class Dropout:
+    """What the kernels drop: `mask` (bool/uint8 like z, nonzero = keep), or Philox draws from `seed` (an int64 tensor
+    of one value on z's device, read by the kernels: no host sync) keeping each value with probability 1 - p, or
+    nothing when both are None."""
+    mask: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
+    p: float = 0.0
+
+    def args(self, z: torch.Tensor) -> tuple:
+        """(mode, keep tensor, its (n, c, p) strides, seed tensor, p) for a kernel launch over z."""
+        if self.mask is not None:
+            keep = self.mask.view(torch.uint8) if self.mask.dtype == torch.bool else self.mask
+            return MASK, keep, _ncp_strides(keep), z, self.p
+        if self.seed is not None:
+            return SEEDED, z, _ncp_strides(z), self.seed, self.p
+        return NONE, z, _ncp_strides(z), z, self.p
+
 
 def _ncp_strides(t: torch.Tensor) -> tuple[int, int, int]:
     _, _, h, w = t.shape
@@ -148,12 +194,6 @@ def _acc(z: torch.Tensor):
     return (tl.float64, torch.float64) if z.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _keep_view(keep: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    if keep is None:
-        return fallback
-    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
-
-
 def _launch(kernel, grid, z, *args, **meta):
     num_warps = 8 if meta["BLOCK_P"] * meta["BLOCK_C"] >= 4096 else 4
     if z.device.type == "cuda":
@@ -180,45 +220,57 @@ def moments_triton(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, m2 / (n * p)
 
 
-def apply_triton(z, scale, shift, keep, out_scale: float, out: torch.Tensor) -> torch.Tensor:
-    """out = out_scale * relu(z * scale + shift) * keep (keep: bool/uint8 like z, or None). Returns out."""
+def apply_triton(z, scale, shift, dropout: Dropout, out_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = out_scale * relu(z * scale + shift) * keep. Returns out."""
     n, c, h, w = z.shape
     acc_tl, acc = _acc(z)
     block_p, block_c = tile_shape(z)
-    k = _keep_view(keep, z)
+    mode, keep, keep_strides, seed, p = dropout.args(z)
     npb, grid = _blocks(z, block_p, block_c)
-    _launch(_apply_kernel, grid, z, z, k, out, scale.to(acc).contiguous(),
-            shift.to(acc).contiguous(), out_scale, c, h * w, npb, *_ncp_strides(z), *_ncp_strides(k),
-            *_ncp_strides(out), HAS_KEEP=keep is not None, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(_apply_kernel, grid, z, z, keep, seed, p, out, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
+            out_scale, c, h * w, npb, *_ncp_strides(z), *keep_strides, *_ncp_strides(out),
+            DROPOUT=mode, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
     return out
 
 
-def grad_sums_triton(dy, z, scale, shift, keep, center, out_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_sums_triton(dy, z, scale, shift, dropout: Dropout, center, out_scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel (sum g, sum g * (z - center)) with g = dy * out_scale * keep * [z * scale + shift > 0]."""
     n, c, h, w = z.shape
     acc_tl, acc = _acc(z)
     block_p, block_c = tile_shape(z)
+    mode, keep, keep_strides, seed, p = dropout.args(z)
     npb, grid = _blocks(z, block_p, block_c)
     part = torch.empty((grid[0], 2, c), dtype=acc, device=z.device)
-    k = _keep_view(keep, z)
-    _launch(_grad_sums_kernel, grid, z, dy, z, k, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
+    _launch(_grad_sums_kernel, grid, z, dy, z, keep, seed, p, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
             center.to(acc).contiguous(), part, out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z),
-            *_ncp_strides(k), HAS_KEEP=keep is not None, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+            *keep_strides, DROPOUT=mode, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
     return part[:, 0].sum(0), part[:, 1].sum(0)
 
 
-def grad_apply_triton(dy, z, scale, shift, keep, k1, k0, out_scale: float, out: torch.Tensor) -> torch.Tensor:
+def grad_apply_triton(dy, z, scale, shift, dropout: Dropout, k1, k0, out_scale: float,
+                      out: torch.Tensor) -> torch.Tensor:
     """out = scale * g + k1 * z + k0 (k1, k0: (C,) or both None for 0), g as in ``grad_sums_triton``."""
     n, c, h, w = z.shape
     acc_tl, acc = _acc(z)
     block_p, block_c = tile_shape(z)
-    k = _keep_view(keep, z)
+    mode, keep, keep_strides, seed, p = dropout.args(z)
     scale = scale.to(acc).contiguous()
     centered = k1 is not None
     k1 = k1.to(acc).contiguous() if centered else scale
     k0 = k0.to(acc).contiguous() if centered else scale
     npb, grid = _blocks(z, block_p, block_c)
-    _launch(_grad_apply_kernel, grid, z, dy, z, k, out, scale, shift.to(acc).contiguous(),
-            k1, k0, out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z), *_ncp_strides(k), *_ncp_strides(out),
-            HAS_KEEP=keep is not None, CENTERED=centered, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(_grad_apply_kernel, grid, z, dy, z, keep, seed, p, out, scale, shift.to(acc).contiguous(), k1, k0,
+            out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, *_ncp_strides(out),
+            DROPOUT=mode, CENTERED=centered, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
+
+
+def keep_mask_triton(seed: torch.Tensor, p: float, out: torch.Tensor) -> torch.Tensor:
+    """Write into out (N, C, H, W) uint8 the keep flags that Dropout(seed=seed, p=p) draws for maps of its shape."""
+    n, c, h, w = out.shape
+    block_p, block_c = tile_shape(out)
+    npb, grid = _blocks(out, block_p, block_c)
+    _launch(_keep_mask_kernel, grid, out, seed, p, out, c, h * w, npb, *_ncp_strides(out),
+            BLOCK_P=block_p, BLOCK_C=block_c)
     return out

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
+from lgc_fast.ops.bn_relu_dropout import SEEDED_LIMIT as DROPOUT_SEED_LIMIT
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
@@ -46,7 +47,8 @@ class ConvBlock(nn.Module):
 
     With `fused_epilogue` set (``LGCN.fuse_epilogues``) and the Triton backend usable for the activations (CUDA), the
     BN + ReLU + scale + dropout part runs as one ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their
-    updates are the modules' own, only the dropout mask comes from a different draw.
+    updates are the modules' own, only the dropout mask comes from a different draw: a byte mask, or with
+    `seeded_dropout` a seed from which the kernels draw it (no mask kept for the backward, Philox work instead).
     """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, dilation: int = 1, dropout: float = 0.1,
@@ -58,6 +60,7 @@ class ConvBlock(nn.Module):
         self.act_scale = act_scale
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fused_epilogue = False
+        self.seeded_dropout = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.conv(x)
@@ -71,9 +74,12 @@ class ConvBlock(nn.Module):
     def _fused_epilogue(self, z: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
-        keep = None
+        seed = keep = None
         if self.training and p > 0:
-            keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - p)  # 1 byte per value, z's layout
+            if self.seeded_dropout and z.numel() < DROPOUT_SEED_LIMIT:
+                seed = torch.randint(2**62, (1,), device=z.device)  # from torch's generator: reproducible, resumable
+            else:
+                keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - p)  # 1 byte a value, z's layout
         # nn.BatchNorm2d's rules: batch statistics in training or without running statistics; the running ones are
         # updated in training (with the cumulative average when momentum is None).
         batch_stats = self.training or bn.running_mean is None
@@ -85,7 +91,7 @@ class ConvBlock(nn.Module):
         update = not self.training or bn.track_running_stats
         return bn_relu_dropout(z, bn.running_mean if update else None, bn.running_var if update else None,
                                bn.weight, bn.bias, keep, training=batch_stats, momentum=momentum, eps=bn.eps,
-                               dropout_p=p, activation_scale=self.act_scale)
+                               dropout_p=p, activation_scale=self.act_scale, dropout_seed=seed)
 
 
 class KernelConv(nn.Module):
@@ -162,13 +168,14 @@ class LGCN(nn.Module):
         return {"variant": self.variant, "width": self.width, "n_landmarks": self.n_landmarks,
                 "dropout": self.dropout, "local_layers": list(self.local_layers)}
 
-    def fuse_epilogues(self, enabled: bool = True) -> "LGCN":
+    def fuse_epilogues(self, enabled: bool = True, seeded_dropout: bool = False) -> "LGCN":
         """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its Triton kernels run
-        (CUDA; elsewhere torch's modules run as before). The weights, buffers and state_dict keys do not change.
-        Returns self."""
+        (CUDA; elsewhere torch's modules run as before), with a byte keep mask or, with `seeded_dropout`, masks the
+        kernels draw from a seed. The weights, buffers and state_dict keys do not change. Returns self."""
         for module in self.modules():
             if isinstance(module, ConvBlock):
                 module.fused_epilogue = bool(enabled)
+                module.seeded_dropout = bool(seeded_dropout)
         return self
 
     @property

@@ -359,12 +359,31 @@ def _make_optimizer(params, lr: float, momentum: float):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """DataLoader worker init: ignore SIGINT/SIGTERM. A signal to the whole process group (Ctrl-C, `kill -- -PGID`,
     a batch scheduler) reaches the workers too; dying of it would make the trainer raise on its lost worker instead of
-    finishing the step, saving last.pt and closing the workers itself."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    finishing the step, saving last.pt and closing the workers itself. Workers started by ``start_workers`` hold
+    the signals blocked until here, where a pending one is discarded."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader):
+    """iter(loader), its worker processes started with SIGINT/SIGTERM blocked (they inherit the mask), so a signal to
+    the process group that arrives while a worker starts, before its init ignores the signals, cannot kill it (such
+    a signal used to end the run with a traceback at an epoch boundary). This process gets the signal right after."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def forward_loss(net, images, points, labelled, amp: bool) -> torch.Tensor:
@@ -477,7 +496,8 @@ def _write_logs(out: Path, settings: dict, history: list) -> None:
 def _validate(model, loader, dist_: _Dist, settings: dict, method: str) -> float:
     """Mean inter-ocular NME (68 points) over this rank's share of the validation set, summed over ranks."""
     total = torch.zeros(2, dtype=torch.float64)
-    for batch, points in predict(model, loader, dist_.device, method, settings["amp"], settings["channels_last"]):
+    batches = start_workers(loader)
+    for batch, points in predict(model, batches, dist_.device, method, settings["amp"], settings["channels_last"]):
         e = metrics.nme(points.cpu().numpy(), batch["points"].numpy(), batch["labelled"].numpy())
         e = e[~np.isnan(e)]
         total += torch.tensor([e.sum(), e.size], dtype=torch.float64)
@@ -592,7 +612,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
             samples, batch_in_epoch = partial["samples"], skip
             started = time.perf_counter() - partial["time"]
             stop_now = False
-            for batch in loader:
+            for batch in start_workers(loader):
                 images = batch["image"].to(device, non_blocking=True)
                 points = batch["points"].to(device, non_blocking=True)
                 labelled = batch["labelled"].to(device, non_blocking=True)

@@ -1,5 +1,6 @@
 """Shared test set-up. Triton kernels run in the interpreter on machines without CUDA, so this must be set before
 any Triton kernel module is imported."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,3 +30,21 @@ def trainset_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real data not found at {DATA_DIR} (the ytf68 trainset is not redistributed with lgc_fast)")
     return DATA_DIR
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """One intra-op thread: on a small shared CPU, OpenMP threads that wait for each other on tiny shapes cost more
+    than they gain (tens of ms per barrier on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with one_intra_op_thread():
+        yield

@@ -104,42 +104,47 @@ def dilated_conv_cases() -> None:
 
 
 def bn_relu_dropout_cases() -> None:
-    """The four epilogue kernels for a channels_last 128-channel map in every dtype, and for a contiguous one in
-    bfloat16; the channel stride 1 (channels_last) or pixel stride 1 (contiguous) as the launcher specialises it."""
+    """The four epilogue kernels for a channels_last 128-channel map in every dtype with seeded dropout, for a
+    contiguous one in bfloat16 with a mask tensor, and the mask kernel; the channel stride 1 (channels_last) or pixel
+    stride 1 (contiguous) as the launcher specialises it."""
     module = bn_relu_dropout
     kernels = {
         "_moments_kernel": ("z", "part"),
-        "_apply_kernel": ("z", "keep", "y", "scale", "shift"),
-        "_grad_sums_kernel": ("dy", "z", "keep", "scale", "shift", "center", "part"),
-        "_grad_apply_kernel": ("dy", "z", "keep", "dz", "scale", "shift", "k1", "k0"),
+        "_apply_kernel": ("z", "keep", "seed", "y", "scale", "shift"),
+        "_grad_sums_kernel": ("dy", "z", "keep", "seed", "scale", "shift", "center", "part"),
+        "_grad_apply_kernel": ("dy", "z", "keep", "seed", "dz", "scale", "shift", "k1", "k0"),
     }
     strided = {"z": "z", "dy": "dy", "keep": "k", "y": "y", "dz": "dz"}
-    for dtype, channels_last in [(d, True) for d in (torch.bfloat16, torch.float32, torch.float16, torch.float64)] \
-            + [(torch.bfloat16, False)]:
+    cases = [(d, True, module.SEEDED) for d in (torch.bfloat16, torch.float32, torch.float16, torch.float64)]
+    for dtype, channels_last, dropout in cases + [(torch.bfloat16, False, module.MASK)]:
         fp64 = dtype == torch.float64
         z = torch.empty(16, 128, 96, 96, dtype=dtype)
         if channels_last:
             z = z.to(memory_format=torch.channels_last)
         block_p, block_c = module.tile_shape(z)
         acc = PTR[torch.float64 if fp64 else torch.float32]
+        maps = {"keep": "*u8", "seed": "*i64", "z": PTR[dtype], "dy": PTR[dtype], "y": PTR[dtype], "dz": PTR[dtype]}
         for name, pointers in kernels.items():
-            fn = getattr(module, name)
-            types = {f"{p}_ptr": {"keep": "*u8", "z": PTR[dtype], "dy": PTR[dtype], "y": PTR[dtype],
-                                  "dz": PTR[dtype]}.get(p, acc) for p in pointers}
+            types = {f"{p}_ptr": maps.get(p, acc) for p in pointers}
             constexprs = dict(ACC=tl.float64 if fp64 else tl.float32, BLOCK_P=block_p, BLOCK_C=block_c)
             for p in pointers:
                 if p in strided:
                     prefix = strided[p]
                     types.update(ints(f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sp"))
                     constexprs[f"{prefix}_sc" if channels_last else f"{prefix}_sp"] = 1
-            types.update(ints("C", "P", "NPB"), out_scale="fp32")
+            types.update(ints("C", "P", "NPB"), out_scale="fp32", dropout_p="fp32")
             if "keep" in pointers:
-                constexprs["HAS_KEEP"] = True
+                constexprs["DROPOUT"] = dropout
             if name == "_grad_apply_kernel":
                 constexprs["CENTERED"] = True
             for arg in constexprs:
                 types.pop(arg, None)
-            compile_sm90(fn, types, constexprs, 8, 3, f"{dtype} {'channels_last' if channels_last else 'contiguous'}")
+            compile_sm90(getattr(module, name), types, constexprs, 8, 3,
+                         f"{dtype} {'channels_last' if channels_last else 'contiguous'} dropout mode {dropout}")
+    block_p, block_c = module.tile_shape(torch.empty(16, 128, 96, 96, dtype=torch.uint8))
+    compile_sm90(module._keep_mask_kernel, {"seed_ptr": "*i64", "dropout_p": "fp32", "out_ptr": "*u8",
+                                            **ints("C", "P", "NPB", "o_sn", "o_sc"), "o_sp": "i32"},
+                 dict(BLOCK_P=block_p, BLOCK_C=block_c, o_sp=1), 8, 3, "uint8 contiguous")
 
 
 if __name__ == "__main__":

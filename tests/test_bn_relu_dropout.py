@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import available_backends, devices
+from conftest import available_backends, devices, one_intra_op_thread
 from lgc_fast import _backend
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_ref, fused_backend
+from lgc_fast.ops.bn_relu_dropout import (
+    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend,
+)
 from lgc_fast.ops.dilated_block import draw_dropout_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -20,10 +22,8 @@ P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of valu
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_intra_op_thread():
+        yield
 
 
 def _fast_backends(device):
@@ -174,15 +174,64 @@ def test_opcheck(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float32, device, 8, channels_last=True)
         z.requires_grad_()
         weight.requires_grad_()
+        seed = torch.tensor([5], device=device)
         ops = torch.ops.lgc_fast
-        torch.library.opcheck(ops.bn_relu_dropout_train.default, (z, weight, bias, mask, 1e-5, 0.1 / (1 - P)))
-        torch.library.opcheck(ops.scale_shift_relu_dropout.default, (z, weight, bias, None, 0.1))
         mean, var = z.detach().mean(dim=(0, 2, 3)), z.detach().var(dim=(0, 2, 3), unbiased=False)
         grad = torch.randn_like(z)
-        torch.library.opcheck(ops.bn_relu_dropout_train_backward.default,
-                              (grad, z.detach(), weight.detach(), bias, mean, var, mask, 1e-5, 0.1))
-        torch.library.opcheck(ops.scale_shift_relu_dropout_backward.default,
-                              (grad, z.detach(), weight.detach(), bias, mask, 0.1))
+        for keep, seeded in ((mask, None), (None, seed)):
+            torch.library.opcheck(ops.bn_relu_dropout_train.default,
+                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P)))
+            torch.library.opcheck(ops.scale_shift_relu_dropout.default, (z, weight, bias, keep, seeded, P, 0.1))
+            torch.library.opcheck(ops.bn_relu_dropout_train_backward.default,
+                                  (grad, z.detach(), weight.detach(), bias, mean, var, keep, seeded, P, 1e-5, 0.1))
+            torch.library.opcheck(ops.scale_shift_relu_dropout_backward.default,
+                                  (grad, z.detach(), weight.detach(), bias, keep, seeded, P, 0.1))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("training", [True, False])
+def test_seeded_dropout_is_the_mask_of_its_seed(device, training):
+    for backend in _fast_backends(device):
+        z, weight, bias, rm, rv, _ = _inputs((2, 6, 5, 7), torch.float64, device, 12, channels_last=True)
+        seed = torch.tensor([2024], device=device)
+        mask = dropout_keep_mask(seed, z.shape, P)
+        assert mask.dtype == torch.bool and mask.shape == z.shape
+        results = []
+        for fn, kwargs in ((lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend), dict(dropout_seed=seed)),
+                           (bn_relu_dropout_ref, dict(keep_mask=mask))):
+            leaves = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
+            y = fn(leaves[0], rm.clone(), rv.clone(), leaves[1], leaves[2], training=training, dropout_p=P, **kwargs)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device).view_as(y)).sum().backward()
+            results.append([y] + [t.grad for t in leaves])
+        for got, want in zip(*results):  # the backward drew the forward's mask again
+            torch.testing.assert_close(got, want, **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_seeded_draws(device):
+    if "triton" not in available_backends(device):
+        pytest.skip("needs the triton backend")
+    shape = (3, 8, 20, 24)
+    seed = torch.tensor([7], device=device)
+    mask = dropout_keep_mask(seed, shape, P)
+    assert torch.equal(dropout_keep_mask(seed, shape, P), mask)  # deterministic
+    assert abs(mask.float().mean().item() - (1 - P)) < 0.02  # 11520 draws: 4.5 standard deviations
+    assert not torch.equal(dropout_keep_mask(torch.tensor([8], device=device), shape, P), mask)
+    assert dropout_keep_mask(seed, shape, 0.0).all()
+    # The mask follows the logical (N, C, H, W) index: the same seed drops the same values in either memory format.
+    z, weight, bias, rm, rv, _ = _inputs(shape, torch.float32, device, 13)
+    outputs = [bn_relu_dropout(z.contiguous(memory_format=fmt), None, None, weight, bias, training=True, dropout_p=P,
+                               dropout_seed=seed, backend="triton")
+               for fmt in (torch.contiguous_format, torch.channels_last)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
+
+
+def test_dropout_keep_mask_needs_triton(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("triton is usable on this machine")
+    with pytest.raises(ValueError, match="dropout_keep_mask draws with the Triton kernels"):
+        dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P)
 
 
 def test_cpu_default_is_reference(monkeypatch):
@@ -225,10 +274,20 @@ def _bad(**overrides):
     (dict(dropout_p=1.0), ValueError, "dropout_p must be"),
     (dict(activation_scale=float("nan")), ValueError, "activation_scale must be"),
     (dict(backend="cuda"), ValueError, "not implemented for this op"),
+    (dict(dropout_seed=torch.tensor([1])), ValueError, "keep_mask or dropout_seed, not both"),
+    (dict(keep_mask=None, dropout_seed=torch.tensor([1.0])), TypeError, "dropout_seed must be an int64 tensor"),
+    (dict(keep_mask=None, dropout_seed=torch.tensor([1, 2])), TypeError, "dropout_seed must be an int64 tensor"),
+    (dict(z=torch.ones(1, 1, 1, 1).expand(2**16, 2**15, 1, 1), keep_mask=None, running_mean=None, running_var=None,
+          weight=None, bias=None, dropout_seed=torch.tensor([1])), ValueError, "dropout_seed draws for at most"),
 ])
 def test_bad_inputs(overrides, exc, match):
     with pytest.raises(exc, match=match):
         bn_relu_dropout(**_bad(**overrides))
+
+
+def test_seed_limit_is_the_kernels():
+    kernels = pytest.importorskip("lgc_fast.kernels.bn_relu_dropout")
+    assert SEEDED_LIMIT == kernels.SEEDED_LIMIT
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

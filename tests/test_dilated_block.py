@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import available_backends, devices
+from conftest import available_backends, devices, one_intra_op_thread
 from lgc_fast import _backend
 from lgc_fast.ops.dilated_block import (
     dilated_block, dilated_block_ref, dilated_block_train, dilated_conv, dilated_conv_ref, draw_dropout_mask,
@@ -21,11 +21,8 @@ P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of valu
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # The shapes here are tiny: intra-op threads only add barrier waits (tens of ms each on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_intra_op_thread():
+        yield
 
 
 def _fast_backends(device):

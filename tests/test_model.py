@@ -265,13 +265,15 @@ def test_fused_epilogues_match_modules(monkeypatch, channels_last):
         torch.testing.assert_close(fused_state[name], v, rtol=1e-5, atol=1e-7)
 
 
-def test_fused_epilogue_dropout_in_training_only(monkeypatch):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_fused_epilogue_dropout_in_training_only(monkeypatch, seeded):
     if not _backend._usable("triton", torch.device("cpu"))[0]:
         pytest.skip("triton is not usable on the CPU here")
     monkeypatch.setenv(_backend.ENV_VAR, "triton")
     torch.manual_seed(1)
     block = ConvBlock(2, 16, 3, dropout=0.5)
     block.fused_epilogue = True
+    block.seeded_dropout = seeded
     x = torch.randn(4, 2, 8, 8)
     y = block(x)
     z = block.conv(x)

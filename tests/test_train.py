@@ -42,15 +42,6 @@ def test_learning_rate_steps():
     assert learning_rate(1.0, 0, 1) == 1.0 and learning_rate(1.0, 1, 2) == 0.2
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads that wait for each other cost more than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_compiled_loss_matches_eager(one_thread):
     """--compile: the forward pass and loss under torch.compile (inductor) give eager's loss, gradients and BatchNorm
     running statistics, also after an SGD step has changed the weights. In float64: inductor's BatchNorm backward sums
@@ -358,3 +349,17 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
     assert all(int(m.bn.num_batches_tracked) == 2 for m in blocks)
     assert calls.count(True) == 2 * len(blocks) and False in calls  # two training steps, then validation
     assert load_checkpoint(tmp_path / "run" / "last.pt")["settings"]["fused_epilogue"] is True
+
+
+def _signalled_while_starting(worker_id):
+    os.kill(os.getpid(), signal.SIGTERM)  # a signal to the process group, arriving before the worker's init ran
+    train_module.leave_stop_signals_to_the_trainer(worker_id)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
+def test_a_stop_signal_while_workers_start_kills_no_worker():
+    from torch.utils.data import DataLoader
+    loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=_signalled_while_starting)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert [b.tolist() for b in train_module.start_workers(loader)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # this process's mask is back as it was

@@ -5,13 +5,14 @@ release's 0.1 activation scale and dropout, as one op on the convolution's outpu
 
 training=True normalises with the batch statistics of z (per channel over N, H, W) and updates running_mean /
 running_var in place as ``nn.BatchNorm2d`` does (unbiased variance, `momentum`); training=False uses the running
-statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep (``draw_dropout_mask``), or None for
-none (then no 1/(1-p) factor either).
+statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep (``draw_dropout_mask``), or a seed
+from which the Triton kernels draw the mask themselves (``dropout_seed``: no mask is written or read, the backward
+draws it again), or neither for none (then no 1/(1-p) factor either).
 
 Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, about ten passes over the activations
 forward and ten backward, and activations dominate the training step's memory traffic. The Triton backend takes two
 passes forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z
-(and the mask) again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps
+again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps
 both sides opaque.
 
 Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for) and "ref" (plain torch, the automatic
@@ -26,21 +27,13 @@ from typing import Optional
 import torch
 
 from lgc_fast import _backend
-from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P, fold_batchnorm
+# float32 compute (float64 for float64) and outputs in z's memory format, as the dilated block's epilogue.
+from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P, _compute_dtype, _memory_format, fold_batchnorm
 
 _SUPPORTED = ("triton", "ref")
+SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _memory_format(z: torch.Tensor) -> torch.memory_format:
-    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _flattenable(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -73,11 +66,14 @@ def _update_running(running_mean, running_var, mean, var, count: int, momentum: 
 def bn_relu_dropout_ref(z: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                         weight: torch.Tensor | None, bias: torch.Tensor | None,
                         keep_mask: torch.Tensor | None = None, *, training: bool, momentum: float = 0.1,
-                        eps: float = 1e-5, dropout_p: float = DROPOUT_P,
-                        activation_scale: float = ACTIVATION_SCALE) -> torch.Tensor:
-    """z: (N, C, H, W) -> y (N, C, H, W) in z's dtype and memory format, computed in float32 (float64 for float64)."""
+                        eps: float = 1e-5, dropout_p: float = DROPOUT_P, activation_scale: float = ACTIVATION_SCALE,
+                        dropout_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """z: (N, C, H, W) -> y (N, C, H, W) in z's dtype and memory format, computed in float32 (float64 for float64).
+    A dropout_seed is turned into its keep mask by ``dropout_keep_mask`` (which needs Triton)."""
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale)
+           activation_scale, dropout_seed)
+    if dropout_seed is not None:
+        keep_mask = dropout_keep_mask(dropout_seed, z.shape, dropout_p)
     ct = _compute_dtype(z.dtype)
     zc = z.to(ct)
     if training:
@@ -113,54 +109,63 @@ def _train_affine(weight, bias, mean, var, eps):
     return invstd, scale, bias.to(mean.dtype) - mean * scale
 
 
+def _dropout(keep_mask, seed, dropout_p):
+    return _kernels().Dropout(mask=keep_mask, seed=seed, p=dropout_p)
+
+
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
 def _train_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_mask: Optional[torch.Tensor],
-              eps: float, out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              seed: Optional[torch.Tensor], dropout_p: float, eps: float,
+              out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _kernels()
     mean, var = kernels.moments_triton(z)
     _, scale, shift = _train_affine(weight, bias, mean, var, eps)
-    return kernels.apply_triton(z, scale, shift, keep_mask, out_scale, _new_like(z)), mean, var
+    y = kernels.apply_triton(z, scale, shift, _dropout(keep_mask, seed, dropout_p), out_scale, _new_like(z))
+    return y, mean, var
 
 
 @_train_op.register_fake
-def _(z, weight, bias, keep_mask, eps, out_scale):
+def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale):
     stat = z.new_empty((z.shape[1],), dtype=_compute_dtype(z.dtype))
     return _new_like(z), stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
 def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor], eps: float,
+                       mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor],
+                       seed: Optional[torch.Tensor], dropout_p: float, eps: float,
                        out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _kernels()
     invstd, scale, shift = _train_affine(weight, bias, mean, var, eps)
     grad = _flattenable(grad, _memory_format(z))
-    sum_g, sum_g_centered = kernels.grad_sums_triton(grad, z, scale, shift, keep_mask, mean, out_scale)
+    dropout = _dropout(keep_mask, seed, dropout_p)
+    sum_g, sum_g_centered = kernels.grad_sums_triton(grad, z, scale, shift, dropout, mean, out_scale)
     count = z.numel() // z.shape[1]
     # dz = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd, written as scale * g + k1 * z + k0.
     k1 = -scale * invstd * invstd * sum_g_centered / count
     k0 = -scale * sum_g / count - k1 * mean
-    dz = kernels.grad_apply_triton(grad, z, scale, shift, keep_mask, k1, k0, out_scale, _new_like(z))
+    dz = kernels.grad_apply_triton(grad, z, scale, shift, dropout, k1, k0, out_scale, _new_like(z))
     return dz, (sum_g_centered * invstd).to(weight.dtype), sum_g.to(bias.dtype)
 
 
 @_train_backward_op.register_fake
-def _(grad, z, weight, bias, mean, var, keep_mask, eps, out_scale):
+def _(grad, z, weight, bias, mean, var, keep_mask, seed, dropout_p, eps, out_scale):
     return _new_like(z), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _train_setup_context(ctx, inputs, output):
-    z, weight, bias, keep_mask, eps, out_scale = inputs
+    z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale = inputs
     _, mean, var = output
-    ctx.save_for_backward(z, weight, bias, mean, var, keep_mask)
-    ctx.eps, ctx.out_scale = eps, out_scale
+    ctx.save_for_backward(z, weight, bias, mean, var, keep_mask, seed)
+    ctx.dropout_p, ctx.eps, ctx.out_scale = dropout_p, eps, out_scale
 
 
 def _train_backward(ctx, grad, grad_mean, grad_var):
     # mean and var are returned for the running statistics only; the public function never lets them carry gradients.
-    z, weight, bias, mean, var, keep_mask = ctx.saved_tensors
-    dz, dweight, dbias = _train_backward_op(grad, z, weight, bias, mean, var, keep_mask, ctx.eps, ctx.out_scale)
-    return dz, dweight, dbias, None, None, None
+    z, weight, bias, mean, var, keep_mask, seed = ctx.saved_tensors
+    dz, dweight, dbias = _train_backward_op(grad, z, weight, bias, mean, var, keep_mask, seed, ctx.dropout_p,
+                                            ctx.eps, ctx.out_scale)
+    return dz, dweight, dbias, None, None, None, None, None
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
@@ -168,41 +173,42 @@ _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 @torch.library.custom_op("lgc_fast::scale_shift_relu_dropout", mutates_args=())
 def _affine_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_mask: Optional[torch.Tensor],
-               out_scale: float) -> torch.Tensor:
-    return _kernels().apply_triton(z, scale, shift, keep_mask, out_scale, _new_like(z))
+               seed: Optional[torch.Tensor], dropout_p: float, out_scale: float) -> torch.Tensor:
+    return _kernels().apply_triton(z, scale, shift, _dropout(keep_mask, seed, dropout_p), out_scale, _new_like(z))
 
 
 @_affine_op.register_fake
-def _(z, scale, shift, keep_mask, out_scale):
+def _(z, scale, shift, keep_mask, seed, dropout_p, out_scale):
     return _new_like(z)
 
 
 @torch.library.custom_op("lgc_fast::scale_shift_relu_dropout_backward", mutates_args=())
 def _affine_backward_op(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                        keep_mask: Optional[torch.Tensor], out_scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        keep_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
+                        out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = _kernels()
     grad = _flattenable(grad, _memory_format(z))
-    sum_g, sum_gz = kernels.grad_sums_triton(grad, z, scale, shift, keep_mask, torch.zeros_like(scale), out_scale)
-    dz = kernels.grad_apply_triton(grad, z, scale, shift, keep_mask, None, None, out_scale, _new_like(z))
+    dropout = _dropout(keep_mask, seed, dropout_p)
+    sum_g, sum_gz = kernels.grad_sums_triton(grad, z, scale, shift, dropout, torch.zeros_like(scale), out_scale)
+    dz = kernels.grad_apply_triton(grad, z, scale, shift, dropout, None, None, out_scale, _new_like(z))
     return dz, sum_gz.to(scale.dtype), sum_g.to(shift.dtype)
 
 
 @_affine_backward_op.register_fake
-def _(grad, z, scale, shift, keep_mask, out_scale):
+def _(grad, z, scale, shift, keep_mask, seed, dropout_p, out_scale):
     return _new_like(z), torch.empty_like(scale), torch.empty_like(shift)
 
 
 def _affine_setup_context(ctx, inputs, output):
-    z, scale, shift, keep_mask, out_scale = inputs
-    ctx.save_for_backward(z, scale, shift, keep_mask)
-    ctx.out_scale = out_scale
+    z, scale, shift, keep_mask, seed, dropout_p, out_scale = inputs
+    ctx.save_for_backward(z, scale, shift, keep_mask, seed)
+    ctx.dropout_p, ctx.out_scale = dropout_p, out_scale
 
 
 def _affine_backward(ctx, grad):
-    z, scale, shift, keep_mask = ctx.saved_tensors
-    dz, dscale, dshift = _affine_backward_op(grad, z, scale, shift, keep_mask, ctx.out_scale)
-    return dz, dscale, dshift, None, None
+    z, scale, shift, keep_mask, seed = ctx.saved_tensors
+    dz, dscale, dshift = _affine_backward_op(grad, z, scale, shift, keep_mask, seed, ctx.dropout_p, ctx.out_scale)
+    return dz, dscale, dshift, None, None, None, None
 
 
 _affine_op.register_autograd(_affine_backward, setup_context=_affine_setup_context)
@@ -227,8 +233,16 @@ def _check_number(name, value, ok, what) -> None:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def _check_seed(seed, device) -> None:
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"dropout_seed must be an int64 tensor of one value, got "
+                        f"{getattr(seed, 'dtype', type(seed).__name__)} {tuple(getattr(seed, 'shape', ()))}")
+    if seed.device != device:
+        raise ValueError(f"dropout_seed must be on z's device {device}, got {seed.device}")
+
+
 def _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale) -> None:
+           activation_scale, dropout_seed=None) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 4:
@@ -256,6 +270,13 @@ def _check(z, running_mean, running_var, weight, bias, keep_mask, training, mome
             raise ValueError(f"keep_mask must have z's shape {tuple(z.shape)}, got {tuple(keep_mask.shape)}")
         if keep_mask.device != z.device:
             raise ValueError(f"keep_mask must be on z's device {z.device}, got {keep_mask.device}")
+    if dropout_seed is not None:
+        if keep_mask is not None:
+            raise ValueError("give keep_mask or dropout_seed, not both")
+        _check_seed(dropout_seed, z.device)
+        if z.numel() >= SEEDED_LIMIT:
+            raise ValueError(f"dropout_seed draws for at most {SEEDED_LIMIT} values, z has {z.numel()}; "
+                             f"pass a keep_mask instead")
     _check_number("momentum", momentum, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     _check_number("eps", eps, lambda v: v > 0.0, "a positive number")
     _check_number("dropout_p", dropout_p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
@@ -268,36 +289,60 @@ def _check(z, running_mean, running_var, weight, bias, keep_mask, training, mome
 def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, keep_mask: torch.Tensor | None = None, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
-                    activation_scale: float = ACTIVATION_SCALE, backend: str | None = None) -> torch.Tensor:
+                    activation_scale: float = ACTIVATION_SCALE, dropout_seed: torch.Tensor | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """y = activation_scale * relu(batch_norm(z)) * keep / (1 - dropout_p), arguments in ``F.batch_norm``'s order.
 
     z: (N, C, H, W) float32/float16/bfloat16/float64, contiguous or channels_last (y follows); running_mean,
-    running_var: (C,) or both None (training only); weight, bias: (C,) or None (1 and 0); keep_mask: (N, C, H, W)
-    bool/uint8 or None. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
+    running_var: (C,) or both None (training only); weight, bias: (C,) or None (1 and 0). Dropout: keep_mask
+    (N, C, H, W) bool/uint8, or dropout_seed, an int64 tensor of one value on z's device from which the kernels draw
+    the mask themselves (the mask of ``dropout_keep_mask``; nothing is stored, the backward draws it again), or
+    neither. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
     backend: ``"triton" | "ref"``, default automatic (triton on CUDA, ref on CPU).
     """
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale)
+           activation_scale, dropout_seed)
     name = _backend.choose("bn_relu_dropout", z.device, backend, supported=_SUPPORTED)
     if name == "ref" or z.numel() == 0:
         return bn_relu_dropout_ref(z, running_mean, running_var, weight, bias, keep_mask, training=training,
-                                   momentum=momentum, eps=eps, dropout_p=dropout_p, activation_scale=activation_scale)
+                                   momentum=momentum, eps=eps, dropout_p=dropout_p, activation_scale=activation_scale,
+                                   dropout_seed=dropout_seed)
     ct = _compute_dtype(z.dtype)
     c = z.shape[1]
     weight = torch.ones(c, dtype=ct, device=z.device) if weight is None else weight
     bias = torch.zeros(c, dtype=ct, device=z.device) if bias is None else bias
-    out_scale = float(activation_scale) / (1.0 - dropout_p) if keep_mask is not None else float(activation_scale)
+    dropping = keep_mask is not None or dropout_seed is not None
+    out_scale = float(activation_scale) / (1.0 - dropout_p) if dropping else float(activation_scale)
     fmt = _memory_format(z)
     z = _flattenable(z, fmt)
     if keep_mask is not None:
         keep_mask = _flattenable(keep_mask, fmt)
+    p = float(dropout_p)
     if not training:
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
-        return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, out_scale)
-    y, mean, var = _train_op(z, weight, bias, keep_mask, float(eps), out_scale)
+        return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale)
+    y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, z.numel() // c, momentum)
     return y
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P) -> torch.Tensor:
+    """The keep mask (N, C, H, W) bool, contiguous, that ``bn_relu_dropout(..., dropout_seed=seed, dropout_p=p)``
+    draws: Philox from the seed and each value's index in (N, C, H, W) order, kept with probability 1 - p. Needs the
+    Triton backend on seed's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    _check_number("dropout_p", p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check_seed(seed, seed.device if isinstance(seed, torch.Tensor) else None)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 4 or min(shape) < 0 or math.prod(shape) >= SEEDED_LIMIT:
+        raise ValueError(f"shape must be (N, C, H, W) with fewer than {SEEDED_LIMIT} values, got {shape}")
+    ok, why = _backend._usable("triton", seed.device)
+    if not ok:
+        raise ValueError(f"dropout_keep_mask draws with the Triton kernels, not usable here: {why}")
+    out = torch.empty(shape, dtype=torch.uint8, device=seed.device)
+    if out.numel():
+        _kernels().keep_mask_triton(seed, float(p), out)
+    return out.view(torch.bool)
 
 
 def fused_backend(device: torch.device) -> str | None:
