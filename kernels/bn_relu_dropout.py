@@ -12,6 +12,7 @@ float64).
               apply:   read z (+ keep), write y     y = out_scale * relu(z * scale + shift) * keep
     backward  sums:    read dy, z (+ keep)          -> sum g, sum g * (z - mean), g = dy * out_scale * keep * [pre > 0]
               apply:   read dy, z (+ keep), write dz   dz = scale * g + k1 * z + k0
+keep: read from a mask tensor, or drawn again in each kernel from a seed (``Dropout``), or 1.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ draws it again), or neither for none (then no 1/(1-p) factor either).
 Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, about ten passes over the activations
 forward and ten backward, and activations dominate the training step's memory traffic. The Triton backend takes two
 passes forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z
-again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps
-both sides opaque.
+again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps both sides
+opaque. Seeded dropout trades the byte mask's traffic (a write, three reads) and memory for Philox work in three
+kernels; the bench (bench/bench_bn_relu_dropout.py) measures both.
 
 Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for) and "ref" (plain torch, the automatic
 choice on the CPU).
@@ -28,7 +29,9 @@ import torch
 
 from lgc_fast import _backend
 # float32 compute (float64 for float64) and outputs in z's memory format, as the dilated block's epilogue.
-from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P, _compute_dtype, _memory_format, fold_batchnorm
+from lgc_fast.ops.dilated_block import (
+    ACTIVATION_SCALE, DROPOUT_P, _channel, _compute_dtype, _memory_format, fold_batchnorm,
+)
 
 _SUPPORTED = ("triton", "ref")
 SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
@@ -42,10 +45,6 @@ def _flattenable(t: torch.Tensor, memory_format: torch.memory_format) -> torch.T
     if h == 1 or w == 1 or t.stride(2) == w * t.stride(3):
         return t
     return t.contiguous(memory_format=memory_format)
-
-
-def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return v.to(dtype)[:, None, None]
 
 
 def _kernels():
