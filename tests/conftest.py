@@ -20,6 +20,11 @@ def available_backends(device: str = "cpu") -> list[str]:
     return [name for name in _backend.BACKENDS if _backend._usable(name, torch.device(device))[0]]
 
 
+def triton_backends(device: str = "cpu") -> list[str]:
+    """["triton"] where the Triton backend runs on `device` here (on the CPU: in the interpreter), else []."""
+    return [name for name in available_backends(device) if name == "triton"]
+
+
 def devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -46,5 +51,12 @@ def one_intra_op_thread():
 
 @pytest.fixture
 def one_thread():
+    with one_intra_op_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """one_thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``)."""
     with one_intra_op_thread():
         yield

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import available_backends, devices, one_intra_op_thread
+from conftest import available_backends, devices, triton_backends
 from lgc_fast import _backend
 from lgc_fast.ops.bn_relu_dropout import (
     SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend,
@@ -20,14 +20,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_intra_op_thread():
-        yield
-
-
-def _fast_backends(device):
-    return [b for b in available_backends(device) if b == "triton"]
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: threads only add barrier waits
 
 
 def _tol(dtype):
@@ -90,7 +83,7 @@ def test_reference_equals_batchnorm_relu_dropout_modules():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_reference(device, dtype, channels_last, training):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 2, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv,
                                                                      mask if training else None, training)
@@ -111,7 +104,7 @@ def test_matches_reference(device, dtype, channels_last, training):
     ((4, 2, 1, 1), True),
 ])
 def test_tile_edges(device, shape, channels_last):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, mask = _inputs(shape, torch.float64, device, 4, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
         torch.testing.assert_close(y, y_ref, **_tol(torch.float64))
@@ -121,7 +114,7 @@ def test_tile_edges(device, shape, channels_last):
 
 @pytest.mark.parametrize("device", devices())
 def test_strided_inputs_and_expanded_gradient(device):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 5)
         z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]  # H and W strides that do not merge
         results = []
@@ -137,7 +130,7 @@ def test_strided_inputs_and_expanded_gradient(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_mask_forms_nan_and_scales(device):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 5, 5), torch.float32, device, 6)
         run = lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend)  # noqa: E731
         torch.testing.assert_close(run(z, rm, rv, weight, bias, mask.to(torch.uint8) * 7, training=False, dropout_p=P),
@@ -156,7 +149,7 @@ def test_mask_forms_nan_and_scales(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_gradcheck_float64(device):
-    for backend in _fast_backends(device) + ["ref"]:
+    for backend in triton_backends(device) + ["ref"]:
         z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float64, device, 7, channels_last=True)
         args = tuple(t.detach().clone().requires_grad_() for t in (z, weight, bias))
         # fast_mode checks a random projection of the Jacobian: a handful of interpreter launches, not hundreds.
@@ -170,7 +163,7 @@ def test_gradcheck_float64(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float32, device, 8, channels_last=True)
         z.requires_grad_()
         weight.requires_grad_()
@@ -191,7 +184,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("training", [True, False])
 def test_seeded_dropout_is_the_mask_of_its_seed(device, training):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         z, weight, bias, rm, rv, _ = _inputs((2, 6, 5, 7), torch.float64, device, 12, channels_last=True)
         seed = torch.tensor([2024], device=device)
         mask = dropout_keep_mask(seed, z.shape, P)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import available_backends, devices, one_intra_op_thread
+from conftest import available_backends, devices, triton_backends
 from lgc_fast import _backend
 from lgc_fast.ops.dilated_block import (
     dilated_block, dilated_block_ref, dilated_block_train, dilated_conv, dilated_conv_ref, draw_dropout_mask,
@@ -19,14 +19,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_intra_op_thread():
-        yield
-
-
-def _fast_backends(device):
-    return [b for b in available_backends(device) if b == "triton"]
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: threads only add barrier waits
 
 
 def _tol(dtype, device):
@@ -76,7 +69,7 @@ def test_reference_equals_conv_batchnorm_relu_dropout_modules():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_forward_matches_reference(device, dtype, channels_last, with_mask):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(1, 16, 16, 12, 12, dtype, device, 2, channels_last)
         mask = mask if with_mask else None
         got = dilated_block(x, weight, scale, shift, mask, dropout_p=P, backend=backend)
@@ -90,7 +83,7 @@ def test_forward_matches_reference(device, dtype, channels_last, with_mask):
 @pytest.mark.parametrize("shape", [(2, 20, 24, 11, 13, 4), (1, 3, 5, 9, 7, 3), (1, 16, 16, 12, 12, 1)])
 def test_odd_shapes_and_dilations(device, shape):
     n, c_in, c_out, h, w, dilation = shape
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(n, c_in, c_out, h, w, torch.float32, device, 3)
         # A positive shift keeps almost every output nonzero, so an unwritten element cannot pass as a ReLU zero.
         shift = shift.abs() + 2.0
@@ -105,7 +98,7 @@ def test_odd_shapes_and_dilations(device, shape):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plain_conv_matches_reference(device, dtype):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, *_ = _inputs(2, 16, 24, 9, 10, dtype, device, 4, channels_last=True)
         got = dilated_conv(x, weight, backend=backend)
         ref = dilated_conv_ref(x, weight)
@@ -115,7 +108,7 @@ def test_plain_conv_matches_reference(device, dtype):
 
 @pytest.mark.parametrize("device", devices())
 def test_uint8_mask_nonzero_keeps_and_nan_propagates(device):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(1, 16, 16, 12, 12, torch.float32, device, 5)
         as_uint8 = mask.to(torch.uint8) * 7
         torch.testing.assert_close(dilated_block(x, weight, scale, shift, as_uint8, dropout_p=P, backend=backend),
@@ -129,7 +122,7 @@ def test_uint8_mask_nonzero_keeps_and_nan_propagates(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_negative_and_zero_activation_scale(device):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(1, 16, 16, 12, 12, torch.float32, device, 17)
         for act in (-0.25, 0.0):
             got = dilated_block(x, weight, scale, shift, mask, dropout_p=P, activation_scale=act, backend=backend)
@@ -147,7 +140,7 @@ def _grads(fn, x, weight, scale, shift, mask, backend, grad_out):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_matches_reference(device, dtype):
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(2, 16, 16, 12, 12, dtype, device, 6, channels_last=True)
         grad_out = torch.randn(2, 16, 12, 12, device=device).to(dtype)
         y, got = _grads(dilated_block, x, weight, scale, shift, mask, backend, grad_out)
@@ -170,7 +163,7 @@ def test_reference_backward_gradcheck():
 @pytest.mark.parametrize("device", devices())
 def test_triton_gradcheck_float64(device):
     # fast_mode checks a random projection of the Jacobian: a handful of interpreter launches instead of hundreds.
-    for backend in _fast_backends(device):
+    for backend in triton_backends(device):
         x, weight, scale, shift, mask = _inputs(1, 3, 2, 7, 6, torch.float64, device, 8)
         scale, shift = scale.double(), shift.double()
         args = tuple(t.requires_grad_() for t in (x, weight, scale, shift))

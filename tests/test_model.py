@@ -142,6 +142,14 @@ def test_bf16_autocast_forward_and_backward():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    """Every op on its Triton backend (the interpreter on a CPU-only machine), as the fused epilogues need."""
+    if not _backend._usable("triton", torch.device("cpu"))[0]:
+        pytest.skip("triton is not usable on the CPU here")
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = tiny(width=2, n_landmarks=2, local_layers=(3,)).eval()
@@ -153,12 +161,9 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(local, ref_local)
 
 
-def test_fused_epilogues_compile_fullgraph(monkeypatch):
+def test_fused_epilogues_compile_fullgraph(triton_everywhere):
     """The fused epilogue (custom ops, mask draw, running-statistics update) traces into one graph, forward and
     backward, and computes what eager does."""
-    if not _backend._usable("triton", torch.device("cpu"))[0]:
-        pytest.skip("triton is not usable on the CPU here")
-    monkeypatch.setenv(_backend.ENV_VAR, "triton")
     torch._dynamo.reset()
     eager = tiny(width=2, n_landmarks=2, local_layers=(3,), dropout=0.0).fuse_epilogues().train()
     compiled_model = copy.deepcopy(eager)
@@ -237,11 +242,8 @@ def test_mirror_averaged_omega():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_epilogues_match_modules(monkeypatch, channels_last):
-    # Triton (the interpreter here) for every op of both models, so the epilogue is the only difference.
-    if not _backend._usable("triton", torch.device("cpu"))[0]:
-        pytest.skip("triton is not usable on the CPU here")
-    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+def test_fused_epilogues_match_modules(triton_everywhere, channels_last):
+    # Triton for every op of both models, so the epilogue is the only difference.
     torch.manual_seed(0)
     modules = LGCN("release", width=4, n_landmarks=3, dropout=0.0, local_layers=(3, 3))
     fused = copy.deepcopy(modules).fuse_epilogues()
@@ -266,10 +268,7 @@ def test_fused_epilogues_match_modules(monkeypatch, channels_last):
 
 
 @pytest.mark.parametrize("seeded", [False, True])
-def test_fused_epilogue_dropout_in_training_only(monkeypatch, seeded):
-    if not _backend._usable("triton", torch.device("cpu"))[0]:
-        pytest.skip("triton is not usable on the CPU here")
-    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+def test_fused_epilogue_dropout_in_training_only(triton_everywhere, seeded):
     torch.manual_seed(1)
     block = ConvBlock(2, 16, 3, dropout=0.5)
     block.fused_epilogue = True
