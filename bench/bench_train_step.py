@@ -8,8 +8,8 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-fused, lgc_fast-fused-compiled: the same two with every conv block's BN + ReLU + scale + dropout as one
               lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; CUDA only, on
               the CPU the blocks keep torch's modules).
-Both use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
-ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits both alike; reported
+All modes use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
+ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
 and the peak memory of one step (CUDA: max allocated; CPU: not measured per mode).
 

@@ -184,94 +184,95 @@ def tile_shape(z: torch.Tensor) -> tuple[int, int]:
     return block_p, block_c
 
 
-def _blocks(z: torch.Tensor, block_p: int, block_c: int) -> tuple[int, tuple[int, int]]:
-    """(pixel blocks an image, launch grid)."""
+@dataclass(frozen=True)
+class _Plan:
+    """How the kernels tile a map: the launch grid, the size arguments (C, P, NPB) and the tile's meta-parameters;
+    acc: the accumulation dtype."""
+    grid: tuple[int, int]
+    sizes: tuple[int, int, int]
+    tile: dict
+    acc: torch.dtype
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.tile, ACC=tl.float64 if self.acc == torch.float64 else tl.float32)
+
+
+def _plan(z: torch.Tensor) -> _Plan:
     n, c, h, w = z.shape
+    block_p, block_c = tile_shape(z)
     npb = triton.cdiv(h * w, block_p)
-    return npb, (n * npb, triton.cdiv(c, block_c))
+    return _Plan(grid=(n * npb, triton.cdiv(c, block_c)), sizes=(c, h * w, npb),
+                 tile=dict(BLOCK_P=block_p, BLOCK_C=block_c),
+                 acc=torch.float64 if z.dtype == torch.float64 else torch.float32)
 
 
-def _acc(z: torch.Tensor):
-    return (tl.float64, torch.float64) if z.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _launch(kernel, grid, z, *args, **meta):
+def _launch(kernel, plan: _Plan, z, *args, **meta):
     num_warps = 8 if meta["BLOCK_P"] * meta["BLOCK_C"] >= 4096 else 4
     if z.device.type == "cuda":
         with torch.cuda.device(z.device):
-            kernel[grid](*args, **meta, num_warps=num_warps)
+            kernel[plan.grid](*args, **meta, num_warps=num_warps)
     else:
-        kernel[grid](*args, **meta)
+        kernel[plan.grid](*args, **meta)
+
+
+def _channels(plan: _Plan, *vectors: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel (C,) vectors in the accumulation dtype, contiguous."""
+    return [v.to(plan.acc).contiguous() for v in vectors]
 
 
 def moments_triton(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, biased variance) of z: (N, C, H, W) -> two (C,) tensors in the accumulation dtype."""
-    n, c, h, w = z.shape
-    acc_tl, acc = _acc(z)
-    block_p, block_c = tile_shape(z)
-    npb, grid = _blocks(z, block_p, block_c)
-    part = torch.empty((grid[0], 2, c), dtype=acc, device=z.device)
-    _launch(_moments_kernel, grid, z, z, part, c, h * w, npb, *_ncp_strides(z),
-            ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
-    p = h * w
-    count = (p - torch.arange(npb, device=z.device, dtype=acc) * block_p).clamp(max=block_p).repeat(n)[:, None]
+    plan = _plan(z)
+    c, p, npb = plan.sizes
+    part = torch.empty((plan.grid[0], 2, c), dtype=plan.acc, device=z.device)
+    _launch(_moments_kernel, plan, z, z, part, *plan.sizes, *_ncp_strides(z), **plan.meta)
+    block_p = plan.tile["BLOCK_P"]
+    count = (p - torch.arange(npb, device=z.device, dtype=plan.acc) * block_p).clamp(max=block_p)
+    count = count.repeat(z.shape[0])[:, None]
     means, m2s = part[:, 0], part[:, 1]
-    mean = (count * means).sum(0) / (n * p)
+    total = z.shape[0] * p
+    mean = (count * means).sum(0) / total
     m2 = m2s.sum(0) + (count * (means - mean) ** 2).sum(0)
-    return mean, m2 / (n * p)
+    return mean, m2 / total
 
 
 def apply_triton(z, scale, shift, dropout: Dropout, out_scale: float, out: torch.Tensor) -> torch.Tensor:
     """out = out_scale * relu(z * scale + shift) * keep. Returns out."""
-    n, c, h, w = z.shape
-    acc_tl, acc = _acc(z)
-    block_p, block_c = tile_shape(z)
+    plan = _plan(z)
     mode, keep, keep_strides, seed, p = dropout.args(z)
-    npb, grid = _blocks(z, block_p, block_c)
-    _launch(_apply_kernel, grid, z, z, keep, seed, p, out, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
-            out_scale, c, h * w, npb, *_ncp_strides(z), *keep_strides, *_ncp_strides(out),
-            DROPOUT=mode, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(_apply_kernel, plan, z, z, keep, seed, p, out, *_channels(plan, scale, shift), out_scale, *plan.sizes,
+            *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode, **plan.meta)
     return out
 
 
 def grad_sums_triton(dy, z, scale, shift, dropout: Dropout, center, out_scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel (sum g, sum g * (z - center)) with g = dy * out_scale * keep * [z * scale + shift > 0]."""
-    n, c, h, w = z.shape
-    acc_tl, acc = _acc(z)
-    block_p, block_c = tile_shape(z)
+    plan = _plan(z)
     mode, keep, keep_strides, seed, p = dropout.args(z)
-    npb, grid = _blocks(z, block_p, block_c)
-    part = torch.empty((grid[0], 2, c), dtype=acc, device=z.device)
-    _launch(_grad_sums_kernel, grid, z, dy, z, keep, seed, p, scale.to(acc).contiguous(), shift.to(acc).contiguous(),
-            center.to(acc).contiguous(), part, out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z),
-            *keep_strides, DROPOUT=mode, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    part = torch.empty((plan.grid[0], 2, z.shape[1]), dtype=plan.acc, device=z.device)
+    _launch(_grad_sums_kernel, plan, z, dy, z, keep, seed, p, *_channels(plan, scale, shift, center), part,
+            out_scale, *plan.sizes, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, DROPOUT=mode, **plan.meta)
     return part[:, 0].sum(0), part[:, 1].sum(0)
 
 
 def grad_apply_triton(dy, z, scale, shift, dropout: Dropout, k1, k0, out_scale: float,
                       out: torch.Tensor) -> torch.Tensor:
     """out = scale * g + k1 * z + k0 (k1, k0: (C,) or both None for 0), g as in ``grad_sums_triton``."""
-    n, c, h, w = z.shape
-    acc_tl, acc = _acc(z)
-    block_p, block_c = tile_shape(z)
+    plan = _plan(z)
     mode, keep, keep_strides, seed, p = dropout.args(z)
-    scale = scale.to(acc).contiguous()
     centered = k1 is not None
-    k1 = k1.to(acc).contiguous() if centered else scale
-    k0 = k0.to(acc).contiguous() if centered else scale
-    npb, grid = _blocks(z, block_p, block_c)
-    _launch(_grad_apply_kernel, grid, z, dy, z, keep, seed, p, out, scale, shift.to(acc).contiguous(), k1, k0,
-            out_scale, c, h * w, npb, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, *_ncp_strides(out),
-            DROPOUT=mode, CENTERED=centered, ACC=acc_tl, BLOCK_P=block_p, BLOCK_C=block_c)
+    scale, shift = _channels(plan, scale, shift)
+    k1, k0 = _channels(plan, k1, k0) if centered else (scale, scale)  # unread when not centered
+    _launch(_grad_apply_kernel, plan, z, dy, z, keep, seed, p, out, scale, shift, k1, k0, out_scale, *plan.sizes,
+            *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode,
+            CENTERED=centered, **plan.meta)
     return out
 
 
 def keep_mask_triton(seed: torch.Tensor, p: float, out: torch.Tensor) -> torch.Tensor:
     """Write into out (N, C, H, W) uint8 the keep flags that Dropout(seed=seed, p=p) draws for maps of its shape."""
-    n, c, h, w = out.shape
-    block_p, block_c = tile_shape(out)
-    npb, grid = _blocks(out, block_p, block_c)
-    _launch(_keep_mask_kernel, grid, out, seed, p, out, c, h * w, npb, *_ncp_strides(out),
-            BLOCK_P=block_p, BLOCK_C=block_c)
+    plan = _plan(out)
+    _launch(_keep_mask_kernel, plan, out, seed, p, out, *plan.sizes, *_ncp_strides(out), **plan.tile)
     return out

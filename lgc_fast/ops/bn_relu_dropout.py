@@ -30,7 +30,8 @@ import torch
 from lgc_fast import _backend
 # float32 compute (float64 for float64) and outputs in z's memory format, as the dilated block's epilogue.
 from lgc_fast.ops.dilated_block import (
-    ACTIVATION_SCALE, DROPOUT_P, _channel, _compute_dtype, _memory_format, fold_batchnorm,
+    ACTIVATION_SCALE, DROPOUT_P, _channel, _check_dropout_p, _compute_dtype, _memory_format, _new_output,
+    fold_batchnorm,
 )
 
 _SUPPORTED = ("triton", "ref")
@@ -45,6 +46,10 @@ def _flattenable(t: torch.Tensor, memory_format: torch.memory_format) -> torch.T
     if h == 1 or w == 1 or t.stride(2) == w * t.stride(3):
         return t
     return t.contiguous(memory_format=memory_format)
+
+
+def _new_like(z: torch.Tensor) -> torch.Tensor:
+    return _new_output(z, z.shape[1], z.dtype)
 
 
 def _kernels():
@@ -90,17 +95,13 @@ def bn_relu_dropout_ref(z: torch.Tensor, running_mean: torch.Tensor | None, runn
     y = torch.relu(u) * activation_scale
     if keep_mask is not None:
         y = y * (keep_mask != 0).to(ct) * (1.0 / (1.0 - dropout_p))
-    out = torch.empty_like(z, memory_format=_memory_format(z))
+    out = _new_like(z)
     out.copy_(y)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops (Triton backend). out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
-
-def _new_like(z: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(z, memory_format=_memory_format(z))
-
 
 def _train_affine(weight, bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
@@ -278,7 +279,7 @@ def _check(z, running_mean, running_var, weight, bias, keep_mask, training, mome
                              f"pass a keep_mask instead")
     _check_number("momentum", momentum, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     _check_number("eps", eps, lambda v: v > 0.0, "a positive number")
-    _check_number("dropout_p", dropout_p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check_dropout_p(dropout_p)
     _check_number("activation_scale", activation_scale, lambda v: True, "a finite number")
 
 
@@ -330,7 +331,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P) -> torch.
     """The keep mask (N, C, H, W) bool, contiguous, that ``bn_relu_dropout(..., dropout_seed=seed, dropout_p=p)``
     draws: Philox from the seed and each value's index in (N, C, H, W) order, kept with probability 1 - p. Needs the
     Triton backend on seed's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    _check_number("dropout_p", p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check_dropout_p(p)
     _check_seed(seed, seed.device if isinstance(seed, torch.Tensor) else None)
     shape = tuple(int(v) for v in shape)
     if len(shape) != 4 or min(shape) < 0 or math.prod(shape) >= SEEDED_LIMIT:
