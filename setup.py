@@ -31,7 +31,9 @@ def ext_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC may not turn
+    # `cond ? x * y : 0` into a vector select (it will not speculate a multiply that could raise a flag).
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if _cuda_wanted():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

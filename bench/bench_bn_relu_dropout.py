@@ -1,9 +1,10 @@
 """Benchmark a conv block's epilogue (BatchNorm with batch statistics + ReLU + 0.1 scale + dropout), forward +
 backward as training runs it, against torch in the same run.
 
-Methods, on the same (N, C, 96, 96) channels_last map z (the conv output), each drawing its own dropout mask:
-  lgc_fast          : lgc_fast.ops.bn_relu_dropout (automatic backend: triton on a GPU, ref on the CPU), mask drawn
-                      as ConvBlock draws it (one byte per value)
+Methods, on the same (N, C, 96, 96) map z (the conv output; channels_last on a GPU, both layouts on the CPU), each
+drawing its own dropout mask:
+  lgc_fast          : lgc_fast.ops.bn_relu_dropout (automatic backend: triton on a GPU, the C++ kernels on the CPU),
+                      mask drawn as ConvBlock draws it (one byte per value: random_keep_mask)
   lgc_fast seeded   : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
                       (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
@@ -14,7 +15,8 @@ its four passes need at least: z read twice forward and twice backward, the outp
 written once, and for the byte mask, its write and three reads.
 
 Usage:
-  python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32] [--out PATH]
+  python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32]
+                                        [--layouts contiguous channels_last] [--out PATH]
 Writes the results under "bn_relu_dropout" in bench/results/<device-slug>.json.
 """
 from __future__ import annotations
@@ -31,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
 
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend  # noqa: E402
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend, random_keep_mask  # noqa: E402
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 BENCH = "bn_relu_dropout"
 SIZE = 96
 
@@ -45,7 +48,7 @@ def torch_epilogue(z, running_mean, running_var, weight, bias):
 
 
 def lgc_fast_epilogue(z, running_mean, running_var, weight, bias):
-    keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - DROPOUT_P)
+    keep = random_keep_mask(z, DROPOUT_P, fused_backend(z.device))
     return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True)
 
 
@@ -68,13 +71,13 @@ def make_step(fn, z, grad, params):
     return step
 
 
-def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch, seeded):
+def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, seeded):
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (n, c, SIZE, SIZE)
     z = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
-    z = z.contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    z = z.contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
     weight = torch.ones(c, device=device, requires_grad=True)
     bias = torch.zeros(c, device=device, requires_grad=True)
     params = [torch.zeros(c, device=device), torch.ones(c, device=device), weight, bias]
@@ -88,7 +91,7 @@ def bench_dtype(device, dtype_name, n, c, budget_s, compile_torch, seeded):
     rows = []
     peak = peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for name, t in timings.items():
-        row = {"dtype": dtype_name, "shape": list(shape), "method": name, **t.as_dict()}
+        row = {"dtype": dtype_name, "layout": layout, "shape": list(shape), "method": name, **t.as_dict()}
         if name.startswith("lgc_fast"):
             gbps = min_traffic_bytes(z, mask=name == "lgc_fast") / (t.median_ms / 1e3) / 1e9
             row["min_traffic_gb_per_s"] = gbps
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="N (default 64 on a GPU, 4 on the CPU)")
     parser.add_argument("--channels", type=int, default=128, help="C (the release's width: 128)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default bf16 fp32 (GPU), fp32 (CPU)")
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS),
+                        help="default channels_last (GPU), contiguous channels_last (CPU)")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per dtype (5; CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile method")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
@@ -120,13 +125,15 @@ def main(argv=None) -> int:
     budget = 1.0 if args.quick else args.budget_s or (5.0 if gpu else 3.0)
     dtypes = args.dtypes or (["bf16", "fp32"] if gpu else ["fp32"])
     env = environment(device)
-    print(f"bn_relu_dropout fwd+bwd (training), {n} x {c} x {SIZE} x {SIZE} channels_last on {env['device']}; "
+    layouts = args.layouts or (["channels_last"] if gpu else ["contiguous", "channels_last"])
+    print(f"bn_relu_dropout fwd+bwd (training), {n} x {c} x {SIZE} x {SIZE} on {env['device']}; "
           f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     rows = []
     for dtype_name in dtypes:
-        rows += bench_dtype(device, dtype_name, n, c, budget, compile_torch=gpu and not args.no_compile,
-                            seeded=fused_backend(device) is not None)
-    print(format_table(rows, [("dtype", "dtype"), ("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"),
+        for layout in layouts:
+            rows += bench_dtype(device, dtype_name, layout, n, c, budget, compile_torch=gpu and not args.no_compile,
+                                seeded=fused_backend(device) is not None)
+    print(format_table(rows, [("dtype", "dtype"), ("layout", "layout"), ("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("lgc_fast_speedup", "lgc_fast speed-up"),
                               ("min_traffic_gb_per_s", "GB/s"), ("pct_of_peak_bandwidth", "% peak")]))
     payload = {"environment": env, "batch": n, "channels": c, "size": SIZE, "dropout_p": DROPOUT_P,

@@ -118,14 +118,14 @@ def rows_dilated_block(entry, device):
 
 
 def rows_bn_relu_dropout(entry, device):
-    by_dtype = {}
+    by_case = {}
     for r in entry.get("results", []):
-        by_dtype.setdefault(r["dtype"], {})[r["method"]] = r
-    for dtype, methods in by_dtype.items():
+        by_case.setdefault((r["dtype"], r.get("layout", "channels_last")), {})[r["method"]] = r
+    for (dtype, layout), methods in by_case.items():
         fast = methods.get("lgc_fast")
         for name in ("torch eager", "torch compiled"):
             if fast is not None and name in methods:
-                yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, training) vs {name}",
+                yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training) vs {name}",
                            "x".join(map(str, fast["shape"])), fast["median_ms"], methods[name]["median_ms"], device)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
 from lgc_fast.ops.bn_relu_dropout import SEEDED_LIMIT as DROPOUT_SEED_LIMIT
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend, random_keep_mask
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
 
@@ -45,10 +45,11 @@ def default_local_layers(variant: str) -> tuple[int, ...]:
 class ConvBlock(nn.Module):
     """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output.
 
-    With `fused_epilogue` set (``LGCN.fuse_epilogues``) and the Triton backend usable for the activations (CUDA), the
-    BN + ReLU + scale + dropout part runs as one ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their
-    updates are the modules' own, only the dropout mask comes from a different draw: a byte mask, or with
-    `seeded_dropout` a seed from which the kernels draw it (no mask kept for the backward, Philox work instead).
+    With `fused_epilogue` set (``LGCN.fuse_epilogues``) and a kernel backend of the op usable for the activations
+    (Triton on CUDA, the compiled C++ kernels on the CPU), the BN + ReLU + scale + dropout part runs as one
+    ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their updates are the modules' own, only the dropout
+    mask comes from a different draw: a byte mask (``random_keep_mask``), or with `seeded_dropout` a seed from which
+    the kernels draw it (no mask kept for the backward, Philox work instead).
     """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, dilation: int = 1, dropout: float = 0.1,
@@ -64,14 +65,15 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.conv(x)
-        if self.fused_epilogue and fused_backend(z.device) is not None:
-            return self._fused_epilogue(z)
+        backend = fused_backend(z.device) if self.fused_epilogue else None
+        if backend is not None:
+            return self._fused_epilogue(z, backend)
         y = torch.relu(self.bn(z))
         if self.act_scale != 1.0:
             y = y * self.act_scale
         return self.drop(y)
 
-    def _fused_epilogue(self, z: torch.Tensor) -> torch.Tensor:
+    def _fused_epilogue(self, z: torch.Tensor, backend: str) -> torch.Tensor:
         bn = self.bn
         p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
         seed = keep = None
@@ -79,7 +81,7 @@ class ConvBlock(nn.Module):
             if self.seeded_dropout and z.numel() < DROPOUT_SEED_LIMIT:
                 seed = torch.randint(2**62, (1,), device=z.device)  # from torch's generator: reproducible, resumable
             else:
-                keep = torch.empty_like(z, dtype=torch.bool).bernoulli_(1.0 - p)  # 1 byte a value, z's layout
+                keep = random_keep_mask(z, p, backend)  # 1 byte a value, z's layout
         # nn.BatchNorm2d's rules: batch statistics in training or without running statistics; the running ones are
         # updated in training (with the cumulative average when momentum is None).
         batch_stats = self.training or bn.running_mean is None
@@ -91,7 +93,7 @@ class ConvBlock(nn.Module):
         update = not self.training or bn.track_running_stats
         return bn_relu_dropout(z, bn.running_mean if update else None, bn.running_var if update else None,
                                bn.weight, bn.bias, keep, training=batch_stats, momentum=momentum, eps=bn.eps,
-                               dropout_p=p, activation_scale=self.act_scale, dropout_seed=seed)
+                               dropout_p=p, activation_scale=self.act_scale, dropout_seed=seed, backend=backend)
 
 
 class KernelConv(nn.Module):
@@ -169,9 +171,10 @@ class LGCN(nn.Module):
                 "dropout": self.dropout, "local_layers": list(self.local_layers)}
 
     def fuse_epilogues(self, enabled: bool = True, seeded_dropout: bool = False) -> "LGCN":
-        """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its Triton kernels run
-        (CUDA; elsewhere torch's modules run as before), with a byte keep mask or, with `seeded_dropout`, masks the
-        kernels draw from a seed. The weights, buffers and state_dict keys do not change. Returns self."""
+        """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its kernels run (Triton
+        on CUDA, C++ on the CPU; without them torch's modules run as before), with a byte keep mask or, with
+        `seeded_dropout`, masks the kernels draw from a seed. The weights, buffers and state_dict keys do not change.
+        Returns self."""
         for module in self.modules():
             if isinstance(module, ConvBlock):
                 module.fused_epilogue = bool(enabled)

@@ -61,6 +61,7 @@ from lgc_fast.errors import LgcError
 from lgc_fast.evaluate import load_faces, predict, readable_images, report_problems, resolve_device
 from lgc_fast.model import VARIANTS, LGCN, default_local_layers
 from lgc_fast.ops import lgc_loss
+from lgc_fast.ops.bn_relu_dropout import fused_backend
 
 LOSS_SCALE = 0.05
 LR_STEPS = ((0.0, 1.0), (0.5, 0.2), (0.75, 0.1), (0.9, 0.02))  # (fraction of --epochs, factor of --lr)
@@ -121,9 +122,11 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the forward pass and the loss as one graph; MODE is torch.compile's mode "
                         f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")
-    p.add_argument("--fused-epilogue", action=argparse.BooleanOptionalAction, default=False,
-                   help="on CUDA, run every conv block's BatchNorm + ReLU + scale + dropout as one Triton op "
-                        "(lgc_fast.ops.bn_relu_dropout) instead of torch's modules (default: off)")
+    p.add_argument("--fused-epilogue", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every conv block's BatchNorm + ReLU + scale + dropout as one op "
+                        "(lgc_fast.ops.bn_relu_dropout: Triton on CUDA, C++ on the CPU) instead of torch's modules "
+                        "(default: on the CPU, where its C++ kernels are built and measured faster; off on CUDA, "
+                        "not yet measured there)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -312,7 +315,8 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "amp": cuda if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
         "device_augment": cuda and args.augment, "compile": args.compile or False,
-        "fused_epilogue": bool(args.fused_epilogue),
+        "fused_epilogue": (device.type == "cpu" and fused_backend(device) == "cpu") if args.fused_epilogue is None
+        else bool(args.fused_epilogue),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }

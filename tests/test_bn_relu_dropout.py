@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import available_backends, devices, triton_backends
+from conftest import available_backends, devices
 from lgc_fast import _backend
 from lgc_fast.ops.bn_relu_dropout import (
     SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend,
@@ -21,6 +21,12 @@ P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of valu
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: threads only add barrier waits
+
+
+def kernel_backends(device):
+    """The op's kernel backends that run on `device` here: the compiled C++ ("cpu") and Triton (on the CPU in the
+    interpreter)."""
+    return [name for name in available_backends(device) if name in ("cpu", "triton")]
 
 
 def _tol(dtype):
@@ -83,7 +89,7 @@ def test_reference_equals_batchnorm_relu_dropout_modules():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_reference(device, dtype, channels_last, training):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 2, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv,
                                                                      mask if training else None, training)
@@ -104,7 +110,7 @@ def test_matches_reference(device, dtype, channels_last, training):
     ((4, 2, 1, 1), True),
 ])
 def test_tile_edges(device, shape, channels_last):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, mask = _inputs(shape, torch.float64, device, 4, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
         torch.testing.assert_close(y, y_ref, **_tol(torch.float64))
@@ -114,7 +120,7 @@ def test_tile_edges(device, shape, channels_last):
 
 @pytest.mark.parametrize("device", devices())
 def test_strided_inputs_and_expanded_gradient(device):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 5)
         z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]  # H and W strides that do not merge
         results = []
@@ -130,7 +136,7 @@ def test_strided_inputs_and_expanded_gradient(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_mask_forms_nan_and_scales(device):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 5, 5), torch.float32, device, 6)
         run = lambda *a, **k: bn_relu_dropout(*a, **k, backend=backend)  # noqa: E731
         torch.testing.assert_close(run(z, rm, rv, weight, bias, mask.to(torch.uint8) * 7, training=False, dropout_p=P),
@@ -149,7 +155,7 @@ def test_mask_forms_nan_and_scales(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_gradcheck_float64(device):
-    for backend in triton_backends(device) + ["ref"]:
+    for backend in kernel_backends(device) + ["ref"]:
         z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float64, device, 7, channels_last=True)
         args = tuple(t.detach().clone().requires_grad_() for t in (z, weight, bias))
         # fast_mode checks a random projection of the Jacobian: a handful of interpreter launches, not hundreds.
@@ -163,7 +169,7 @@ def test_gradcheck_float64(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, mask = _inputs((2, 3, 4, 5), torch.float32, device, 8, channels_last=True)
         z.requires_grad_()
         weight.requires_grad_()
@@ -173,18 +179,20 @@ def test_opcheck(device):
         grad = torch.randn_like(z)
         for keep, seeded in ((mask, None), (None, seed)):
             torch.library.opcheck(ops.bn_relu_dropout_train.default,
-                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P)))
-            torch.library.opcheck(ops.scale_shift_relu_dropout.default, (z, weight, bias, keep, seeded, P, 0.1))
+                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P), backend))
+            torch.library.opcheck(ops.scale_shift_relu_dropout.default,
+                                  (z, weight, bias, keep, seeded, P, 0.1, backend))
             torch.library.opcheck(ops.bn_relu_dropout_train_backward.default,
-                                  (grad, z.detach(), weight.detach(), bias, mean, var, keep, seeded, P, 1e-5, 0.1))
+                                  (grad, z.detach(), weight.detach(), bias, mean, var, keep, seeded, P, 1e-5, 0.1,
+                                   backend))
             torch.library.opcheck(ops.scale_shift_relu_dropout_backward.default,
-                                  (grad, z.detach(), weight.detach(), bias, keep, seeded, P, 0.1))
+                                  (grad, z.detach(), weight.detach(), bias, keep, seeded, P, 0.1, backend))
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("training", [True, False])
 def test_seeded_dropout_is_the_mask_of_its_seed(device, training):
-    for backend in triton_backends(device):
+    for backend in kernel_backends(device):
         z, weight, bias, rm, rv, _ = _inputs((2, 6, 5, 7), torch.float64, device, 12, channels_last=True)
         seed = torch.tensor([2024], device=device)
         mask = dropout_keep_mask(seed, z.shape, P)
@@ -202,44 +210,69 @@ def test_seeded_dropout_is_the_mask_of_its_seed(device, training):
 
 @pytest.mark.parametrize("device", devices())
 def test_seeded_draws(device):
-    if "triton" not in available_backends(device):
-        pytest.skip("needs the triton backend")
+    backends = kernel_backends(device)
+    if not backends:
+        pytest.skip("needs a kernel backend (the compiled extension or Triton)")
     shape = (3, 8, 20, 24)
     seed = torch.tensor([7], device=device)
-    mask = dropout_keep_mask(seed, shape, P)
-    assert torch.equal(dropout_keep_mask(seed, shape, P), mask)  # deterministic
-    assert abs(mask.float().mean().item() - (1 - P)) < 0.02  # 11520 draws: 4.5 standard deviations
-    assert not torch.equal(dropout_keep_mask(torch.tensor([8], device=device), shape, P), mask)
-    assert dropout_keep_mask(seed, shape, 0.0).all()
-    # The mask follows the logical (N, C, H, W) index: the same seed drops the same values in either memory format.
-    z, weight, bias, rm, rv, _ = _inputs(shape, torch.float32, device, 13)
-    outputs = [bn_relu_dropout(z.contiguous(memory_format=fmt), None, None, weight, bias, training=True, dropout_p=P,
-                               dropout_seed=seed, backend="triton")
-               for fmt in (torch.contiguous_format, torch.channels_last)]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
+    for backend in backends:
+        mask = dropout_keep_mask(seed, shape, P, backend)
+        assert torch.equal(dropout_keep_mask(seed, shape, P, backend), mask)  # deterministic
+        assert abs(mask.float().mean().item() - (1 - P)) < 0.02  # 11520 draws: 4.5 standard deviations
+        assert not torch.equal(dropout_keep_mask(torch.tensor([8], device=device), shape, P, backend), mask)
+        assert dropout_keep_mask(seed, shape, 0.0, backend).all()
+        in_channels_last = dropout_keep_mask(seed, shape, P, backend, memory_format=torch.channels_last)
+        assert in_channels_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(in_channels_last, mask)
+        # The mask follows the logical (N, C, H, W) index: the same seed drops the same values in either memory
+        # format.
+        z, weight, bias, rm, rv, _ = _inputs(shape, torch.float32, device, 13)
+        outputs = [bn_relu_dropout(z.contiguous(memory_format=fmt), None, None, weight, bias, training=True,
+                                   dropout_p=P, dropout_seed=seed, backend=backend)
+                   for fmt in (torch.contiguous_format, torch.channels_last)]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
 
 
-def test_dropout_keep_mask_needs_triton(monkeypatch):
+def test_cpu_and_triton_draw_the_same_masks():
+    """The C++ Philox is Triton's tl.rand bit for bit: a seed drops the same values on either backend, whatever the
+    seed's high and low words, the shape or the dropout rate."""
+    if not {"cpu", "triton"} <= set(kernel_backends("cpu")):
+        pytest.skip("needs both the compiled extension and Triton")
+    for seed, shape, p in ((0, (1, 1, 3, 5), 0.5), (2024, (2, 6, 5, 7), P), (2**62 - 12345, (3, 8, 20, 24), 0.1),
+                           (2**32 + 1, (2, 3, 17, 9), 0.9)):
+        seed = torch.tensor([seed])
+        cpu = dropout_keep_mask(seed, shape, p, "cpu")
+        assert torch.equal(cpu, dropout_keep_mask(seed, shape, p, "triton"))
+        assert 0 < cpu.sum() < cpu.numel()
+
+
+def test_dropout_keep_mask_backends(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of cpu, triton, not 'ref'"):
+        dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, "ref")
+    with pytest.raises(ValueError, match="memory_format must be"):
+        dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, memory_format=torch.preserve_format)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("triton is usable on this machine")
-    with pytest.raises(ValueError, match="dropout_keep_mask draws with the Triton kernels"):
-        dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P)
+    with pytest.raises(ValueError, match="draws with the compiled C\\+\\+ or the Triton kernels, not usable here"):
+        dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, "triton")
 
 
-def test_cpu_default_is_reference(monkeypatch):
+def test_cpu_default(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    assert _backend.choose("bn_relu_dropout", torch.device("cpu"), None, ("triton", "ref")) == "ref"
-    assert fused_backend(torch.device("cpu")) is None
-    monkeypatch.setenv(_backend.ENV_VAR, "cpu")  # a backend this op does not implement: no fused path, no error
-    assert fused_backend(torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    expected = "cpu" if "cpu" in available_backends("cpu") else "ref"
+    assert _backend.choose("bn_relu_dropout", cpu, None, ("cpu", "triton", "ref")) == expected
+    assert fused_backend(cpu) == (None if expected == "ref" else "cpu")
+    monkeypatch.setenv(_backend.ENV_VAR, "ref")  # the reference is no faster than torch's modules: no fused path
+    assert fused_backend(cpu) is None
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # a backend this op does not implement: no fused path, no error
+    assert fused_backend(cpu) is None
 
 
 @pytest.mark.parametrize("device", devices())
 def test_empty_batch_in_eval(device):
-    for backend in available_backends(device):
-        if backend not in ("triton", "ref"):
-            continue
+    for backend in kernel_backends(device) + ["ref"]:
         z, weight, bias, rm, rv, _ = _inputs((0, 3, 4, 4), torch.float32, device, 9)
         y = bn_relu_dropout(z, rm, rv, weight, bias, training=False, backend=backend)
         assert y.shape == z.shape

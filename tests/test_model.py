@@ -142,12 +142,15 @@ def test_bf16_autocast_forward_and_backward():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.fixture
-def triton_everywhere(monkeypatch):
-    """Every op on its Triton backend (the interpreter on a CPU-only machine), as the fused epilogues need."""
-    if not _backend._usable("triton", torch.device("cpu"))[0]:
-        pytest.skip("triton is not usable on the CPU here")
-    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+@pytest.fixture(params=["cpu", "triton"])
+def kernels_everywhere(request, monkeypatch):
+    """Every op on one kernel backend, as the fused epilogues need: the compiled C++ kernels, or Triton (the
+    interpreter on a CPU-only machine)."""
+    ok, why = _backend._usable(request.param, torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"{request.param} is not usable on the CPU here: {why}")
+    monkeypatch.setenv(_backend.ENV_VAR, request.param)
+    return request.param
 
 
 def test_torch_compile_fullgraph():
@@ -161,7 +164,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(local, ref_local)
 
 
-def test_fused_epilogues_compile_fullgraph(triton_everywhere):
+def test_fused_epilogues_compile_fullgraph(kernels_everywhere):
     """The fused epilogue (custom ops, mask draw, running-statistics update) traces into one graph, forward and
     backward, and computes what eager does."""
     torch._dynamo.reset()
@@ -242,8 +245,8 @@ def test_mirror_averaged_omega():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_epilogues_match_modules(triton_everywhere, channels_last):
-    # Triton for every op of both models, so the epilogue is the only difference.
+def test_fused_epilogues_match_modules(kernels_everywhere, channels_last):
+    # One backend for every op of both models, so the epilogue is the only difference.
     torch.manual_seed(0)
     modules = LGCN("release", width=4, n_landmarks=3, dropout=0.0, local_layers=(3, 3))
     fused = copy.deepcopy(modules).fuse_epilogues()
@@ -268,7 +271,7 @@ def test_fused_epilogues_match_modules(triton_everywhere, channels_last):
 
 
 @pytest.mark.parametrize("seeded", [False, True])
-def test_fused_epilogue_dropout_in_training_only(triton_everywhere, seeded):
+def test_fused_epilogue_dropout_in_training_only(kernels_everywhere, seeded):
     torch.manual_seed(1)
     block = ConvBlock(2, 16, 3, dropout=0.5)
     block.fused_epilogue = True

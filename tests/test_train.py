@@ -326,9 +326,19 @@ def test_signal_to_the_process_group_saves_the_run(tmp_path):
     assert state["step"] > 0 and (state["epoch"], state["batch_in_epoch"]) != (0, 0)
 
 
+def test_fused_epilogue_default_is_on_for_the_cpu_kernels_only():
+    from lgc_fast.ops.bn_relu_dropout import fused_backend
+    args = parse_args(["--data", "d", "--out", "o"])
+    cpu = torch.device("cpu")
+    assert train_module._settings(args, 1, cpu)["fused_epilogue"] is (fused_backend(cpu) == "cpu")
+    assert train_module._settings(args, 1, torch.device("cuda"))["fused_epilogue"] is False  # unmeasured there
+    args.fused_epilogue = False
+    assert train_module._settings(args, 1, cpu)["fused_epilogue"] is False
+
+
 def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
-    # The fused path runs only where Triton does; here it is switched on with the op's automatic (reference) backend,
-    # which tests the plumbing in seconds (the Triton kernels inside the model: tests/test_model.py).
+    # The fused path runs the op's C++ kernels here, or its reference where the extension is not built (the kernels
+    # inside the model against the modules: tests/test_model.py).
     import lgc_fast.model as model_module
     calls = []
     real_op = model_module.bn_relu_dropout
@@ -337,9 +347,10 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
         calls.append(kwargs["training"])
         return real_op(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "fused_backend", lambda device: "ref")
+    backend = model_module.fused_backend(torch.device("cpu")) or "ref"
+    monkeypatch.setattr(model_module, "fused_backend", lambda device: backend)
     monkeypatch.setattr(model_module, "bn_relu_dropout", counted)
-    assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is False
+    assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is None  # automatic: on for the CPU's kernels
     data = synthetic_faces(tmp_path / "faces", n=10)
     result = train(parse_args(["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2,
                                "--max-steps", 2, "--fused-epilogue", *TINY]))

@@ -6,18 +6,19 @@ release's 0.1 activation scale and dropout, as one op on the convolution's outpu
 training=True normalises with the batch statistics of z (per channel over N, H, W) and updates running_mean /
 running_var in place as ``nn.BatchNorm2d`` does (unbiased variance, `momentum`); training=False uses the running
 statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep (``draw_dropout_mask``), or a seed
-from which the Triton kernels draw the mask themselves (``dropout_seed``: no mask is written or read, the backward
-draws it again), or neither for none (then no 1/(1-p) factor either).
+from which the kernels draw the mask themselves (``dropout_seed``: no mask is written or read, the backward draws it
+again), or neither for none (then no 1/(1-p) factor either).
 
 Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, about ten passes over the activations
-forward and ten backward, and activations dominate the training step's memory traffic. The Triton backend takes two
-passes forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z
-again instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps both sides
-opaque. Seeded dropout trades the byte mask's traffic (a write, three reads) and memory for Philox work in three
-kernels; the bench (bench/bench_bn_relu_dropout.py) measures both.
+forward and ten backward, and activations dominate the training step's memory traffic. The kernels take two passes
+forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z again
+instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps both sides opaque.
+Seeded dropout trades the byte mask's traffic (a write, three reads) and memory for Philox work in three passes; the
+bench (bench/bench_bn_relu_dropout.py) measures both.
 
-Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for) and "ref" (plain torch, the automatic
-choice on the CPU).
+Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for), "cpu" (the compiled C++ kernels of
+csrc/cpu/bn_relu_dropout.cpp, the same passes with OpenMP) and "ref" (plain torch). Both kernel backends draw seeded
+masks with Triton's Philox (tl.rand), so a seed drops the same values on either.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from lgc_fast.ops.dilated_block import (
     fold_batchnorm,
 )
 
-_SUPPORTED = ("triton", "ref")
+_SUPPORTED = ("cpu", "triton", "ref")
 SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -101,7 +102,75 @@ def bn_relu_dropout_ref(z: torch.Tensor, running_mean: torch.Tensor | None, runn
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom ops (Triton backend). out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
+# The backends' passes, one interface: moments, apply, grad_sums, grad_apply (see kernels/bn_relu_dropout.py for what
+# each computes) and keep_mask, the mask a seed draws.
+
+class _TritonPasses:
+    """The Triton kernels (lgc_fast.kernels.bn_relu_dropout); maps need H and W strides that merge."""
+
+    @staticmethod
+    def moments(z):
+        return _kernels().moments_triton(z)
+
+    @staticmethod
+    def apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale):
+        kernels = _kernels()
+        return kernels.apply_triton(z, scale, shift, kernels.Dropout(keep_mask, seed, dropout_p), out_scale,
+                                    _new_like(z))
+
+    @staticmethod
+    def grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p, center, out_scale):
+        kernels = _kernels()
+        return kernels.grad_sums_triton(_flattenable(grad, _memory_format(z)), z, scale, shift,
+                                        kernels.Dropout(keep_mask, seed, dropout_p), center, out_scale)
+
+    @staticmethod
+    def grad_apply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale):
+        kernels = _kernels()
+        return kernels.grad_apply_triton(_flattenable(grad, _memory_format(z)), z, scale, shift,
+                                         kernels.Dropout(keep_mask, seed, dropout_p), k1, k0, out_scale, _new_like(z))
+
+    @staticmethod
+    def keep_mask(seed, shape, dropout_p, memory_format):
+        out = torch.empty(shape, dtype=torch.uint8, device=seed.device, memory_format=memory_format)
+        if out.numel():
+            _kernels().keep_mask_triton(seed, dropout_p, out)
+        return out.view(torch.bool)
+
+
+class _ExtensionPasses:
+    """The compiled C++ kernels (csrc/cpu/bn_relu_dropout.cpp through the lgc_fast_C ops); they bring the mask and the
+    gradient to z's layout themselves."""
+
+    @staticmethod
+    def moments(z):
+        return torch.ops.lgc_fast_C.bn_relu_dropout_moments(z)
+
+    @staticmethod
+    def apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale):
+        return torch.ops.lgc_fast_C.bn_relu_dropout_apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale)
+
+    @staticmethod
+    def grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p, center, out_scale):
+        return torch.ops.lgc_fast_C.bn_relu_dropout_grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p,
+                                                              center, out_scale)
+
+    @staticmethod
+    def grad_apply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale):
+        return torch.ops.lgc_fast_C.bn_relu_dropout_grad_apply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1,
+                                                               k0, out_scale)
+
+    @staticmethod
+    def keep_mask(seed, shape, dropout_p, memory_format):
+        return torch.ops.lgc_fast_C.dropout_keep_mask(seed, list(shape), dropout_p,
+                                                      memory_format == torch.channels_last)
+
+
+_PASSES = {"cpu": _ExtensionPasses, "triton": _TritonPasses}  # the order dropout_keep_mask tries them
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops over a backend's passes. out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
 
 def _train_affine(weight, bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
@@ -109,23 +178,18 @@ def _train_affine(weight, bias, mean, var, eps):
     return invstd, scale, bias.to(mean.dtype) - mean * scale
 
 
-def _dropout(keep_mask, seed, dropout_p):
-    return _kernels().Dropout(mask=keep_mask, seed=seed, p=dropout_p)
-
-
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
 def _train_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_mask: Optional[torch.Tensor],
-              seed: Optional[torch.Tensor], dropout_p: float, eps: float,
-              out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
-    mean, var = kernels.moments_triton(z)
+              seed: Optional[torch.Tensor], dropout_p: float, eps: float, out_scale: float,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    passes = _PASSES[backend]
+    mean, var = passes.moments(z)
     _, scale, shift = _train_affine(weight, bias, mean, var, eps)
-    y = kernels.apply_triton(z, scale, shift, _dropout(keep_mask, seed, dropout_p), out_scale, _new_like(z))
-    return y, mean, var
+    return passes.apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var
 
 
 @_train_op.register_fake
-def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale):
+def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale, backend):
     stat = z.new_empty((z.shape[1],), dtype=_compute_dtype(z.dtype))
     return _new_like(z), stat, torch.empty_like(stat)
 
@@ -133,39 +197,37 @@ def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale):
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
 def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor],
-                       seed: Optional[torch.Tensor], dropout_p: float, eps: float,
-                       out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
+                       seed: Optional[torch.Tensor], dropout_p: float, eps: float, out_scale: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    passes = _PASSES[backend]
     invstd, scale, shift = _train_affine(weight, bias, mean, var, eps)
-    grad = _flattenable(grad, _memory_format(z))
-    dropout = _dropout(keep_mask, seed, dropout_p)
-    sum_g, sum_g_centered = kernels.grad_sums_triton(grad, z, scale, shift, dropout, mean, out_scale)
+    sum_g, sum_g_centered = passes.grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, out_scale)
     count = z.numel() // z.shape[1]
     # dz = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd, written as scale * g + k1 * z + k0.
     k1 = -scale * invstd * invstd * sum_g_centered / count
     k0 = -scale * sum_g / count - k1 * mean
-    dz = kernels.grad_apply_triton(grad, z, scale, shift, dropout, k1, k0, out_scale, _new_like(z))
+    dz = passes.grad_apply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale)
     return dz, (sum_g_centered * invstd).to(weight.dtype), sum_g.to(bias.dtype)
 
 
 @_train_backward_op.register_fake
-def _(grad, z, weight, bias, mean, var, keep_mask, seed, dropout_p, eps, out_scale):
+def _(grad, z, weight, bias, mean, var, keep_mask, seed, dropout_p, eps, out_scale, backend):
     return _new_like(z), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _train_setup_context(ctx, inputs, output):
-    z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale = inputs
+    z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale, backend = inputs
     _, mean, var = output
     ctx.save_for_backward(z, weight, bias, mean, var, keep_mask, seed)
-    ctx.dropout_p, ctx.eps, ctx.out_scale = dropout_p, eps, out_scale
+    ctx.dropout_p, ctx.eps, ctx.out_scale, ctx.backend = dropout_p, eps, out_scale, backend
 
 
 def _train_backward(ctx, grad, grad_mean, grad_var):
     # mean and var are returned for the running statistics only; the public function never lets them carry gradients.
     z, weight, bias, mean, var, keep_mask, seed = ctx.saved_tensors
     dz, dweight, dbias = _train_backward_op(grad, z, weight, bias, mean, var, keep_mask, seed, ctx.dropout_p,
-                                            ctx.eps, ctx.out_scale)
-    return dz, dweight, dbias, None, None, None, None, None
+                                            ctx.eps, ctx.out_scale, ctx.backend)
+    return dz, dweight, dbias, None, None, None, None, None, None
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
@@ -173,42 +235,42 @@ _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 @torch.library.custom_op("lgc_fast::scale_shift_relu_dropout", mutates_args=())
 def _affine_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_mask: Optional[torch.Tensor],
-               seed: Optional[torch.Tensor], dropout_p: float, out_scale: float) -> torch.Tensor:
-    return _kernels().apply_triton(z, scale, shift, _dropout(keep_mask, seed, dropout_p), out_scale, _new_like(z))
+               seed: Optional[torch.Tensor], dropout_p: float, out_scale: float, backend: str) -> torch.Tensor:
+    return _PASSES[backend].apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale)
 
 
 @_affine_op.register_fake
-def _(z, scale, shift, keep_mask, seed, dropout_p, out_scale):
+def _(z, scale, shift, keep_mask, seed, dropout_p, out_scale, backend):
     return _new_like(z)
 
 
 @torch.library.custom_op("lgc_fast::scale_shift_relu_dropout_backward", mutates_args=())
 def _affine_backward_op(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                         keep_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
-                        out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
-    grad = _flattenable(grad, _memory_format(z))
-    dropout = _dropout(keep_mask, seed, dropout_p)
-    sum_g, sum_gz = kernels.grad_sums_triton(grad, z, scale, shift, dropout, torch.zeros_like(scale), out_scale)
-    dz = kernels.grad_apply_triton(grad, z, scale, shift, dropout, None, None, out_scale, _new_like(z))
+                        out_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    passes = _PASSES[backend]
+    sum_g, sum_gz = passes.grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p, torch.zeros_like(scale),
+                                     out_scale)
+    dz = passes.grad_apply(grad, z, scale, shift, keep_mask, seed, dropout_p, None, None, out_scale)
     return dz, sum_gz.to(scale.dtype), sum_g.to(shift.dtype)
 
 
 @_affine_backward_op.register_fake
-def _(grad, z, scale, shift, keep_mask, seed, dropout_p, out_scale):
+def _(grad, z, scale, shift, keep_mask, seed, dropout_p, out_scale, backend):
     return _new_like(z), torch.empty_like(scale), torch.empty_like(shift)
 
 
 def _affine_setup_context(ctx, inputs, output):
-    z, scale, shift, keep_mask, seed, dropout_p, out_scale = inputs
+    z, scale, shift, keep_mask, seed, dropout_p, out_scale, backend = inputs
     ctx.save_for_backward(z, scale, shift, keep_mask, seed)
-    ctx.dropout_p, ctx.out_scale = dropout_p, out_scale
+    ctx.dropout_p, ctx.out_scale, ctx.backend = dropout_p, out_scale, backend
 
 
 def _affine_backward(ctx, grad):
     z, scale, shift, keep_mask, seed = ctx.saved_tensors
-    dz, dscale, dshift = _affine_backward_op(grad, z, scale, shift, keep_mask, seed, ctx.dropout_p, ctx.out_scale)
-    return dz, dscale, dshift, None, None, None, None
+    dz, dscale, dshift = _affine_backward_op(grad, z, scale, shift, keep_mask, seed, ctx.dropout_p, ctx.out_scale,
+                                             ctx.backend)
+    return dz, dscale, dshift, None, None, None, None, None
 
 
 _affine_op.register_autograd(_affine_backward, setup_context=_affine_setup_context)
@@ -298,7 +360,8 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
     (N, C, H, W) bool/uint8, or dropout_seed, an int64 tensor of one value on z's device from which the kernels draw
     the mask themselves (the mask of ``dropout_keep_mask``; nothing is stored, the backward draws it again), or
     neither. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
-    backend: ``"triton" | "ref"``, default automatic (triton on CUDA, ref on CPU).
+    backend: ``"cpu" | "triton" | "ref"``, default automatic (triton on CUDA; cpu, the compiled C++ kernels, on the
+    CPU, ref where the extension is not built).
     """
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
            activation_scale, dropout_seed)
@@ -320,36 +383,53 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
     p = float(dropout_p)
     if not training:
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
-        return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale)
-    y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
+        return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale, name)
+    y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale, name)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, z.numel() // c, momentum)
     return y
 
 
-def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P) -> torch.Tensor:
-    """The keep mask (N, C, H, W) bool, contiguous, that ``bn_relu_dropout(..., dropout_seed=seed, dropout_p=p)``
-    draws: Philox from the seed and each value's index in (N, C, H, W) order, kept with probability 1 - p. Needs the
-    Triton backend on seed's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: str | None = None, *,
+                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The keep mask (N, C, H, W) bool, in `memory_format` (contiguous or channels_last), that
+    ``bn_relu_dropout(..., dropout_seed=seed, dropout_p=p)`` draws: Philox from the seed and each value's index in
+    (N, C, H, W) order, kept with probability 1 - p. Both backends draw the same mask (Triton's tl.rand): ``"cpu"``
+    (the compiled C++ kernels, CPU tensors) or ``"triton"`` (CUDA, or the CPU under TRITON_INTERPRET=1); default the
+    first usable on seed's device."""
     _check_dropout_p(p)
     _check_seed(seed, seed.device if isinstance(seed, torch.Tensor) else None)
     shape = tuple(int(v) for v in shape)
     if len(shape) != 4 or min(shape) < 0 or math.prod(shape) >= SEEDED_LIMIT:
         raise ValueError(f"shape must be (N, C, H, W) with fewer than {SEEDED_LIMIT} values, got {shape}")
-    ok, why = _backend._usable("triton", seed.device)
-    if not ok:
-        raise ValueError(f"dropout_keep_mask draws with the Triton kernels, not usable here: {why}")
-    out = torch.empty(shape, dtype=torch.uint8, device=seed.device)
-    if out.numel():
-        _kernels().keep_mask_triton(seed, float(p), out)
-    return out.view(torch.bool)
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
+    if backend is not None and backend not in _PASSES:
+        raise ValueError(f"backend must be one of {', '.join(_PASSES)}, not {backend!r}")
+    why = ""
+    for name in _PASSES if backend is None else (backend,):
+        ok, why = _backend._usable(name, seed.device)
+        if ok:
+            return _PASSES[name].keep_mask(seed, shape, float(p), memory_format)
+    raise ValueError(f"dropout_keep_mask draws with the compiled C++ or the Triton kernels, not usable here: {why}")
+
+
+def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
+    """A fresh dropout keep mask for z (bool, z's shape and memory format, each value kept with probability 1 - p),
+    from torch's default generator, so runs stay reproducible and resumable. The "cpu" backend draws it with its
+    Philox kernel from a seed (a few times faster than ``bernoulli_`` on the CPU); elsewhere ``bernoulli_``."""
+    if backend == "cpu" and z.numel() < SEEDED_LIMIT:
+        seed = torch.randint(2**62, (1,), device=z.device)
+        return dropout_keep_mask(seed, z.shape, p, "cpu", memory_format=_memory_format(z))
+    return torch.empty_like(z, dtype=torch.bool, memory_format=_memory_format(z)).bernoulli_(1.0 - p)
 
 
 def fused_backend(device: torch.device) -> str | None:
-    """"triton" where ``bn_relu_dropout`` would run its Triton kernels on `device` by default, else None (the
-    reference, which is no faster than torch's own modules). A $LGC_FAST_BACKEND this op lacks also gives None."""
+    """The backend ("cpu" or "triton") whose kernels ``bn_relu_dropout`` runs on `device` by default, or None where
+    that is the reference (which is no faster than torch's own modules). A $LGC_FAST_BACKEND this op lacks also gives
+    None."""
     try:
         name = _backend.choose("bn_relu_dropout", device, None, supported=_SUPPORTED)
     except ValueError:
         return None
-    return name if name == "triton" else None
+    return name if name in _PASSES else None
