@@ -123,9 +123,12 @@ inline void visit_tile(const Tiling& tiling, int64_t t, F&& f) {
   const int64_t n = t / tiling.chunks;
   for (int64_t q = p0; q < p0 + pixels; ++q) {
     const int64_t base = (n * s.p + q) * s.c;
-    const int64_t index = n * s.c * s.p + q;
-#pragma omp simd
-    for (int64_t c = 0; c < s.c; ++c) f(base + c, c, index + c * s.p);
+    int64_t index = n * s.c * s.p + q;  // stepped, not c * P: a 64-bit vector multiply would stop vectorisation
+#pragma omp simd linear(index : s.p)
+    for (int64_t c = 0; c < s.c; ++c) {
+      f(base + c, c, index);
+      index += s.p;
+    }
   }
 }
 
