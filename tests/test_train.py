@@ -18,6 +18,7 @@ from lgc_fast.cli import main
 from lgc_fast.data import write_pts
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
+from lgc_fast.ops.bn_relu_dropout import fused_backend
 from lgc_fast.train import compiled_forward_loss, learning_rate, parse_args, train, train_step
 
 TINY = ["--width", "4", "--local-layers", "3", "--image-size", "32", "--batch-size", "4", "--workers", "0",
@@ -327,7 +328,6 @@ def test_signal_to_the_process_group_saves_the_run(tmp_path):
 
 
 def test_fused_epilogue_default_is_on_for_the_cpu_kernels_only():
-    from lgc_fast.ops.bn_relu_dropout import fused_backend
     args = parse_args(["--data", "d", "--out", "o"])
     cpu = torch.device("cpu")
     assert train_module._settings(args, 1, cpu)["fused_epilogue"] is (fused_backend(cpu) == "cpu")
@@ -347,7 +347,7 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
         calls.append(kwargs["training"])
         return real_op(*args, **kwargs)
 
-    backend = model_module.fused_backend(torch.device("cpu")) or "ref"
+    backend = fused_backend(torch.device("cpu")) or "ref"
     monkeypatch.setattr(model_module, "fused_backend", lambda device: backend)
     monkeypatch.setattr(model_module, "bn_relu_dropout", counted)
     assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is None  # automatic: on for the CPU's kernels
