@@ -3,20 +3,21 @@ backward as training runs it, against torch in the same run.
 
 Methods, on the same (N, C, 96, 96) map z (the conv output; channels_last on a GPU, both layouts on the CPU), each
 drawing its own dropout mask:
-  lgc_fast          : lgc_fast.ops.bn_relu_dropout (automatic backend: triton on a GPU, the C++ kernels on the CPU),
-                      mask drawn as ConvBlock draws it (one byte per value: random_keep_mask)
-  lgc_fast seeded   : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
+  lgc_fast B        : lgc_fast.ops.bn_relu_dropout on kernel backend B (on a GPU: cuda, the CUDA C++ kernels, and
+                      triton; on the CPU: cpu, the C++ kernels), mask drawn as ConvBlock draws it (one byte per value:
+                      random_keep_mask)
+  lgc_fast B seeded : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
                       (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
   torch compiled    : the same function under torch.compile (inductor fuses the elementwise parts)
-Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, the speed-up of lgc_fast
-over each torch method, and (GPU) the achieved bandwidth of lgc_fast against the datasheet peak for the traffic
-its four passes need at least: z read twice forward and twice backward, the output gradient read twice, y and dz
-written once, and for the byte mask, its write and three reads.
+Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, each method's speed-up
+over torch eager and torch compiled, and (GPU) the achieved bandwidth of each lgc_fast method against the datasheet
+peak for the traffic its four passes need at least: z read twice forward and twice backward, the output gradient read
+twice, y and dz written once, and for the byte mask, its write and three reads.
 
 Usage:
   python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32]
-                                        [--layouts contiguous channels_last] [--out PATH]
+                                        [--layouts contiguous channels_last] [--backends cuda triton] [--out PATH]
 Writes the results under "bn_relu_dropout" in bench/results/<device-slug>.json.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
 
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend, random_keep_mask  # noqa: E402
+from lgc_fast import _backend  # noqa: E402
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, random_keep_mask  # noqa: E402
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,14 +49,15 @@ def torch_epilogue(z, running_mean, running_var, weight, bias):
     return F.dropout(y * ACTIVATION_SCALE, DROPOUT_P, training=True)
 
 
-def lgc_fast_epilogue(z, running_mean, running_var, weight, bias):
-    keep = random_keep_mask(z, DROPOUT_P, fused_backend(z.device))
-    return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True)
-
-
-def lgc_fast_seeded_epilogue(z, running_mean, running_var, weight, bias):
-    seed = torch.randint(2**62, (1,), device=z.device)
-    return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, dropout_seed=seed)
+def lgc_fast_epilogue(backend: str, seeded: bool):
+    def epilogue(z, running_mean, running_var, weight, bias):
+        if seeded:
+            seed = torch.randint(2**62, (1,), device=z.device)
+            return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, dropout_seed=seed,
+                                   backend=backend)
+        keep = random_keep_mask(z, DROPOUT_P, backend)
+        return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True, backend=backend)
+    return epilogue
 
 
 def min_traffic_bytes(z: torch.Tensor, mask: bool) -> int:
@@ -71,7 +74,7 @@ def make_step(fn, z, grad, params):
     return step
 
 
-def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, seeded):
+def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, backends):
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (n, c, SIZE, SIZE)
@@ -81,10 +84,10 @@ def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, seede
     weight = torch.ones(c, device=device, requires_grad=True)
     bias = torch.zeros(c, device=device, requires_grad=True)
     params = [torch.zeros(c, device=device), torch.ones(c, device=device), weight, bias]
-    methods = {"lgc_fast": make_step(lgc_fast_epilogue, z, grad, params),
-               "torch eager": make_step(torch_epilogue, z, grad, params)}
-    if seeded:
-        methods["lgc_fast seeded"] = make_step(lgc_fast_seeded_epilogue, z, grad, params)
+    methods = {"torch eager": make_step(torch_epilogue, z, grad, params)}
+    for backend in backends:
+        methods[f"lgc_fast {backend}"] = make_step(lgc_fast_epilogue(backend, seeded=False), z, grad, params)
+        methods[f"lgc_fast {backend} seeded"] = make_step(lgc_fast_epilogue(backend, seeded=True), z, grad, params)
     if compile_torch:
         methods["torch compiled"] = make_step(torch.compile(torch_epilogue), z, grad, params)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget_s)
@@ -93,15 +96,21 @@ def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, seede
     for name, t in timings.items():
         row = {"dtype": dtype_name, "layout": layout, "shape": list(shape), "method": name, **t.as_dict()}
         if name.startswith("lgc_fast"):
-            gbps = min_traffic_bytes(z, mask=name == "lgc_fast") / (t.median_ms / 1e3) / 1e9
+            row["backend"] = name.split()[1]
+            gbps = min_traffic_bytes(z, mask=not name.endswith("seeded")) / (t.median_ms / 1e3) / 1e9
             row["min_traffic_gb_per_s"] = gbps
             row["pct_of_peak_bandwidth"] = 100 * gbps * 1e9 / peak if peak else None
+        for baseline, key in (("torch eager", "speedup_vs_eager"), ("torch compiled", "speedup_vs_compiled")):
+            if baseline in timings:
+                row[key] = timings[baseline].median_ms / t.median_ms  # > 1: this method is faster
         rows.append(row)
-    fast = timings["lgc_fast"].median_ms
-    for row in rows:
-        if row["method"] != "lgc_fast":
-            row["lgc_fast_speedup"] = row["median_ms"] / fast  # > 1: the byte-mask lgc_fast is faster
     return rows
+
+
+def kernel_backends(device: torch.device) -> list[str]:
+    """The op's kernel backends usable on `device`, in the automatic choice's order."""
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    return [name for name in candidates if _backend._usable(name, device)[0]]
 
 
 def main(argv=None) -> int:
@@ -113,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default bf16 fp32 (GPU), fp32 (CPU)")
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS),
                         help="default channels_last (GPU), contiguous channels_last (CPU)")
+    parser.add_argument("--backends", nargs="+", choices=("cuda", "triton", "cpu"),
+                        help="kernel backends to time (default: every one usable on the device)")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per dtype (5; CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile method")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
@@ -126,16 +137,22 @@ def main(argv=None) -> int:
     dtypes = args.dtypes or (["bf16", "fp32"] if gpu else ["fp32"])
     env = environment(device)
     layouts = args.layouts or (["channels_last"] if gpu else ["contiguous", "channels_last"])
+    backends = args.backends or kernel_backends(device)
+    for name in backends:
+        ok, why = _backend._usable(name, device)
+        if not ok:
+            parser.error(f"--backends {name}: not usable on {device}: {why}")
     print(f"bn_relu_dropout fwd+bwd (training), {n} x {c} x {SIZE} x {SIZE} on {env['device']}; "
           f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     rows = []
     for dtype_name in dtypes:
         for layout in layouts:
             rows += bench_dtype(device, dtype_name, layout, n, c, budget, compile_torch=gpu and not args.no_compile,
-                                seeded=fused_backend(device) is not None)
-    print(format_table(rows, [("dtype", "dtype"), ("layout", "layout"), ("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"),
-                              ("p80_ms", "p80"), ("lgc_fast_speedup", "lgc_fast speed-up"),
-                              ("min_traffic_gb_per_s", "GB/s"), ("pct_of_peak_bandwidth", "% peak")]))
+                                backends=backends)
+    print(format_table(rows, [("dtype", "dtype"), ("layout", "layout"), ("method", "method"), ("median_ms", "ms"),
+                              ("p20_ms", "p20"), ("p80_ms", "p80"), ("speedup_vs_eager", "vs eager"),
+                              ("speedup_vs_compiled", "vs compiled"), ("min_traffic_gb_per_s", "GB/s"),
+                              ("pct_of_peak_bandwidth", "% peak")]))
     payload = {"environment": env, "batch": n, "channels": c, "size": SIZE, "dropout_p": DROPOUT_P,
                "baselines": "torch eager (F.batch_norm + relu + scale + F.dropout) and the same under torch.compile",
                "results": rows}

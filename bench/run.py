@@ -122,11 +122,14 @@ def rows_bn_relu_dropout(entry, device):
     for r in entry.get("results", []):
         by_case.setdefault((r["dtype"], r.get("layout", "channels_last")), {})[r["method"]] = r
     for (dtype, layout), methods in by_case.items():
-        fast = methods.get("lgc_fast")
-        for name in ("torch eager", "torch compiled"):
-            if fast is not None and name in methods:
-                yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training) vs {name}",
-                           "x".join(map(str, fast["shape"])), fast["median_ms"], methods[name]["median_ms"], device)
+        # The byte-mask methods: "lgc_fast <backend>" ("lgc_fast" in results from before the bench named backends).
+        fast = {name: r for name, r in methods.items() if name.startswith("lgc_fast") and not name.endswith("seeded")}
+        for fast_name, r in fast.items():
+            backend = f", {r['backend']}" if "backend" in r else ""
+            for name in ("torch eager", "torch compiled"):
+                if name in methods:
+                    yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training{backend}) vs {name}",
+                               "x".join(map(str, r["shape"])), r["median_ms"], methods[name]["median_ms"], device)
 
 
 def rows_train_step(entry, device):

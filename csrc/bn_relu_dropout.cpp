@@ -1,9 +1,9 @@
-// Torch glue of the conv-block epilogue's kernels (BatchNorm + ReLU + scale + dropout), one op per pass, on the CPU:
-//   lgc_fast_C::bn_relu_dropout_moments, _apply, _grad_sums, _grad_apply and lgc_fast_C::dropout_keep_mask.
-// lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" backend), as it does
-// from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also contiguous),
-// else contiguous (a strided z is copied); the mask and the gradient are brought to that layout, so outputs have the
-// strides the Python op's fake implementations promise. Per-channel vectors are float32 (float64 for float64 maps).
+// Torch glue of the conv-block epilogue's kernels (BatchNorm + ReLU + scale + dropout), one op per pass, on the CPU
+// and CUDA: lgc_fast_C::bn_relu_dropout_moments, _apply, _grad_sums, _grad_apply and lgc_fast_C::dropout_keep_mask.
+// lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" and "cuda" backends),
+// as it does from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also
+// contiguous), else contiguous (a strided z is copied); the mask and the gradient are brought to that layout, so
+// outputs have the strides the Python op's fake implementations promise. Per-channel vectors are float32 (float64 for float64 maps).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +11,11 @@
 #include <tuple>
 
 #include "cpu/bn_relu_dropout.h"
+
+#ifdef LGC_WITH_CUDA
+#include "cuda/bn_relu_dropout.h"
+#include "cuda_glue.h"
+#endif
 
 namespace lgc {
 namespace {
@@ -50,29 +55,90 @@ at::Tensor same_map(const at::Tensor& t, const at::Tensor& z, const Maps& maps, 
   return dense(t, maps);
 }
 
-// The dropout of a call; `mask` keeps the densified keep mask alive while the kernel reads it.
+// The dropout of a call: the densified keep mask, or the seed (an int64 tensor of one value), or neither.
 struct Drop {
   at::Tensor mask;
-  EpilogueDropout args;
+  at::Tensor seed;
+  float p = 0.0f;
 };
 
 Drop drop_of(const c10::optional<at::Tensor>& keep_mask, const c10::optional<at::Tensor>& seed, double p,
              const at::Tensor& z, const Maps& maps) {
   Drop drop;
-  drop.args.p = static_cast<float>(p);
+  drop.p = static_cast<float>(p);
   if (keep_mask.has_value()) {
     const auto t = keep_mask->scalar_type();
     TORCH_CHECK(t == at::kBool || t == at::kByte, "bn_relu_dropout: keep_mask must be bool or uint8, got ", t);
+    TORCH_CHECK(keep_mask->device() == z.device(), "bn_relu_dropout: keep_mask must be on z's device ", z.device(),
+                ", got ", keep_mask->device());
     drop.mask = same_map(*keep_mask, z, maps, "keep_mask");
-    drop.args.mask = static_cast<const uint8_t*>(drop.mask.const_data_ptr());
   } else if (seed.has_value()) {
     TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
                 "bn_relu_dropout: seed must be an int64 tensor of one value, got ", seed->scalar_type(), " ",
                 seed->sizes());
-    drop.args.seeded = true;
-    drop.args.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    TORCH_CHECK(seed->device() == z.device(), "bn_relu_dropout: seed must be on z's device ", z.device(), ", got ",
+                seed->device());
+    TORCH_CHECK(z.numel() < (int64_t{1} << 31), "bn_relu_dropout: a seed draws for fewer than 2^31 values, z has ",
+                z.numel());
+    drop.seed = seed->contiguous();
   }
   return drop;
+}
+
+// A call's maps in z's layout, its per-channel vectors in the accumulation type and its dropout; tensors a pass does
+// not take stay undefined.
+struct Inputs {
+  Maps maps;
+  at::Tensor z, dy, scale, shift, center, k1, k0;
+  Drop drop;
+};
+
+Inputs inputs_of(const at::Tensor& z_in, const at::Tensor* grad, const at::Tensor& scale, const at::Tensor& shift,
+                 const c10::optional<at::Tensor>& keep_mask, const c10::optional<at::Tensor>& seed, double dropout_p) {
+  Inputs in;
+  in.maps = maps_of(z_in);
+  in.z = dense(z_in, in.maps);
+  if (grad != nullptr) in.dy = same_map(grad->to(in.z.scalar_type()), in.z, in.maps, "grad");
+  in.scale = channel_vector(scale, in.z, in.maps, "scale");
+  in.shift = channel_vector(shift, in.z, in.maps, "shift");
+  in.drop = drop_of(keep_mask, seed, dropout_p, in.z, in.maps);
+  return in;
+}
+
+void set_statistics(Inputs& in, const c10::optional<at::Tensor>& k1, const c10::optional<at::Tensor>& k0) {
+  TORCH_CHECK(k1.has_value() == k0.has_value(), "bn_relu_dropout: k1 and k0 must both be given or both be None");
+  if (k1.has_value()) {
+    in.k1 = channel_vector(*k1, in.z, in.maps, "k1");
+    in.k0 = channel_vector(*k0, in.z, in.maps, "k0");
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* out(at::Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+std::tuple<at::Tensor, at::Tensor> new_channel_pair(const at::Tensor& z, const Maps& maps) {
+  at::Tensor a = at::empty({z.size(1)}, z.options().dtype(maps.acc));
+  return {a, at::empty_like(a)};
+}
+
+// ---- CPU
+
+EpilogueDropout cpu_dropout(const Drop& drop) {
+  EpilogueDropout args;
+  args.p = drop.p;
+  args.mask = ptr<uint8_t>(drop.mask);
+  if (drop.seed.defined()) {
+    args.seeded = true;
+    args.seed = static_cast<uint64_t>(drop.seed.item<int64_t>());
+  }
+  return args;
 }
 
 // Calls f(element pointer type tag) for z's dtype: float, Float16, BFloat16 or double.
@@ -93,25 +159,14 @@ void on_dtype(at::ScalarType t, F&& f) {
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-template <typename T>
-const T* in(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
-T* out(at::Tensor& t) {
-  return static_cast<T*>(t.mutable_data_ptr());
-}
-
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& z_in) {
   const Maps maps = maps_of(z_in);
   const at::Tensor z = dense(z_in, maps);
   TORCH_CHECK(z.numel() > 0, "bn_relu_dropout_moments: z must not be empty, got shape ", z.sizes());
-  at::Tensor mean = at::empty({z.size(1)}, z.options().dtype(maps.acc));
-  at::Tensor var = at::empty_like(mean);
+  auto [mean, var] = new_channel_pair(z, maps);
   on_dtype(z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    bn_moments_cpu(in<T>(z), maps.shape, out<Acc<T>>(mean), out<Acc<T>>(var), at::get_num_threads());
+    bn_moments_cpu(ptr<T>(z), maps.shape, out<Acc<T>>(mean), out<Acc<T>>(var), at::get_num_threads());
   });
   return {mean, var};
 }
@@ -119,17 +174,14 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& z_in) {
 at::Tensor apply_cpu(const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
                      const c10::optional<at::Tensor>& keep_mask, const c10::optional<at::Tensor>& seed,
                      double dropout_p, double out_scale) {
-  const Maps maps = maps_of(z_in);
-  const at::Tensor z = dense(z_in, maps);
-  const at::Tensor sc = channel_vector(scale, z, maps, "scale"), sh = channel_vector(shift, z, maps, "shift");
-  const Drop drop = drop_of(keep_mask, seed, dropout_p, z, maps);
-  at::Tensor y = new_map(z, maps);
-  if (z.numel() == 0) return y;
-  on_dtype(z.scalar_type(), [&](auto tag) {
+  const Inputs in = inputs_of(z_in, nullptr, scale, shift, keep_mask, seed, dropout_p);
+  at::Tensor y = new_map(in.z, in.maps);
+  if (in.z.numel() == 0) return y;
+  on_dtype(in.z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
-    bn_apply_cpu(in<T>(z), in<A>(sc), in<A>(sh), drop.args, static_cast<A>(out_scale), out<T>(y), maps.shape,
-                 at::get_num_threads());
+    bn_apply_cpu(ptr<T>(in.z), ptr<A>(in.scale), ptr<A>(in.shift), cpu_dropout(in.drop), static_cast<A>(out_scale),
+                 out<T>(y), in.maps.shape, at::get_num_threads());
   });
   return y;
 }
@@ -139,20 +191,16 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad, const a
                                                  const c10::optional<at::Tensor>& keep_mask,
                                                  const c10::optional<at::Tensor>& seed, double dropout_p,
                                                  const at::Tensor& center, double out_scale) {
-  const Maps maps = maps_of(z_in);
-  const at::Tensor z = dense(z_in, maps);
-  const at::Tensor dy = same_map(grad.to(z.scalar_type()), z, maps, "grad");
-  const at::Tensor sc = channel_vector(scale, z, maps, "scale"), sh = channel_vector(shift, z, maps, "shift");
-  const at::Tensor ce = channel_vector(center, z, maps, "center");
-  const Drop drop = drop_of(keep_mask, seed, dropout_p, z, maps);
-  at::Tensor sum_g = at::zeros({z.size(1)}, z.options().dtype(maps.acc));
-  at::Tensor sum_g_centered = at::zeros_like(sum_g);
-  if (z.numel() == 0) return {sum_g, sum_g_centered};
-  on_dtype(z.scalar_type(), [&](auto tag) {
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
+  in.center = channel_vector(center, in.z, in.maps, "center");
+  auto [sum_g, sum_g_centered] = new_channel_pair(in.z, in.maps);
+  if (in.z.numel() == 0) return {sum_g.zero_(), sum_g_centered.zero_()};
+  on_dtype(in.z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
-    bn_grad_sums_cpu(in<T>(dy), in<T>(z), in<A>(sc), in<A>(sh), drop.args, in<A>(ce), static_cast<A>(out_scale),
-                     maps.shape, out<A>(sum_g), out<A>(sum_g_centered), at::get_num_threads());
+    bn_grad_sums_cpu(ptr<T>(in.dy), ptr<T>(in.z), ptr<A>(in.scale), ptr<A>(in.shift), cpu_dropout(in.drop),
+                     ptr<A>(in.center), static_cast<A>(out_scale), in.maps.shape, out<A>(sum_g),
+                     out<A>(sum_g_centered), at::get_num_threads());
   });
   return {sum_g, sum_g_centered};
 }
@@ -161,39 +209,125 @@ at::Tensor grad_apply_cpu(const at::Tensor& grad, const at::Tensor& z_in, const 
                           const at::Tensor& shift, const c10::optional<at::Tensor>& keep_mask,
                           const c10::optional<at::Tensor>& seed, double dropout_p, const c10::optional<at::Tensor>& k1,
                           const c10::optional<at::Tensor>& k0, double out_scale) {
-  const Maps maps = maps_of(z_in);
-  const at::Tensor z = dense(z_in, maps);
-  const at::Tensor dy = same_map(grad.to(z.scalar_type()), z, maps, "grad");
-  const at::Tensor sc = channel_vector(scale, z, maps, "scale"), sh = channel_vector(shift, z, maps, "shift");
-  TORCH_CHECK(k1.has_value() == k0.has_value(), "bn_relu_dropout: k1 and k0 must both be given or both be None");
-  const at::Tensor c1 = k1.has_value() ? channel_vector(*k1, z, maps, "k1") : at::Tensor();
-  const at::Tensor c0 = k0.has_value() ? channel_vector(*k0, z, maps, "k0") : at::Tensor();
-  const Drop drop = drop_of(keep_mask, seed, dropout_p, z, maps);
-  at::Tensor dz = new_map(z, maps);
-  if (z.numel() == 0) return dz;
-  on_dtype(z.scalar_type(), [&](auto tag) {
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
+  set_statistics(in, k1, k0);
+  at::Tensor dz = new_map(in.z, in.maps);
+  if (in.z.numel() == 0) return dz;
+  on_dtype(in.z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
-    bn_grad_apply_cpu(in<T>(dy), in<T>(z), in<A>(sc), in<A>(sh), drop.args, c1.defined() ? in<A>(c1) : nullptr,
-                      c0.defined() ? in<A>(c0) : nullptr, static_cast<A>(out_scale), out<T>(dz), maps.shape,
+    bn_grad_apply_cpu(ptr<T>(in.dy), ptr<T>(in.z), ptr<A>(in.scale), ptr<A>(in.shift), cpu_dropout(in.drop),
+                      ptr<A>(in.k1), ptr<A>(in.k0), static_cast<A>(out_scale), out<T>(dz), in.maps.shape,
                       at::get_num_threads());
   });
   return dz;
 }
 
-at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
+// The (empty) keep mask a seed fills for `shape`, in the layout asked for, and the shape as the kernels see it.
+std::tuple<at::Tensor, EpilogueShape> new_keep_mask(const at::Tensor& seed, at::IntArrayRef shape,
+                                                    bool channels_last) {
   TORCH_CHECK(shape.size() == 4, "dropout_keep_mask: shape must be (N, C, H, W), got ", shape);
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
               "dropout_keep_mask: seed must be an int64 tensor of one value, got ", seed.scalar_type(), " ",
               seed.sizes());
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool).memory_format(format));
+  TORCH_CHECK(keep.numel() < (int64_t{1} << 31), "dropout_keep_mask: a seed draws for fewer than 2^31 values, got ",
+              keep.numel());
+  return {keep, EpilogueShape{shape[0], shape[1], shape[2] * shape[3], channels_last}};
+}
+
+at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
+  auto [keep, s] = new_keep_mask(seed, shape, channels_last);
   if (keep.numel() == 0) return keep;
-  const EpilogueShape s{shape[0], shape[1], shape[2] * shape[3], channels_last};
   dropout_keep_mask_cpu(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<float>(dropout_p), s,
-                        static_cast<uint8_t*>(keep.mutable_data_ptr()), at::get_num_threads());
+                        out<uint8_t>(keep), at::get_num_threads());
   return keep;
 }
+
+// ---- CUDA: the seed stays on the device (the kernels read it), so no pass synchronises with the host.
+
+#ifdef LGC_WITH_CUDA
+EpilogueDropoutCuda cuda_dropout(const Drop& drop) {
+  return EpilogueDropoutCuda{ptr<uint8_t>(drop.mask), ptr<int64_t>(drop.seed), drop.p};
+}
+
+at::Tensor new_partials(const at::Tensor& z, const Maps& maps) {
+  return at::empty({bn_epilogue_partials(maps.shape)}, z.options().dtype(at::kDouble));
+}
+
+std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& z_in) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const Maps maps = maps_of(z_in);
+  const at::Tensor z = dense(z_in, maps);
+  TORCH_CHECK(z.numel() > 0, "bn_relu_dropout_moments: z must not be empty, got shape ", z.sizes());
+  auto [mean, var] = new_channel_pair(z, maps);
+  at::Tensor partials = new_partials(z, maps);
+  check_launch(bn_moments_cuda(z.const_data_ptr(), scalar_kind(z.scalar_type()), maps.shape, out<double>(partials),
+                               mean.mutable_data_ptr(), var.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_moments");
+  return {mean, var};
+}
+
+at::Tensor apply_cuda(const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
+                      const c10::optional<at::Tensor>& keep_mask, const c10::optional<at::Tensor>& seed,
+                      double dropout_p, double out_scale) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const Inputs in = inputs_of(z_in, nullptr, scale, shift, keep_mask, seed, dropout_p);
+  at::Tensor y = new_map(in.z, in.maps);
+  check_launch(bn_apply_cuda(in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()), in.scale.const_data_ptr(),
+                             in.shift.const_data_ptr(), cuda_dropout(in.drop), out_scale, y.mutable_data_ptr(),
+                             in.maps.shape, c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_apply");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad, const at::Tensor& z_in,
+                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                  const c10::optional<at::Tensor>& keep_mask,
+                                                  const c10::optional<at::Tensor>& seed, double dropout_p,
+                                                  const at::Tensor& center, double out_scale) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
+  in.center = channel_vector(center, in.z, in.maps, "center");
+  auto [sum_g, sum_g_centered] = new_channel_pair(in.z, in.maps);
+  if (in.z.numel() == 0) return {sum_g.zero_(), sum_g_centered.zero_()};
+  at::Tensor partials = new_partials(in.z, in.maps);
+  check_launch(bn_grad_sums_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
+                                 in.scale.const_data_ptr(), in.shift.const_data_ptr(), cuda_dropout(in.drop),
+                                 in.center.const_data_ptr(), out_scale, in.maps.shape, out<double>(partials),
+                                 sum_g.mutable_data_ptr(), sum_g_centered.mutable_data_ptr(),
+                                 c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_grad_sums");
+  return {sum_g, sum_g_centered};
+}
+
+at::Tensor grad_apply_cuda(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& scale,
+                           const at::Tensor& shift, const c10::optional<at::Tensor>& keep_mask,
+                           const c10::optional<at::Tensor>& seed, double dropout_p,
+                           const c10::optional<at::Tensor>& k1, const c10::optional<at::Tensor>& k0,
+                           double out_scale) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
+  set_statistics(in, k1, k0);
+  at::Tensor dz = new_map(in.z, in.maps);
+  check_launch(bn_grad_apply_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
+                                  in.scale.const_data_ptr(), in.shift.const_data_ptr(), cuda_dropout(in.drop),
+                                  ptr<void>(in.k1), ptr<void>(in.k0), out_scale, dz.mutable_data_ptr(), in.maps.shape,
+                                  c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_grad_apply");
+  return dz;
+}
+
+at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(seed.device());
+  auto [keep, s] = new_keep_mask(seed, shape, channels_last);
+  check_launch(dropout_keep_mask_cuda(ptr<int64_t>(seed), static_cast<float>(dropout_p), s, out<uint8_t>(keep),
+                                      c10::cuda::getCurrentCUDAStream()),
+               "dropout_keep_mask");
+  return keep;
+}
+#endif
 
 }  // namespace
 }  // namespace lgc
@@ -219,3 +353,13 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cpu);
 }
+
+#ifdef LGC_WITH_CUDA
+TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
+  m.impl("bn_relu_dropout_moments", &lgc::moments_cuda);
+  m.impl("bn_relu_dropout_apply", &lgc::apply_cuda);
+  m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cuda);
+  m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cuda);
+  m.impl("dropout_keep_mask", &lgc::keep_mask_cuda);
+}
+#endif

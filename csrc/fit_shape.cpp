@@ -10,10 +10,8 @@
 #include "cpu/fit_shape.h"
 
 #ifdef LGC_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/fit_shape.h"
+#include "cuda_glue.h"
 #endif
 
 namespace lgc {
@@ -70,13 +68,6 @@ at::Tensor stats_cpu_op(const at::Tensor& heatmaps, const at::Tensor& peak, cons
 }
 
 #ifdef LGC_WITH_CUDA
-ScalarKind scalar_kind(at::ScalarType t) {
-  if (t == at::kHalf) return ScalarKind::kFloat16;
-  if (t == at::kBFloat16) return ScalarKind::kBFloat16;
-  if (t == at::kDouble) return ScalarKind::kFloat64;
-  return ScalarKind::kFloat32;
-}
-
 at::Tensor stats_cuda_op(const at::Tensor& heatmaps, const at::Tensor& peak, const std::optional<at::Tensor>& centers,
                          double radius, at::ArrayRef<double> thresholds) {
   check_inputs(heatmaps, peak, centers, radius, thresholds);
@@ -93,8 +84,8 @@ at::Tensor stats_cuda_op(const at::Tensor& heatmaps, const at::Tensor& peak, con
   if (out.numel() == 0) return out;
   const cudaError_t err = fit_shape_stats_cuda(maps.data_ptr(), scalar_kind(maps.scalar_type()), pk.data_ptr(),
                                                ct.defined() ? ct.data_ptr() : nullptr, radius, thresholds.data(), nt,
-                                               n * c, h, w, out.data_ptr(), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fit_shape_stats: CUDA kernel launch failed: ", cudaGetErrorString(err));
+                                               n * c, h, w, out.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  check_launch(err, "fit_shape_stats");
   return out;
 }
 #endif

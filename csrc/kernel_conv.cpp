@@ -8,10 +8,8 @@
 #include "cpu/kernel_conv.h"
 
 #ifdef LGC_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/kernel_conv.h"
+#include "cuda_glue.h"
 #endif
 
 namespace lgc {
@@ -57,19 +55,6 @@ at::Tensor kernel_conv_cpu_op(const at::Tensor& x) {
 }
 
 #ifdef LGC_WITH_CUDA
-ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ScalarKind::kFloat32;
-    case at::kHalf:
-      return ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    default:
-      return ScalarKind::kFloat64;
-  }
-}
-
 at::Tensor kernel_conv_cuda_op(const at::Tensor& x) {
   check_input(x);
   at::Tensor out = at::empty_like(x);
@@ -80,7 +65,7 @@ at::Tensor kernel_conv_cuda_op(const at::Tensor& x) {
   const cudaError_t err = kernel_conv_cuda(input.const_data_ptr(), target.mutable_data_ptr(),
                                            scalar_kind(x.scalar_type()), x.size(0) * x.size(1), x.size(2),
                                            x.size(3), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "kernel_conv: CUDA kernel failed: ", cudaGetErrorString(err));
+  check_launch(err, "kernel_conv");
   if (!target.is_same(out)) out.copy_(target);
   return out;
 }

@@ -9,10 +9,8 @@
 #include "cpu/lgc_loss.h"
 
 #ifdef LGC_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/lgc_loss.h"
+#include "cuda_glue.h"
 #endif
 
 namespace lgc {
@@ -130,13 +128,6 @@ at::ScalarType map_type(const at::Tensor& local, const at::Tensor& omega) {
   return t == omega.scalar_type() && native_map_type(t) ? t : loss_type(local);
 }
 
-ScalarKind scalar_kind(at::ScalarType t) {
-  if (t == at::kHalf) return ScalarKind::kFloat16;
-  if (t == at::kBFloat16) return ScalarKind::kBFloat16;
-  if (t == at::kDouble) return ScalarKind::kFloat64;
-  return ScalarKind::kFloat32;
-}
-
 at::Tensor forward_cuda_op(const at::Tensor& local, const at::Tensor& omega, const at::Tensor& points,
                            const at::Tensor& labelled) {
   check_inputs(local, omega, points, labelled);
@@ -153,7 +144,7 @@ at::Tensor forward_cuda_op(const at::Tensor& local, const at::Tensor& omega, con
   const cudaError_t err =
       lgc_loss_forward_cuda(l.data_ptr(), o.data_ptr(), p.data_ptr(), lab.data_ptr<bool>(), scalar_kind(mt), n, c, h,
                             w, plane_loss.data_ptr(), loss.data_ptr(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "lgc_loss: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "lgc_loss");
   return loss;
 }
 
@@ -177,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda_op(const at::Tensor& grad, cons
                                                  lab.data_ptr<bool>(), scalar_kind(mt), n, c, h, w,
                                                  gl.target.data_ptr(), go.target.data_ptr(),
                                                  c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "lgc_loss_backward: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "lgc_loss_backward");
   return {finish_grad(gl), finish_grad(go)};
 }
 #endif

@@ -46,7 +46,7 @@ class ConvBlock(nn.Module):
     """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output.
 
     With `fused_epilogue` set (``LGCN.fuse_epilogues``) and a kernel backend of the op usable for the activations
-    (Triton on CUDA, the compiled C++ kernels on the CPU), the BN + ReLU + scale + dropout part runs as one
+    (CUDA C++ or Triton on CUDA, the compiled C++ kernels on the CPU), the BN + ReLU + scale + dropout part runs as one
     ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their updates are the modules' own, only the dropout
     mask comes from a different draw: a byte mask (``random_keep_mask``), or with `seeded_dropout` a seed from which
     the kernels draw it (no mask kept for the backward, Philox work instead).
@@ -171,10 +171,10 @@ class LGCN(nn.Module):
                 "dropout": self.dropout, "local_layers": list(self.local_layers)}
 
     def fuse_epilogues(self, enabled: bool = True, seeded_dropout: bool = False) -> "LGCN":
-        """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its kernels run (Triton
-        on CUDA, C++ on the CPU; without them torch's modules run as before), with a byte keep mask or, with
-        `seeded_dropout`, masks the kernels draw from a seed. The weights, buffers and state_dict keys do not change.
-        Returns self."""
+        """Run every conv block's BN + ReLU + scale + dropout as one ``bn_relu_dropout`` where its kernels run (CUDA
+        C++ or Triton on CUDA, C++ on the CPU; without them torch's modules run as before), with a byte keep mask or,
+        with `seeded_dropout`, masks the kernels draw from a seed. The weights, buffers and state_dict keys do not
+        change. Returns self."""
         for module in self.modules():
             if isinstance(module, ConvBlock):
                 module.fused_epilogue = bool(enabled)

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: th
 
 
 def kernel_backends(device):
-    """The op's kernel backends that run on `device` here: the compiled C++ ("cpu") and Triton (on the CPU in the
-    interpreter)."""
-    return [name for name in available_backends(device) if name in ("cpu", "triton")]
+    """The op's kernel backends that run on `device` here: the compiled C++ ("cpu") or CUDA ("cuda") kernels and
+    Triton (on the CPU in the interpreter)."""
+    return [name for name in available_backends(device) if name in ("cuda", "cpu", "triton")]
 
 
 def _tol(dtype):
@@ -233,28 +233,30 @@ def test_seeded_draws(device):
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-7)
 
 
-def test_cpu_and_triton_draw_the_same_masks():
-    """The C++ Philox is Triton's tl.rand bit for bit: a seed drops the same values on either backend, whatever the
-    seed's high and low words, the shape or the dropout rate."""
-    if not {"cpu", "triton"} <= set(kernel_backends("cpu")):
-        pytest.skip("needs both the compiled extension and Triton")
+def test_every_kernel_backend_draws_the_same_masks():
+    """The C++ and CUDA Philox are Triton's tl.rand bit for bit: a seed drops the same values on every backend and
+    device, whatever the seed's high and low words, the shape or the dropout rate."""
+    draws = [(device, backend) for device in devices() for backend in kernel_backends(device)]
+    if len(draws) < 2:
+        pytest.skip(f"needs two kernel backends, has {draws}")
     for seed, shape, p in ((0, (1, 1, 3, 5), 0.5), (2024, (2, 6, 5, 7), P), (2**62 - 12345, (3, 8, 20, 24), 0.1),
-                           (2**32 + 1, (2, 3, 17, 9), 0.9)):
-        seed = torch.tensor([seed])
-        cpu = dropout_keep_mask(seed, shape, p, "cpu")
-        assert torch.equal(cpu, dropout_keep_mask(seed, shape, p, "triton"))
-        assert 0 < cpu.sum() < cpu.numel()
+                           (2**32 + 1, (2, 3, 17, 9), 0.9), (5, (2, 300, 3, 4), 0.2)):
+        masks = [dropout_keep_mask(torch.tensor([seed], device=device), shape, p, backend).cpu()
+                 for device, backend in draws]
+        for (device, backend), mask in zip(draws[1:], masks[1:]):
+            assert torch.equal(mask, masks[0]), f"{backend} on {device} differs from {draws[0]}"
+        assert 0 < masks[0].sum() < masks[0].numel()
 
 
 def test_dropout_keep_mask_backends(monkeypatch):
-    with pytest.raises(ValueError, match="backend must be one of cpu, triton, not 'ref'"):
+    with pytest.raises(ValueError, match="backend must be one of cpu, cuda, triton, not 'ref'"):
         dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, "ref")
     with pytest.raises(ValueError, match="memory_format must be"):
         dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, memory_format=torch.preserve_format)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("triton is usable on this machine")
-    with pytest.raises(ValueError, match="draws with the compiled C\\+\\+ or the Triton kernels, not usable here"):
+    with pytest.raises(ValueError, match="draws with the compiled or the Triton kernels, not usable here"):
         dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, "triton")
 
 
@@ -266,7 +268,7 @@ def test_cpu_default(monkeypatch):
     assert fused_backend(cpu) == (None if expected == "ref" else "cpu")
     monkeypatch.setenv(_backend.ENV_VAR, "ref")  # the reference is no faster than torch's modules: no fused path
     assert fused_backend(cpu) is None
-    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # a backend this op does not implement: no fused path, no error
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # a backend that cannot run on the CPU: no fused path, no error
     assert fused_backend(cpu) is None
 
 
@@ -299,7 +301,7 @@ def _bad(**overrides):
     (dict(eps=0.0), ValueError, "eps must be"),
     (dict(dropout_p=1.0), ValueError, "dropout_p must be"),
     (dict(activation_scale=float("nan")), ValueError, "activation_scale must be"),
-    (dict(backend="cuda"), ValueError, "not implemented for this op"),
+    (dict(backend="cuda"), ValueError, "backend='cuda' is not usable here"),
     (dict(dropout_seed=torch.tensor([1])), ValueError, "keep_mask or dropout_seed, not both"),
     (dict(keep_mask=None, dropout_seed=torch.tensor([1.0])), TypeError, "dropout_seed must be an int64 tensor"),
     (dict(keep_mask=None, dropout_seed=torch.tensor([1, 2])), TypeError, "dropout_seed must be an int64 tensor"),
@@ -318,9 +320,13 @@ def test_seed_limit_is_the_kernels():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_release_shape(dtype):
-    z, weight, bias, rm, rv, mask = _inputs((8, 128, 96, 96), dtype, "cuda", 11, channels_last=True)
-    (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both("triton", z, weight, bias, rm, rv, mask, True)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_release_shape(backend, dtype, channels_last):
+    if backend not in kernel_backends("cuda"):
+        pytest.skip(f"backend {backend} not available: {_backend.backends()[backend][1]}")
+    z, weight, bias, rm, rv, mask = _inputs((8, 128, 96, 96), dtype, "cuda", 11, channels_last=channels_last)
+    (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
     torch.testing.assert_close(y, y_ref, **_tol(dtype))
     for got, want in zip(grads, grads_ref):
         scale = want.abs().max().item() + 1.0

@@ -4,6 +4,7 @@
 #include "cpu/bn_relu_dropout.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 

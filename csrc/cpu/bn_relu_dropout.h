@@ -15,7 +15,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+
+#include "epilogue.h"  // EpilogueShape, philox_word, philox_uniform, philox_keep
 
 namespace lgc {
 
@@ -27,13 +28,6 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-struct EpilogueShape {
-  int64_t n;
-  int64_t c;
-  int64_t p;  // H * W
-  bool channels_last;
-};
-
 // What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else with `seeded` a Philox draw
 // from seed and the value's (N, C, H, W) index (philox_keep), else nothing.
 struct EpilogueDropout {
@@ -42,38 +36,6 @@ struct EpilogueDropout {
   uint64_t seed = 0;
   float p = 0.0f;
 };
-
-// Philox-4x32-10's first output word for counter (index, 0, 0, 0) and key (low, high 32 bits of seed): Triton's
-// tl.randint(seed, index), so draws here equal the Triton kernels' draws.
-inline uint32_t philox_word(uint64_t seed, uint32_t index) {
-  uint32_t c0 = index, c1 = 0, c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
-    const uint64_t p2 = uint64_t{0xCD9E8D57u} * c2;
-    const uint32_t next0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p2);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = next0;
-    c2 = next2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
-// Triton's tl.rand(seed, index): the word as int32, folded onto [0, 2^31) and scaled into [0, 1) in float32.
-inline float philox_uniform(uint64_t seed, uint32_t index) {
-  int32_t x;
-  const uint32_t word = philox_word(seed, index);
-  std::memcpy(&x, &word, sizeof x);
-  if (x < 0) x = ~x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
-}
-
-// The value at (N, C, H, W) index `index` is kept when its draw is at least p (probability 1 - p).
-inline bool philox_keep(uint64_t seed, uint32_t index, float p) { return philox_uniform(seed, index) >= p; }
 
 // keep: (n, c, p) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropout{nullptr, true, seed, p} draws.
 void dropout_keep_mask_cpu(uint64_t seed, float p, EpilogueShape shape, uint8_t* keep, int threads);

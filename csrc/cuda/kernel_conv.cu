@@ -32,8 +32,6 @@
 // above the 1.0 ms target (memory floor ~0.4 ms).
 #include "cuda/kernel_conv.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,6 +39,8 @@
 #include <cmath>
 #include <cstddef>
 #include <type_traits>
+
+#include "cuda/element_convert.cuh"
 
 #if defined(__CUDACC__)
 #define LGC_HD __host__ __device__ __forceinline__
@@ -121,22 +121,6 @@ struct Traits<double> {
 
 LGC_HD double element(double v, int) { return v; }
 LGC_HD float element(float2 v, int q) { return q == 0 ? v.x : v.y; }
-
-LGC_HD float to_acc(float v) { return v; }
-LGC_HD double to_acc(double v) { return v; }
-LGC_HD float to_acc(__half v) { return __half2float(v); }
-LGC_HD float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename Out, typename Acc>
-LGC_HD Out from_acc(Acc v) {
-  if constexpr (std::is_same_v<Out, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<Out, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return static_cast<Out>(v);
-  }
-}
 
 // a * b + c rounded once (float or double), on the device and in the host emulation alike.
 template <typename T>

@@ -16,9 +16,10 @@ instead of storing intermediate maps. The backward is a custom op too, so torch.
 Seeded dropout trades the byte mask's traffic (a write, three reads) and memory for Philox work in three passes; the
 bench (bench/bench_bn_relu_dropout.py) measures both.
 
-Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for), "cpu" (the compiled C++ kernels of
-csrc/cpu/bn_relu_dropout.cpp, the same passes with OpenMP) and "ref" (plain torch). Both kernel backends draw seeded
-masks with Triton's Philox (tl.rand), so a seed drops the same values on either.
+Backends: "cuda" (the compiled CUDA kernels of csrc/cuda/bn_relu_dropout.cu), "triton" (CUDA, or the CPU under
+TRITON_INTERPRET=1 when asked for), "cpu" (the compiled C++ kernels of csrc/cpu/bn_relu_dropout.cpp, the same passes
+with OpenMP) and "ref" (plain torch). Every kernel backend draws seeded masks with Triton's Philox (tl.rand), so a
+seed drops the same values on each.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from lgc_fast.ops.dilated_block import (
     fold_batchnorm,
 )
 
-_SUPPORTED = ("cpu", "triton", "ref")
+_SUPPORTED = ("cuda", "cpu", "triton", "ref")
 SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -139,8 +140,8 @@ class _TritonPasses:
 
 
 class _ExtensionPasses:
-    """The compiled C++ kernels (csrc/cpu/bn_relu_dropout.cpp through the lgc_fast_C ops); they bring the mask and the
-    gradient to z's layout themselves."""
+    """The compiled kernels through the lgc_fast_C ops, which dispatch on z's device: csrc/cpu/bn_relu_dropout.cpp or
+    csrc/cuda/bn_relu_dropout.cu. They bring the mask and the gradient to z's layout themselves."""
 
     @staticmethod
     def moments(z):
@@ -166,7 +167,7 @@ class _ExtensionPasses:
                                                       memory_format == torch.channels_last)
 
 
-_PASSES = {"cpu": _ExtensionPasses, "triton": _TritonPasses}  # the order dropout_keep_mask tries them
+_PASSES = {"cpu": _ExtensionPasses, "cuda": _ExtensionPasses, "triton": _TritonPasses}  # dropout_keep_mask's order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,8 +361,8 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
     (N, C, H, W) bool/uint8, or dropout_seed, an int64 tensor of one value on z's device from which the kernels draw
     the mask themselves (the mask of ``dropout_keep_mask``; nothing is stored, the backward draws it again), or
     neither. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
-    backend: ``"cpu" | "triton" | "ref"``, default automatic (triton on CUDA; cpu, the compiled C++ kernels, on the
-    CPU, ref where the extension is not built).
+    backend: ``"cuda" | "cpu" | "triton" | "ref"``, default automatic: on CUDA tensors cuda (the compiled CUDA
+    kernels), else triton; on the CPU cpu (the compiled C++ kernels); ref where neither runs.
     """
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
            activation_scale, dropout_seed)
@@ -394,9 +395,9 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: 
                       memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The keep mask (N, C, H, W) bool, in `memory_format` (contiguous or channels_last), that
     ``bn_relu_dropout(..., dropout_seed=seed, dropout_p=p)`` draws: Philox from the seed and each value's index in
-    (N, C, H, W) order, kept with probability 1 - p. Both backends draw the same mask (Triton's tl.rand): ``"cpu"``
-    (the compiled C++ kernels, CPU tensors) or ``"triton"`` (CUDA, or the CPU under TRITON_INTERPRET=1); default the
-    first usable on seed's device."""
+    (N, C, H, W) order, kept with probability 1 - p. Every backend draws the same mask (Triton's tl.rand): ``"cpu"``
+    (the compiled C++ kernels, CPU tensors), ``"cuda"`` (the compiled CUDA kernels) or ``"triton"`` (CUDA, or the CPU
+    under TRITON_INTERPRET=1); default the first usable on seed's device."""
     _check_dropout_p(p)
     _check_seed(seed, seed.device if isinstance(seed, torch.Tensor) else None)
     shape = tuple(int(v) for v in shape)
@@ -411,7 +412,7 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: 
         ok, why = _backend._usable(name, seed.device)
         if ok:
             return _PASSES[name].keep_mask(seed, shape, float(p), memory_format)
-    raise ValueError(f"dropout_keep_mask draws with the compiled C++ or the Triton kernels, not usable here: {why}")
+    raise ValueError(f"dropout_keep_mask draws with the compiled or the Triton kernels, not usable here: {why}")
 
 
 def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
@@ -425,9 +426,9 @@ def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Te
 
 
 def fused_backend(device: torch.device) -> str | None:
-    """The backend ("cpu" or "triton") whose kernels ``bn_relu_dropout`` runs on `device` by default, or None where
-    that is the reference (which is no faster than torch's own modules). A $LGC_FAST_BACKEND this op lacks also gives
-    None."""
+    """The backend ("cuda", "cpu" or "triton") whose kernels ``bn_relu_dropout`` runs on `device` by default, or None
+    where that is the reference (which is no faster than torch's own modules). A $LGC_FAST_BACKEND this op lacks also
+    gives None."""
     try:
         name = _backend.choose("bn_relu_dropout", device, None, supported=_SUPPORTED)
     except ValueError:

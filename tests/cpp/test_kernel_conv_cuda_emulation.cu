@@ -10,6 +10,7 @@
 namespace {
 
 using namespace lgc::kernel_conv_detail;
+using lgc::from_acc;
 
 template <typename In>
 void emulate(const Plan& plan, const In* x, In* y) {

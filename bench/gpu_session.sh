@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
+#   bash bench/gpu_session.sh [tests|ops|train|all]      (default all)
+# builds the CUDA extension in place, then
+#   tests  the GPU tests of every op (each backend against its reference) and the model's fused epilogues;
+#   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton) against
+#          eager torch and torch.compile, kernel_conv;
+#   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda) and the compiled
+#          step, at batch 64 and 128.
+# Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
+# the results to $OUT (the device tool's output folder) or ./gpu_logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS=${OUT:-gpu_logs}
+mkdir -p "$LOGS"
+what=${1:-all}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
+  tail -60 "$LOGS/build.log"
+  exit 1
+fi
+lgc-fast info | tee "$LOGS/info.txt"
+status=0
+
+if [[ $what == tests || $what == all ]]; then
+  python -m pytest -q -rs tests/test_bn_relu_dropout.py tests/test_kernel_conv_gpu.py tests/test_kernel_conv.py \
+    tests/test_lgc_loss.py tests/test_fit_shape.py tests/test_dilated_block.py tests/test_model.py \
+    >"$LOGS/gpu_tests.log" 2>&1 || status=1
+  grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -40
+fi
+
+if [[ $what == ops || $what == all ]]; then
+  python bench/bench_bn_relu_dropout.py --dtypes bf16 fp32 --layouts channels_last contiguous 2>&1 \
+    | tee "$LOGS/bench_bn_relu_dropout.txt" || status=1
+  python bench/bench_kernel_conv.py 2>&1 | tee "$LOGS/bench_kernel_conv.txt" || status=1
+fi
+
+if [[ $what == train || $what == all ]]; then
+  python bench/bench_train_step.py --batch-sizes 64 128 --compile default \
+    --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
+    | tee "$LOGS/bench_train_step.txt" || status=1
+fi
+
+python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1
+cp bench/results/*.json bench/results/*.md "$LOGS/" 2>/dev/null
+exit $status

@@ -1,0 +1,57 @@
+// CUDA launchers of a conv block's epilogue, BatchNorm + ReLU + activation scale + dropout (no torch headers: the
+// glue is csrc/bn_relu_dropout.cpp). The same four passes as the CPU kernels (csrc/cpu/bn_relu_dropout.h) and the
+// Triton kernels, with the same seeded draws:
+//
+//   forward   moments:    z                -> per-channel mean, biased variance
+//             apply:      z (+ keep)       -> y  = out_scale * relu(z * scale + shift) * keep
+//   backward  grad sums:  dy, z (+ keep)   -> per channel sum g, sum g * (z - center),
+//                                             g = dy * out_scale * keep * [z * scale + shift > 0]
+//             grad apply: dy, z (+ keep)   -> dz = scale * g + k1 * z + k0   (k1, k0 may be null: 0)
+//
+// Maps are dense (N, C, P) in the shape's layout, element type `kind`; per-channel vectors (C,) are of the
+// accumulation type: float64 for kFloat64 maps, float32 otherwise. Every pointer is device memory. Reductions write
+// per-tile partials to `partials` (bn_epilogue_partials(shape) doubles) and combine them in a second kernel in a
+// fixed order: deterministic, no atomics, no host synchronisation. Each launcher returns the launch error, if any.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "cuda/scalar_kind.h"
+#include "epilogue.h"
+
+namespace lgc {
+
+// What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else with seed set a Philox draw
+// (philox_keep) from the int64 *seed, read on the device, and the value's (N, C, H, W) index, else nothing. Seeded
+// draws number at most 2^31 values.
+struct EpilogueDropoutCuda {
+  const uint8_t* mask = nullptr;
+  const int64_t* seed = nullptr;
+  float p = 0.0f;
+};
+
+// Doubles of scratch the reductions need for `shape`.
+int64_t bn_epilogue_partials(EpilogueShape shape);
+
+cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape, double* partials, void* mean,
+                            void* var, cudaStream_t stream);
+
+cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
+                          EpilogueDropoutCuda dropout, double out_scale, void* y, EpilogueShape shape,
+                          cudaStream_t stream);
+
+cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
+                              EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
+                              double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream);
+
+cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
+                               EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
+                               void* dz, EpilogueShape shape, cudaStream_t stream);
+
+// keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, seed, p} draws.
+cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
+                                   cudaStream_t stream);
+
+}  // namespace lgc

@@ -1,0 +1,56 @@
+// What the CPU and CUDA kernels of the conv-block epilogue (BatchNorm + ReLU + scale + dropout) share, in host and
+// device code alike: the maps' shape, and the seeded dropout draws, which are Triton's tl.rand bit for bit, so a seed
+// drops the same values on every backend.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LGC_PHILOX_HD __host__ __device__ __forceinline__
+#else
+#define LGC_PHILOX_HD inline
+#endif
+
+namespace lgc {
+
+// Every map of a call is (N, C, P = H * W), dense, in one layout: planar (NCHW contiguous) or channels_last (NHWC).
+struct EpilogueShape {
+  int64_t n;
+  int64_t c;
+  int64_t p;  // H * W
+  bool channels_last;
+};
+
+// Philox-4x32-10's first output word for counter (index, 0, 0, 0) and key (low, high 32 bits of seed): Triton's
+// tl.randint(seed, index).
+LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
+  uint32_t c0 = index, c1 = 0, c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
+    const uint64_t p2 = uint64_t{0xCD9E8D57u} * c2;
+    const uint32_t next0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
+    const uint32_t next2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p2);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = next0;
+    c2 = next2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Triton's tl.rand(seed, index): the word read as int32 (two's complement, as GCC, Clang and nvcc convert), folded
+// onto [0, 2^31) and scaled into [0, 1) in float32. Converted from int32, not uint32: AVX2 has no unsigned
+// conversion, and the CPU loops vectorise only with the signed one.
+LGC_PHILOX_HD float philox_uniform(uint64_t seed, uint32_t index) {
+  int32_t x = static_cast<int32_t>(philox_word(seed, index));
+  if (x < 0) x = ~x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// The value at (N, C, H, W) index `index` is kept when its draw is at least p (probability 1 - p).
+LGC_PHILOX_HD bool philox_keep(uint64_t seed, uint32_t index, float p) { return philox_uniform(seed, index) >= p; }
+
+}  // namespace lgc
