@@ -23,13 +23,7 @@
 #include <climits>
 #include <type_traits>
 
-#include "cuda/element_convert.cuh"
-
-#if defined(__CUDACC__)
-#define LGC_HD __host__ __device__ __forceinline__
-#else
-#define LGC_HD inline
-#endif
+#include "cuda/kernel_common.cuh"
 
 namespace lgc {
 namespace bn_epilogue_detail {

@@ -40,13 +40,7 @@
 #include <cstddef>
 #include <type_traits>
 
-#include "cuda/element_convert.cuh"
-
-#if defined(__CUDACC__)
-#define LGC_HD __host__ __device__ __forceinline__
-#else
-#define LGC_HD inline
-#endif
+#include "cuda/kernel_common.cuh"
 
 namespace lgc {
 namespace kernel_conv_detail {
