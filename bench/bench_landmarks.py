@@ -1,8 +1,10 @@
 """Benchmark landmark inference with given boxes (``Detector.landmarks``: crop, network, PCA shape fit, decoder) in
 faces/s, lgc_fast against the plain-torch reference ops in the same run.
 
-Two modes on the same batch: lgc_fast (the automatic backends) and eager-ref (every lgc_fast op on its reference
-path: LGC_FAST_BACKEND=ref; the shape fit is then the per-face NumPy oracle). The faces are the bundled astronaut's,
+Three modes on the same batch: lgc_fast (the automatic backends, the network with its BatchNorms folded into the
+convolutions, as ``Detector`` runs it), lgc_fast-modules (the same with the network as trained: torch's BatchNorm,
+ReLU, scale and dropout modules) and eager-ref (every lgc_fast op on its reference path: LGC_FAST_BACKEND=ref, the
+network's modules; the shape fit is then the per-face NumPy oracle). The faces are the bundled astronaut's,
 with the box jittered per face (up to 5 % of its size), so every crop differs. Timed in interleaved rounds
 (bench/common.py); reported are the median and 20/80 % quantiles per call, faces/s and the speed-up, and on CUDA the
 peak memory of one call.
@@ -15,6 +17,7 @@ Writes the results under "landmarks" in bench/results/<device-slug>.json (merged
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -35,7 +38,7 @@ from lgc_fast.detect import Detector, load_gray  # noqa: E402
 from lgc_fast.model import LGCN  # noqa: E402
 
 BENCH = "landmarks"
-MODES = ("eager-ref", "lgc_fast")
+MODES = ("eager-ref", "lgc_fast-modules", "lgc_fast")
 
 
 def jittered_boxes(count: int, seed: int = 0) -> np.ndarray:
@@ -51,6 +54,7 @@ def jittered_boxes(count: int, seed: int = 0) -> np.ndarray:
 
 
 def make_call(mode: str, detector: Detector, image: np.ndarray, boxes: np.ndarray):
+    """The mode's call; `detector` runs the folded network ("lgc_fast") or, for the other modes, its modules."""
     def call():
         if mode == "eager-ref":
             os.environ[ENV_VAR] = "ref"
@@ -84,10 +88,13 @@ def main(argv=None) -> int:
     else:
         weights, image_size, model_name = args.weights, None, str(args.weights or "bundled")
     detector = Detector(weights=weights, device=device, image_size=image_size)
+    with_modules = copy.copy(detector)  # the same settings, the network as trained (not folded)
+    with_modules.network = detector.model
     image = load_gray(str(DEMO_IMAGE))
     rows = []
     for batch in args.batch_sizes:
-        calls = {mode: make_call(mode, detector, image, jittered_boxes(batch)) for mode in MODES}
+        calls = {mode: make_call(mode, detector if mode == "lgc_fast" else with_modules, image, jittered_boxes(batch))
+                 for mode in MODES}
         peak = {}
         for mode, call in calls.items():  # one untimed call each: warm-up and the peak memory
             if cuda:
@@ -104,9 +111,11 @@ def main(argv=None) -> int:
                          "p80_ms": t.p80_ms, "runs": t.runs, "faces_per_s": batch / (t.median_ms / 1e3),
                          "peak_memory_mib": peak.get(mode)})
         rows[-1]["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / timings["lgc_fast"].median_ms
+        rows[-1]["speedup_vs_modules"] = timings["lgc_fast-modules"].median_ms / timings["lgc_fast"].median_ms
     print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/call"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("runs", "runs"), ("faces_per_s", "faces/s"),
-                              ("speedup_vs_eager_ref", "speed-up"), ("peak_memory_mib", "peak MiB")]))
+                              ("speedup_vs_eager_ref", "vs eager-ref"), ("speedup_vs_modules", "vs modules"),
+                              ("peak_memory_mib", "peak MiB")]))
     payload = {
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},

@@ -165,9 +165,12 @@ def rows_landmarks(entry, device):
     for batch, modes in by_batch.items():
         if "lgc_fast" in modes and "eager-ref" in modes:
             fast = modes["lgc_fast"]
-            yield _row(f"landmarks, given boxes ({fast['faces_per_s']:.0f} faces/s) vs eager torch reference",
-                       f"batch {batch}, {entry.get('config', {}).get('model')}", fast["median_ms"],
-                       modes["eager-ref"]["median_ms"], device)
+            size = f"batch {batch}, {entry.get('config', {}).get('model')}"
+            yield _row(f"landmarks, given boxes ({fast['faces_per_s']:.0f} faces/s) vs eager torch reference", size,
+                       fast["median_ms"], modes["eager-ref"]["median_ms"], device)
+            if "lgc_fast-modules" in modes:
+                yield _row("landmarks, given boxes, folded network vs its BatchNorm modules", size,
+                           fast["median_ms"], modes["lgc_fast-modules"]["median_ms"], device)
 
 
 def rows_detect(entry, device):

@@ -223,17 +223,17 @@ at::Tensor grad_apply_cpu(const at::Tensor& grad, const at::Tensor& z_in, const 
   return dz;
 }
 
-// The (empty) keep mask a seed fills for `shape`, in the layout asked for, and the shape as the kernels see it.
-std::tuple<at::Tensor, EpilogueShape> new_keep_mask(const at::Tensor& seed, at::IntArrayRef shape,
-                                                    bool channels_last) {
-  TORCH_CHECK(shape.size() == 4, "dropout_keep_mask: shape must be (N, C, H, W), got ", shape);
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "dropout_keep_mask: seed must be an int64 tensor of one value, got ", seed.scalar_type(), " ",
-              seed.sizes());
+// The (empty) keep mask a seed fills for `shape`, in the layout asked for, and the shape as the kernels see it. `op`
+// names the op in errors; a seed draws for fewer than 2^limit_bits values.
+std::tuple<at::Tensor, EpilogueShape> new_keep_mask(const at::Tensor& seed, at::IntArrayRef shape, bool channels_last,
+                                                    const char* op = "dropout_keep_mask", int limit_bits = 31) {
+  TORCH_CHECK(shape.size() == 4, op, ": shape must be (N, C, H, W), got ", shape);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed must be an int64 tensor of one value, got ", seed.scalar_type(), " ", seed.sizes());
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor keep = at::empty(shape, seed.options().dtype(at::kBool).memory_format(format));
-  TORCH_CHECK(keep.numel() < (int64_t{1} << 31), "dropout_keep_mask: a seed draws for fewer than 2^31 values, got ",
-              keep.numel());
+  TORCH_CHECK(keep.numel() < (int64_t{1} << limit_bits), op, ": a seed draws for fewer than 2^", limit_bits,
+              " values, got ", keep.numel());
   return {keep, EpilogueShape{shape[0], shape[1], shape[2] * shape[3], channels_last}};
 }
 
@@ -242,6 +242,16 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double d
   if (keep.numel() == 0) return keep;
   dropout_keep_mask_cpu(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<float>(dropout_p), s,
                         out<uint8_t>(keep), at::get_num_threads());
+  return keep;
+}
+
+// A byte mask of i.i.d. flags (bernoulli_keep_cpu), filled in memory order, so its layout does not matter.
+at::Tensor bernoulli_keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p,
+                                   bool channels_last) {
+  auto [keep, s] = new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34);
+  if (keep.numel() == 0) return keep;
+  bernoulli_keep_cpu(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<float>(dropout_p), keep.numel(),
+                     out<uint8_t>(keep), at::get_num_threads());
   return keep;
 }
 
@@ -344,6 +354,7 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
       "bn_relu_dropout_grad_apply(Tensor grad, Tensor z, Tensor scale, Tensor shift, Tensor? keep_mask, Tensor? "
       "seed, float dropout_p, Tensor? k1, Tensor? k0, float out_scale) -> Tensor");
   m.def("dropout_keep_mask(Tensor seed, int[] shape, float dropout_p, bool channels_last) -> Tensor");
+  m.def("bernoulli_keep_mask(Tensor seed, int[] shape, float dropout_p, bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
@@ -352,6 +363,7 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cpu);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cpu);
+  m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cpu);
 }
 
 #ifdef LGC_WITH_CUDA

@@ -21,10 +21,9 @@ struct EpilogueShape {
   bool channels_last;
 };
 
-// Philox-4x32-10's first output word for counter (index, 0, 0, 0) and key (low, high 32 bits of seed): Triton's
-// tl.randint(seed, index).
-LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
-  uint32_t c0 = index, c1 = 0, c2 = 0, c3 = 0;
+// Philox-4x32-10's four output words for counter (counter, 0, 0, 0) and key (low, high 32 bits of seed).
+LGC_PHILOX_HD void philox4(uint64_t seed, uint32_t counter, uint32_t words[4]) {
+  uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
@@ -38,7 +37,17 @@ LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  words[0] = c0;
+  words[1] = c1;
+  words[2] = c2;
+  words[3] = c3;
+}
+
+// The first word for counter `index`: Triton's tl.randint(seed, index).
+LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
+  uint32_t words[4];
+  philox4(seed, index, words);
+  return words[0];
 }
 
 // Triton's tl.rand(seed, index): the word read as int32 (two's complement, as GCC, Clang and nvcc convert), folded

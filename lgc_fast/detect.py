@@ -49,7 +49,7 @@ from lgc_fast.data.geometry import (MIRROR_68, box_to_square, crop_transform, fa
 from lgc_fast.decode import DECODERS, blend, decode
 from lgc_fast.detector_settings import DEFAULT_DECODE, FIT_THRESHOLD, pipeline_settings, read_metadata
 from lgc_fast.errors import LgcError
-from lgc_fast.model import mirror_averaged_omega
+from lgc_fast.model import LGCN, mirror_averaged_omega
 from lgc_fast.shape import remove_point_offsets
 from lgc_fast.tiling import MEMORY_HEADROOM, bytes_per_pixel, iter_tiles
 
@@ -460,6 +460,10 @@ class Detector:
     systematic error of the fitted points in the shape model's frame (``lgc_fast.shape.mean_point_offsets``, measured
     on training faces), removed from every fitted face at its size and rotation; None: the bundled metadata's for
     the bundled weights, else no correction.
+
+    The forward passes run ``model.folded()`` (every BatchNorm and activation scale folded into its convolution: the
+    same outputs with fewer passes over the activations), made once when the Detector is built; ``self.model`` is the
+    network as given.
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
@@ -497,6 +501,7 @@ class Detector:
         if self.crop < 8:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
+        self.network = self.model.folded() if isinstance(self.model, LGCN) else self.model
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)
@@ -533,13 +538,13 @@ class Detector:
     def heatmaps(self, crops: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) float32 on `device`, in memory-bounded
         batches (mirror-averaged with ``mirror``)."""
-        per_crop = bytes_per_pixel(self.model) * crops.shape[2] * crops.shape[3]
+        per_crop = bytes_per_pixel(self.network) * crops.shape[2] * crops.shape[3]
         batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
         out = []
         with torch.inference_mode():
             for start in range(0, crops.shape[0], batch):
                 images = crops[start:start + batch].to(self.device)
-                omega = mirror_averaged_omega(self.model, images) if self.mirror else self.model(images)[1]
+                omega = mirror_averaged_omega(self.network, images) if self.mirror else self.network(images)[1]
                 out.append(omega.float().to(device))
         return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]), device=device)
 
@@ -627,7 +632,7 @@ class Detector:
             image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
             # only omega is kept: half of tiled_forward's memory
             omega = torch.empty((self.n_landmarks, *level.shape), device=device)
-            for t, _, tile_omega in iter_tiles(self.model, image, tile=None, max_memory_bytes=self.max_memory_bytes):
+            for t, _, tile_omega in iter_tiles(self.network, image, tile=None, max_memory_bytes=self.max_memory_bytes):
                 omega[:, t.y0:t.y1, t.x0:t.x1] = tile_omega[0].float().to(device)
             maps.append(omega)
         return maps

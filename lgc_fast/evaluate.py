@@ -30,7 +30,7 @@ from lgc_fast.decode import DECODERS, decode
 from lgc_fast.detect import Detector
 from lgc_fast.detector_settings import FIT_THRESHOLD, pipeline_settings, read_json_object
 from lgc_fast.errors import LgcError
-from lgc_fast.model import mirror_averaged_omega
+from lgc_fast.model import LGCN, mirror_averaged_omega
 from lgc_fast.shape import mean_point_offsets
 
 DEFAULT_IMAGE_SIZE = 96
@@ -136,6 +136,10 @@ def predict(model, loader, device, method: str = "argmax", amp: bool = False, ch
     mirror: omega averaged with the mirror images' (``model.mirror_averaged_omega``).
     """
     model.eval()
+    if isinstance(model, LGCN):  # the same outputs with fewer passes: BatchNorm folded into the convolutions
+        model = model.folded()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         if channels_last:

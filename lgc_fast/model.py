@@ -96,6 +96,43 @@ class ConvBlock(nn.Module):
                                dropout_p=p, activation_scale=self.act_scale, dropout_seed=seed, backend=backend)
 
 
+class FoldedConvBlock(nn.Module):
+    """A ConvBlock for inference: its BatchNorm (running statistics) and activation scale folded into the convolution's
+    weights and bias, so it runs as relu(conv(x)) with the ReLU in place; dropout is gone (eval mode). Made by
+    ``fold_conv_block``."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.conv(x))
+
+
+def fold_conv_block(conv: nn.Conv2d, bn: nn.BatchNorm2d, act_scale: float = 1.0) -> FoldedConvBlock:
+    """act_scale * relu(bn(conv(x))) in eval mode, as one convolution with a bias and a ReLU:
+    w' = w * act_scale * gamma / sqrt(running_var + eps), b' = act_scale * (beta + (b - running_mean) * gamma /
+    sqrt(running_var + eps)). Exact because act_scale >= 0 commutes with the ReLU. Computed in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics normalises with batch statistics: it cannot be "
+                         "folded into the convolution")
+    if act_scale < 0:
+        raise ValueError(f"act_scale must be >= 0 to commute with the ReLU, got {act_scale}")
+    dtype, device = conv.weight.dtype, conv.weight.device
+    c = bn.num_features
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c, dtype=torch.float64, device=device)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c, dtype=torch.float64, device=device)
+    scale = act_scale * gamma * torch.rsqrt(bn.running_var.double() + bn.eps)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(c, dtype=torch.float64, device=device)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                       device=device, dtype=dtype)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        folded.bias.copy_(act_scale * beta + (bias - bn.running_mean.double()) * scale)
+    return FoldedConvBlock(folded)
+
+
 class KernelConv(nn.Module):
     """The kernel convolution of eq. 1 (``lgc_fast.ops.kernel_conv``) as a submodule: x (N, C, H, W) -> (N, C, H, W).
 
@@ -180,6 +217,22 @@ class LGCN(nn.Module):
                 module.fused_epilogue = bool(enabled)
                 module.seeded_dropout = bool(seeded_dropout)
         return self
+
+    def folded(self) -> "LGCN":
+        """An inference copy of the network: every conv block's BatchNorm (running statistics) and 0.1 activation
+        scale folded into its convolution (``fold_conv_block``), and the release branch's BatchNorm likewise; dropout
+        is gone. It gives this network's eval-mode outputs (to rounding) with two to three fewer passes over each
+        block's activations, and is in eval mode. Its state_dict differs (convolution biases, no BatchNorm): save the
+        original, not the copy. This network is left untouched."""
+        copy = LGCN(**self.config).to(device=self.global_out.weight.device, dtype=self.global_out.weight.dtype)
+        copy.load_state_dict(self.state_dict())
+        for features in (copy.local_features, copy.global_features):
+            for i, block in enumerate(features):
+                features[i] = fold_conv_block(block.conv, block.bn, block.act_scale)
+        if copy.branch is not None:
+            conv, bn, _ = copy.branch
+            copy.branch = fold_conv_block(conv, bn)
+        return copy.eval()
 
     @property
     def receptive_radius(self) -> int:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import available_backends, devices
 from lgc_fast import _backend
 from lgc_fast.ops.bn_relu_dropout import (
-    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend,
+    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend, random_keep_mask,
 )
 from lgc_fast.ops.dilated_block import draw_dropout_mask
 
@@ -246,6 +246,26 @@ def test_every_kernel_backend_draws_the_same_masks():
         for (device, backend), mask in zip(draws[1:], masks[1:]):
             assert torch.equal(mask, masks[0]), f"{backend} on {device} differs from {draws[0]}"
         assert 0 < masks[0].sum() < masks[0].numel()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_random_keep_mask(channels_last):
+    """ConvBlock's byte masks: z's shape and layout, reproducible from torch's generator, the right rate (every
+    backend's own draw: on the CPU's C++ four flags per Philox counter, with a partial last group here)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.empty(4, 16, 32, 33).contiguous(memory_format=fmt)  # 67584 values
+    odd = torch.empty(3, 5, 7, 9).contiguous(memory_format=fmt)  # 945 = 4 * 236 + 1
+    for backend in kernel_backends("cpu") + ["ref"]:
+        torch.manual_seed(0)
+        mask = random_keep_mask(z, P, backend)
+        torch.manual_seed(0)
+        assert torch.equal(random_keep_mask(z, P, backend), mask)
+        assert mask.dtype == torch.bool and mask.shape == z.shape and mask.is_contiguous(memory_format=fmt)
+        assert not torch.equal(random_keep_mask(z, P, backend), mask)  # the generator moved on
+        assert abs(mask.float().mean().item() - (1 - P)) < 0.01  # 5.7 standard deviations
+        assert random_keep_mask(z, 0.0, backend).all()
+        tail = random_keep_mask(odd, 0.5, backend)
+        assert 0 < tail.sum() < tail.numel() and tail.shape == odd.shape
 
 
 def test_dropout_keep_mask_backends(monkeypatch):

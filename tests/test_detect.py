@@ -594,7 +594,7 @@ def test_crop_size_comes_from_the_checkpoint(tmp_path):
     assert D.Detector(weights=net, fit=False).crop == D.CROP
     calls = []
     det = D.Detector(weights=tmp_path / "w.pt", fit=False)
-    det.model.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    det.network.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
     (face,) = det.landmarks(np.zeros((100, 120), np.uint8), (10, 20, 60, 70))
     assert calls == [(1, 1, 64, 64)]
     np.testing.assert_allclose(face.box, (10, 20, 60, 70), atol=1e-9)

@@ -8,7 +8,7 @@ from lgc_fast import _backend
 from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
 from lgc_fast.data import MIRROR_68
 from lgc_fast.errors import LgcError
-from lgc_fast.model import LGCN, ConvBlock, mirror_averaged_omega
+from lgc_fast.model import LGCN, ConvBlock, FoldedConvBlock, fold_conv_block, mirror_averaged_omega
 from lgc_fast.ops import kernel_conv_ref
 
 
@@ -287,3 +287,55 @@ def test_fused_epilogue_dropout_in_training_only(kernels_everywhere, seeded):
     torch.testing.assert_close(block(x), block(x))
     block.fused_epilogue = False
     torch.testing.assert_close(ConvBlock.forward(block, x), block(x))
+
+
+def _trained_statistics(model: LGCN) -> LGCN:
+    """model with BatchNorm running statistics and affine parameters away from their initial 0 / 1."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=g) * 0.05)
+                module.running_var.copy_(torch.rand(c, generator=g) * 0.02 + 0.001)
+                module.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_folded_network_gives_the_eval_outputs(variant):
+    model = _trained_statistics(tiny(variant)).double().eval()
+    before = copy.deepcopy(model.state_dict())
+    folded = model.folded()
+    x = images().double()
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    for w, o in zip(want, got):
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-12)
+        assert w.abs().max() > 1e-4  # the comparison is not between near-zero maps
+    assert not folded.training
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout, ConvBlock)) for m in folded.modules())
+    n_blocks = sum(isinstance(m, ConvBlock) for m in model.modules()) + (variant == "release")
+    assert sum(isinstance(m, FoldedConvBlock) for m in folded.modules()) == n_blocks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    with torch.no_grad():  # the ReLU works in place; the copy must not share the original's convolution weights
+        folded.local_features[0].conv.weight.zero_()
+    assert model.local_features[0].conv.weight.abs().sum() > 0
+
+
+def test_fold_conv_block_errors():
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    with pytest.raises(ValueError, match="without running statistics"):
+        fold_conv_block(conv, torch.nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="act_scale must be >= 0"):
+        fold_conv_block(conv, torch.nn.BatchNorm2d(3), act_scale=-0.1)
+    # BatchNorm without affine parameters and a convolution with a bias fold too.
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, bias=True).double()
+    bn = torch.nn.BatchNorm2d(3, affine=False).double().eval()
+    bn.running_mean.fill_(0.2)
+    bn.running_var.fill_(1.5)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_conv_block(conv, bn, 0.1)(x), 0.1 * torch.relu(bn(conv(x))))

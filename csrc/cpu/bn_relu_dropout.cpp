@@ -4,6 +4,7 @@
 #include "cpu/bn_relu_dropout.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -94,9 +95,9 @@ struct Tiling {
   int64_t slot_of(int64_t t) const { return s.channels_last ? t : (t / (chunks * s.c)) * chunks + t % chunks; }
 };
 
+// Calls f(t) for t in [0, tiles) on up to `threads` OpenMP threads (0: OpenMP's default).
 template <typename F>
-void for_each_tile(const Tiling& tiling, int threads, F&& f) {
-  const int64_t tiles = tiling.count();
+void parallel_for(int64_t tiles, int threads, F&& f) {
 #ifdef _OPENMP
   const int64_t wanted = threads > 0 ? threads : omp_get_max_threads();
   const int team = static_cast<int>(std::max<int64_t>(1, std::min(wanted, tiles)));
@@ -106,6 +107,11 @@ void for_each_tile(const Tiling& tiling, int threads, F&& f) {
   (void)threads;
   for (int64_t t = 0; t < tiles; ++t) f(t);
 #endif
+}
+
+template <typename F>
+void for_each_tile(const Tiling& tiling, int threads, F&& f) {
+  parallel_for(tiling.count(), threads, f);
 }
 
 // Calls f(offset, channel, index) for every value of tile t: offset into the maps, index in (N, C, H, W) order.
@@ -324,6 +330,16 @@ LGC_TILE_CLONES void run_keep_mask_tile(const Tiling& tiling, uint64_t seed, flo
   });
 }
 
+// Flags [4 * first, 4 * end) of bernoulli_keep_cpu (the caller keeps 4 * end <= the buffer's size).
+LGC_TILE_CLONES void run_bernoulli_groups(uint64_t seed, uint32_t threshold, int64_t first, int64_t end,
+                                          uint8_t* keep) {
+  for (int64_t j = first; j < end; ++j) {
+    uint32_t words[4];
+    philox4(seed, static_cast<uint32_t>(j), words);
+    for (int k = 0; k < 4; ++k) keep[4 * j + k] = words[k] >= threshold;
+  }
+}
+
 // Runs a reduction's tiles (each with 3 * C values of scratch) and returns its partial sums.
 template <typename T, typename A, typename F>
 std::vector<double> reduce_tiles(Pass<T, A>& pass, int threads, F&& run_tile) {
@@ -401,6 +417,19 @@ BFloat16 to_bfloat16(float f) { return BFloat16{float_to_bfloat(f)}; }
 void dropout_keep_mask_cpu(uint64_t seed, float p, EpilogueShape shape, uint8_t* keep, int threads) {
   const Tiling tiling(shape);
   for_each_tile(tiling, threads, [&](int64_t t) { run_keep_mask_tile(tiling, seed, p, keep, t); });
+}
+
+void bernoulli_keep_cpu(uint64_t seed, float p, int64_t count, uint8_t* keep, int threads) {
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(static_cast<double>(p) * 4294967296.0));
+  const int64_t groups = count / 4;  // whole groups of four; the last 0-3 flags come from one more counter
+  parallel_for((groups + kTile - 1) / kTile, threads, [&](int64_t t) {  // a tile: kTile groups
+    run_bernoulli_groups(seed, threshold, t * kTile, std::min(groups, (t + 1) * kTile), keep);
+  });
+  if (count % 4 != 0) {
+    uint32_t words[4];
+    philox4(seed, static_cast<uint32_t>(groups), words);
+    for (int64_t k = 0; k < count % 4; ++k) keep[4 * groups + k] = words[k] >= threshold;
+  }
 }
 
 #define LGC_EPILOGUE_KERNELS(T, A)                                                                                 \

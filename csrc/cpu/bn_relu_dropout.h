@@ -40,6 +40,11 @@ struct EpilogueDropout {
 // keep: (n, c, p) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropout{nullptr, true, seed, p} draws.
 void dropout_keep_mask_cpu(uint64_t seed, float p, EpilogueShape shape, uint8_t* keep, int threads);
 
+// keep: `count` uint8 flags in memory order, each 1 with probability 1 - p: Philox-4x32-10 of counter j and the seed
+// gives four words for values 4j .. 4j + 3, each kept when at least round(p * 2^32). A quarter of the Philox work of
+// dropout_keep_mask_cpu, for byte masks that need not equal the seeded kernels' draws. count < 2^34.
+void bernoulli_keep_cpu(uint64_t seed, float p, int64_t count, uint8_t* keep, int threads);
+
 // The kernels for map element type T and arithmetic type A: (float | Float16 | BFloat16, float) and (double,
 // double). Per-channel vectors (C,) are of type A.
 #define LGC_EPILOGUE_KERNELS(T, A)                                                                                 \

@@ -38,6 +38,7 @@ from lgc_fast.ops.dilated_block import (
 
 _SUPPORTED = ("cuda", "cpu", "triton", "ref")
 SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
+BYTE_MASK_LIMIT = 2**34  # values random_keep_mask's C++ draw numbers (four per 32-bit Philox counter)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -417,11 +418,13 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: 
 
 def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
     """A fresh dropout keep mask for z (bool, z's shape and memory format, each value kept with probability 1 - p),
-    from torch's default generator, so runs stay reproducible and resumable. The "cpu" backend draws it with its
-    Philox kernel from a seed (a few times faster than ``bernoulli_`` on the CPU); elsewhere ``bernoulli_``."""
-    if backend == "cpu" and z.numel() < SEEDED_LIMIT:
+    from torch's default generator, so runs stay reproducible and resumable. The "cpu" backend draws it in C++ from a
+    seed, four flags per Philox evaluation (several times faster than ``bernoulli_`` on the CPU; not the mask a
+    ``dropout_seed`` draws); elsewhere ``bernoulli_``."""
+    if backend == "cpu" and z.numel() < BYTE_MASK_LIMIT:
         seed = torch.randint(2**62, (1,), device=z.device)
-        return dropout_keep_mask(seed, z.shape, p, "cpu", memory_format=_memory_format(z))
+        return torch.ops.lgc_fast_C.bernoulli_keep_mask(seed, list(z.shape), float(p),
+                                                        _memory_format(z) == torch.channels_last)
     return torch.empty_like(z, dtype=torch.bool, memory_format=_memory_format(z)).bernoulli_(1.0 - p)
 
 

@@ -50,6 +50,29 @@ void test_philox() {
   expect(std::abs(double(kept) / 20000 - 0.75) < 0.015, "keep rate 1 - p (5 standard deviations)", kept);
 }
 
+void test_bernoulli_keep() {
+  // Flag 4j + k is word k of Philox counter j against round(p * 2^32), tail included, for any thread count.
+  const uint64_t seed = 0xabcdef0123ULL;
+  const float p = 0.3f;
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(double(p) * 4294967296.0));
+  const int64_t count = 4 * 50000 + 3;
+  std::vector<uint8_t> keep(count, 2), keep1(count, 2);
+  lgc::bernoulli_keep_cpu(seed, p, count, keep.data(), 3);
+  lgc::bernoulli_keep_cpu(seed, p, count, keep1.data(), 1);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t words[4];
+    lgc::philox4(seed, static_cast<uint32_t>(i / 4), words);
+    expect(keep[i] == (words[i % 4] >= threshold), "bernoulli keep flag", i);
+    expect(keep1[i] == keep[i], "bernoulli keep independent of the thread count", i);
+    kept += keep[i];
+  }
+  expect(std::abs(double(kept) / count - 0.7) < 0.005, "bernoulli keep rate 1 - p (5 standard deviations)", kept);
+  std::vector<uint8_t> all(7, 0);
+  lgc::bernoulli_keep_cpu(seed, 0.0f, 7, all.data(), 1);
+  for (int64_t i = 0; i < 7; ++i) expect(all[i] == 1, "p = 0 keeps everything", i);
+}
+
 void test_conversions() {
   for (uint32_t bits = 0; bits < 65536; ++bits) {  // every half and bfloat16 value comes back unchanged
     const float h = lgc::to_float(lgc::Float16{static_cast<uint16_t>(bits)});
@@ -198,6 +221,7 @@ void check_passes(const Case& cs, double tol, const char* name) {
 
 int main() {
   test_philox();
+  test_bernoulli_keep();
   test_conversions();
   // Planar tiles hold 4096 pixels (P = 4101: one full tile and one of 5); channels_last tiles 4096 / C pixels.
   for (bool channels_last : {false, true}) {
