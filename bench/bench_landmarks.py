@@ -1,9 +1,9 @@
 """Benchmark landmark inference with given boxes (``Detector.landmarks``: crop, network, PCA shape fit, decoder) in
 faces/s, lgc_fast against the plain-torch reference ops in the same run.
 
-Three modes on the same batch: lgc_fast (the automatic backends, the network with its BatchNorms folded into the
-convolutions, as ``Detector`` runs it), lgc_fast-modules (the same with the network as trained: torch's BatchNorm,
-ReLU, scale and dropout modules) and eager-ref (every lgc_fast op on its reference path: LGC_FAST_BACKEND=ref, the
+Three modes on the same batch: lgc_fast (the automatic backends, the network as ``Detector`` runs it: its BatchNorms
+folded into the convolutions, channels_last on the CPU), lgc_fast-modules (the same with the network as trained:
+torch's BatchNorm, ReLU, scale and dropout modules, contiguous) and eager-ref (every lgc_fast op on its reference path: LGC_FAST_BACKEND=ref, the
 network's modules; the shape fit is then the per-face NumPy oracle). The faces are the bundled astronaut's,
 with the box jittered per face (up to 5 % of its size), so every crop differs. Timed in interleaved rounds
 (bench/common.py); reported are the median and 20/80 % quantiles per call, faces/s and the speed-up, and on CUDA the

@@ -440,6 +440,16 @@ def _check_boxes(boxes, where: str) -> np.ndarray:
     return arr
 
 
+def _inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What a Detector runs: an LGCN folded for inference (``LGCN.folded``) and, on the CPU, in channels_last, where
+    oneDNN's convolutions run faster on it (measured 1.16x and 1.22x on ``Detector.landmarks`` at batch 1 and 16,
+    bundled model, 2 threads); any other module as it is."""
+    if not isinstance(model, LGCN):
+        return model
+    network = model.folded()
+    return network.to(memory_format=torch.channels_last) if device.type == "cpu" else network
+
+
 class Detector:
     """Facial landmarks from a trained Local-Global Context Network.
 
@@ -461,9 +471,9 @@ class Detector:
     on training faces), removed from every fitted face at its size and rotation; None: the bundled metadata's for
     the bundled weights, else no correction.
 
-    The forward passes run ``model.folded()`` (every BatchNorm and activation scale folded into its convolution: the
-    same outputs with fewer passes over the activations), made once when the Detector is built; ``self.model`` is the
-    network as given.
+    The forward passes run ``self.network``: ``model.folded()`` (every BatchNorm and activation scale folded into its
+    convolution: the same outputs with fewer passes over the activations), channels_last on the CPU, made once when
+    the Detector is built; ``self.model`` is the network as given.
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
@@ -501,7 +511,7 @@ class Detector:
         if self.crop < 8:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
-        self.network = self.model.folded() if isinstance(self.model, LGCN) else self.model
+        self.network = _inference_network(self.model, self.device)
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)

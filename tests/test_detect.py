@@ -598,3 +598,26 @@ def test_crop_size_comes_from_the_checkpoint(tmp_path):
     (face,) = det.landmarks(np.zeros((100, 120), np.uint8), (10, 20, 60, 70))
     assert calls == [(1, 1, 64, 64)]
     np.testing.assert_allclose(face.box, (10, 20, 60, 70), atol=1e-9)
+
+
+def test_detector_runs_the_folded_network():
+    torch.manual_seed(0)
+    net = LGCN("release", width=8, n_landmarks=68, local_layers=(3, 3))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.05, 0.05)
+                module.running_var.uniform_(0.002, 0.02)
+                module.weight.uniform_(0.5, 1.5)
+    net.eval()
+    det = D.Detector(weights=net, fit=False)
+    assert det.model is net
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in det.network.modules())
+    weight = det.network.global_features[0].conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()  # CPU: oneDNN
+    crops = torch.rand(2, 1, 40, 36) * 255
+    with torch.no_grad():
+        want = net(crops)[1]
+    got = det.heatmaps(crops)
+    assert got.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
