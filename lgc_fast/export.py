@@ -8,7 +8,6 @@ Input ``image`` (N, 1, H, W) grey levels in [0, 255], any N, H, W; outputs ``loc
 """
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from pathlib import Path
@@ -56,7 +55,9 @@ class KernelConv2d(nn.Module):
 
 
 class ExportableLGCN(nn.Module):
-    """``LGCN.forward`` itself, run on a deep copy of `model` whose kernel-convolution submodule is KernelConv2d.
+    """``LGCN.forward`` itself, run on ``model.folded()`` (a copy with every BatchNorm and activation scale folded into
+    its convolution, so the graph holds Conv + Relu where the model has Conv, BatchNormalization, Relu and Mul) whose
+    kernel-convolution submodule is KernelConv2d.
 
     The copy keeps the buffers of KernelConv2d out of `model` and its state_dict. ``check_equivalence`` (run by every
     export and by the tests) compares the copy with `model`.
@@ -64,7 +65,7 @@ class ExportableLGCN(nn.Module):
 
     def __init__(self, model: LGCN, form: str = "separable"):
         super().__init__()
-        self.net = copy.deepcopy(model)
+        self.net = model.folded()
         self.net.kernel = KernelConv2d(2 * model.n_landmarks if model.branch is not None else model.n_landmarks, form)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
