@@ -3,7 +3,8 @@
 // lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" and "cuda" backends),
 // as it does from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also
 // contiguous), else contiguous (a strided z is copied); the mask and the gradient are brought to that layout, so
-// outputs have the strides the Python op's fake implementations promise. Per-channel vectors are float32 (float64 for float64 maps).
+// outputs have the strides the Python op's fake implementations promise. Per-channel vectors are float32 (float64
+// for float64 maps).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,12 +106,34 @@ Inputs inputs_of(const at::Tensor& z_in, const at::Tensor* grad, const at::Tenso
   return in;
 }
 
-void set_statistics(Inputs& in, const c10::optional<at::Tensor>& k1, const c10::optional<at::Tensor>& k0) {
+// The moments pass's z, which must hold at least one value.
+Inputs moments_inputs(const at::Tensor& z_in) {
+  Inputs in;
+  in.maps = maps_of(z_in);
+  in.z = dense(z_in, in.maps);
+  TORCH_CHECK(in.z.numel() > 0, "bn_relu_dropout_moments: z must not be empty, got shape ", in.z.sizes());
+  return in;
+}
+
+Inputs grad_sums_inputs(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& scale,
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& keep_mask,
+                        const c10::optional<at::Tensor>& seed, double dropout_p, const at::Tensor& center) {
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
+  in.center = channel_vector(center, in.z, in.maps, "center");
+  return in;
+}
+
+Inputs grad_apply_inputs(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& scale,
+                         const at::Tensor& shift, const c10::optional<at::Tensor>& keep_mask,
+                         const c10::optional<at::Tensor>& seed, double dropout_p, const c10::optional<at::Tensor>& k1,
+                         const c10::optional<at::Tensor>& k0) {
   TORCH_CHECK(k1.has_value() == k0.has_value(), "bn_relu_dropout: k1 and k0 must both be given or both be None");
+  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
   if (k1.has_value()) {
     in.k1 = channel_vector(*k1, in.z, in.maps, "k1");
     in.k0 = channel_vector(*k0, in.z, in.maps, "k0");
   }
+  return in;
 }
 
 template <typename T>
@@ -160,13 +183,11 @@ template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& z_in) {
-  const Maps maps = maps_of(z_in);
-  const at::Tensor z = dense(z_in, maps);
-  TORCH_CHECK(z.numel() > 0, "bn_relu_dropout_moments: z must not be empty, got shape ", z.sizes());
-  auto [mean, var] = new_channel_pair(z, maps);
-  on_dtype(z.scalar_type(), [&](auto tag) {
+  const Inputs in = moments_inputs(z_in);
+  auto [mean, var] = new_channel_pair(in.z, in.maps);
+  on_dtype(in.z.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    bn_moments_cpu(ptr<T>(z), maps.shape, out<Acc<T>>(mean), out<Acc<T>>(var), at::get_num_threads());
+    bn_moments_cpu(ptr<T>(in.z), in.maps.shape, out<Acc<T>>(mean), out<Acc<T>>(var), at::get_num_threads());
   });
   return {mean, var};
 }
@@ -191,8 +212,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cpu(const at::Tensor& grad, const a
                                                  const c10::optional<at::Tensor>& keep_mask,
                                                  const c10::optional<at::Tensor>& seed, double dropout_p,
                                                  const at::Tensor& center, double out_scale) {
-  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
-  in.center = channel_vector(center, in.z, in.maps, "center");
+  const Inputs in = grad_sums_inputs(grad, z_in, scale, shift, keep_mask, seed, dropout_p, center);
   auto [sum_g, sum_g_centered] = new_channel_pair(in.z, in.maps);
   if (in.z.numel() == 0) return {sum_g.zero_(), sum_g_centered.zero_()};
   on_dtype(in.z.scalar_type(), [&](auto tag) {
@@ -209,8 +229,7 @@ at::Tensor grad_apply_cpu(const at::Tensor& grad, const at::Tensor& z_in, const 
                           const at::Tensor& shift, const c10::optional<at::Tensor>& keep_mask,
                           const c10::optional<at::Tensor>& seed, double dropout_p, const c10::optional<at::Tensor>& k1,
                           const c10::optional<at::Tensor>& k0, double out_scale) {
-  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
-  set_statistics(in, k1, k0);
+  const Inputs in = grad_apply_inputs(grad, z_in, scale, shift, keep_mask, seed, dropout_p, k1, k0);
   at::Tensor dz = new_map(in.z, in.maps);
   if (in.z.numel() == 0) return dz;
   on_dtype(in.z.scalar_type(), [&](auto tag) {
@@ -268,13 +287,12 @@ at::Tensor new_partials(const at::Tensor& z, const Maps& maps) {
 
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& z_in) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const Maps maps = maps_of(z_in);
-  const at::Tensor z = dense(z_in, maps);
-  TORCH_CHECK(z.numel() > 0, "bn_relu_dropout_moments: z must not be empty, got shape ", z.sizes());
-  auto [mean, var] = new_channel_pair(z, maps);
-  at::Tensor partials = new_partials(z, maps);
-  check_launch(bn_moments_cuda(z.const_data_ptr(), scalar_kind(z.scalar_type()), maps.shape, out<double>(partials),
-                               mean.mutable_data_ptr(), var.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  const Inputs in = moments_inputs(z_in);
+  auto [mean, var] = new_channel_pair(in.z, in.maps);
+  at::Tensor partials = new_partials(in.z, in.maps);
+  check_launch(bn_moments_cuda(in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()), in.maps.shape,
+                               out<double>(partials), mean.mutable_data_ptr(), var.mutable_data_ptr(),
+                               c10::cuda::getCurrentCUDAStream()),
                "bn_relu_dropout_moments");
   return {mean, var};
 }
@@ -298,8 +316,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad, const 
                                                   const c10::optional<at::Tensor>& seed, double dropout_p,
                                                   const at::Tensor& center, double out_scale) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
-  in.center = channel_vector(center, in.z, in.maps, "center");
+  const Inputs in = grad_sums_inputs(grad, z_in, scale, shift, keep_mask, seed, dropout_p, center);
   auto [sum_g, sum_g_centered] = new_channel_pair(in.z, in.maps);
   if (in.z.numel() == 0) return {sum_g.zero_(), sum_g_centered.zero_()};
   at::Tensor partials = new_partials(in.z, in.maps);
@@ -318,8 +335,7 @@ at::Tensor grad_apply_cuda(const at::Tensor& grad, const at::Tensor& z_in, const
                            const c10::optional<at::Tensor>& k1, const c10::optional<at::Tensor>& k0,
                            double out_scale) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  Inputs in = inputs_of(z_in, &grad, scale, shift, keep_mask, seed, dropout_p);
-  set_statistics(in, k1, k0);
+  const Inputs in = grad_apply_inputs(grad, z_in, scale, shift, keep_mask, seed, dropout_p, k1, k0);
   at::Tensor dz = new_map(in.z, in.maps);
   check_launch(bn_grad_apply_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
                                   in.scale.const_data_ptr(), in.shift.const_data_ptr(), cuda_dropout(in.drop),

@@ -22,6 +22,7 @@ from torch import nn
 from lgc_fast.data.geometry import MIRROR_68
 from lgc_fast.ops.bn_relu_dropout import SEEDED_LIMIT as DROPOUT_SEED_LIMIT
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend, random_keep_mask
+from lgc_fast.ops.dilated_block import fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
 
@@ -110,26 +111,26 @@ class FoldedConvBlock(nn.Module):
 
 
 def fold_conv_block(conv: nn.Conv2d, bn: nn.BatchNorm2d, act_scale: float = 1.0) -> FoldedConvBlock:
-    """act_scale * relu(bn(conv(x))) in eval mode, as one convolution with a bias and a ReLU:
-    w' = w * act_scale * gamma / sqrt(running_var + eps), b' = act_scale * (beta + (b - running_mean) * gamma /
-    sqrt(running_var + eps)). Exact because act_scale >= 0 commutes with the ReLU. Computed in float64."""
+    """act_scale * relu(bn(conv(x))) in eval mode, as one convolution with a bias and a ReLU: with bn(z) = z * scale +
+    shift (``fold_batchnorm``), w' = act_scale * scale * w and b' = act_scale * (scale * b + shift). Exact because
+    act_scale >= 0 commutes with the ReLU. Computed in float64."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("a BatchNorm without running statistics normalises with batch statistics: it cannot be "
                          "folded into the convolution")
     if act_scale < 0:
         raise ValueError(f"act_scale must be >= 0 to commute with the ReLU, got {act_scale}")
-    dtype, device = conv.weight.dtype, conv.weight.device
-    c = bn.num_features
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c, dtype=torch.float64, device=device)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c, dtype=torch.float64, device=device)
-    scale = act_scale * gamma * torch.rsqrt(bn.running_var.double() + bn.eps)
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(c, dtype=torch.float64, device=device)
+    ones = torch.ones(bn.num_features, dtype=torch.float64, device=conv.weight.device)
+    zeros = torch.zeros_like(ones)
+    gamma = ones if bn.weight is None else bn.weight.detach().double()
+    beta = zeros if bn.bias is None else bn.bias.detach().double()
+    scale, shift = fold_batchnorm(gamma, beta, bn.running_mean.double(), bn.running_var.double(), bn.eps)
+    bias = zeros if conv.bias is None else conv.bias.detach().double()
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-                       device=device, dtype=dtype)
+                       device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        folded.weight.copy_(conv.weight.double() * scale[:, None, None, None])
-        folded.bias.copy_(act_scale * beta + (bias - bn.running_mean.double()) * scale)
+        folded.weight.copy_(conv.weight.double() * (act_scale * scale)[:, None, None, None])
+        folded.bias.copy_(act_scale * (scale * bias + shift))
     return FoldedConvBlock(folded)
 
 

@@ -124,9 +124,9 @@ def add_arguments(p) -> None:
                         f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")
     p.add_argument("--fused-epilogue", action=argparse.BooleanOptionalAction, default=None,
                    help="run every conv block's BatchNorm + ReLU + scale + dropout as one op "
-                        "(lgc_fast.ops.bn_relu_dropout: Triton on CUDA, C++ on the CPU) instead of torch's modules "
-                        "(default: on the CPU, where its C++ kernels are built and measured faster; off on CUDA, "
-                        "not yet measured there)")
+                        "(lgc_fast.ops.bn_relu_dropout: CUDA C++ or Triton on CUDA, C++ on the CPU) instead of "
+                        "torch's modules (default: on the CPU, where its C++ kernels are built and measured faster; "
+                        "off on CUDA, not yet measured there)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
