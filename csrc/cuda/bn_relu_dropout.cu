@@ -1,20 +1,13 @@
-// CUDA kernels of the conv-block epilogue; see bn_relu_dropout.h.
+// CUDA kernels of the conv-block epilogue; see bn_relu_dropout.h, and bn_relu_dropout_plan.cuh for the tiling.
 //
-// One tiling plan per shape serves every pass, so a value's tile, partial slot and summation order are the same on
-// any GPU:
-//   planar         a tile is a run of at most kPlanarTile pixels of one (image, channel) plane; the block's threads
-//                  stride along it (coalesced loads, one channel per block).
-//   channels_last  a tile is a run of `len` pixel rows times `cols` = min(C, 256) channels; thread t owns channel
-//                  t % cols and strides over the rows by lanes = 256 / cols, so when cols = C a block reads
-//                  lanes * C consecutive values at a time.
-// Either way a thread keeps one channel, so per-channel values are loaded once into registers, and no value needs a
-// division: the seeded draw's (N, C, H, W) index is stepped along with the rows.
+// Bandwidth: a thread moves `vec` values (16 bytes where the shape allows) per access and issues the loads of several
+// steps before it uses any, so enough bytes are in flight per SM; per-channel values are loaded once into registers,
+// and no value needs a division: the seeded draw's (N, C, H, W) index is stepped along with the rows, and the moments'
+// Welford updates of a step share one reciprocal of the count (the thread's vec accumulators count alike).
 // Reductions: each thread accumulates its values (Welford's update for the moments, plain sums for the gradient),
 // the block combines its threads in a fixed tree (Chan's formula for the moments) in float64, and one pair of doubles
 // per tile and channel goes to the partials; then one block per channel combines that channel's tiles, again in a
-// fixed order. Loads are scalar; every load of a warp is one contiguous run.
-// The per-thread steps are __host__ __device__: tests/cpp/test_bn_relu_dropout_cuda_emulation.cu runs the kernels
-// block by block on the CPU against a float64 oracle.
+// fixed order. No atomics: the results are a function of the shape and the values alone.
 // GPU timings are UNMEASURED (written where no GPU was available): bench/bench_bn_relu_dropout.py measures them.
 #include "cuda/bn_relu_dropout.h"
 
@@ -23,15 +16,16 @@
 #include <climits>
 #include <type_traits>
 
+#include "cuda/bn_relu_dropout_plan.cuh"
 #include "cuda/kernel_common.cuh"
 
 namespace lgc {
 namespace bn_epilogue_detail {
 
-constexpr int kThreads = 256;
-constexpr int64_t kPlanarTile = 16384;  // pixels of one plane a tile holds at most
-constexpr int64_t kTargetTiles = 2048;  // channels_last: tiles per channel block a pass aims for
-constexpr int64_t kMinRowsPerLane = 8;  // channels_last: the shortest row run a thread walks in a tile
+// Steps whose loads a thread issues at once (bytes in flight against registers).
+constexpr int kMomentsSteps = 4;
+constexpr int kApplySteps = 4;
+constexpr int kGradSteps = 2;
 enum DropKind { kNoDrop = 0, kMaskDrop = 1, kSeededDrop = 2 };
 
 template <typename T>
@@ -45,93 +39,8 @@ struct AccOf<double> {
 template <typename T>
 using Acc = typename AccOf<T>::type;
 
-struct Plan {
-  EpilogueShape s;
-  int64_t len;             // planar: pixels a tile; channels_last: rows (pixels with all their channels) a tile
-  int64_t chunks;          // planar: tiles a plane; channels_last: row runs over all N * P rows
-  int64_t channel_blocks;  // channels_last: tiles side by side across the channels; planar: 1
-  int cols;                // channels a block covers side by side (planar: 1)
-  int lanes;               // threads of a block per channel (planar: all)
-  int tree_top;            // the block tree's first step: the largest power of two below lanes (0 for one lane)
-
-  LGC_HD int64_t tiles() const { return s.channels_last ? chunks * channel_blocks : s.n * s.c * chunks; }
-  LGC_HD int64_t per_channel() const { return s.channels_last ? chunks : s.n * chunks; }  // partial slots
-  // Values of a channel in partial slot `slot` (planar: slot n * chunks + chunk; channels_last: slot = chunk).
-  LGC_HD int64_t slot_count(int64_t slot) const {
-    const int64_t total = s.channels_last ? s.n * s.p : s.p;
-    const int64_t first = (slot % chunks) * len;
-    return total - first < len ? total - first : len;
-  }
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline Plan make_plan(EpilogueShape s) {
-  Plan plan{};
-  plan.s = s;
-  if (!s.channels_last) {
-    plan.chunks = s.p > 0 ? ceil_div(s.p, kPlanarTile) : 1;
-    plan.len = s.p > 0 ? ceil_div(s.p, plan.chunks) : 1;  // equal runs: no short last tile
-    plan.channel_blocks = 1;
-    plan.cols = 1;
-    plan.lanes = kThreads;
-  } else {
-    plan.cols = static_cast<int>(s.c < kThreads ? s.c : kThreads);
-    plan.lanes = kThreads / plan.cols;
-    plan.channel_blocks = ceil_div(s.c, plan.cols);
-    const int64_t rows = s.n * s.p;
-    const int64_t runs = kTargetTiles / plan.channel_blocks > 1 ? kTargetTiles / plan.channel_blocks : 1;
-    int64_t len = ceil_div(rows, runs);
-    if (len < plan.lanes * kMinRowsPerLane) len = plan.lanes * kMinRowsPerLane;
-    plan.len = len < rows ? len : (rows > 0 ? rows : 1);
-    plan.chunks = rows > 0 ? ceil_div(rows, plan.len) : 1;
-  }
-  plan.tree_top = 0;
-  if (plan.lanes > 1) {
-    plan.tree_top = 1;
-    while (plan.tree_top * 2 < plan.lanes) plan.tree_top *= 2;
-  }
-  return plan;
-}
-
-// The channel thread `thread` of tile `tile` works on, or -1 when it has none (channels_last blocks may have spare
-// threads, and channels past C in the last channel block).
-LGC_HD int64_t thread_channel(const Plan& plan, int64_t tile, int thread) {
-  if (!plan.s.channels_last) return (tile / plan.chunks) % plan.s.c;
-  const int64_t c = (tile % plan.channel_blocks) * plan.cols + thread % plan.cols;
-  return thread / plan.cols < plan.lanes && c < plan.s.c ? c : -1;
-}
-
-// Calls f(offset, index) for each value of tile `tile` that thread `thread` owns (call only when thread_channel is
-// not -1): offset into the maps, index in (N, C, H, W) order.
-template <typename F>
-LGC_HD void visit_thread(const Plan& plan, int64_t tile, int thread, F&& f) {
-  const EpilogueShape& s = plan.s;
-  if (!s.channels_last) {
-    const int64_t first = (tile % plan.chunks) * plan.len;
-    const int64_t begin = (tile / plan.chunks) * s.p + first;
-    const int64_t end = begin + (s.p - first < plan.len ? s.p - first : plan.len);
-    for (int64_t i = begin + thread; i < end; i += kThreads) f(i, i);
-    return;
-  }
-  const int64_t c = (tile % plan.channel_blocks) * plan.cols + thread % plan.cols;
-  const int64_t chunk = tile / plan.channel_blocks;
-  const int64_t rows = s.n * s.p;
-  const int64_t end = (chunk + 1) * plan.len < rows ? (chunk + 1) * plan.len : rows;
-  int64_t row = chunk * plan.len + thread / plan.cols;
-  int64_t image = row / s.p;
-  int64_t pixel = row - image * s.p;
-  for (; row < end; row += plan.lanes) {
-    f(row * s.c + c, (image * s.c + c) * s.p + pixel);
-    pixel += plan.lanes;  // the index is stepped: no division per value
-    while (pixel >= s.p) {
-      pixel -= s.p;
-      ++image;
-    }
-  }
-}
-
-// Everything a pass reads and writes; unused pointers stay null.
+// Everything a pass reads and writes; unused pointers stay null. vector_io: every map (and the mask) is aligned for
+// Pack accesses of plan.vec values.
 template <typename T>
 struct Args {
   Plan plan;
@@ -145,7 +54,22 @@ struct Args {
   const Acc<T>* k0;
   Acc<T> out_scale;
   EpilogueDropoutCuda dropout;
+  bool vector_io;
 };
+
+template <typename T>
+bool vector_io_ok(const Args<T>& a) {
+  const int elem = sizeof(T), vec = a.plan.vec;
+  return pack_aligned(a.z, elem, vec) && pack_aligned(a.dy, elem, vec) && pack_aligned(a.out, elem, vec) &&
+         pack_aligned(a.dropout.mask, 1, vec);
+}
+
+// The per-channel values of a thread's V values: channels c, c + step, ... (step 0 on planar tiles: one channel).
+template <int V, typename A>
+LGC_HD void load_channels(const A* v, int64_t c, int step, A (&out)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = v[c + k * step];
+}
 
 template <int Drop>
 LGC_HD uint64_t load_seed(const EpilogueDropoutCuda& d) {
@@ -157,70 +81,149 @@ LGC_HD uint64_t load_seed(const EpilogueDropoutCuda& d) {
   }
 }
 
-// The drop decision for the value at offset i, (N, C, H, W) index `index`.
-template <int Drop>
-LGC_HD bool kept(const EpilogueDropoutCuda& d, uint64_t seed, int64_t i, int64_t index) {
+// The drop decisions for the V values at offset i whose first (N, C, H, W) index is `index` (the next ones follow by
+// index_step).
+template <int Drop, int V>
+LGC_HD void load_keep(const EpilogueDropoutCuda& d, bool vector_io, uint64_t seed, int64_t i, uint32_t index,
+                      uint32_t index_step, bool (&keep)[V]) {
   if constexpr (Drop == kMaskDrop) {
-    return d.mask[i] != 0;
+    uint8_t bytes[V];
+    load_values<V>(d.mask + i, vector_io, bytes);
+#pragma unroll
+    for (int k = 0; k < V; ++k) keep[k] = bytes[k] != 0;
   } else if constexpr (Drop == kSeededDrop) {
-    return philox_keep(seed, static_cast<uint32_t>(index), d.p);
+#pragma unroll
+    for (int k = 0; k < V; ++k) keep[k] = philox_keep(seed, index + k * index_step, d.p);
   } else {
-    (void)d, (void)seed, (void)i, (void)index;
-    return true;
+    (void)d, (void)vector_io, (void)seed, (void)i, (void)index, (void)index_step;
+#pragma unroll
+    for (int k = 0; k < V; ++k) keep[k] = true;
   }
 }
 
-template <int Drop, typename T>
+template <int Drop, int V, typename T>
 LGC_HD void apply_thread(const Args<T>& a, int64_t tile, int thread) {
   using A = Acc<T>;
-  const int64_t c = thread_channel(a.plan, tile, thread);
+  constexpr int R = kApplySteps;
+  const Plan& plan = a.plan;
+  const int64_t c = thread_channel(plan, tile, thread);
   if (c < 0) return;
-  const A scale = a.scale[c], shift = a.shift[c];
+  A scale[V], shift[V];
+  load_channels<V>(a.scale, c, plan.channel_step(), scale);
+  load_channels<V>(a.shift, c, plan.channel_step(), shift);
   const uint64_t seed = load_seed<Drop>(a.dropout);
-  visit_thread(a.plan, tile, thread, [&](int64_t i, int64_t index) {
-    const A u = to_acc(a.z[i]) * scale + shift;
-    // NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`.
-    A v = (u < A(0) ? A(0) : u) * a.out_scale;
-    if constexpr (Drop != kNoDrop) v = kept<Drop>(a.dropout, seed, i, index) ? v : v * A(0);
-    a.out[i] = from_acc<T>(v);
+  const auto index_step = static_cast<uint32_t>(plan.index_step());
+  visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
+    T z[R][V];
+    bool keep[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) {
+        load_values<V>(a.z + offset[r], a.vector_io, z[r]);
+        load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) {
+        T y[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const A u = to_acc(z[r][k]) * scale[k] + shift[k];
+          // NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`.
+          A v = (u < A(0) ? A(0) : u) * a.out_scale;
+          if constexpr (Drop != kNoDrop) v = keep[r][k] ? v : v * A(0);
+          y[k] = from_acc<T>(v);
+        }
+        store_values<V>(a.out + offset[r], a.vector_io, y);
+      }
+    }
   });
 }
 
 // The gradient at the BatchNorm output: dy * out_scale where the ReLU passed z and dropout kept it, else 0.
-template <int Drop, typename T>
-LGC_HD Acc<T> relu_grad(const Args<T>& a, Acc<T> z, Acc<T> scale, Acc<T> shift, uint64_t seed, int64_t i,
-                        int64_t index) {
-  using A = Acc<T>;
-  const bool live = z * scale + shift > A(0) && kept<Drop>(a.dropout, seed, i, index);
-  return live ? to_acc(a.dy[i]) * a.out_scale : A(0);
+template <typename A>
+LGC_HD A relu_grad(A dy, A z, A scale, A shift, bool keep, A out_scale) {
+  return z * scale + shift > A(0) && keep ? dy * out_scale : A(0);
 }
 
-template <int Drop, bool Centered, typename T>
+// Calls f(r, k, z, g) for each value of a grad step batch, g as relu_grad: the loads of all R steps come first.
+template <int Drop, int V, int R, typename T, typename F>
+LGC_HD void grad_steps(const Args<T>& a, uint64_t seed, const Acc<T> (&scale)[V], const Acc<T> (&shift)[V],
+                       const int64_t (&offset)[R], const uint32_t (&index)[R], int count, F&& f) {
+  const auto index_step = static_cast<uint32_t>(a.plan.index_step());
+  T z[R][V], dy[R][V];
+  bool keep[R][V];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < count) {
+      load_values<V>(a.z + offset[r], a.vector_io, z[r]);
+      load_values<V>(a.dy + offset[r], a.vector_io, dy[r]);
+      load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < count) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const Acc<T> zv = to_acc(z[r][k]);
+        f(r, k, zv, relu_grad(to_acc(dy[r][k]), zv, scale[k], shift[k], keep[r][k], a.out_scale));
+      }
+    }
+  }
+}
+
+template <int Drop, bool Centered, int V, typename T>
 LGC_HD void grad_apply_thread(const Args<T>& a, int64_t tile, int thread) {
   using A = Acc<T>;
-  const int64_t c = thread_channel(a.plan, tile, thread);
+  constexpr int R = kGradSteps;
+  const Plan& plan = a.plan;
+  const int64_t c = thread_channel(plan, tile, thread);
   if (c < 0) return;
-  const A scale = a.scale[c], shift = a.shift[c];
-  const A k1 = Centered ? a.k1[c] : A(0), k0 = Centered ? a.k0[c] : A(0);
+  A scale[V], shift[V], k1[V] = {}, k0[V] = {};
+  load_channels<V>(a.scale, c, plan.channel_step(), scale);
+  load_channels<V>(a.shift, c, plan.channel_step(), shift);
+  if constexpr (Centered) {
+    load_channels<V>(a.k1, c, plan.channel_step(), k1);
+    load_channels<V>(a.k0, c, plan.channel_step(), k0);
+  }
   const uint64_t seed = load_seed<Drop>(a.dropout);
-  visit_thread(a.plan, tile, thread, [&](int64_t i, int64_t index) {
-    const A z = to_acc(a.z[i]);
-    A v = relu_grad<Drop>(a, z, scale, shift, seed, i, index) * scale;
-    if constexpr (Centered) v += z * k1 + k0;
-    a.out[i] = from_acc<T>(v);
+  visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
+    T dz[R][V];
+    grad_steps<Drop, V, R>(a, seed, scale, shift, offset, index, count, [&](int r, int k, A z, A g) {
+      A v = g * scale[k];
+      if constexpr (Centered) v += z * k1[k] + k0[k];
+      dz[r][k] = from_acc<T>(v);
+    });
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) store_values<V>(a.out + offset[r], a.vector_io, dz[r]);
+    }
   });
 }
 
-LGC_HD void keep_mask_thread(const Plan& plan, const int64_t* seed_ptr, float p, uint8_t* keep, int64_t tile,
-                             int thread) {
+template <int V>
+LGC_HD void keep_mask_thread(const Plan& plan, const int64_t* seed_ptr, float p, uint8_t* keep, bool vector_io,
+                             int64_t tile, int thread) {
+  constexpr int R = kApplySteps;
   if (thread_channel(plan, tile, thread) < 0) return;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  visit_thread(plan, tile, thread,
-               [&](int64_t i, int64_t index) { keep[i] = philox_keep(seed, static_cast<uint32_t>(index), p); });
+  const auto index_step = static_cast<uint32_t>(plan.index_step());
+  visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) {
+        uint8_t bytes[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) bytes[k] = philox_keep(seed, index[r] + k * index_step, p);
+        store_values<V>(keep + offset[r], vector_io, bytes);
+      }
+    }
+  });
 }
 
-// A thread's, a block's or a channel's share of a reduction. Moments: (count, mean, M2); sums: (count, sum g,
-// sum g * (z - center)).
+// A share of a reduction. Moments: (count, mean, M2); sums: (count, sum g, sum g * (z - center)).
 struct Stats {
   double count;
   double a;
@@ -240,136 +243,216 @@ LGC_HD Stats combine(const Stats& x, const Stats& y) {
   }
 }
 
-template <typename T>
-LGC_HD Stats moments_thread(const Plan& plan, const T* z, int64_t tile, int thread) {
+// A thread's shares of its V channels, which count alike. Planar threads fold their V accumulators (all of one
+// channel) into share 0.
+template <int V>
+struct ThreadStats {
+  double count;
+  double a[V];
+  double b[V];
+};
+
+// A block's shares, thread t's channel k at [k][t] (consecutive threads, consecutive banks).
+template <int V>
+struct BlockShares {
+  double count[kThreads];
+  double a[V][kThreads];
+  double b[V][kThreads];
+};
+
+template <int V>
+LGC_HD void put_shares(BlockShares<V>& shared, int thread, const ThreadStats<V>& mine) {
+  shared.count[thread] = mine.count;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    shared.a[k][thread] = mine.a[k];
+    shared.b[k][thread] = mine.b[k];
+  }
+}
+
+template <bool Moments, int V>
+LGC_HD ThreadStats<V> finish_thread(const Plan& plan, double count, const double (&a)[V], const double (&b)[V]) {
+  ThreadStats<V> mine{count, {}, {}};
+  if (plan.s.channels_last) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) mine.a[k] = a[k], mine.b[k] = b[k];
+  } else {
+    Stats folded{count, a[0], b[0]};
+#pragma unroll
+    for (int k = 1; k < V; ++k) folded = combine<Moments>(folded, Stats{count, a[k], b[k]});
+    mine.count = folded.count;
+    mine.a[0] = folded.a;
+    mine.b[0] = folded.b;
+  }
+  return mine;
+}
+
+template <int V, typename T>
+LGC_HD ThreadStats<V> moments_thread(const Plan& plan, const T* z, bool vector_io, int64_t tile, int thread) {
   using A = Acc<T>;
-  A count = 0, mean = 0, m2 = 0;
+  constexpr int R = kMomentsSteps;
+  A count = 0, mean[V] = {}, m2[V] = {};
   if (thread_channel(plan, tile, thread) >= 0) {
-    visit_thread(plan, tile, thread, [&](int64_t i, int64_t) {  // Welford's update
-      const A x = to_acc(z[i]);
-      count += A(1);
-      const A delta = x - mean;
-      mean += delta / count;
-      m2 += delta * (x - mean);
+    visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&)[R], int steps) {
+      T x[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < steps) load_values<V>(z + offset[r], vector_io, x[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < steps) {  // Welford's update, one reciprocal for the V accumulators
+          count += A(1);
+          const A inverse = A(1) / count;
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const A value = to_acc(x[r][k]);
+            const A delta = value - mean[k];
+            mean[k] += delta * inverse;
+            m2[k] += delta * (value - mean[k]);
+          }
+        }
+      }
     });
   }
-  return {static_cast<double>(count), static_cast<double>(mean), static_cast<double>(m2)};
+  double a[V], b[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) a[k] = mean[k], b[k] = m2[k];
+  return finish_thread<true, V>(plan, count, a, b);
 }
 
-template <int Drop, typename T>
-LGC_HD Stats grad_sums_thread(const Args<T>& a, int64_t tile, int thread) {
+template <int Drop, int V, typename T>
+LGC_HD ThreadStats<V> grad_sums_thread(const Args<T>& a, int64_t tile, int thread) {
   using A = Acc<T>;
-  const int64_t c = thread_channel(a.plan, tile, thread);
-  A sum_g = 0, sum_g_centered = 0;
+  constexpr int R = kGradSteps;
+  const Plan& plan = a.plan;
+  const int64_t c = thread_channel(plan, tile, thread);
+  A sum_g[V] = {}, sum_g_centered[V] = {};
   if (c >= 0) {
-    const A scale = a.scale[c], shift = a.shift[c], center = a.center[c];
+    A scale[V], shift[V], center[V];
+    load_channels<V>(a.scale, c, plan.channel_step(), scale);
+    load_channels<V>(a.shift, c, plan.channel_step(), shift);
+    load_channels<V>(a.center, c, plan.channel_step(), center);
     const uint64_t seed = load_seed<Drop>(a.dropout);
-    visit_thread(a.plan, tile, thread, [&](int64_t i, int64_t index) {
-      const A z = to_acc(a.z[i]);
-      const A g = relu_grad<Drop>(a, z, scale, shift, seed, i, index);
-      sum_g += g;
-      sum_g_centered += g * (z - center);
+    visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
+      grad_steps<Drop, V, R>(a, seed, scale, shift, offset, index, count, [&](int, int k, A z, A g) {
+        sum_g[k] += g;
+        sum_g_centered[k] += g * (z - center[k]);
+      });
     });
   }
-  return {0.0, static_cast<double>(sum_g), static_cast<double>(sum_g_centered)};
+  double first[V], second[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) first[k] = sum_g[k], second[k] = sum_g_centered[k];
+  return finish_thread<false, V>(plan, 0.0, first, second);
 }
 
-// One step of the block tree: shared[lane * cols + col] takes in lane + step of its column. After the steps
-// tree_top, tree_top / 2, ..., 1 (a barrier after each), lane 0 of each column holds the column's total.
-template <bool Moments>
-LGC_HD void tree_step(Stats* shared, int thread, int step, int cols, int lanes) {
+// One step of the block tree: thread `thread` (lane thread / cols) takes in lane + step of its column, for its
+// `width` channels. After the steps tree_top, tree_top / 2, ..., 1 (a barrier after each), lane 0 of each column holds
+// the column's totals.
+template <bool Moments, int V>
+LGC_HD void tree_step(BlockShares<V>& shared, int thread, int step, int cols, int lanes, int width) {
   const int lane = thread / cols;
   if (lane < step && lane + step < lanes) {
-    shared[thread] = combine<Moments>(shared[thread], shared[thread + step * cols]);
+    const int other = thread + step * cols;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (k < width) {
+        const Stats sum = combine<Moments>(Stats{shared.count[thread], shared.a[k][thread], shared.b[k][thread]},
+                                           Stats{shared.count[other], shared.a[k][other], shared.b[k][other]});
+        shared.a[k][thread] = sum.a;
+        shared.b[k][thread] = sum.b;
+      }
+    }
+    shared.count[thread] += shared.count[other];
   }
 }
 
-// Lane 0 of each column writes its tile's (a, b) for its channel to partials[2 * (c * per_channel + slot)].
-LGC_HD void store_partial(const Plan& plan, const Stats* shared, int64_t tile, int thread, double* partials) {
+// Lane 0 of each column writes its tile's (a, b) for each of its channels c to partials[2 * (c * per_channel + slot)].
+template <int V>
+LGC_HD void store_partial(const Plan& plan, const BlockShares<V>& shared, int64_t tile, int thread,
+                          double* partials) {
   if (thread >= plan.cols) return;
   const EpilogueShape& s = plan.s;
-  int64_t c, slot;
-  if (!s.channels_last) {
-    const int64_t plane = tile / plan.chunks;
-    c = plane % s.c;
-    slot = (plane / s.c) * plan.chunks + tile % plan.chunks;
-  } else {
-    c = (tile % plan.channel_blocks) * plan.cols + thread;
-    if (c >= s.c) return;
-    slot = tile / plan.channel_blocks;
+  const int64_t c = thread_channel(plan, tile, thread);
+  if (c < 0) return;
+  const int64_t slot =
+      s.channels_last ? tile / plan.channel_blocks : (tile / plan.chunks / s.c) * plan.chunks + tile % plan.chunks;
+  for (int k = 0; k < plan.width(); ++k) {
+    double* at = partials + 2 * ((c + k) * plan.per_channel() + slot);
+    at[0] = shared.a[k][thread];
+    at[1] = shared.b[k][thread];
   }
-  double* at = partials + 2 * (c * plan.per_channel() + slot);
-  at[0] = shared[thread].a;
-  at[1] = shared[thread].b;
 }
 
 // Thread `thread`'s share of channel c's partial slots thread, thread + kThreads, ..., combined in that order.
 template <bool Moments>
-LGC_HD Stats channel_thread(const Plan& plan, const double* partials, int64_t c, int thread) {
+LGC_HD ThreadStats<1> channel_thread(const Plan& plan, const double* partials, int64_t c, int thread) {
   Stats total{0.0, 0.0, 0.0};
   const int64_t slots = plan.per_channel();
   for (int64_t slot = thread; slot < slots; slot += kThreads) {
     const double* at = partials + 2 * (c * slots + slot);
     total = combine<Moments>(total, Stats{static_cast<double>(plan.slot_count(slot)), at[0], at[1]});
   }
-  return total;
+  return {total.count, {total.a}, {total.b}};
 }
 
-// The channel's results from its total: (mean, biased variance) or (sum g, sum g * (z - center)).
+// The channel's results from its totals: (mean, biased variance) or (sum g, sum g * (z - center)).
 template <bool Moments, typename A>
-LGC_HD void finish_channel(const Stats& total, A* first, A* second) {
-  *first = static_cast<A>(total.a);
-  *second = static_cast<A>(Moments ? total.b / total.count : total.b);
+LGC_HD void finish_channel(const BlockShares<1>& shared, A* first, A* second) {
+  *first = static_cast<A>(shared.a[0][0]);
+  *second = static_cast<A>(Moments ? shared.b[0][0] / shared.count[0] : shared.b[0][0]);
 }
 
-template <bool Moments>
-__device__ __forceinline__ void reduce_block(Stats* shared, int cols, int lanes, int top) {
+template <bool Moments, int V>
+__device__ __forceinline__ void reduce_block(BlockShares<V>& shared, int cols, int lanes, int top, int width) {
   __syncthreads();
   for (int step = top; step > 0; step >>= 1) {
-    tree_step<Moments>(shared, threadIdx.x, step, cols, lanes);
+    tree_step<Moments>(shared, threadIdx.x, step, cols, lanes, width);
     __syncthreads();
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) moments_kernel(const T* z, Plan plan, double* partials) {
-  __shared__ Stats shared[kThreads];
-  shared[threadIdx.x] = moments_thread(plan, z, blockIdx.x, threadIdx.x);
-  reduce_block<true>(shared, plan.cols, plan.lanes, plan.tree_top);
+template <int V, typename T>
+__global__ void __launch_bounds__(kThreads) moments_kernel(const T* z, bool vector_io, Plan plan, double* partials) {
+  __shared__ BlockShares<V> shared;
+  put_shares(shared, threadIdx.x, moments_thread<V>(plan, z, vector_io, blockIdx.x, threadIdx.x));
+  reduce_block<true>(shared, plan.cols, plan.lanes, plan.tree_top, plan.width());
   store_partial(plan, shared, blockIdx.x, threadIdx.x, partials);
 }
 
-template <int Drop, typename T>
+template <int Drop, int V, typename T>
 __global__ void __launch_bounds__(kThreads) grad_sums_kernel(Args<T> a, double* partials) {
-  __shared__ Stats shared[kThreads];
-  shared[threadIdx.x] = grad_sums_thread<Drop>(a, blockIdx.x, threadIdx.x);
-  reduce_block<false>(shared, a.plan.cols, a.plan.lanes, a.plan.tree_top);
+  __shared__ BlockShares<V> shared;
+  put_shares(shared, threadIdx.x, grad_sums_thread<Drop, V>(a, blockIdx.x, threadIdx.x));
+  reduce_block<false>(shared, a.plan.cols, a.plan.lanes, a.plan.tree_top, a.plan.width());
   store_partial(a.plan, shared, blockIdx.x, threadIdx.x, partials);
 }
 
 // One block per channel (blockIdx.x = c).
 template <bool Moments, typename A>
 __global__ void __launch_bounds__(kThreads) channel_kernel(Plan plan, const double* partials, A* first, A* second) {
-  __shared__ Stats shared[kThreads];
+  __shared__ BlockShares<1> shared;
   const int64_t c = blockIdx.x;
-  shared[threadIdx.x] = channel_thread<Moments>(plan, partials, c, threadIdx.x);
-  reduce_block<Moments>(shared, 1, kThreads, kThreads / 2);
-  if (threadIdx.x == 0) finish_channel<Moments>(shared[0], first + c, second + c);
+  put_shares(shared, threadIdx.x, channel_thread<Moments>(plan, partials, c, threadIdx.x));
+  reduce_block<Moments>(shared, 1, kThreads, kThreads / 2, 1);
+  if (threadIdx.x == 0) finish_channel<Moments>(shared, first + c, second + c);
 }
 
-template <int Drop, typename T>
+template <int Drop, int V, typename T>
 __global__ void __launch_bounds__(kThreads) apply_kernel(Args<T> a) {
-  apply_thread<Drop>(a, blockIdx.x, threadIdx.x);
+  apply_thread<Drop, V>(a, blockIdx.x, threadIdx.x);
 }
 
-template <int Drop, bool Centered, typename T>
+template <int Drop, bool Centered, int V, typename T>
 __global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
-  grad_apply_thread<Drop, Centered>(a, blockIdx.x, threadIdx.x);
+  grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
 }
 
-__global__ void __launch_bounds__(kThreads) keep_mask_kernel(Plan plan, const int64_t* seed, float p,
-                                                             uint8_t* keep) {
-  keep_mask_thread(plan, seed, p, keep, blockIdx.x, threadIdx.x);
+template <int V>
+__global__ void __launch_bounds__(kThreads) keep_mask_kernel(Plan plan, const int64_t* seed, float p, uint8_t* keep,
+                                                             bool vector_io) {
+  keep_mask_thread<V>(plan, seed, p, keep, vector_io, blockIdx.x, threadIdx.x);
 }
 
 // Calls f(element type tag) for `kind`.
@@ -388,6 +471,29 @@ cudaError_t on_kind(ScalarKind kind, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(std::integral_constant<int, vec>) for a plan's vec (a power of two, at most 16 bytes of T).
+template <typename T, typename F>
+cudaError_t on_vec(int vec, F&& f) {
+  constexpr int kMax = kMaxVectorBytes / static_cast<int>(sizeof(T));
+  switch (vec) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      if constexpr (kMax >= 2) return f(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      if constexpr (kMax >= 4) return f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (kMax >= 8) return f(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      if constexpr (kMax >= 16) return f(std::integral_constant<int, 16>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename F>
 cudaError_t on_drop(const EpilogueDropoutCuda& d, F&& f) {
   if (d.mask != nullptr) return f(std::integral_constant<int, kMaskDrop>{});
@@ -395,15 +501,16 @@ cudaError_t on_drop(const EpilogueDropoutCuda& d, F&& f) {
   return f(std::integral_constant<int, kNoDrop>{});
 }
 
-// The plan of a launch, or an error: nothing to do (cudaSuccess, reported as done = true) or a grid too large.
+// The plan of a launch for elements of `elem_bytes`, or an error: nothing to do (cudaSuccess, reported as done =
+// true) or a grid too large.
 struct Launch {
   Plan plan;
   bool done;
   cudaError_t err;
 };
 
-inline Launch plan_launch(EpilogueShape shape) {
-  const Plan plan = make_plan(shape);
+inline Launch plan_launch(EpilogueShape shape, int elem_bytes) {
+  const Plan plan = make_plan(shape, elem_bytes);
   if (shape.n <= 0 || shape.c <= 0 || shape.p <= 0) return {plan, true, cudaSuccess};
   if (plan.tiles() > INT_MAX || shape.c > INT_MAX) return {plan, true, cudaErrorInvalidConfiguration};
   return {plan, false, cudaSuccess};
@@ -414,17 +521,20 @@ Args<T> make_args(const Plan& plan, const void* z, const void* dy, void* out, co
                   const void* center, const void* k1, const void* k0, double out_scale,
                   const EpilogueDropoutCuda& dropout) {
   using A = Acc<T>;
-  return Args<T>{plan,
-                 static_cast<const T*>(z),
-                 static_cast<const T*>(dy),
-                 static_cast<T*>(out),
-                 static_cast<const A*>(scale),
-                 static_cast<const A*>(shift),
-                 static_cast<const A*>(center),
-                 static_cast<const A*>(k1),
-                 static_cast<const A*>(k0),
-                 static_cast<A>(out_scale),
-                 dropout};
+  Args<T> a{plan,
+            static_cast<const T*>(z),
+            static_cast<const T*>(dy),
+            static_cast<T*>(out),
+            static_cast<const A*>(scale),
+            static_cast<const A*>(shift),
+            static_cast<const A*>(center),
+            static_cast<const A*>(k1),
+            static_cast<const A*>(k0),
+            static_cast<A>(out_scale),
+            dropout,
+            false};
+  a.vector_io = vector_io_ok(a);
+  return a;
 }
 
 }  // namespace bn_epilogue_detail
@@ -432,38 +542,44 @@ Args<T> make_args(const Plan& plan, const void* z, const void* dy, void* out, co
 namespace d = bn_epilogue_detail;
 
 int64_t bn_epilogue_partials(EpilogueShape shape) {
-  const d::Plan plan = d::make_plan(shape);
+  const d::Plan plan = d::make_plan(shape, 1);  // per_channel() does not depend on the element size
   return 2 * shape.c * plan.per_channel();
 }
 
 cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape, double* partials, void* mean,
                             void* var, cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape);
-  if (launch.done) return launch.err;
-  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
   return d::on_kind(kind, [&](auto tag) {
     using T = decltype(tag);
     using A = d::Acc<T>;
-    d::moments_kernel<T><<<blocks, d::kThreads, 0, stream>>>(static_cast<const T*>(z), launch.plan, partials);
-    d::channel_kernel<true, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-        launch.plan, partials, static_cast<A*>(mean), static_cast<A*>(var));
-    return cudaGetLastError();
+    const d::Launch launch = d::plan_launch(shape, sizeof(T));
+    if (launch.done) return launch.err;
+    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
+    const bool vector_io = d::pack_aligned(z, sizeof(T), launch.plan.vec);
+    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
+      d::moments_kernel<decltype(vec)::value, T>
+          <<<blocks, d::kThreads, 0, stream>>>(static_cast<const T*>(z), vector_io, launch.plan, partials);
+      d::channel_kernel<true, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
+          launch.plan, partials, static_cast<A*>(mean), static_cast<A*>(var));
+      return cudaGetLastError();
+    });
   });
 }
 
 cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
                           EpilogueDropoutCuda dropout, double out_scale, void* y, EpilogueShape shape,
                           cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape);
-  if (launch.done) return launch.err;
-  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
   return d::on_kind(kind, [&](auto tag) {
     using T = decltype(tag);
+    const d::Launch launch = d::plan_launch(shape, sizeof(T));
+    if (launch.done) return launch.err;
+    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
     const d::Args<T> a = d::make_args<T>(launch.plan, z, nullptr, y, scale, shift, nullptr, nullptr, nullptr,
                                          out_scale, dropout);
-    return d::on_drop(dropout, [&](auto drop) {
-      d::apply_kernel<decltype(drop)::value, T><<<blocks, d::kThreads, 0, stream>>>(a);
-      return cudaGetLastError();
+    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
+      return d::on_drop(dropout, [&](auto drop) {
+        d::apply_kernel<decltype(drop)::value, decltype(vec)::value, T><<<blocks, d::kThreads, 0, stream>>>(a);
+        return cudaGetLastError();
+      });
     });
   });
 }
@@ -471,19 +587,22 @@ cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, con
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
                               double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape);
-  if (launch.done) return launch.err;
-  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
   return d::on_kind(kind, [&](auto tag) {
     using T = decltype(tag);
     using A = d::Acc<T>;
+    const d::Launch launch = d::plan_launch(shape, sizeof(T));
+    if (launch.done) return launch.err;
+    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
     const d::Args<T> a = d::make_args<T>(launch.plan, z, dy, nullptr, scale, shift, center, nullptr, nullptr,
                                          out_scale, dropout);
-    return d::on_drop(dropout, [&](auto drop) {
-      d::grad_sums_kernel<decltype(drop)::value, T><<<blocks, d::kThreads, 0, stream>>>(a, partials);
-      d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-          launch.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered));
-      return cudaGetLastError();
+    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
+      return d::on_drop(dropout, [&](auto drop) {
+        d::grad_sums_kernel<decltype(drop)::value, decltype(vec)::value, T>
+            <<<blocks, d::kThreads, 0, stream>>>(a, partials);
+        d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
+            launch.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered));
+        return cudaGetLastError();
+      });
     });
   });
 }
@@ -491,32 +610,38 @@ cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, co
 cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
                                void* dz, EpilogueShape shape, cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape);
-  if (launch.done) return launch.err;
   if ((k1 == nullptr) != (k0 == nullptr)) return cudaErrorInvalidValue;
-  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
   return d::on_kind(kind, [&](auto tag) {
     using T = decltype(tag);
+    const d::Launch launch = d::plan_launch(shape, sizeof(T));
+    if (launch.done) return launch.err;
+    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
     const d::Args<T> a = d::make_args<T>(launch.plan, z, dy, dz, scale, shift, nullptr, k1, k0, out_scale, dropout);
-    return d::on_drop(dropout, [&](auto drop) {
-      constexpr int kDrop = decltype(drop)::value;
-      if (k1 != nullptr) {
-        d::grad_apply_kernel<kDrop, true, T><<<blocks, d::kThreads, 0, stream>>>(a);
-      } else {
-        d::grad_apply_kernel<kDrop, false, T><<<blocks, d::kThreads, 0, stream>>>(a);
-      }
-      return cudaGetLastError();
+    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
+      return d::on_drop(dropout, [&](auto drop) {
+        constexpr int kDrop = decltype(drop)::value, kVec = decltype(vec)::value;
+        if (k1 != nullptr) {
+          d::grad_apply_kernel<kDrop, true, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
+        } else {
+          d::grad_apply_kernel<kDrop, false, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
+        }
+        return cudaGetLastError();
+      });
     });
   });
 }
 
 cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
                                    cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape);
+  const d::Launch launch = d::plan_launch(shape, 1);
   if (launch.done) return launch.err;
-  d::keep_mask_kernel<<<static_cast<unsigned>(launch.plan.tiles()), d::kThreads, 0, stream>>>(launch.plan, seed, p,
-                                                                                              keep);
-  return cudaGetLastError();
+  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
+  const bool vector_io = d::pack_aligned(keep, 1, launch.plan.vec);
+  return d::on_vec<uint8_t>(launch.plan.vec, [&](auto vec) {
+    d::keep_mask_kernel<decltype(vec)::value><<<blocks, d::kThreads, 0, stream>>>(launch.plan, seed, p, keep,
+                                                                                  vector_io);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace lgc

@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -38,24 +40,25 @@ double to_double(double v) { return v; }
 double to_double(__half v) { return __half2float(v); }
 double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// A reduction kernel and its per-channel combine, block by block: first(tile, thread) is a thread's share.
-template <bool Moments, typename A, typename First>
+// A reduction kernel and its per-channel combine, block by block: first(tile, thread) is a thread's shares.
+template <bool Moments, int V, typename A, typename First>
 void emulate_reduction(const Plan& plan, First&& first, A* out0, A* out1) {
   std::vector<double> partials(2 * plan.s.c * plan.per_channel(), NAN);  // NaN marks a slot never written
-  std::vector<Stats> shared(kThreads);
+  auto shared = std::make_unique<BlockShares<V>>();
   for (int64_t tile = 0; tile < plan.tiles(); ++tile) {
-    for (int t = 0; t < kThreads; ++t) shared[t] = first(tile, t);
+    for (int t = 0; t < kThreads; ++t) put_shares(*shared, t, first(tile, t));
     for (int step = plan.tree_top; step > 0; step >>= 1) {
-      for (int t = 0; t < kThreads; ++t) tree_step<Moments>(shared.data(), t, step, plan.cols, plan.lanes);
+      for (int t = 0; t < kThreads; ++t) tree_step<Moments>(*shared, t, step, plan.cols, plan.lanes, plan.width());
     }
-    for (int t = 0; t < kThreads; ++t) store_partial(plan, shared.data(), tile, t, partials.data());
+    for (int t = 0; t < kThreads; ++t) store_partial(plan, *shared, tile, t, partials.data());
   }
+  auto channel = std::make_unique<BlockShares<1>>();
   for (int64_t c = 0; c < plan.s.c; ++c) {
-    for (int t = 0; t < kThreads; ++t) shared[t] = channel_thread<Moments>(plan, partials.data(), c, t);
+    for (int t = 0; t < kThreads; ++t) put_shares(*channel, t, channel_thread<Moments>(plan, partials.data(), c, t));
     for (int step = kThreads / 2; step > 0; step >>= 1) {
-      for (int t = 0; t < kThreads; ++t) tree_step<Moments>(shared.data(), t, step, 1, kThreads);
+      for (int t = 0; t < kThreads; ++t) tree_step<Moments>(*channel, t, step, 1, kThreads, 1);
     }
-    finish_channel<Moments>(shared[0], out0 + c, out1 + c);
+    finish_channel<Moments>(*channel, out0 + c, out1 + c);
   }
 }
 
@@ -113,55 +116,77 @@ std::vector<Acc<T>> vec(const std::vector<double>& v) {
   return std::vector<Acc<T>>(v.begin(), v.end());
 }
 
+// A map in the kernels' layout, at an address aligned for every Pack or (misaligned) one element past one.
 template <typename T>
-void check(const Case& cs, double tol, const char* type) {
+struct Buffer {
+  std::vector<T> storage;
+  T* data;
+  Buffer(const std::vector<T>& values, bool misaligned) : storage(values.size() + 1) {
+    data = storage.data() + (misaligned ? 1 : 0);  // std::vector's storage is 16-byte aligned (malloc)
+    for (size_t i = 0; i < values.size(); ++i) data[i] = values[i];
+  }
+};
+
+// Runs every pass for element type T on `cs` (maps at aligned or misaligned addresses), compares each with the
+// float64 oracle and appends every output to `outputs` (bit for bit: the two alignments must agree exactly).
+template <typename T, int V>
+void check(const Case& cs, const Plan& plan, double tol, const char* type, bool misaligned,
+           std::vector<double>& outputs) {
   using A = Acc<T>;
   const EpilogueShape& s = cs.s;
-  const Plan plan = make_plan(s);
-  const std::vector<T> z = cs.laid_out<T>(cs.z), dy = cs.laid_out<T>(cs.dy);
-  std::vector<uint8_t> mask(cs.mask.size());
+  const Buffer<T> z(cs.laid_out<T>(cs.z), misaligned), dy(cs.laid_out<T>(cs.dy), misaligned);
+  std::vector<uint8_t> mask_values(cs.mask.size());
   for (int64_t n = 0; n < s.n; ++n)
     for (int64_t c = 0; c < s.c; ++c)
-      for (int64_t q = 0; q < s.p; ++q) mask[cs.offset(n, c, q)] = cs.mask[(n * s.c + c) * s.p + q];
+      for (int64_t q = 0; q < s.p; ++q) mask_values[cs.offset(n, c, q)] = cs.mask[(n * s.c + c) * s.p + q];
+  const Buffer<uint8_t> mask(mask_values, misaligned);
   const std::vector<A> scale = vec<T>(cs.scale), shift = vec<T>(cs.shift), center = vec<T>(cs.center);
   const std::vector<A> k1 = vec<T>(cs.k1), k0 = vec<T>(cs.k0);
   const int64_t seed = 0x5eed0123456789;
   const float p = 0.3f;
   const A out_scale = static_cast<A>(0.125);
+  const bool vector_io = pack_aligned(z.data, sizeof(T), V);
+  expect(vector_io == (V == 1 || !misaligned), "vector access decision", type, V);
 
   // Moments of the rounded maps, against a two-pass float64 oracle.
   std::vector<A> mean(s.c, A(NAN)), var(s.c, A(NAN));
-  emulate_reduction<true>(plan, [&](int64_t tile, int t) { return moments_thread(plan, z.data(), tile, t); },
-                          mean.data(), var.data());
+  emulate_reduction<true, V>(
+      plan, [&](int64_t tile, int t) { return moments_thread<V>(plan, z.data, vector_io, tile, t); }, mean.data(),
+      var.data());
   for (int64_t c = 0; c < s.c; ++c) {
     double sum = 0, sq = 0;
     for (int64_t n = 0; n < s.n; ++n)
-      for (int64_t q = 0; q < s.p; ++q) sum += to_double(z[cs.offset(n, c, q)]);
+      for (int64_t q = 0; q < s.p; ++q) sum += to_double(z.data[cs.offset(n, c, q)]);
     const double m = sum / double(s.n * s.p);
     for (int64_t n = 0; n < s.n; ++n)
-      for (int64_t q = 0; q < s.p; ++q) sq += std::pow(to_double(z[cs.offset(n, c, q)]) - m, 2);
+      for (int64_t q = 0; q < s.p; ++q) sq += std::pow(to_double(z.data[cs.offset(n, c, q)]) - m, 2);
     expect_close(mean[c], m, tol, "mean", type, c);
     expect_close(var[c], sq / double(s.n * s.p), tol, "variance", type, c);
+    outputs.push_back(mean[c]);
+    outputs.push_back(var[c]);
   }
 
   for (int form = 0; form < 3; ++form) {  // no dropout, a mask, a seed
-    EpilogueDropoutCuda dropout{form == 1 ? mask.data() : nullptr, form == 2 ? &seed : nullptr, p};
-    const T nan_value = from_acc<T>(A(NAN));  // marks outputs never written
-    std::vector<T> y(z.size(), nan_value), dz(z.size(), nan_value), dz_plain(z.size(), nan_value);
+    EpilogueDropoutCuda dropout{form == 1 ? mask.data : nullptr, form == 2 ? &seed : nullptr, p};
+    const std::vector<T> unset(cs.size(), from_acc<T>(A(NAN)));  // NaN marks outputs never written
+    Buffer<T> y(unset, misaligned), dz(unset, misaligned), dz_plain(unset, misaligned);
     std::vector<A> sum_g(s.c, A(NAN)), sum_gc(s.c, A(NAN));
-    const Args<T> a{plan, z.data(), dy.data(), nullptr, scale.data(), shift.data(), center.data(), k1.data(),
-                    k0.data(), out_scale, dropout};
-    Args<T> ay = a, adz = a, adz_plain = a;
-    ay.out = y.data();
-    adz.out = dz.data();
-    adz_plain.out = dz_plain.data();
+    // As the launchers make them, so that their alignment check decides the accesses.
+    auto args = [&](T* out) {
+      return make_args<T>(plan, z.data, dy.data, out, scale.data(), shift.data(), center.data(), k1.data(),
+                          k0.data(), out_scale, dropout);
+    };
+    const Args<T> a = args(nullptr), ay = args(y.data), adz = args(dz.data), adz_plain = args(dz_plain.data);
+    expect(a.vector_io == vector_io && ay.vector_io == vector_io, "vector access decision", type, form);
     auto run = [&](auto drop) {
       constexpr int kDrop = decltype(drop)::value;
-      emulate_elementwise(plan, [&](int64_t tile, int t) { apply_thread<kDrop>(ay, tile, t); });
-      emulate_elementwise(plan, [&](int64_t tile, int t) { grad_apply_thread<kDrop, true>(adz, tile, t); });
-      emulate_elementwise(plan, [&](int64_t tile, int t) { grad_apply_thread<kDrop, false>(adz_plain, tile, t); });
-      emulate_reduction<false>(plan, [&](int64_t tile, int t) { return grad_sums_thread<kDrop>(a, tile, t); },
-                               sum_g.data(), sum_gc.data());
+      emulate_elementwise(plan, [&](int64_t tile, int t) { apply_thread<kDrop, V>(ay, tile, t); });
+      emulate_elementwise(plan, [&](int64_t tile, int t) { grad_apply_thread<kDrop, true, V>(adz, tile, t); });
+      emulate_elementwise(plan,
+                          [&](int64_t tile, int t) { grad_apply_thread<kDrop, false, V>(adz_plain, tile, t); });
+      emulate_reduction<false, V>(
+          plan, [&](int64_t tile, int t) { return grad_sums_thread<kDrop, V>(a, tile, t); }, sum_g.data(),
+          sum_gc.data());
     };
     if (form == 0) run(std::integral_constant<int, kNoDrop>{});
     if (form == 1) run(std::integral_constant<int, kMaskDrop>{});
@@ -171,68 +196,124 @@ void check(const Case& cs, double tol, const char* type) {
       for (int64_t c = 0; c < s.c; ++c) {
         for (int64_t q = 0; q < s.p; ++q) {
           const int64_t i = (n * s.c + c) * s.p + q, at = cs.offset(n, c, q);
-          const double zv = to_double(z[at]);
+          const double zv = to_double(z.data[at]);
           const double u = zv * double(scale[c]) + double(shift[c]);
           // Which side of the ReLU a value is on, decided in the kernels' precision: near 0 the rounding decides.
           const bool active = static_cast<A>(zv) * scale[c] + shift[c] > A(0);
           const bool keep = form == 0 || (form == 1 ? cs.mask[i] != 0 : lgc::philox_keep(seed, uint32_t(i), p));
-          expect_close(to_double(y[at]), (u > 0 ? u : 0.0) * double(out_scale) * keep, tol, "apply", type, i);
-          const double g = active && keep ? to_double(dy[at]) * double(out_scale) : 0.0;
+          expect_close(to_double(y.data[at]), (u > 0 ? u : 0.0) * double(out_scale) * keep, tol, "apply", type, i);
+          const double g = active && keep ? to_double(dy.data[at]) * double(out_scale) : 0.0;
           want_g[c] += g;
           want_gc[c] += g * (zv - double(center[c]));
           const double want_dz = g * double(scale[c]);
-          expect_close(to_double(dz[at]), want_dz + zv * double(k1[c]) + double(k0[c]), tol, "grad apply", type, i);
-          expect_close(to_double(dz_plain[at]), want_dz, tol, "grad apply, no statistics", type, i);
+          expect_close(to_double(dz.data[at]), want_dz + zv * double(k1[c]) + double(k0[c]), tol, "grad apply", type,
+                       i);
+          expect_close(to_double(dz_plain.data[at]), want_dz, tol, "grad apply, no statistics", type, i);
+          outputs.push_back(to_double(y.data[at]));
+          outputs.push_back(to_double(dz.data[at]));
+          outputs.push_back(to_double(dz_plain.data[at]));
         }
       }
     }
     for (int64_t c = 0; c < s.c; ++c) {
       expect_close(sum_g[c], want_g[c], tol * 10, "sum g", type, c);
       expect_close(sum_gc[c], want_gc[c], tol * 10, "sum g (z - center)", type, c);
+      outputs.push_back(sum_g[c]);
+      outputs.push_back(sum_gc[c]);
     }
   }
+}
 
-  std::vector<uint8_t> keep(z.size(), 2);  // 2: never written
-  emulate_elementwise(plan, [&](int64_t tile, int t) { keep_mask_thread(plan, &seed, p, keep.data(), tile, t); });
+// The seeded keep mask, drawn with its own (byte-sized) plan.
+template <int V>
+void check_keep_mask(const Case& cs, const Plan& plan, bool misaligned) {
+  const EpilogueShape& s = cs.s;
+  const int64_t seed = 0x5eed0123456789;
+  const float p = 0.3f;
+  Buffer<uint8_t> keep(std::vector<uint8_t>(cs.size(), 2), misaligned);  // 2: never written
+  const bool vector_io = pack_aligned(keep.data, 1, V);
+  expect(vector_io == (V == 1 || !misaligned), "vector access decision", "uint8", V);
+  emulate_elementwise(plan,
+                      [&](int64_t tile, int t) { keep_mask_thread<V>(plan, &seed, p, keep.data, vector_io, tile, t); });
   for (int64_t n = 0; n < s.n; ++n)
     for (int64_t c = 0; c < s.c; ++c)
       for (int64_t q = 0; q < s.p; ++q) {
         const int64_t i = (n * s.c + c) * s.p + q;
-        expect(keep[cs.offset(n, c, q)] == lgc::philox_keep(seed, uint32_t(i), p), "keep mask", type, i);
+        expect(keep.data[cs.offset(n, c, q)] == lgc::philox_keep(seed, uint32_t(i), p), "keep mask", "uint8", i);
       }
 }
 
-void check_plan(EpilogueShape s, int cols, int lanes, int64_t channel_blocks, int64_t min_chunks) {
-  const Plan plan = make_plan(s);
+// Both alignments for element type T; they must agree bit for bit. Returns the plan's vec.
+template <typename T>
+int check_type(const Case& cs, double tol, const char* type) {
+  const Plan plan = make_plan(cs.s, sizeof(T));
+  std::vector<double> aligned, misaligned;
+  const cudaError_t err = on_vec<T>(plan.vec, [&](auto vec) {
+    check<T, decltype(vec)::value>(cs, plan, tol, type, false, aligned);
+    check<T, decltype(vec)::value>(cs, plan, tol, type, true, misaligned);
+    return cudaSuccess;
+  });
+  expect(err == cudaSuccess, "vec dispatch", type, plan.vec);
+  const bool same = aligned.size() == misaligned.size() &&
+                    std::memcmp(aligned.data(), misaligned.data(), aligned.size() * sizeof(double)) == 0;
+  expect(same, "aligned and misaligned maps give the same bits", type, cs.s.c);
+  return plan.vec;
+}
+
+void check_plan(EpilogueShape s, int elem_bytes, int vec, int cols, int lanes, int64_t channel_blocks,
+                int64_t min_chunks) {
+  const Plan plan = make_plan(s, elem_bytes);
   const bool tree_ok =
       plan.lanes == 1 ? plan.tree_top == 0 : plan.tree_top < plan.lanes && 2 * plan.tree_top >= plan.lanes;
-  const bool ok = plan.cols == cols && plan.lanes == lanes && plan.channel_blocks == channel_blocks &&
-                  plan.chunks >= min_chunks && tree_ok;
+  const bool ok = plan.vec == vec && plan.cols == cols && plan.lanes == lanes &&
+                  plan.channel_blocks == channel_blocks && plan.chunks >= min_chunks && tree_ok;
   expect(ok, "plan", s.channels_last ? "channels_last" : "planar", s.c);
+  for (int bytes : {1, 2, 4, 8}) {  // bn_epilogue_partials knows the shape alone
+    expect(make_plan(s, bytes).per_channel() == plan.per_channel(), "partial slots", "plan", bytes);
+  }
 }
+
+struct Shape {
+  EpilogueShape s;
+  int vec[4];  // the plan's vec for bfloat16 (and float16), float32, float64, and the keep mask's bytes
+};
 
 }  // namespace
 
 int main() {
   std::mt19937 rng(7);
-  const EpilogueShape shapes[] = {
-      {2, 3, 131 * 130, false},  // planar: each plane in two tiles of 8515 pixels
-      {3, 5, 37, false},         // planar: short planes, most threads idle
-      {2, 68, 45, true},         // channels_last: 3 lanes of 68 channels, 52 spare threads
-      {2, 256, 19, true},        // channels_last: one lane
-      {1, 300, 23, true},        // channels_last: two channel blocks, the second one 44 wide
+  const Shape shapes[] = {
+      {{2, 3, 131 * 130, false}, {2, 2, 2, 2}},  // planar: planes of 2 * 8515 pixels, two tiles, vector tails
+      {{3, 5, 37, false}, {1, 1, 1, 1}},         // planar, scalar: short planes, most threads idle
+      {{2, 3, 136 * 136, false}, {8, 4, 2, 16}},  // planar, full vectors: two tiles of 9248 pixels
+      {{2, 68, 45, true}, {4, 4, 2, 4}},  // channels_last: bfloat16 17 groups of 4 channels in 15 lanes, 1 spare thread
+      {{2, 256, 19, true}, {8, 4, 2, 16}},    // channels_last: bfloat16 32 groups in 8 lanes
+      {{1, 300, 23, true}, {4, 4, 2, 4}},     // channels_last: float64 150 groups, one lane
+      {{1, 1030, 5, true}, {2, 2, 2, 2}},     // channels_last: three channel blocks, the last one 3 groups wide
+      {{3, 75, 29, true}, {1, 1, 1, 1}},      // channels_last, scalar: 75 channels in 3 lanes
+      {{3, 128, 50, true}, {8, 4, 2, 16}},    // channels_last: three tiles per channel (64, 64, 22 rows), images
+                                              // change within a tile
   };
-  check_plan(shapes[0], 1, 256, 1, 2);
-  check_plan(shapes[2], 68, 3, 1, 1);
-  check_plan(shapes[3], 256, 1, 1, 1);
-  check_plan(shapes[4], 256, 1, 2, 1);
-  check_plan({64, 128, 96 * 96, true}, 128, 2, 1, 2000);  // the release's widest blocks: ~2048 tiles
-  for (const EpilogueShape& s : shapes) {
-    const Case cs = make_case(s, rng);
-    check<float>(cs, 2e-5, "float32");
-    check<double>(cs, 1e-12, "float64");
-    check<__half>(cs, 2e-3, "float16");
-    check<__nv_bfloat16>(cs, 1.6e-2, "bfloat16");
+  check_plan(shapes[0].s, 2, 2, 1, 256, 1, 2);
+  check_plan(shapes[3].s, 2, 4, 17, 15, 1, 1);
+  check_plan(shapes[4].s, 2, 8, 32, 8, 1, 1);
+  check_plan(shapes[5].s, 8, 2, 150, 1, 1, 1);
+  check_plan(shapes[6].s, 4, 2, 256, 1, 3, 1);
+  check_plan(shapes[8].s, 4, 4, 32, 8, 1, 3);
+  check_plan({128, 128, 96 * 96, true}, 2, 8, 16, 16, 1, 2000);  // the training step's maps: ~2048 tiles
+  for (const Shape& shape : shapes) {
+    const Case cs = make_case(shape.s, rng);
+    expect(check_type<__nv_bfloat16>(cs, 1.6e-2, "bfloat16") == shape.vec[0], "vec", "bfloat16", shape.s.c);
+    expect(check_type<__half>(cs, 2e-3, "float16") == shape.vec[0], "vec", "float16", shape.s.c);
+    expect(check_type<float>(cs, 2e-5, "float32") == shape.vec[1], "vec", "float32", shape.s.c);
+    expect(check_type<double>(cs, 1e-12, "float64") == shape.vec[2], "vec", "float64", shape.s.c);
+    const Plan mask_plan = make_plan(shape.s, 1);
+    expect(mask_plan.vec == shape.vec[3], "vec", "uint8", shape.s.c);
+    on_vec<uint8_t>(mask_plan.vec, [&](auto vec) {
+      check_keep_mask<decltype(vec)::value>(cs, mask_plan, false);
+      check_keep_mask<decltype(vec)::value>(cs, mask_plan, true);
+      return cudaSuccess;
+    });
   }
   if (failures) {
     std::printf("%d failures\n", failures);
