@@ -1,9 +1,11 @@
 // ctest (where nvcc exists): host emulation of the CUDA epilogue kernels (csrc/cuda/bn_relu_dropout.cu) without a
 // GPU. Every block's threads run phase by phase as the kernels' barriers order them (accumulate, each tree step,
 // store), then the per-channel combine, and every pass is compared with a float64 oracle, for the four element types,
-// both layouts and each dropout form, on shapes that exercise the plans: planar planes split into tiles, channels_last
-// with spare threads (C = 68: three lanes), one lane (C = 256) and two channel blocks (C = 300). Seeded masks must
-// equal philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw. Built by CMakeLists.txt.
+// both layouts and each dropout form, on shapes that exercise the plans: every vector width of each type and the
+// scalar one, planar planes split into tiles with vector tails, channels_last with spare threads, one lane, several
+// tiles per channel and three channel blocks. Each type runs twice, with its maps aligned for vector accesses and one
+// element off (scalar accesses, as the launchers choose), and both must give the same bits. Seeded masks must equal
+// philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw. Built by CMakeLists.txt.
 #include "cuda/bn_relu_dropout.cu"
 
 #include <cmath>
