@@ -1,8 +1,9 @@
 """Benchmark landmark inference with given boxes (``Detector.landmarks``: crop, network, PCA shape fit, decoder) in
 faces/s, lgc_fast against the plain-torch reference ops in the same run.
 
-Three modes on the same batch: lgc_fast (the automatic backends, the network as ``Detector`` runs it: its BatchNorms
-folded into the convolutions, channels_last on the CPU), lgc_fast-modules (the same with the network as trained:
+Modes on the same batch: lgc_fast (the automatic backends, the network as ``Detector`` runs it: its BatchNorms
+folded into the convolutions, channels_last), lgc_fast-fp16 (on CUDA: the same with Detector(precision="float16");
+its row also gives the largest distance of its points from lgc_fast's, in image pixels), lgc_fast-modules (the same with the network as trained:
 torch's BatchNorm, ReLU, scale and dropout modules, contiguous) and eager-ref (every lgc_fast op on its reference path: LGC_FAST_BACKEND=ref, the
 network's modules; the shape fit is then the per-face NumPy oracle). The faces are the bundled astronaut's,
 with the box jittered per face (up to 5 % of its size), so every crop differs. Timed in interleaved rounds
@@ -39,6 +40,7 @@ from lgc_fast.model import LGCN  # noqa: E402
 
 BENCH = "landmarks"
 MODES = ("eager-ref", "lgc_fast-modules", "lgc_fast")
+HALF = "lgc_fast-fp16"
 
 
 def jittered_boxes(count: int, seed: int = 0) -> np.ndarray:
@@ -51,6 +53,11 @@ def jittered_boxes(count: int, seed: int = 0) -> np.ndarray:
     cx, cy = (x0 + x1) / 2 + shift[:, 0], (y0 + y1) / 2 + shift[:, 1]
     half = size * scale / 2
     return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
+
+
+def max_point_shift(faces_a, faces_b) -> float:
+    """The largest distance between corresponding points of two landmarks() results for the same boxes (pixels)."""
+    return max(float(np.linalg.norm(a.points - b.points, axis=1).max()) for a, b in zip(faces_a, faces_b))
 
 
 def make_call(mode: str, detector: Detector, image: np.ndarray, boxes: np.ndarray):
@@ -90,11 +97,16 @@ def main(argv=None) -> int:
     detector = Detector(weights=weights, device=device, image_size=image_size)
     with_modules = copy.copy(detector)  # the same settings, the network as trained (not folded)
     with_modules.network = detector.model
+    detectors = {"eager-ref": with_modules, "lgc_fast-modules": with_modules, "lgc_fast": detector}
+    if cuda:
+        detectors[HALF] = Detector(weights=detector.model, device=device, image_size=detector.crop,
+                                   decode=detector.decode, fit=detector.fit, fit_threshold=detector.fit_threshold,
+                                   point_offsets=detector.point_offsets, precision="float16")
     image = load_gray(str(DEMO_IMAGE))
     rows = []
     for batch in args.batch_sizes:
-        calls = {mode: make_call(mode, detector if mode == "lgc_fast" else with_modules, image, jittered_boxes(batch))
-                 for mode in MODES}
+        boxes = jittered_boxes(batch)
+        calls = {mode: make_call(mode, d, image, boxes) for mode, d in detectors.items()}
         peak = {}
         for mode, call in calls.items():  # one untimed call each: warm-up and the peak memory
             if cuda:
@@ -110,12 +122,16 @@ def main(argv=None) -> int:
             rows.append({"batch": batch, "mode": mode, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
                          "p80_ms": t.p80_ms, "runs": t.runs, "faces_per_s": batch / (t.median_ms / 1e3),
                          "peak_memory_mib": peak.get(mode)})
-        rows[-1]["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / timings["lgc_fast"].median_ms
-        rows[-1]["speedup_vs_modules"] = timings["lgc_fast-modules"].median_ms / timings["lgc_fast"].median_ms
+        for row in rows[-len(timings):]:
+            if row["mode"].startswith("lgc_fast") and row["mode"] != "lgc_fast-modules":
+                row["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / row["median_ms"]
+                row["speedup_vs_modules"] = timings["lgc_fast-modules"].median_ms / row["median_ms"]
+            if row["mode"] == HALF:
+                row["max_point_shift_px"] = max_point_shift(calls["lgc_fast"](), calls[HALF]())
     print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/call"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("runs", "runs"), ("faces_per_s", "faces/s"),
                               ("speedup_vs_eager_ref", "vs eager-ref"), ("speedup_vs_modules", "vs modules"),
-                              ("peak_memory_mib", "peak MiB")]))
+                              ("peak_memory_mib", "peak MiB"), ("max_point_shift_px", "max shift px")]))
     payload = {
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},

@@ -6,8 +6,8 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-compiled (with --compile [MODE]): lgc_fast with the forward pass and loss under torch.compile(mode=MODE)
               as `lgc-fast train --compile MODE` runs it (reduce-overhead adds CUDA graphs).
   lgc_fast-fused, lgc_fast-fused-compiled: the same two with every conv block's BN + ReLU + scale + dropout as one
-              lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; its Triton
-              kernels on CUDA, its C++ kernels on the CPU, where `lgc-fast train` uses it by default).
+              lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; its CUDA C++
+              kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on both).
 All modes use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
 ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,

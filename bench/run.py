@@ -169,8 +169,13 @@ def rows_landmarks(entry, device):
             yield _row(f"landmarks, given boxes ({fast['faces_per_s']:.0f} faces/s) vs eager torch reference", size,
                        fast["median_ms"], modes["eager-ref"]["median_ms"], device)
             if "lgc_fast-modules" in modes:
-                yield _row("landmarks, given boxes, Detector's network (folded, CPU channels_last) vs its modules",
+                yield _row("landmarks, given boxes, Detector's network (folded, channels_last) vs its modules",
                            size, fast["median_ms"], modes["lgc_fast-modules"]["median_ms"], device)
+            half = modes.get("lgc_fast-fp16")
+            if half is not None:
+                yield _row(f"landmarks, given boxes, precision float16 ({half['faces_per_s']:.0f} faces/s; points "
+                           f"within {half['max_point_shift_px']:.2g} px of float32's) vs eager torch reference", size,
+                           half["median_ms"], modes["eager-ref"]["median_ms"], device)
 
 
 def rows_detect(entry, device):

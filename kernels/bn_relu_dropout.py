@@ -13,6 +13,8 @@ float64).
     backward  sums:    read dy, z (+ keep)          -> sum g, sum g * (z - mean), g = dy * out_scale * keep * [pre > 0]
               apply:   read dy, z (+ keep), write dz   dz = scale * g + k1 * z + k0
 keep: read from a mask tensor, or drawn again in each kernel from a seed (``Dropout``), or 1.
+out_scale is a float64 argument: Triton passes an unannotated Python float as float32, which would round float64
+maps' scale; products with it are rounded back to the accumulation dtype.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def _load_grad(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_pt
     sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
     active = (z * sc[None, :] + sh[None, :]) > 0.0
-    g = tl.where(active, dy * out_scale, 0.0)
+    g = tl.where(active, (dy * out_scale).to(ACC), 0.0)
     if DROPOUT != 0:
         keep = _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT)
         g = tl.where(keep, g, 0.0)
@@ -92,7 +94,8 @@ def _load_grad(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_pt
 
 
 @triton.jit
-def _apply_kernel(z_ptr, keep_ptr, seed_ptr, dropout_p, y_ptr, scale_ptr, shift_ptr, out_scale, C, P, NPB,
+def _apply_kernel(z_ptr, keep_ptr, seed_ptr, dropout_p, y_ptr, scale_ptr, shift_ptr, out_scale: tl.float64,
+                  C, P, NPB,
                   z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, y_sn, y_sc, y_sp,
                   DROPOUT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
@@ -100,7 +103,8 @@ def _apply_kernel(z_ptr, keep_ptr, seed_ptr, dropout_p, y_ptr, scale_ptr, shift_
     sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
     # NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`: never a silent 0.
-    y = tl.maximum(z * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * out_scale
+    y = tl.maximum(z * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y = (y * out_scale).to(ACC)
     if DROPOUT != 0:
         keep = _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT)
         y = y * keep.to(ACC)
@@ -108,7 +112,8 @@ def _apply_kernel(z_ptr, keep_ptr, seed_ptr, dropout_p, y_ptr, scale_ptr, shift_
 
 
 @triton.jit
-def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, center_ptr, part_ptr, out_scale, C, P, NPB,
+def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, shift_ptr, center_ptr, part_ptr,
+                      out_scale: tl.float64, C, P, NPB,
                       dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp,
                       DROPOUT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     row, n, pid_p, p, c, c_ok, inside = _tile(C, P, NPB, BLOCK_P, BLOCK_C)
@@ -121,7 +126,8 @@ def _grad_sums_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, scale_ptr, s
 
 
 @triton.jit
-def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, dz_ptr, scale_ptr, shift_ptr, k1_ptr, k0_ptr, out_scale, C, P, NPB,
+def _grad_apply_kernel(dy_ptr, z_ptr, keep_ptr, seed_ptr, dropout_p, dz_ptr, scale_ptr, shift_ptr, k1_ptr, k0_ptr,
+                       out_scale: tl.float64, C, P, NPB,
                        dy_sn, dy_sc, dy_sp, z_sn, z_sc, z_sp, k_sn, k_sc, k_sp, dz_sn, dz_sc, dz_sp,
                        DROPOUT: tl.constexpr, CENTERED: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -241,8 +247,8 @@ def apply_triton(z, scale, shift, dropout: Dropout, out_scale: float, out: torch
     """out = out_scale * relu(z * scale + shift) * keep. Returns out."""
     plan = _plan(z)
     mode, keep, keep_strides, seed, p = dropout.args(z)
-    _launch(_apply_kernel, plan, z, z, keep, seed, p, out, *_channels(plan, scale, shift), out_scale, *plan.sizes,
-            *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode, **plan.meta)
+    _launch(_apply_kernel, plan, z, z, keep, seed, p, out, *_channels(plan, scale, shift), out_scale,
+            *plan.sizes, *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode, **plan.meta)
     return out
 
 
@@ -253,7 +259,8 @@ def grad_sums_triton(dy, z, scale, shift, dropout: Dropout, center, out_scale: f
     mode, keep, keep_strides, seed, p = dropout.args(z)
     part = torch.empty((plan.grid[0], 2, z.shape[1]), dtype=plan.acc, device=z.device)
     _launch(_grad_sums_kernel, plan, z, dy, z, keep, seed, p, *_channels(plan, scale, shift, center), part,
-            out_scale, *plan.sizes, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, DROPOUT=mode, **plan.meta)
+            out_scale, *plan.sizes, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, DROPOUT=mode,
+            **plan.meta)
     return part[:, 0].sum(0), part[:, 1].sum(0)
 
 
@@ -265,8 +272,8 @@ def grad_apply_triton(dy, z, scale, shift, dropout: Dropout, k1, k0, out_scale: 
     centered = k1 is not None
     scale, shift = _channels(plan, scale, shift)
     k1, k0 = _channels(plan, k1, k0) if centered else (scale, scale)  # unread when not centered
-    _launch(_grad_apply_kernel, plan, z, dy, z, keep, seed, p, out, scale, shift, k1, k0, out_scale, *plan.sizes,
-            *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode,
+    _launch(_grad_apply_kernel, plan, z, dy, z, keep, seed, p, out, scale, shift, k1, k0, out_scale,
+            *plan.sizes, *_ncp_strides(dy), *_ncp_strides(z), *keep_strides, *_ncp_strides(out), DROPOUT=mode,
             CENTERED=centered, **plan.meta)
     return out
 

@@ -440,14 +440,16 @@ def _check_boxes(boxes, where: str) -> np.ndarray:
     return arr
 
 
-def _inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """What a Detector runs: an LGCN folded for inference (``LGCN.folded``) and, on the CPU, in channels_last, where
-    oneDNN's convolutions run faster on it (measured 1.16x and 1.22x on ``Detector.landmarks`` at batch 1 and 16,
-    bundled model, 2 threads); any other module as it is."""
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _inference_network(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """What a Detector runs: an LGCN folded for inference (``LGCN.folded``), channels_last (oneDNN's CPU convolutions
+    run faster on it: 1.16x and 1.22x on ``Detector.landmarks`` at batch 1 and 16, bundled model, 2 threads; cuDNN's
+    take NHWC without transposing), its weights in `dtype`; any other module as it is, in `dtype`."""
     if not isinstance(model, LGCN):
-        return model
-    network = model.folded()
-    return network.to(memory_format=torch.channels_last) if device.type == "cpu" else network
+        return model.to(dtype)
+    return model.folded().to(dtype=dtype, memory_format=torch.channels_last)
 
 
 class Detector:
@@ -469,16 +471,18 @@ class Detector:
     bundled metadata's for the bundled weights, else ``FIT_THRESHOLD`` (1 %, the release's). point_offsets: (C, 2)
     systematic error of the fitted points in the shape model's frame (``lgc_fast.shape.mean_point_offsets``, measured
     on training faces), removed from every fitted face at its size and rotation; None: the bundled metadata's for
-    the bundled weights, else no correction.
+    the bundled weights, else no correction. precision: the network's arithmetic, "float32" (default), "float16" or
+    "bfloat16" (weights and activations; the heatmaps come back as float32 and everything after the network runs in
+    float32/float64).
 
     The forward passes run ``self.network``: ``model.folded()`` (every BatchNorm and activation scale folded into its
-    convolution: the same outputs with fewer passes over the activations), channels_last on the CPU, made once when
-    the Detector is built; ``self.model`` is the network as given.
+    convolution: the same outputs with fewer passes over the activations), channels_last, in ``precision``, made once
+    when the Detector is built; ``self.model`` is the network as given.
     """
 
     def __init__(self, weights=None, shape_model=None, device=None, decode: str | None = None, fit: bool = True,
                  max_memory_bytes: int = DEFAULT_MEMORY, image_size: int | None = None, mirror: bool = False,
-                 fit_threshold: float | None = None, point_offsets=None):
+                 fit_threshold: float | None = None, point_offsets=None, precision: str = "float32"):
         metadata = read_metadata(ASSETS_DIR / METADATA_FILE) if weights is None else {}
         pipeline = pipeline_settings(metadata, ASSETS_DIR / METADATA_FILE)
         point_offsets = pipeline.get("point_offsets") if point_offsets is None else point_offsets
@@ -488,6 +492,8 @@ class Detector:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
         if not 0 <= fit_threshold < 1:
             raise ValueError(f"fit_threshold must be in [0, 1), got {fit_threshold!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if not max_memory_bytes > 0:
             raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes!r}")
         try:
@@ -511,7 +517,8 @@ class Detector:
         if self.crop < 8:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
-        self.network = _inference_network(self.model, self.device)
+        self.precision = precision
+        self.network = _inference_network(self.model, PRECISIONS[precision])
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)
@@ -548,12 +555,12 @@ class Detector:
     def heatmaps(self, crops: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) float32 on `device`, in memory-bounded
         batches (mirror-averaged with ``mirror``)."""
-        per_crop = bytes_per_pixel(self.network) * crops.shape[2] * crops.shape[3]
+        per_crop = bytes_per_pixel(self.network, PRECISIONS[self.precision]) * crops.shape[2] * crops.shape[3]
         batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
         out = []
         with torch.inference_mode():
             for start in range(0, crops.shape[0], batch):
-                images = crops[start:start + batch].to(self.device)
+                images = crops[start:start + batch].to(self.device, PRECISIONS[self.precision])
                 omega = mirror_averaged_omega(self.network, images) if self.mirror else self.network(images)[1]
                 out.append(omega.float().to(device))
         return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]), device=device)
@@ -639,7 +646,8 @@ class Detector:
         device = self.maps_device([level.shape for level in levels])
         maps = []
         for level in levels:
-            image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device)
+            image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device,
+                                                                                 PRECISIONS[self.precision])
             # only omega is kept: half of tiled_forward's memory
             omega = torch.empty((self.n_landmarks, *level.shape), device=device)
             for t, _, tile_omega in iter_tiles(self.network, image, tile=None, max_memory_bytes=self.max_memory_bytes):

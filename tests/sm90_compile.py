@@ -132,7 +132,7 @@ def bn_relu_dropout_cases() -> None:
                     prefix = strided[p]
                     types.update(ints(f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sp"))
                     constexprs[f"{prefix}_sc" if channels_last else f"{prefix}_sp"] = 1
-            types.update(ints("C", "P", "NPB"), out_scale="fp32", dropout_p="fp32")
+            types.update(ints("C", "P", "NPB"), out_scale="fp64", dropout_p="fp32")
             if "keep" in pointers:
                 constexprs["DROPOUT"] = dropout
             if name == "_grad_apply_kernel":

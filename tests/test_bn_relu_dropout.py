@@ -348,8 +348,17 @@ def test_cuda_release_shape(backend, dtype, channels_last):
     z, weight, bias, rm, rv, mask = _inputs((8, 128, 96, 96), dtype, "cuda", 11, channels_last=channels_last)
     (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
     torch.testing.assert_close(y, y_ref, **_tol(dtype))
+    # Among 9.4M values a few sit so close to the ReLU's kink that rounding puts them on the other side than in the
+    # reference; their dz is 0 in one and not in the other. Compare dz away from the kink (float64 pre-activation).
+    z64 = z.double()
+    mean, var = z64.mean((0, 2, 3), keepdim=True), z64.var((0, 2, 3), unbiased=False, keepdim=True)
+    pre = (z64 - mean) / torch.sqrt(var + 1e-5) * weight.double()[:, None, None] + bias.double()[:, None, None]
+    clear = pre.abs() > (1e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert clear.double().mean() > 0.99
     for got, want in zip(grads, grads_ref):
         scale = want.abs().max().item() + 1.0
+        if got.shape == z.shape:
+            got, want = got[clear], want[clear]
         torch.testing.assert_close(got.double() / scale, want.double() / scale, rtol=1e-2, atol=1e-3)
     for got, want in zip(stats, stats_ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -610,14 +610,21 @@ def test_detector_runs_the_folded_network():
                 module.running_var.uniform_(0.002, 0.02)
                 module.weight.uniform_(0.5, 1.5)
     net.eval()
-    det = D.Detector(weights=net, fit=False)
+    det = D.Detector(weights=net, fit=False, device="cpu")
     assert det.model is net
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in det.network.modules())
     weight = det.network.global_features[0].conv.weight
-    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()  # CPU: oneDNN
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     crops = torch.rand(2, 1, 40, 36) * 255
     with torch.no_grad():
         want = net(crops)[1]
     got = det.heatmaps(crops)
     assert got.abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    half = D.Detector(weights=net, fit=False, device="cpu", precision="bfloat16")
+    assert half.network.global_features[0].conv.weight.dtype == torch.bfloat16 and det.model is net
+    got = half.heatmaps(crops)
+    assert got.dtype == torch.float32
+    assert (got - want).norm() / want.norm() < 3e-2  # bfloat16 keeps 8 bits of each value
+    with pytest.raises(ValueError, match="precision must be one of float32, float16, bfloat16"):
+        D.Detector(weights=net, fit=False, precision="half")

@@ -105,7 +105,7 @@ def test_training_lowers_validation_error(trainset_dir, tmp_path, one_thread):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_resume_after_interruptions_is_bit_exact(tmp_path, monkeypatch):
@@ -162,7 +162,8 @@ def _ddp_worker(rank, world, port, argv, out_dir):
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     data = synthetic_faces(tmp_path / "faces", n=20)
     run = tmp_path / "run"
-    argv = [str(a) for a in ["--data", data, "--out", run, "--epochs", 2, "--val-fraction", 0.2, *TINY]]
+    argv = [str(a) for a in ["--data", data, "--out", run, "--epochs", 2, "--val-fraction", 0.2, "--device", "cpu",
+                             *TINY]]
     mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -327,11 +328,13 @@ def test_signal_to_the_process_group_saves_the_run(tmp_path):
     assert state["step"] > 0 and (state["epoch"], state["batch_in_epoch"]) != (0, 0)
 
 
-def test_fused_epilogue_default_is_on_for_the_cpu_kernels_only():
+def test_fused_epilogue_default_is_on_for_compiled_kernels_only(monkeypatch):
     args = parse_args(["--data", "d", "--out", "o"])
     cpu = torch.device("cpu")
     assert train_module._settings(args, 1, cpu)["fused_epilogue"] is (fused_backend(cpu) == "cpu")
-    assert train_module._settings(args, 1, torch.device("cuda"))["fused_epilogue"] is False  # unmeasured there
+    for backend, on in (("cuda", True), ("cpu", True), ("triton", False), (None, False)):
+        monkeypatch.setattr(train_module, "fused_backend", lambda device, backend=backend: backend)
+        assert train_module._settings(args, 1, torch.device("cuda"))["fused_epilogue"] is on, backend
     args.fused_epilogue = False
     assert train_module._settings(args, 1, cpu)["fused_epilogue"] is False
 
@@ -353,7 +356,7 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
     assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is None  # automatic: on for the CPU's kernels
     data = synthetic_faces(tmp_path / "faces", n=10)
     result = train(parse_args(["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2,
-                               "--max-steps", 2, "--fused-epilogue", *TINY]))
+                               "--max-steps", 2, "--fused-epilogue", "--device", "cpu", *TINY]))
     assert result.step == 2 and all(np.isfinite(r["train_loss"]) for r in result.history)
     blocks = [m for m in result.model.modules() if hasattr(m, "fused_epilogue")]
     assert blocks and all(m.fused_epilogue for m in blocks)

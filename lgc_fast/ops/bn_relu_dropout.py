@@ -421,7 +421,7 @@ def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Te
     from torch's default generator, so runs stay reproducible and resumable. The "cpu" backend draws it in C++ from a
     seed, four flags per Philox evaluation (several times faster than ``bernoulli_`` on the CPU; not the mask a
     ``dropout_seed`` draws); elsewhere ``bernoulli_``."""
-    if backend == "cpu" and z.numel() < BYTE_MASK_LIMIT:
+    if backend == "cpu" and z.device.type == "cpu" and z.numel() < BYTE_MASK_LIMIT:
         seed = torch.randint(2**62, (1,), device=z.device)
         return torch.ops.lgc_fast_C.bernoulli_keep_mask(seed, list(z.shape), float(p),
                                                         _memory_format(z) == torch.channels_last)
