@@ -518,7 +518,8 @@ class Detector:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
         self.precision = precision
-        self.network = _inference_network(self.model, PRECISIONS[precision])
+        self.dtype = PRECISIONS[precision]  # the network's weights and inputs
+        self.network = _inference_network(self.model, self.dtype)
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))
         self.decode = decode
         self.fit = bool(fit)
@@ -555,12 +556,12 @@ class Detector:
     def heatmaps(self, crops: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """crops (N, 1, h, w) grey levels in [0, 255] -> omega (N, C, h, w) float32 on `device`, in memory-bounded
         batches (mirror-averaged with ``mirror``)."""
-        per_crop = bytes_per_pixel(self.network, PRECISIONS[self.precision]) * crops.shape[2] * crops.shape[3]
+        per_crop = bytes_per_pixel(self.network, self.dtype) * crops.shape[2] * crops.shape[3]
         batch = max(1, int(MEMORY_HEADROOM * self.max_memory_bytes // per_crop))
         out = []
         with torch.inference_mode():
             for start in range(0, crops.shape[0], batch):
-                images = crops[start:start + batch].to(self.device, PRECISIONS[self.precision])
+                images = crops[start:start + batch].to(self.device, self.dtype)
                 omega = mirror_averaged_omega(self.network, images) if self.mirror else self.network(images)[1]
                 out.append(omega.float().to(device))
         return torch.cat(out) if out else torch.zeros((0, self.n_landmarks, *crops.shape[2:]), device=device)
@@ -646,8 +647,7 @@ class Detector:
         device = self.maps_device([level.shape for level in levels])
         maps = []
         for level in levels:
-            image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device,
-                                                                                 PRECISIONS[self.precision])
+            image = torch.from_numpy(np.ascontiguousarray(level))[None, None].to(self.device, self.dtype)
             # only omega is kept: half of tiled_forward's memory
             omega = torch.empty((self.n_landmarks, *level.shape), device=device)
             for t, _, tile_omega in iter_tiles(self.network, image, tile=None, max_memory_bytes=self.max_memory_bytes):

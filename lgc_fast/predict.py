@@ -107,11 +107,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--precision", choices=("float32", "float16", "bfloat16"), default="float32",
+    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, PRECISIONS, PYRAMID_STEP, THRESHOLD
+
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                         help="the network's arithmetic (default float32; float16 is faster on a GPU, see the "
                              "README's inference table for its point differences)")
-    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, PYRAMID_STEP, THRESHOLD
-
     parser.add_argument("--decode", choices=sorted(DECODERS),
                         help="heatmap decoder (default: the bundled model's choice in its metadata, for other "
                              f"weights {DEFAULT_DECODE})")
