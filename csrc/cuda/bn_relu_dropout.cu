@@ -44,6 +44,7 @@ using Acc = typename AccOf<T>::type;
 // Pack accesses of plan.vec values.
 template <typename T>
 struct Args {
+  using Elem = T;
   Plan plan;
   const T* z;
   const T* dy;
@@ -538,6 +539,24 @@ Args<T> make_args(const Plan& plan, const void* z, const void* dy, void* out, co
   return a;
 }
 
+// The launch of a pass that reads per-channel vectors (apply, grad sums, grad apply): for `kind`'s element type T,
+// checks the plan, then calls f(args, blocks, vec tag, drop tag) with the pass's Args<T>.
+template <typename F>
+cudaError_t on_pass(ScalarKind kind, EpilogueShape shape, const void* z, const void* dy, void* out, const void* scale,
+                    const void* shift, const void* center, const void* k1, const void* k0, double out_scale,
+                    const EpilogueDropoutCuda& dropout, F&& f) {
+  return on_kind(kind, [&](auto tag) {
+    using T = decltype(tag);
+    const Launch launch = plan_launch(shape, sizeof(T));
+    if (launch.done) return launch.err;
+    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
+    const Args<T> a = make_args<T>(launch.plan, z, dy, out, scale, shift, center, k1, k0, out_scale, dropout);
+    return on_vec<T>(launch.plan.vec, [&](auto vec) {
+      return on_drop(dropout, [&](auto drop) { return f(a, blocks, vec, drop); });
+    });
+  });
+}
+
 }  // namespace bn_epilogue_detail
 
 namespace d = bn_epilogue_detail;
@@ -569,67 +588,45 @@ cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape,
 cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
                           EpilogueDropoutCuda dropout, double out_scale, void* y, EpilogueShape shape,
                           cudaStream_t stream) {
-  return d::on_kind(kind, [&](auto tag) {
-    using T = decltype(tag);
-    const d::Launch launch = d::plan_launch(shape, sizeof(T));
-    if (launch.done) return launch.err;
-    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
-    const d::Args<T> a = d::make_args<T>(launch.plan, z, nullptr, y, scale, shift, nullptr, nullptr, nullptr,
-                                         out_scale, dropout);
-    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
-      return d::on_drop(dropout, [&](auto drop) {
-        d::apply_kernel<decltype(drop)::value, decltype(vec)::value, T><<<blocks, d::kThreads, 0, stream>>>(a);
-        return cudaGetLastError();
-      });
-    });
-  });
+  return d::on_pass(kind, shape, z, nullptr, y, scale, shift, nullptr, nullptr, nullptr, out_scale, dropout,
+                    [&](const auto& a, unsigned blocks, auto vec, auto drop) {
+                      using T = typename std::decay_t<decltype(a)>::Elem;
+                      d::apply_kernel<decltype(drop)::value, decltype(vec)::value, T>
+                          <<<blocks, d::kThreads, 0, stream>>>(a);
+                      return cudaGetLastError();
+                    });
 }
 
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
                               double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream) {
-  return d::on_kind(kind, [&](auto tag) {
-    using T = decltype(tag);
-    using A = d::Acc<T>;
-    const d::Launch launch = d::plan_launch(shape, sizeof(T));
-    if (launch.done) return launch.err;
-    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
-    const d::Args<T> a = d::make_args<T>(launch.plan, z, dy, nullptr, scale, shift, center, nullptr, nullptr,
-                                         out_scale, dropout);
-    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
-      return d::on_drop(dropout, [&](auto drop) {
-        d::grad_sums_kernel<decltype(drop)::value, decltype(vec)::value, T>
-            <<<blocks, d::kThreads, 0, stream>>>(a, partials);
-        d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-            launch.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered));
-        return cudaGetLastError();
-      });
-    });
-  });
+  return d::on_pass(kind, shape, z, dy, nullptr, scale, shift, center, nullptr, nullptr, out_scale, dropout,
+                    [&](const auto& a, unsigned blocks, auto vec, auto drop) {
+                      using T = typename std::decay_t<decltype(a)>::Elem;
+                      using A = d::Acc<T>;
+                      d::grad_sums_kernel<decltype(drop)::value, decltype(vec)::value, T>
+                          <<<blocks, d::kThreads, 0, stream>>>(a, partials);
+                      d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
+                          a.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered));
+                      return cudaGetLastError();
+                    });
 }
 
 cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
                                void* dz, EpilogueShape shape, cudaStream_t stream) {
   if ((k1 == nullptr) != (k0 == nullptr)) return cudaErrorInvalidValue;
-  return d::on_kind(kind, [&](auto tag) {
-    using T = decltype(tag);
-    const d::Launch launch = d::plan_launch(shape, sizeof(T));
-    if (launch.done) return launch.err;
-    const auto blocks = static_cast<unsigned>(launch.plan.tiles());
-    const d::Args<T> a = d::make_args<T>(launch.plan, z, dy, dz, scale, shift, nullptr, k1, k0, out_scale, dropout);
-    return d::on_vec<T>(launch.plan.vec, [&](auto vec) {
-      return d::on_drop(dropout, [&](auto drop) {
-        constexpr int kDrop = decltype(drop)::value, kVec = decltype(vec)::value;
-        if (k1 != nullptr) {
-          d::grad_apply_kernel<kDrop, true, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
-        } else {
-          d::grad_apply_kernel<kDrop, false, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
-        }
-        return cudaGetLastError();
-      });
-    });
-  });
+  return d::on_pass(kind, shape, z, dy, dz, scale, shift, nullptr, k1, k0, out_scale, dropout,
+                    [&](const auto& a, unsigned blocks, auto vec, auto drop) {
+                      using T = typename std::decay_t<decltype(a)>::Elem;
+                      constexpr int kDrop = decltype(drop)::value, kVec = decltype(vec)::value;
+                      if (k1 != nullptr) {
+                        d::grad_apply_kernel<kDrop, true, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
+                      } else {
+                        d::grad_apply_kernel<kDrop, false, kVec, T><<<blocks, d::kThreads, 0, stream>>>(a);
+                      }
+                      return cudaGetLastError();
+                    });
 }
 
 cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
