@@ -6,7 +6,7 @@
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton) against
 #          eager torch and torch.compile, kernel_conv;
 #   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda) and the compiled
-#          step, at batch 64 and 128.
+#          step, at batch 64, 128 and 256, then the profile of the fused step (bench/profile_gpu.py) to $LOGS.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to $OUT (the device tool's output folder) or ./gpu_logs.
 set -uo pipefail
@@ -16,6 +16,7 @@ mkdir -p "$LOGS"
 what=${1:-all}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the CUDA sources take about a minute each per architecture
 if ! LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
   tail -60 "$LOGS/build.log"
   exit 1
@@ -37,9 +38,10 @@ if [[ $what == ops || $what == all ]]; then
 fi
 
 if [[ $what == train || $what == all ]]; then
-  python bench/bench_train_step.py --batch-sizes 64 128 --compile default \
+  python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
     --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
     | tee "$LOGS/bench_train_step.txt" || status=1
+  python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 || status=1
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1

@@ -353,6 +353,16 @@ at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double 
                "dropout_keep_mask");
   return keep;
 }
+
+at::Tensor bernoulli_keep_mask_cuda_op(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p,
+                                       bool channels_last) {
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor keep = std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
+  check_launch(bernoulli_keep_mask_cuda(ptr<int64_t>(seed), static_cast<float>(dropout_p), keep.numel(),
+                                        out<uint8_t>(keep), c10::cuda::getCurrentCUDAStream()),
+               "bernoulli_keep_mask");
+  return keep;
+}
 #endif
 
 }  // namespace
@@ -389,5 +399,6 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cuda);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cuda);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cuda);
+  m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cuda_op);
 }
 #endif

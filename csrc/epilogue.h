@@ -3,6 +3,7 @@
 // drops the same values on every backend.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -61,5 +62,11 @@ LGC_PHILOX_HD float philox_uniform(uint64_t seed, uint32_t index) {
 
 // The value at (N, C, H, W) index `index` is kept when its draw is at least p (probability 1 - p).
 LGC_PHILOX_HD bool philox_keep(uint64_t seed, uint32_t index, float p) { return philox_uniform(seed, index) >= p; }
+
+// bernoulli_keep_mask's flags (CPU and CUDA alike): flag i of the mask, in memory order, is word i % 4 of Philox
+// counter i / 4 at least this threshold, so it is kept with probability 1 - p (p < 1 in float32: at most 2^32 - 256).
+inline uint32_t bernoulli_threshold(float p) {
+  return static_cast<uint32_t>(std::llround(static_cast<double>(p) * 4294967296.0));
+}
 
 }  // namespace lgc

@@ -1,6 +1,7 @@
 // Torch glue of the kernel convolution: op lgc_fast_C::kernel_conv(Tensor x) -> Tensor on CPU and CUDA.
 // The kernels take (planes, H, W) contiguous buffers; other layouts (channels_last, strided views) are computed on a
-// contiguous copy and written into torch::empty_like(x), so the output strides are what the op's fake promises.
+// contiguous copy and written into torch::empty_like(x), so the output strides are what the op's fake promises
+// (on CUDA, channels_last maps change layout with csrc/cuda/layout.cu's transpose).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -55,18 +56,20 @@ at::Tensor kernel_conv_cpu_op(const at::Tensor& x) {
 }
 
 #ifdef LGC_WITH_CUDA
+// channels_last maps (the training step's) go in and out through the batched transpose of planar_of and
+// copy_planar_into, which is coalesced on both sides, unlike torch's strided copy.
 at::Tensor kernel_conv_cuda_op(const at::Tensor& x) {
   check_input(x);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor input = contiguous_as(x, x.scalar_type());
+  const at::Tensor input = planar_of(x);
   at::Tensor target = target_for(out, x.scalar_type());
   const cudaError_t err = kernel_conv_cuda(input.const_data_ptr(), target.mutable_data_ptr(),
                                            scalar_kind(x.scalar_type()), x.size(0) * x.size(1), x.size(2),
                                            x.size(3), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   check_launch(err, "kernel_conv");
-  if (!target.is_same(out)) out.copy_(target);
+  if (!target.is_same(out)) copy_planar_into(out, target);
   return out;
 }
 #endif

@@ -1,6 +1,7 @@
 // Torch glue of the training loss: ops lgc_fast_C::lgc_loss and lgc_fast_C::lgc_loss_backward on CPU and CUDA.
 // Maps are computed in float64 when local is float64 and in float32 otherwise (omega and points are converted to
-// that type when they differ); gradients come back in local's and omega's dtype and memory layout.
+// that type when they differ); gradients come back in local's and omega's dtype and memory layout. The kernels read
+// planar maps: on CUDA, channels_last ones (the training step's) change layout with csrc/cuda/layout.cu's transpose.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -128,14 +129,20 @@ at::ScalarType map_type(const at::Tensor& local, const at::Tensor& omega) {
   return t == omega.scalar_type() && native_map_type(t) ? t : loss_type(local);
 }
 
+// finish_grad with the batched transpose for channels_last gradients.
+at::Tensor finish_planar_grad(const GradOut& out) {
+  if (!out.target.is_same(out.result)) copy_planar_into(out.result, out.target);
+  return out.result;
+}
+
 at::Tensor forward_cuda_op(const at::Tensor& local, const at::Tensor& omega, const at::Tensor& points,
                            const at::Tensor& labelled) {
   check_inputs(local, omega, points, labelled);
   const c10::cuda::CUDAGuard guard(local.device());
   const auto dt = loss_type(local);
   const auto mt = map_type(local, omega);
-  const at::Tensor l = local.to(mt).contiguous();
-  const at::Tensor o = omega.to(mt).contiguous();
+  const at::Tensor l = planar_of(local.to(mt));
+  const at::Tensor o = planar_of(omega.to(mt));
   const at::Tensor p = points.to(dt).contiguous();
   const at::Tensor lab = labelled.contiguous();
   const int64_t n = l.size(0), c = l.size(1), h = l.size(2), w = l.size(3);
@@ -157,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda_op(const at::Tensor& grad, cons
   const auto dt = loss_type(local);
   const auto mt = map_type(local, omega);
   const at::Tensor g = grad.to(dt).contiguous();
-  const at::Tensor l = local.to(mt).contiguous();
-  const at::Tensor o = omega.to(mt).contiguous();
+  const at::Tensor l = planar_of(local.to(mt));
+  const at::Tensor o = planar_of(omega.to(mt));
   const at::Tensor p = points.to(dt).contiguous();
   const at::Tensor lab = labelled.contiguous();
   const GradOut gl = grad_out(local, mt);
@@ -169,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda_op(const at::Tensor& grad, cons
                                                  gl.target.data_ptr(), go.target.data_ptr(),
                                                  c10::cuda::getCurrentCUDAStream());
   check_launch(err, "lgc_loss_backward");
-  return {finish_grad(gl), finish_grad(go)};
+  return {finish_planar_grad(gl), finish_planar_grad(go)};
 }
 #endif
 

@@ -248,24 +248,42 @@ def test_every_kernel_backend_draws_the_same_masks():
         assert 0 < masks[0].sum() < masks[0].numel()
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_random_keep_mask(channels_last):
+def test_random_keep_mask(device, channels_last):
     """ConvBlock's byte masks: z's shape and layout, reproducible from torch's generator, the right rate (every
-    backend's own draw: on the CPU's C++ four flags per Philox counter, with a partial last group here)."""
+    backend's own draw: the compiled kernels' four flags per Philox counter, with a partial last group here)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    z = torch.empty(4, 16, 32, 33).contiguous(memory_format=fmt)  # 67584 values
-    odd = torch.empty(3, 5, 7, 9).contiguous(memory_format=fmt)  # 945 = 4 * 236 + 1
-    for backend in kernel_backends("cpu") + ["ref"]:
+    z = torch.empty(4, 16, 32, 33, device=device).contiguous(memory_format=fmt)  # 67584 values
+    odd = torch.empty(3, 5, 7, 9, device=device).contiguous(memory_format=fmt)  # 945 = 4 * 236 + 1
+    for backend in kernel_backends(device) + ["ref"]:
         torch.manual_seed(0)
         mask = random_keep_mask(z, P, backend)
         torch.manual_seed(0)
         assert torch.equal(random_keep_mask(z, P, backend), mask)
         assert mask.dtype == torch.bool and mask.shape == z.shape and mask.is_contiguous(memory_format=fmt)
+        assert mask.device == z.device
         assert not torch.equal(random_keep_mask(z, P, backend), mask)  # the generator moved on
         assert abs(mask.float().mean().item() - (1 - P)) < 0.01  # 5.7 standard deviations
         assert random_keep_mask(z, 0.0, backend).all()
         tail = random_keep_mask(odd, 0.5, backend)
         assert 0 < tail.sum() < tail.numel() and tail.shape == odd.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bernoulli_keep_mask_cuda_equals_cpu():
+    """The CUDA byte-mask draw (16 flags a thread, one 16-byte store) gives the C++ CPU draw's flags bit for bit,
+    partial last groups of 1-15 flags included."""
+    if "cuda" not in kernel_backends("cuda") or "cpu" not in kernel_backends("cpu"):
+        pytest.skip("needs the compiled CPU and CUDA kernels")
+    draw = torch.ops.lgc_fast_C.bernoulli_keep_mask
+    for seed, shape, p, channels_last in ((0, [1, 1, 3, 5], 0.5, False), (2**62 - 7, [2, 6, 5, 7], P, True),
+                                          (2**32 + 1, [3, 8, 20, 24], 0.1, False), (11, [2, 3, 17, 9], 0.9, True),
+                                          (12, [64, 128, 96, 96], 0.1, True)):
+        cpu = draw(torch.tensor([seed]), shape, p, channels_last)
+        cuda = draw(torch.tensor([seed], device="cuda"), shape, p, channels_last)
+        assert cuda.device.type == "cuda" and cuda.stride() == cpu.stride()
+        assert torch.equal(cuda.cpu(), cpu), (seed, shape)
 
 
 def test_dropout_keep_mask_backends(monkeypatch):

@@ -94,6 +94,10 @@ def test_channels_last_and_strided(backend, dtype):
     _assert_close_to_max(y, kernel_conv_ref(x), rel)
     sliced = base[:, 1:5, 3:90, ::2]
     _assert_close_to_max(kernel_conv(sliced, backend=backend), kernel_conv_ref(sliced), rel)
+    channel_slice = x[:, 1:5]  # NHWC-ordered but not dense, as the training step's local maps
+    y = kernel_conv(channel_slice, backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _assert_close_to_max(y, kernel_conv_ref(channel_slice), rel)
 
 
 def test_gradient_is_the_same_convolution(backend):

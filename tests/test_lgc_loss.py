@@ -128,6 +128,29 @@ def test_long_sums_are_accurate(device, backend):
     torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_channel_slice_of_channels_last(dtype):
+    """The training step's maps: local a channel slice of a channels_last map (the kernel convolution's output),
+    omega channels_last. The CUDA glue changes their layout with its batched transpose, in and out."""
+    if "cuda" not in available_backends("cuda"):
+        pytest.skip("needs the compiled CUDA kernels")
+    local, omega, points, labelled = make_case(2, 6, 29, 31, device="cuda", seed=11)
+    wide = torch.cat((local, torch.randn_like(local)), 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    wide.requires_grad_()
+    omega = omega.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.tensor([1.0, -0.5], device="cuda")
+    out = lgc_loss(wide[:, :6], omega, points, labelled, backend="cuda")
+    out.backward(grad_out)
+    ref, gl_ref, go_ref = _ref_grads(wide[:, :6], omega, points, labelled, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(wide.grad[:, :6].double(), gl_ref.double(), **tol)
+    torch.testing.assert_close(omega.grad.double(), go_ref.double(), **tol)
+    assert not wide.grad[:, 6:].any()
+    assert omega.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("device,backend", FAST)
 def test_mixed_map_dtypes_and_channels_last(device, backend):
     local, omega, points, labelled = make_case(*_shape(backend, big=(2, 6, 29, 31), small=(2, 4, 21, 19)),

@@ -420,7 +420,7 @@ void dropout_keep_mask_cpu(uint64_t seed, float p, EpilogueShape shape, uint8_t*
 }
 
 void bernoulli_keep_cpu(uint64_t seed, float p, int64_t count, uint8_t* keep, int threads) {
-  const uint32_t threshold = static_cast<uint32_t>(std::llround(static_cast<double>(p) * 4294967296.0));
+  const uint32_t threshold = bernoulli_threshold(p);
   const int64_t groups = count / 4;  // whole groups of four; the last 0-3 flags come from one more counter
   parallel_for((groups + kTile - 1) / kTile, threads, [&](int64_t t) {  // a tile: kTile groups
     run_bernoulli_groups(seed, threshold, t * kTile, std::min(groups, (t + 1) * kTile), keep);

@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -223,6 +224,30 @@ LGC_HD void keep_mask_thread(const Plan& plan, const int64_t* seed_ptr, float p,
       }
     }
   });
+}
+
+// bernoulli_keep_mask: thread step `group` writes flags [16 group, 16 group + 16) of `count`, from four Philox
+// counters (bernoulli_threshold): the CPU's bernoulli_keep_cpu bit for bit. One 16-byte store where the group is whole
+// and keep aligned. A quarter of the seeded mask's Philox work, and a pure write: torch's bernoulli_ took 230 us a
+// 128 x 128 x 96 x 96 layer in the training step's H100 profile.
+constexpr int kBernoulliFlags = 16;
+
+LGC_HD void bernoulli_group(uint64_t seed, uint32_t threshold, int64_t count, int64_t group, uint8_t* keep,
+                            bool vector_io) {
+  const int64_t first = group * kBernoulliFlags;
+  uint8_t flags[kBernoulliFlags];
+#pragma unroll
+  for (int q = 0; q < kBernoulliFlags / 4; ++q) {
+    uint32_t words[4];
+    philox4(seed, static_cast<uint32_t>(first / 4 + q), words);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) flags[4 * q + k] = words[k] >= threshold;
+  }
+  if (vector_io && first + kBernoulliFlags <= count) {
+    store_values<kBernoulliFlags>(keep + first, true, flags);
+  } else {
+    for (int k = 0; k < kBernoulliFlags && first + k < count; ++k) keep[first + k] = flags[k];
+  }
 }
 
 // A share of a reduction. Moments: (count, mean, M2); sums: (count, sum g, sum g * (z - center)).
@@ -457,6 +482,15 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(Plan plan, const in
   keep_mask_thread<V>(plan, seed, p, keep, vector_io, blockIdx.x, threadIdx.x);
 }
 
+__global__ void __launch_bounds__(kThreads) bernoulli_kernel(const int64_t* seed, uint32_t threshold, int64_t count,
+                                                             int64_t groups, uint8_t* keep, bool vector_io) {
+  const auto s = static_cast<uint64_t>(*seed);
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  for (int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x; g < groups; g += stride) {
+    bernoulli_group(s, threshold, count, g, keep, vector_io);
+  }
+}
+
 // Calls f(element type tag) for `kind`.
 template <typename F>
 cudaError_t on_kind(ScalarKind kind, F&& f) {
@@ -640,6 +674,15 @@ cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape s
                                                                                   vector_io);
     return cudaGetLastError();
   });
+}
+
+cudaError_t bernoulli_keep_mask_cuda(const int64_t* seed, float p, int64_t count, uint8_t* keep, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const int64_t groups = (count + d::kBernoulliFlags - 1) / d::kBernoulliFlags;
+  const int64_t blocks = std::min<int64_t>((groups + d::kThreads - 1) / d::kThreads, int64_t{1} << 20);
+  d::bernoulli_kernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
+      seed, bernoulli_threshold(p), count, groups, keep, d::pack_aligned(keep, 1, d::kBernoulliFlags));
+  return cudaGetLastError();
 }
 
 }  // namespace lgc

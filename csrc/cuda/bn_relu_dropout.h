@@ -54,4 +54,8 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
 cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
                                    cudaStream_t stream);
 
+// keep: `count` uint8 flags in memory order, the CPU's bernoulli_keep_cpu flags for the int64 *seed (read on the
+// device): flag i is word i % 4 of Philox counter i / 4 at least bernoulli_threshold(p). count < 2^34.
+cudaError_t bernoulli_keep_mask_cuda(const int64_t* seed, float p, int64_t count, uint8_t* keep, cudaStream_t stream);
+
 }  // namespace lgc

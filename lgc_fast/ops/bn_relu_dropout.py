@@ -418,10 +418,11 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: 
 
 def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
     """A fresh dropout keep mask for z (bool, z's shape and memory format, each value kept with probability 1 - p),
-    from torch's default generator, so runs stay reproducible and resumable. The "cpu" backend draws it in C++ from a
-    seed, four flags per Philox evaluation (several times faster than ``bernoulli_`` on the CPU; not the mask a
+    from torch's default generator (z's device), so runs stay reproducible and resumable. With the compiled kernels
+    of z's device (backend "cpu" on the CPU, "cuda" on a GPU) it is drawn from a seed, four flags per Philox
+    evaluation, the same flags on both (several times faster than ``bernoulli_`` on the CPU; not the mask a
     ``dropout_seed`` draws); elsewhere ``bernoulli_``."""
-    if backend == "cpu" and z.device.type == "cpu" and z.numel() < BYTE_MASK_LIMIT:
+    if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
         seed = torch.randint(2**62, (1,), device=z.device)
         return torch.ops.lgc_fast_C.bernoulli_keep_mask(seed, list(z.shape), float(p),
                                                         _memory_format(z) == torch.channels_last)

@@ -5,7 +5,8 @@
 // scalar one, planar planes split into tiles with vector tails, channels_last with spare threads, one lane, several
 // tiles per channel and three channel blocks. Each type runs twice, with its maps aligned for vector accesses and one
 // element off (scalar accesses, as the launchers choose), and both must give the same bits. Seeded masks must equal
-// philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw. Built by CMakeLists.txt.
+// philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw; the byte masks of
+// bernoulli_keep_mask must be the CPU draw's flags. Built by CMakeLists.txt.
 #include "cuda/bn_relu_dropout.cu"
 
 #include <cmath>
@@ -245,6 +246,25 @@ void check_keep_mask(const Case& cs, const Plan& plan, bool misaligned) {
       }
 }
 
+// bernoulli_keep_mask's thread steps: flag i is word i % 4 of Philox counter i / 4 at least bernoulli_threshold(p)
+// (what the CPU's bernoulli_keep_cpu writes), whole groups as one 16-byte store where aligned, a partial last group
+// flag by flag, and nothing past `count`.
+void check_bernoulli(int64_t count, bool misaligned) {
+  const uint64_t seed = 0x0123456789abcdefull;
+  const float p = 0.3f;
+  Buffer<uint8_t> keep(std::vector<uint8_t>(count + kBernoulliFlags, 2), misaligned);  // 2: never written
+  const bool vector_io = pack_aligned(keep.data, 1, kBernoulliFlags);
+  expect(vector_io == !misaligned, "vector access decision", "bernoulli", count);
+  const uint32_t threshold = lgc::bernoulli_threshold(p);
+  for (int64_t g = 0; g * kBernoulliFlags < count; ++g) bernoulli_group(seed, threshold, count, g, keep.data, vector_io);
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t words[4];
+    lgc::philox4(seed, static_cast<uint32_t>(i / 4), words);
+    expect(keep.data[i] == (words[i % 4] >= threshold), "bernoulli flag", "uint8", i);
+  }
+  for (int64_t i = count; i < count + kBernoulliFlags; ++i) expect(keep.data[i] == 2, "written past count", "uint8", i);
+}
+
 // Both alignments for element type T; they must agree bit for bit. Returns the plan's vec.
 template <typename T>
 int check_type(const Case& cs, double tol, const char* type) {
@@ -317,6 +337,12 @@ int main() {
       return cudaSuccess;
     });
   }
+  for (int64_t count : {1, 15, 16, 17, 4096 + 13}) {
+    check_bernoulli(count, false);
+    check_bernoulli(count, true);
+  }
+  expect(lgc::bernoulli_threshold(0.0f) == 0u && lgc::bernoulli_threshold(0.5f) == 2147483648u, "threshold",
+         "bernoulli", 0);
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
