@@ -25,6 +25,9 @@ from lgc_fast.demo import DEMO_IMAGE  # noqa: E402
 from lgc_fast.detect import Detector, load_gray  # noqa: E402
 
 
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::slice_backward")
+
+
 def profiled(name: str, call, device: torch.device, repeats: int, trace_dir: Path | None) -> None:
     for _ in range(3):
         call()
@@ -49,6 +52,13 @@ def profiled(name: str, call, device: torch.device, repeats: int, trace_dir: Pat
     by_shape = prof.key_averages(group_by_input_shape=True)
     print(by_shape.table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=40,
                          max_shapes_column_width=90))
+    # Layout and dtype copies hide below the top rows: list the largest ones with their shapes.
+    copies = sorted((e for e in by_shape if e.key in COPY_OPS and e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)
+    print(f"copies (ms per call of the profiled step): {', '.join(COPY_OPS)}")
+    for e in copies[:10]:
+        print(f"  {e.key:<16} {e.self_device_time_total / 1e3 / repeats:8.3f} ms  {e.count // repeats:4d} calls  "
+              f"{e.input_shapes}")
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace_dir / f"{name.replace(' ', '_')}.json"))

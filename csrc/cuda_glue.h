@@ -37,11 +37,13 @@ inline bool nhwc_ordered(const at::Tensor& x) {
 inline at::Tensor planar_of(const at::Tensor& x) {
   if (x.is_contiguous()) return x;
   if (!nhwc_ordered(x)) return x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t c = x.size(1), p = x.size(2) * x.size(3);
   const TransposeShape t{x.size(0), p, c, x.stride(0), x.stride(3), c * p, p};
-  check_launch(transpose_batched_cuda(x.const_data_ptr(), out.mutable_data_ptr(), static_cast<int>(x.element_size()),
-                                      t, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+  const auto elem = static_cast<int>(x.element_size());
+  if (!transpose_batched_supported(elem, t)) return x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  check_launch(transpose_batched_cuda(x.const_data_ptr(), out.mutable_data_ptr(), elem, t,
+                                      c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "planar copy");
   return out;
 }
@@ -49,14 +51,19 @@ inline at::Tensor planar_of(const at::Tensor& x) {
 // dst = src for a contiguous src of dst's shape and dtype (CUDA tensors): one batched transpose when dst is
 // NHWC-ordered, else torch's copy.
 inline void copy_planar_into(const at::Tensor& dst, const at::Tensor& src) {
-  if (dst.is_contiguous() || !nhwc_ordered(dst) || dst.scalar_type() != src.scalar_type() || !src.is_contiguous()) {
+  if (dst.is_contiguous() || !nhwc_ordered(dst) || !src.is_contiguous() || dst.scalar_type() != src.scalar_type() ||
+      dst.sizes() != src.sizes()) {
     dst.copy_(src);
     return;
   }
   const int64_t c = dst.size(1), p = dst.size(2) * dst.size(3);
   const TransposeShape t{dst.size(0), c, p, c * p, p, dst.stride(0), dst.stride(3)};
-  check_launch(transpose_batched_cuda(src.const_data_ptr(), dst.mutable_data_ptr(),
-                                      static_cast<int>(dst.element_size()), t,
+  const auto elem = static_cast<int>(dst.element_size());
+  if (!transpose_batched_supported(elem, t)) {
+    dst.copy_(src);
+    return;
+  }
+  check_launch(transpose_batched_cuda(src.const_data_ptr(), dst.mutable_data_ptr(), elem, t,
                                       c10::cuda::getCurrentCUDAStream(dst.device().index()).stream()),
                "channels_last copy");
 }

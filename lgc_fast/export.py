@@ -66,7 +66,7 @@ class ExportableLGCN(nn.Module):
     def __init__(self, model: LGCN, form: str = "separable"):
         super().__init__()
         self.net = model.folded()
-        self.net.kernel = KernelConv2d(2 * model.n_landmarks if model.branch is not None else model.n_landmarks, form)
+        self.net.kernel = KernelConv2d(model.n_landmarks, form)  # LGCN.forward convolves C-channel maps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(x)

@@ -251,13 +251,13 @@ class LGCN(nn.Module):
         h = (x / 128.0 - 1.0) * INPUT_SCALE
         feats = self.local_features(h)
         o_local = self.local_out(feats)
+        local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
         if self.branch is not None:
-            # One kernel convolution over both C-channel maps: [K * O_l, K * B].
-            both = self.kernel(torch.cat((o_local, self.branch(feats)), dim=1)) * KERNEL_OUTPUT_SCALE
-            local = both[:, : self.n_landmarks]
-            global_in = both
+            # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
+            # its own, not a channel slice, whose gradient autograd would assemble in a planar zero map with a
+            # strided copy (slice_backward) and add to the channels_last one of the global path.
+            global_in = torch.cat((local, self.kernel(self.branch(feats)) * KERNEL_OUTPUT_SCALE), dim=1)
         else:
-            local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
             global_in = local
         omega = local + self.global_out(self.global_features(global_in))
         return local, omega

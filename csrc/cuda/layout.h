@@ -23,8 +23,12 @@ struct TransposeShape {
   int64_t dst_col;
 };
 
-// Elements of elem_bytes = 1, 2, 4 or 8 bytes (moved as raw bits). Returns the launch error, or
-// cudaErrorInvalidValue for another element size.
+// Whether transpose_batched_cuda takes the shape: elements of 1, 2, 4 or 8 bytes, sides below 2^30 and at most
+// 2^31 - 1 tiles of 32 x 32 per matrix.
+bool transpose_batched_supported(int elem_bytes, TransposeShape shape);
+
+// Moves elements of elem_bytes as raw bits. Returns the launch error, or cudaErrorInvalidValue for a shape that
+// transpose_batched_supported refuses.
 cudaError_t transpose_batched_cuda(const void* src, void* dst, int elem_bytes, TransposeShape shape,
                                    cudaStream_t stream);
 

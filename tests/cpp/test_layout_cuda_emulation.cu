@@ -28,11 +28,14 @@ void check(const TransposeShape& t, int64_t src_size, int64_t dst_size, const ch
   std::vector<W> src(src_size), dst(dst_size, fill);
   for (int64_t i = 0; i < src_size; ++i) src[i] = static_cast<W>(i % 251);  // never `fill`
   Tile<W> shared;  // at most 8.4 KB
-  for (int64_t tile = 0; tile < tile_count(t); ++tile) {
-    for (int ty = 0; ty < kRowsPerPass; ++ty)
-      for (int tx = 0; tx < kTile; ++tx) load_tile(t, src.data(), tile, tx, ty, shared);
-    for (int ty = 0; ty < kRowsPerPass; ++ty)
-      for (int tx = 0; tx < kTile; ++tx) store_tile(t, dst.data(), tile, tx, ty, shared);
+  for (int64_t b = 0; b < t.batch; ++b) {
+    for (int tile = 0; tile < tiles_per_matrix(t); ++tile) {
+      const TileOrigin o = origin_of(t, b, tile);
+      for (int ty = 0; ty < kRowsPerPass; ++ty)
+        for (int tx = 0; tx < kTile; ++tx) load_tile(t, src.data(), o, tx, ty, shared);
+      for (int ty = 0; ty < kRowsPerPass; ++ty)
+        for (int tx = 0; tx < kTile; ++tx) store_tile(t, dst.data(), o, tx, ty, shared);
+    }
   }
   std::vector<bool> target(dst_size, false);
   for (int64_t b = 0; b < t.batch; ++b)
@@ -75,9 +78,18 @@ int main() {
     check_maps<uint32_t>(m[0], m[1], m[2], m[3]);
     check_maps<uint64_t>(m[0], m[1], m[2], m[3]);
   }
-  expect(tile_count({2, 45, 68, 0, 0, 0, 0}) == 2 * 2 * 3, "tile count", 45, 68);
+  expect(tiles_per_matrix({2, 45, 68, 0, 0, 0, 0}) == 2 * 3, "tile count", 45, 68);
+  const TileOrigin o = origin_of({1, 45, 68, 0, 0, 0, 0}, 0, 4);  // tiles run along the 3 column tiles first
+  expect(o.r0 == 32 && o.s0 == 32, "tile origin", o.r0, o.s0);
   expect(lgc::transpose_batched_cuda(nullptr, nullptr, 3, {1, 1, 1, 1, 1, 1, 1}, nullptr) == cudaErrorInvalidValue,
          "element size 3 refused", 3, 0);
+  expect(lgc::transpose_batched_cuda(nullptr, nullptr, 2, {1, kMaxSide, 1, 1, 1, 1, 1}, nullptr) ==
+             cudaErrorInvalidValue,
+         "sides of 2^30 refused", kMaxSide, 1);
+  expect(!lgc::transpose_batched_supported(2, {1, kMaxSide - 1, kMaxSide - 1, 1, 1, 1, 1}),
+         "more than 2^31 - 1 tiles refused", kMaxSide - 1, kMaxSide - 1);
+  expect(lgc::transpose_batched_supported(2, {100000, 3840 * 2160, 136, 1, 1, 1, 1}), "a 4K map of 136 channels",
+         3840 * 2160, 136);
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
