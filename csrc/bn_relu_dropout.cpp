@@ -274,6 +274,16 @@ at::Tensor bernoulli_keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape
   return keep;
 }
 
+// Meta: the masks' shape, dtype and layout without a draw. torch.compile runs these on fake tensors to trace the
+// mask draws of ConvBlock's fused epilogue into its graph.
+at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double, bool channels_last) {
+  return std::get<0>(new_keep_mask(seed, shape, channels_last));
+}
+
+at::Tensor bernoulli_keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double, bool channels_last) {
+  return std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
+}
+
 // ---- CUDA: the seed stays on the device (the kernels read it), so no pass synchronises with the host.
 
 #ifdef LGC_WITH_CUDA
@@ -390,6 +400,11 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cpu);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
+  m.impl("dropout_keep_mask", &lgc::keep_mask_meta);
+  m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_meta);
 }
 
 #ifdef LGC_WITH_CUDA

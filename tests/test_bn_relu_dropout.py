@@ -286,6 +286,19 @@ def test_bernoulli_keep_mask_cuda_equals_cpu():
         assert torch.equal(cuda.cpu(), cpu), (seed, shape)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_keep_mask_ops_opcheck(device):
+    """The compiled mask draws (a seed in, a mask out, deterministic in the seed) against their Meta kernels, which
+    torch.compile traces them with: schema, fake tensors, AOT dispatch."""
+    ext = [name for name in kernel_backends(device) if name in ("cpu", "cuda")]
+    if not ext:
+        pytest.skip(f"no compiled kernels on {device} here")
+    seed = torch.tensor([7], device=device)
+    for op in (torch.ops.lgc_fast_C.bernoulli_keep_mask, torch.ops.lgc_fast_C.dropout_keep_mask):
+        for channels_last in (False, True):
+            torch.library.opcheck(op.default, (seed, [2, 3, 4, 5], 0.3, channels_last))
+
+
 def test_dropout_keep_mask_backends(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of cpu, cuda, triton, not 'ref'"):
         dropout_keep_mask(torch.tensor([1]), (1, 2, 3, 3), P, "ref")

@@ -181,6 +181,25 @@ def test_fused_epilogues_compile_fullgraph(kernels_everywhere):
     torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict())
 
 
+def test_fused_epilogues_with_dropout_compile_fullgraph(kernels_everywhere):
+    """With dropout the fused epilogue draws a mask in every block (the compiled kernels' bernoulli_keep_mask, or
+    bernoulli_): that traces into the graph too, and from the same generator state gives eager's masks."""
+    torch._dynamo.reset()
+    eager = tiny(width=2, n_landmarks=2, local_layers=(3,), dropout=0.3).fuse_epilogues().train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = images(2, 12, 12)
+    outputs = []
+    for net in (eager, compiled):
+        torch.manual_seed(5)
+        local, omega = net(x)
+        (local.sum() + omega.square().sum()).backward()
+        outputs.append(omega.detach())
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_checkpoint_round_trip_and_export(tmp_path):
     model = tiny().eval()
     x = images()
