@@ -256,6 +256,11 @@ std::tuple<at::Tensor, EpilogueShape> new_keep_mask(const at::Tensor& seed, at::
   return {keep, EpilogueShape{shape[0], shape[1], shape[2] * shape[3], channels_last}};
 }
 
+// The (empty) byte mask of bernoulli_keep_mask: its four flags per Philox counter number up to 2^34 values.
+at::Tensor new_bernoulli_mask(const at::Tensor& seed, at::IntArrayRef shape, bool channels_last) {
+  return std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
+}
+
 at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
   auto [keep, s] = new_keep_mask(seed, shape, channels_last);
   if (keep.numel() == 0) return keep;
@@ -267,7 +272,7 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double d
 // A byte mask of i.i.d. flags (bernoulli_keep_cpu), filled in memory order, so its layout does not matter.
 at::Tensor bernoulli_keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p,
                                    bool channels_last) {
-  auto [keep, s] = new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34);
+  at::Tensor keep = new_bernoulli_mask(seed, shape, channels_last);
   if (keep.numel() == 0) return keep;
   bernoulli_keep_cpu(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<float>(dropout_p), keep.numel(),
                      out<uint8_t>(keep), at::get_num_threads());
@@ -281,7 +286,7 @@ at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double,
 }
 
 at::Tensor bernoulli_keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double, bool channels_last) {
-  return std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
+  return new_bernoulli_mask(seed, shape, channels_last);
 }
 
 // ---- CUDA: the seed stays on the device (the kernels read it), so no pass synchronises with the host.
@@ -367,7 +372,7 @@ at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double 
 at::Tensor bernoulli_keep_mask_cuda_op(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p,
                                        bool channels_last) {
   const c10::cuda::CUDAGuard guard(seed.device());
-  at::Tensor keep = std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
+  at::Tensor keep = new_bernoulli_mask(seed, shape, channels_last);
   check_launch(bernoulli_keep_mask_cuda(ptr<int64_t>(seed), static_cast<float>(dropout_p), keep.numel(),
                                         out<uint8_t>(keep), c10::cuda::getCurrentCUDAStream()),
                "bernoulli_keep_mask");

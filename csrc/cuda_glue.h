@@ -26,46 +26,45 @@ inline void check_launch(cudaError_t err, const char* op) {
 }
 
 // Whether x (N, C, H, W) is stored NHWC-ordered without overlap: channels at stride 1, pixels at one stride of at
-// least C, images apart, as a channels_last map or a channel slice of one. Maps with a side of 1 take torch's path (their strides are arbitrary).
+// least C, images apart, as a channels_last map or a channel slice of one. Maps with a side of 1 take torch's path
+// (their strides are arbitrary).
 inline bool nhwc_ordered(const at::Tensor& x) {
   return x.dim() == 4 && x.size(0) > 0 && x.size(1) > 1 && x.size(2) > 1 && x.size(3) > 1 && x.stride(1) == 1 &&
          x.stride(3) >= x.size(1) && x.stride(2) == x.size(3) * x.stride(3) && x.stride(0) >= x.size(2) * x.stride(2);
 }
 
+// The batched transpose (csrc/cuda/layout.cu, coalesced on both sides) src -> dst for `t`, on the current stream of
+// dst's device; false, launching nothing, for a shape it does not take.
+inline bool launch_transpose(const at::Tensor& src, const at::Tensor& dst, const TransposeShape& t) {
+  const auto elem = static_cast<int>(dst.element_size());
+  if (!transpose_batched_supported(elem, t)) return false;
+  check_launch(transpose_batched_cuda(src.const_data_ptr(), dst.mutable_data_ptr(), elem, t,
+                                      c10::cuda::getCurrentCUDAStream(dst.device().index()).stream()),
+               "layout transpose");
+  return true;
+}
+
 // x (a CUDA tensor) as a contiguous (N, C, H, W) tensor of its dtype: x itself when it is one, one batched transpose
-// (csrc/cuda/layout.cu, coalesced on both sides) when it is NHWC-ordered, else torch's copy.
+// when it is NHWC-ordered, else torch's copy.
 inline at::Tensor planar_of(const at::Tensor& x) {
   if (x.is_contiguous()) return x;
-  if (!nhwc_ordered(x)) return x.contiguous();
-  const int64_t c = x.size(1), p = x.size(2) * x.size(3);
-  const TransposeShape t{x.size(0), p, c, x.stride(0), x.stride(3), c * p, p};
-  const auto elem = static_cast<int>(x.element_size());
-  if (!transpose_batched_supported(elem, t)) return x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(transpose_batched_cuda(x.const_data_ptr(), out.mutable_data_ptr(), elem, t,
-                                      c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
-               "planar copy");
-  return out;
+  if (nhwc_ordered(x)) {
+    const int64_t c = x.size(1), p = x.size(2) * x.size(3);
+    at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (launch_transpose(x, out, {x.size(0), p, c, x.stride(0), x.stride(3), c * p, p})) return out;
+  }
+  return x.contiguous();
 }
 
 // dst = src for a contiguous src of dst's shape and dtype (CUDA tensors): one batched transpose when dst is
 // NHWC-ordered, else torch's copy.
 inline void copy_planar_into(const at::Tensor& dst, const at::Tensor& src) {
-  if (dst.is_contiguous() || !nhwc_ordered(dst) || !src.is_contiguous() || dst.scalar_type() != src.scalar_type() ||
-      dst.sizes() != src.sizes()) {
-    dst.copy_(src);
-    return;
+  if (!dst.is_contiguous() && nhwc_ordered(dst) && src.is_contiguous() && dst.scalar_type() == src.scalar_type() &&
+      dst.sizes() == src.sizes()) {
+    const int64_t c = dst.size(1), p = dst.size(2) * dst.size(3);
+    if (launch_transpose(src, dst, {dst.size(0), c, p, c * p, p, dst.stride(0), dst.stride(3)})) return;
   }
-  const int64_t c = dst.size(1), p = dst.size(2) * dst.size(3);
-  const TransposeShape t{dst.size(0), c, p, c * p, p, dst.stride(0), dst.stride(3)};
-  const auto elem = static_cast<int>(dst.element_size());
-  if (!transpose_batched_supported(elem, t)) {
-    dst.copy_(src);
-    return;
-  }
-  check_launch(transpose_batched_cuda(src.const_data_ptr(), dst.mutable_data_ptr(), elem, t,
-                                      c10::cuda::getCurrentCUDAStream(dst.device().index()).stream()),
-               "channels_last copy");
+  dst.copy_(src);
 }
 
 }  // namespace lgc
