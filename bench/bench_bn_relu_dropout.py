@@ -4,8 +4,9 @@ backward as training runs it, against torch in the same run.
 Methods, on the same (N, C, 96, 96) map z (the conv output; channels_last on a GPU, both layouts on the CPU), each
 drawing its own dropout mask:
   lgc_fast B        : lgc_fast.ops.bn_relu_dropout on kernel backend B (on a GPU: cuda, the CUDA C++ kernels, and
-                      triton; on the CPU: cpu, the C++ kernels), mask drawn as ConvBlock draws it (one byte per value:
+                      triton; on the CPU: cpu, the C++ kernels) with a byte mask (one byte per value:
                       random_keep_mask)
+  lgc_fast B bits   : the same with keep bits, the mask as ConvBlock draws it (one bit per value: random_keep_bits)
   lgc_fast B seeded : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
                       (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
@@ -13,7 +14,7 @@ drawing its own dropout mask:
 Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, each method's speed-up
 over torch eager and torch compiled, and (GPU) the achieved bandwidth of each lgc_fast method against the datasheet
 peak for the traffic its four passes need at least: z read twice forward and twice backward, the output gradient read
-twice, y and dz written once, and for the byte mask, its write and three reads.
+twice, y and dz written once, and for the byte mask (keep bits), its write and three reads of 1 (1/8) byte a value.
 
 Usage:
   python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32]
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
 
 from lgc_fast import _backend  # noqa: E402
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, random_keep_mask  # noqa: E402
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, random_keep_bits, random_keep_mask  # noqa: E402
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,20 +50,28 @@ def torch_epilogue(z, running_mean, running_var, weight, bias):
     return F.dropout(y * ACTIVATION_SCALE, DROPOUT_P, training=True)
 
 
-def lgc_fast_epilogue(backend: str, seeded: bool):
+DROPOUT_FORMS = {"": "byte mask", " bits": "keep bits", " seeded": "seeded"}  # method suffix -> the dropout form
+
+
+def lgc_fast_epilogue(backend: str, form: str):
     def epilogue(z, running_mean, running_var, weight, bias):
-        if seeded:
+        if form == "seeded":
             seed = torch.randint(2**62, (1,), device=z.device)
             return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, dropout_seed=seed,
+                                   backend=backend)
+        if form == "keep bits":
+            bits = random_keep_bits(z, DROPOUT_P, backend)
+            return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, keep_bits=bits,
                                    backend=backend)
         keep = random_keep_mask(z, DROPOUT_P, backend)
         return bn_relu_dropout(z, running_mean, running_var, weight, bias, keep, training=True, backend=backend)
     return epilogue
 
 
-def min_traffic_bytes(z: torch.Tensor, mask: bool) -> int:
+def min_traffic_bytes(z: torch.Tensor, form: str) -> float:
     """Bytes the fused forward + backward must move at least (see the module docstring)."""
-    return z.numel() * (8 * z.element_size() + (4 if mask else 0))
+    mask_bytes = {"byte mask": 4.0, "keep bits": 0.5, "seeded": 0.0}[form]
+    return z.numel() * (8 * z.element_size() + mask_bytes)
 
 
 def make_step(fn, z, grad, params):
@@ -86,8 +95,8 @@ def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, backe
     params = [torch.zeros(c, device=device), torch.ones(c, device=device), weight, bias]
     methods = {"torch eager": make_step(torch_epilogue, z, grad, params)}
     for backend in backends:
-        methods[f"lgc_fast {backend}"] = make_step(lgc_fast_epilogue(backend, seeded=False), z, grad, params)
-        methods[f"lgc_fast {backend} seeded"] = make_step(lgc_fast_epilogue(backend, seeded=True), z, grad, params)
+        for suffix, form in DROPOUT_FORMS.items():
+            methods[f"lgc_fast {backend}{suffix}"] = make_step(lgc_fast_epilogue(backend, form), z, grad, params)
     if compile_torch:
         methods["torch compiled"] = make_step(torch.compile(torch_epilogue), z, grad, params)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget_s)
@@ -97,7 +106,8 @@ def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, backe
         row = {"dtype": dtype_name, "layout": layout, "shape": list(shape), "method": name, **t.as_dict()}
         if name.startswith("lgc_fast"):
             row["backend"] = name.split()[1]
-            gbps = min_traffic_bytes(z, mask=not name.endswith("seeded")) / (t.median_ms / 1e3) / 1e9
+            row["dropout"] = DROPOUT_FORMS[name[len("lgc_fast " + row["backend"]):]]
+            gbps = min_traffic_bytes(z, row["dropout"]) / (t.median_ms / 1e3) / 1e9
             row["min_traffic_gb_per_s"] = gbps
             row["pct_of_peak_bandwidth"] = 100 * gbps * 1e9 / peak if peak else None
         for baseline, key in (("torch eager", "speedup_vs_eager"), ("torch compiled", "speedup_vs_compiled")):

@@ -122,10 +122,13 @@ def rows_bn_relu_dropout(entry, device):
     for r in entry.get("results", []):
         by_case.setdefault((r["dtype"], r.get("layout", "channels_last")), {})[r["method"]] = r
     for (dtype, layout), methods in by_case.items():
-        # The byte-mask methods: "lgc_fast <backend>" ("lgc_fast" in results from before the bench named backends).
+        # The mask methods: "lgc_fast <backend>" (byte mask; "lgc_fast" in results from before the bench named
+        # backends) and "lgc_fast <backend> bits" (keep bits).
         fast = {name: r for name, r in methods.items() if name.startswith("lgc_fast") and not name.endswith("seeded")}
         for fast_name, r in fast.items():
             backend = f", {r['backend']}" if "backend" in r else ""
+            if r.get("dropout") == "keep bits":
+                backend += ", keep bits"
             for name in ("torch eager", "torch compiled"):
                 if name in methods:
                     yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training{backend}) vs {name}",

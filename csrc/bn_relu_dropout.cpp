@@ -1,10 +1,11 @@
 // Torch glue of the conv-block epilogue's kernels (BatchNorm + ReLU + scale + dropout), one op per pass, on the CPU
-// and CUDA: lgc_fast_C::bn_relu_dropout_moments, _apply, _grad_sums, _grad_apply and lgc_fast_C::dropout_keep_mask.
+// and CUDA: lgc_fast_C::bn_relu_dropout_moments, _apply, _grad_sums, _grad_apply, and the mask draws
+// lgc_fast_C::dropout_keep_mask, bernoulli_keep_mask and bernoulli_keep_bits.
 // lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" and "cuda" backends),
 // as it does from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also
-// contiguous), else contiguous (a strided z is copied); the mask and the gradient are brought to that layout, so
-// outputs have the strides the Python op's fake implementations promise. Per-channel vectors are float32 (float64
-// for float64 maps).
+// contiguous), else contiguous (a strided z is copied); a keep mask and the gradient are brought to that layout, so
+// outputs have the strides the Python op's fake implementations promise. A 1-D uint8 keep_mask holds keep bits, which
+// number the values in that layout. Per-channel vectors are float32 (float64 for float64 maps).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -56,9 +57,11 @@ at::Tensor same_map(const at::Tensor& t, const at::Tensor& z, const Maps& maps, 
   return dense(t, maps);
 }
 
-// The dropout of a call: the densified keep mask, or the seed (an int64 tensor of one value), or neither.
+// The dropout of a call: the densified keep mask, or its keep bits, or the seed (an int64 tensor of one value), or
+// neither.
 struct Drop {
   at::Tensor mask;
+  at::Tensor bits;
   at::Tensor seed;
   float p = 0.0f;
 };
@@ -67,7 +70,16 @@ Drop drop_of(const c10::optional<at::Tensor>& keep_mask, const c10::optional<at:
              const at::Tensor& z, const Maps& maps) {
   Drop drop;
   drop.p = static_cast<float>(p);
-  if (keep_mask.has_value()) {
+  if (keep_mask.has_value() && keep_mask->dim() == 1) {
+    // Keep bits: bit e of the (N, C, P) maps in z's layout (keep_bit), ceil(numel / 8) bytes.
+    TORCH_CHECK(keep_mask->scalar_type() == at::kByte, "bn_relu_dropout: keep bits must be uint8, got ",
+                keep_mask->scalar_type());
+    TORCH_CHECK(keep_mask->device() == z.device(), "bn_relu_dropout: keep bits must be on z's device ", z.device(),
+                ", got ", keep_mask->device());
+    TORCH_CHECK(keep_mask->numel() == (z.numel() + 7) / 8, "bn_relu_dropout: keep bits must hold (N*C*H*W + 7) / 8 = ",
+                (z.numel() + 7) / 8, " bytes, got ", keep_mask->numel());
+    drop.bits = keep_mask->contiguous();
+  } else if (keep_mask.has_value()) {
     const auto t = keep_mask->scalar_type();
     TORCH_CHECK(t == at::kBool || t == at::kByte, "bn_relu_dropout: keep_mask must be bool or uint8, got ", t);
     TORCH_CHECK(keep_mask->device() == z.device(), "bn_relu_dropout: keep_mask must be on z's device ", z.device(),
@@ -157,6 +169,7 @@ EpilogueDropout cpu_dropout(const Drop& drop) {
   EpilogueDropout args;
   args.p = drop.p;
   args.mask = ptr<uint8_t>(drop.mask);
+  args.bits = ptr<uint8_t>(drop.bits);
   if (drop.seed.defined()) {
     args.seeded = true;
     args.seed = static_cast<uint64_t>(drop.seed.item<int64_t>());
@@ -261,6 +274,16 @@ at::Tensor new_bernoulli_mask(const at::Tensor& seed, at::IntArrayRef shape, boo
   return std::get<0>(new_keep_mask(seed, shape, channels_last, "bernoulli_keep_mask", 34));
 }
 
+// The (empty) keep bits of bernoulli_keep_bits for `count` values: (count + 7) / 8 bytes, up to 2^34 values.
+at::Tensor new_bernoulli_bits(const at::Tensor& seed, int64_t count) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "bernoulli_keep_bits: seed must be an int64 tensor of one value, got ", seed.scalar_type(), " ",
+              seed.sizes());
+  TORCH_CHECK(count >= 0 && count < (int64_t{1} << 34), "bernoulli_keep_bits: count must be in [0, 2^34), got ",
+              count);
+  return at::empty({(count + 7) / 8}, seed.options().dtype(at::kByte));
+}
+
 at::Tensor keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
   auto [keep, s] = new_keep_mask(seed, shape, channels_last);
   if (keep.numel() == 0) return keep;
@@ -279,6 +302,14 @@ at::Tensor bernoulli_keep_mask_cpu(const at::Tensor& seed, at::IntArrayRef shape
   return keep;
 }
 
+at::Tensor bernoulli_keep_bits_cpu_op(const at::Tensor& seed, int64_t count, double dropout_p) {
+  at::Tensor bits = new_bernoulli_bits(seed, count);
+  if (count == 0) return bits;
+  bernoulli_keep_bits_cpu(static_cast<uint64_t>(seed.item<int64_t>()), static_cast<float>(dropout_p), count,
+                          out<uint8_t>(bits), at::get_num_threads());
+  return bits;
+}
+
 // Meta: the masks' shape, dtype and layout without a draw. torch.compile runs these on fake tensors to trace the
 // mask draws of ConvBlock's fused epilogue into its graph.
 at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double, bool channels_last) {
@@ -289,11 +320,15 @@ at::Tensor bernoulli_keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shap
   return new_bernoulli_mask(seed, shape, channels_last);
 }
 
+at::Tensor bernoulli_keep_bits_meta(const at::Tensor& seed, int64_t count, double) {
+  return new_bernoulli_bits(seed, count);
+}
+
 // ---- CUDA: the seed stays on the device (the kernels read it), so no pass synchronises with the host.
 
 #ifdef LGC_WITH_CUDA
 EpilogueDropoutCuda cuda_dropout(const Drop& drop) {
-  return EpilogueDropoutCuda{ptr<uint8_t>(drop.mask), ptr<int64_t>(drop.seed), drop.p};
+  return EpilogueDropoutCuda{ptr<uint8_t>(drop.mask), ptr<uint8_t>(drop.bits), ptr<int64_t>(drop.seed), drop.p};
 }
 
 at::Tensor new_partials(const at::Tensor& z, const Maps& maps) {
@@ -378,6 +413,15 @@ at::Tensor bernoulli_keep_mask_cuda_op(const at::Tensor& seed, at::IntArrayRef s
                "bernoulli_keep_mask");
   return keep;
 }
+
+at::Tensor bernoulli_keep_bits_cuda_op(const at::Tensor& seed, int64_t count, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor bits = new_bernoulli_bits(seed, count);
+  check_launch(bernoulli_keep_bits_cuda(ptr<int64_t>(seed), static_cast<float>(dropout_p), count, out<uint8_t>(bits),
+                                        c10::cuda::getCurrentCUDAStream()),
+               "bernoulli_keep_bits");
+  return bits;
+}
 #endif
 
 }  // namespace
@@ -396,6 +440,7 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
       "seed, float dropout_p, Tensor? k1, Tensor? k0, float out_scale) -> Tensor");
   m.def("dropout_keep_mask(Tensor seed, int[] shape, float dropout_p, bool channels_last) -> Tensor");
   m.def("bernoulli_keep_mask(Tensor seed, int[] shape, float dropout_p, bool channels_last) -> Tensor");
+  m.def("bernoulli_keep_bits(Tensor seed, int count, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
@@ -405,11 +450,13 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cpu);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cpu);
+  m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_cpu_op);
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
   m.impl("dropout_keep_mask", &lgc::keep_mask_meta);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_meta);
+  m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_meta);
 }
 
 #ifdef LGC_WITH_CUDA
@@ -420,5 +467,6 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cuda);
   m.impl("dropout_keep_mask", &lgc::keep_mask_cuda);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cuda_op);
+  m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_cuda_op);
 }
 #endif

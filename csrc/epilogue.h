@@ -69,4 +69,20 @@ inline uint32_t bernoulli_threshold(float p) {
   return static_cast<uint32_t>(std::llround(static_cast<double>(p) * 4294967296.0));
 }
 
+// Keep bits, the packed form of a keep mask: the flag of the value at offset e of the maps (dense, in the call's
+// layout) is bit e % 8, least significant first, of byte e / 8. An eighth of the byte mask's traffic in each pass.
+LGC_PHILOX_HD bool keep_bit(const uint8_t* bits, int64_t e) { return ((bits[e >> 3] >> (e & 7)) & 1u) != 0; }
+
+// Byte b of bernoulli_keep_bits: flags 8 b .. 8 b + 7 of bernoulli_keep_mask (Philox counters 2 b and 2 b + 1), so
+// the bits are that byte mask packed.
+LGC_PHILOX_HD uint8_t bernoulli_bits_byte(uint64_t seed, uint32_t threshold, int64_t b) {
+  uint32_t byte = 0;
+  for (int half = 0; half < 2; ++half) {
+    uint32_t words[4];
+    philox4(seed, static_cast<uint32_t>(2 * b + half), words);
+    for (int k = 0; k < 4; ++k) byte |= uint32_t{words[k] >= threshold} << (4 * half + k);
+  }
+  return static_cast<uint8_t>(byte);
+}
+
 }  // namespace lgc

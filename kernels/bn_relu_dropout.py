@@ -12,7 +12,8 @@ float64).
               apply:   read z (+ keep), write y     y = out_scale * relu(z * scale + shift) * keep
     backward  sums:    read dy, z (+ keep)          -> sum g, sum g * (z - mean), g = dy * out_scale * keep * [pre > 0]
               apply:   read dy, z (+ keep), write dz   dz = scale * g + k1 * z + k0
-keep: read from a mask tensor, or drawn again in each kernel from a seed (``Dropout``), or 1.
+keep: read from a mask tensor or from keep bits (a packed mask, one bit a value), or drawn again in each kernel from
+a seed (``Dropout``), or 1.
 out_scale is a float64 argument: Triton passes an unannotated Python float as float32, which would round float64
 maps' scale; products with it are rounded back to the accumulation dtype.
 """
@@ -25,9 +26,10 @@ import triton
 import triton.language as tl
 
 _TILE_ELEMENTS = 4096
-# DROPOUT modes of the kernels: none, a keep mask tensor, or Philox draws from a seed.
-NONE, MASK, SEEDED = 0, 1, 2
+# DROPOUT modes of the kernels: none, a keep mask tensor, Philox draws from a seed, or keep bits.
+NONE, MASK, SEEDED, BITS = 0, 1, 2, 3
 _MASK_MODE = tl.constexpr(MASK)
+_BITS_MODE = tl.constexpr(BITS)
 _SEEDED_MODE = tl.constexpr(SEEDED)
 SEEDED_LIMIT = 2**31  # values a seeded draw can number: Philox takes each value's index as a 32-bit counter
 
@@ -66,10 +68,16 @@ def _moments_kernel(z_ptr, part_ptr, C, P, NPB, z_sn, z_sc, z_sp,
 
 @triton.jit
 def _keep_tile(keep_ptr, seed_ptr, dropout_p, n, p, c, C, P, inside, k_sn, k_sc, k_sp, DROPOUT: tl.constexpr):
-    """The tile's keep flags: read from the mask (DROPOUT == MASK) or drawn (SEEDED) by Philox from the seed and each
-    value's index in (N, C, H, W) order, so a seed gives the same mask in any memory format and again in backward."""
+    """The tile's keep flags: read from the mask (DROPOUT == MASK), from the keep bits (BITS: bit e % 8 of byte e // 8
+    for the value at offset e of the dense layout whose strides k_* are), or drawn (SEEDED) by Philox from the seed and
+    each value's index in (N, C, H, W) order, so a seed gives the same mask in any memory format and again in
+    backward."""
     if DROPOUT == _MASK_MODE:
         keep = tl.load(keep_ptr + _offsets(n, p, c, k_sn, k_sc, k_sp), mask=inside, other=0) != 0
+    elif DROPOUT == _BITS_MODE:
+        e = _offsets(n, p, c, k_sn, k_sc, k_sp)
+        byte = tl.load(keep_ptr + e // 8, mask=inside, other=0).to(tl.int32)
+        keep = ((byte >> (e % 8).to(tl.int32)) & 1) != 0
     else:
         index = (n * C + c[None, :]) * P + p[:, None]
         keep = tl.rand(tl.load(seed_ptr), index.to(tl.int32)) >= dropout_p
@@ -155,15 +163,18 @@ def _keep_mask_kernel(seed_ptr, dropout_p, out_ptr, C, P, NPB, o_sn, o_sc, o_sp,
 
 @dataclass(frozen=True)
 class Dropout:
-    """What the kernels drop: `mask` (bool/uint8 like z, nonzero = keep), or Philox draws from `seed` (an int64 tensor
-    of one value on z's device, read by the kernels: no host sync) keeping each value with probability 1 - p, or
-    nothing when both are None."""
+    """What the kernels drop: `mask` (bool/uint8 like z, nonzero = keep; or, 1-D uint8, keep bits: ceil(N*C*H*W / 8)
+    bytes whose bit e % 8 of byte e // 8 keeps the value at offset e of z's memory format, dense), or Philox draws from
+    `seed` (an int64 tensor of one value on z's device, read by the kernels: no host sync) keeping each value with
+    probability 1 - p, or nothing when both are None."""
     mask: torch.Tensor | None = None
     seed: torch.Tensor | None = None
     p: float = 0.0
 
     def args(self, z: torch.Tensor) -> tuple:
         """(mode, keep tensor, its (n, c, p) strides, seed tensor, p) for a kernel launch over z."""
+        if self.mask is not None and self.mask.dim() == 1:
+            return BITS, self.mask, _dense_ncp_strides(z), z, self.p
         if self.mask is not None:
             keep = self.mask.view(torch.uint8) if self.mask.dtype == torch.bool else self.mask
             return MASK, keep, _ncp_strides(keep), z, self.p
@@ -175,6 +186,15 @@ class Dropout:
 def _ncp_strides(t: torch.Tensor) -> tuple[int, int, int]:
     _, _, h, w = t.shape
     return t.stride(0), t.stride(1), (t.stride(3) if w > 1 else t.stride(2))
+
+
+def _dense_ncp_strides(z: torch.Tensor) -> tuple[int, int, int]:
+    """The (n, c, p) strides of z's shape laid out densely in its memory format: channels_last when z is (and is not
+    also contiguous), else contiguous."""
+    _, c, h, w = z.shape
+    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return h * w * c, 1, c
+    return c * h * w, h * w, 1
 
 
 def tile_shape(z: torch.Tensor) -> tuple[int, int]:

@@ -105,7 +105,7 @@ def dilated_conv_cases() -> None:
 
 def bn_relu_dropout_cases() -> None:
     """The four epilogue kernels for a channels_last 128-channel map in every dtype with seeded dropout, for a
-    contiguous one in bfloat16 with a mask tensor, and the mask kernel; the channel stride 1 (channels_last) or pixel
+    contiguous one in bfloat16 with a mask tensor and a channels_last one with keep bits, and the mask kernel; the channel stride 1 (channels_last) or pixel
     stride 1 (contiguous) as the launcher specialises it."""
     module = bn_relu_dropout
     kernels = {
@@ -116,7 +116,8 @@ def bn_relu_dropout_cases() -> None:
     }
     strided = {"z": "z", "dy": "dy", "keep": "k", "y": "y", "dz": "dz"}
     cases = [(d, True, module.SEEDED) for d in (torch.bfloat16, torch.float32, torch.float16, torch.float64)]
-    for dtype, channels_last, dropout in cases + [(torch.bfloat16, False, module.MASK)]:
+    cases += [(torch.bfloat16, False, module.MASK), (torch.bfloat16, True, module.BITS)]
+    for dtype, channels_last, dropout in cases:
         fp64 = dtype == torch.float64
         z = torch.empty(16, 128, 96, 96, dtype=dtype)
         if channels_last:

@@ -12,7 +12,8 @@ import torch.nn as nn
 from conftest import available_backends, devices
 from lgc_fast import _backend
 from lgc_fast.ops.bn_relu_dropout import (
-    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend, random_keep_mask,
+    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend, pack_keep_mask,
+    random_keep_bits, random_keep_mask, unpack_keep_bits,
 )
 from lgc_fast.ops.dilated_block import draw_dropout_mask
 
@@ -153,6 +154,69 @@ def test_mask_forms_nan_and_scales(device):
         assert got.isnan().sum() == 2 and torch.equal(got.isnan(), want.isnan())
 
 
+def _bits(mask, z):
+    """mask's keep bits for z (in z's memory format, as the op numbers them)."""
+    fmt = torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
+        else torch.contiguous_format
+    return pack_keep_mask(mask, memory_format=fmt)
+
+
+def test_keep_bits_format():
+    """Bit e % 8 (least significant first) of byte e // 8 is the flag of the value at offset e of z's memory format,
+    the last byte's spare bits 0; unpacking gives the mask back in that format."""
+    mask = torch.zeros(1, 2, 1, 5, dtype=torch.bool)
+    mask[0, 0, 0, 1] = mask[0, 1, 0, 0] = mask[0, 1, 0, 4] = True
+    # contiguous offsets: (c, w) -> 5 c + w: 1, 5, 9; channels_last: 2 w + c: 2, 1, 9
+    assert pack_keep_mask(mask, memory_format=torch.contiguous_format).tolist() == [0b00100010, 0b00000010]
+    assert pack_keep_mask(mask, memory_format=torch.channels_last).tolist() == [0b00000110, 0b00000010]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        g = torch.Generator().manual_seed(1)
+        big = torch.rand(3, 5, 7, 9, generator=g) > 0.4  # 945 values: a partial last byte
+        bits = pack_keep_mask(big.contiguous(memory_format=fmt), memory_format=fmt)
+        assert bits.dtype == torch.uint8 and bits.shape == (119,) and bits[-1] >> 1 == 0
+        back = unpack_keep_bits(bits, big.shape, memory_format=fmt)
+        assert torch.equal(back, big) and back.is_contiguous(memory_format=fmt)
+    with pytest.raises(ValueError, match=r"keep_bits must be uint8 of shape \(2,\)"):
+        unpack_keep_bits(torch.zeros(3, dtype=torch.uint8), (1, 2, 1, 5), memory_format=torch.contiguous_format)
+    with pytest.raises(ValueError, match="memory_format must be"):
+        pack_keep_mask(mask, memory_format=torch.preserve_format)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_keep_bits_equal_the_mask(device, channels_last, training):
+    """Keep bits drop what their mask drops: the same outputs, gradients and running statistics bit for bit, on
+    every backend (the reference unpacks them); 420 values, so the last byte is partial."""
+    for backend in kernel_backends(device) + ["ref"]:
+        for dtype in (torch.float64, torch.bfloat16):
+            z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 14, channels_last)
+            results = []
+            for keep in (dict(keep_mask=mask), dict(keep_bits=_bits(mask, z))):
+                leaves = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
+                stats = [t.clone() for t in (rm, rv)]
+                y = bn_relu_dropout(leaves[0], *stats, leaves[1], leaves[2], training=training, dropout_p=P,
+                                    backend=backend, **keep)
+                (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=device).view_as(y)
+                 ).sum().backward()
+                results.append([y] + [t.grad for t in leaves] + stats)
+            for got, want in zip(*results):
+                assert torch.equal(got, want), (backend, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_keep_bits_of_a_strided_z(device):
+    """A z whose H and W strides do not merge is copied densely (contiguous): its bits number that layout."""
+    for backend in kernel_backends(device):
+        z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 15, channels_last=True)
+        z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]
+        bits = pack_keep_mask(mask_view, memory_format=torch.contiguous_format)
+        got = bn_relu_dropout(z_view, None, None, weight, bias, training=True, dropout_p=P, keep_bits=bits,
+                              backend=backend)
+        want = bn_relu_dropout_ref(z_view, None, None, weight, bias, mask_view, training=True, dropout_p=P)
+        torch.testing.assert_close(got, want, **_tol(torch.float64))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_gradcheck_float64(device):
     for backend in kernel_backends(device) + ["ref"]:
@@ -165,6 +229,10 @@ def test_gradcheck_float64(device):
         assert torch.autograd.gradcheck(
             lambda a, w, b: bn_relu_dropout(a, rm, rv, w, b, mask, training=False, dropout_p=P, backend=backend),
             args, fast_mode=True)
+        bits = _bits(mask, z)
+        assert torch.autograd.gradcheck(
+            lambda a, w, b: bn_relu_dropout(a, None, None, w, b, training=True, dropout_p=P, keep_bits=bits,
+                                            backend=backend), args, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -177,7 +245,7 @@ def test_opcheck(device):
         ops = torch.ops.lgc_fast
         mean, var = z.detach().mean(dim=(0, 2, 3)), z.detach().var(dim=(0, 2, 3), unbiased=False)
         grad = torch.randn_like(z)
-        for keep, seeded in ((mask, None), (None, seed)):
+        for keep, seeded in ((mask, None), (None, seed), (_bits(mask, z), None)):
             torch.library.opcheck(ops.bn_relu_dropout_train.default,
                                   (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P), backend))
             torch.library.opcheck(ops.scale_shift_relu_dropout.default,
@@ -270,6 +338,44 @@ def test_random_keep_mask(device, channels_last):
         assert 0 < tail.sum() < tail.numel() and tail.shape == odd.shape
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_random_keep_bits(device, channels_last):
+    """ConvBlock's keep bits: from the same generator state, the compiled kernels' draw is their byte mask packed
+    (partial last bytes included); elsewhere bernoulli_ packed; reproducible, at the right rate."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for shape in ((4, 16, 32, 33), (3, 5, 7, 9), (1, 1, 1, 3)):  # 67584 values; 945 = 8 * 118 + 1; 3
+        z = torch.empty(shape, device=device).contiguous(memory_format=fmt)
+        for backend in kernel_backends(device) + ["ref"]:
+            torch.manual_seed(0)
+            bits = random_keep_bits(z, P, backend)
+            assert bits.dtype == torch.uint8 and bits.shape == ((z.numel() + 7) // 8,) and bits.device == z.device
+            torch.manual_seed(0)
+            assert torch.equal(random_keep_bits(z, P, backend), bits)
+            torch.manual_seed(0)
+            compiled = backend == z.device.type
+            mask = random_keep_mask(z, P, backend if compiled else None)
+            assert torch.equal(bits, _bits(mask, z)), backend
+            if z.numel() > 10000:
+                assert abs(unpack_keep_bits(bits, shape, memory_format=fmt).float().mean().item() - (1 - P)) < 0.01
+                assert not torch.equal(random_keep_bits(z, P, backend), bits)  # the generator moved on
+            assert unpack_keep_bits(random_keep_bits(z, 0.0, backend), shape, memory_format=fmt).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bernoulli_keep_bits_cuda_equals_cpu():
+    """The CUDA keep-bit draw (32 flags a thread, one 4-byte store) gives the C++ CPU draw's bits, partial last
+    groups and bytes included."""
+    if "cuda" not in kernel_backends("cuda") or "cpu" not in kernel_backends("cpu"):
+        pytest.skip("needs the compiled CPU and CUDA kernels")
+    draw = torch.ops.lgc_fast_C.bernoulli_keep_bits
+    for seed, count, p in ((0, 1, 0.5), (2**62 - 7, 420, P), (2**32 + 1, 11520, 0.1), (11, 33, 0.9),
+                           (12, 64 * 128 * 96 * 96 + 5, 0.1)):
+        cpu = draw(torch.tensor([seed]), count, p)
+        cuda = draw(torch.tensor([seed], device="cuda"), count, p)
+        assert cuda.device.type == "cuda" and torch.equal(cuda.cpu(), cpu), (seed, count)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bernoulli_keep_mask_cuda_equals_cpu():
     """The CUDA byte-mask draw (16 flags a thread, one 16-byte store) gives the C++ CPU draw's flags bit for bit,
@@ -297,6 +403,8 @@ def test_keep_mask_ops_opcheck(device):
     for op in (torch.ops.lgc_fast_C.bernoulli_keep_mask, torch.ops.lgc_fast_C.dropout_keep_mask):
         for channels_last in (False, True):
             torch.library.opcheck(op.default, (seed, [2, 3, 4, 5], 0.3, channels_last))
+    for count in (0, 5, 120):
+        torch.library.opcheck(torch.ops.lgc_fast_C.bernoulli_keep_bits.default, (seed, count, 0.3))
 
 
 def test_dropout_keep_mask_backends(monkeypatch):
@@ -354,6 +462,10 @@ def _bad(**overrides):
     (dict(activation_scale=float("nan")), ValueError, "activation_scale must be"),
     (dict(backend="cuda"), ValueError, "backend='cuda' is not usable here"),
     (dict(dropout_seed=torch.tensor([1])), ValueError, "keep_mask or dropout_seed, not both"),
+    (dict(keep_bits=torch.zeros(19, dtype=torch.uint8)), ValueError, "one of keep_mask, keep_bits and dropout_seed"),
+    (dict(keep_mask=None, keep_bits=torch.zeros(19, dtype=torch.bool)), TypeError, "keep_bits must be a uint8"),
+    (dict(keep_mask=None, keep_bits=torch.zeros(20, dtype=torch.uint8)), ValueError,
+     r"keep_bits must have shape \(\(N\*C\*H\*W \+ 7\) // 8,\) = \(19,\)"),
     (dict(keep_mask=None, dropout_seed=torch.tensor([1.0])), TypeError, "dropout_seed must be an int64 tensor"),
     (dict(keep_mask=None, dropout_seed=torch.tensor([1, 2])), TypeError, "dropout_seed must be an int64 tensor"),
     (dict(z=torch.ones(1, 1, 1, 1).expand(2**16, 2**15, 1, 1), keep_mask=None, running_mean=None, running_var=None,

@@ -182,8 +182,8 @@ def test_fused_epilogues_compile_fullgraph(kernels_everywhere):
 
 
 def test_fused_epilogues_with_dropout_compile_fullgraph(kernels_everywhere):
-    """With dropout the fused epilogue draws a mask in every block (the compiled kernels' bernoulli_keep_mask, or
-    bernoulli_): that traces into the graph too, and from the same generator state gives eager's masks."""
+    """With dropout the fused epilogue draws keep bits in every block (the compiled kernels' bernoulli_keep_bits, or
+    bernoulli_ packed): that traces into the graph too, and from the same generator state gives eager's masks."""
     torch._dynamo.reset()
     eager = tiny(width=2, n_landmarks=2, local_layers=(3,), dropout=0.3).fuse_epilogues().train()
     compiled_model = copy.deepcopy(eager)

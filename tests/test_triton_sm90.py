@@ -34,7 +34,7 @@ def test_every_kernel_compiles_for_sm90():
                                                "_fit_shape_stats_kernel", "dilated_conv_kernel", "_moments_kernel",
                                                "_apply_kernel", "_grad_sums_kernel", "_grad_apply_kernel",
                                                "_keep_mask_kernel"}
-    assert len(compiled) == 8 + 8 + 9 + 8 + 21  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
+    assert len(compiled) == 8 + 8 + 9 + 8 + 25  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
     for c in compiled:
         assert c["cubin_bytes"] > 0
         assert c["shared_bytes"] <= SHARED_LIMIT, f"{c['kernel']} ({c['case']}) needs {c['shared_bytes']} B of shared"

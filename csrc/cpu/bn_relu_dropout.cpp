@@ -17,7 +17,7 @@ namespace lgc {
 namespace {
 
 constexpr int64_t kTile = 4096;
-enum DropKind { kNoDrop, kMaskDrop, kSeededDrop };
+enum DropKind { kNoDrop, kMaskDrop, kBitsDrop, kSeededDrop };
 
 uint32_t bits_of(float f) {
   uint32_t u;
@@ -91,6 +91,12 @@ struct Tiling {
   int64_t count() const { return s.channels_last ? s.n * chunks : s.n * s.c * chunks; }
   int64_t per_channel() const { return s.n * chunks; }  // tiles holding each channel's values
   int64_t pixels(int64_t t) const { return std::min(len, s.p - (t % chunks) * len); }
+  // The offsets of tile t's values: one run [first, first + values) of the maps' memory in either layout.
+  int64_t first(int64_t t) const {
+    const int64_t p0 = (t % chunks) * len;
+    return s.channels_last ? ((t / chunks) * s.p + p0) * s.c : (t / chunks) * s.p + p0;
+  }
+  int64_t values(int64_t t) const { return s.channels_last ? pixels(t) * s.c : pixels(t); }
   // Where tile t's partial sums of channel c go: slot c * per_channel() + slot_of(t).
   int64_t slot_of(int64_t t) const { return s.channels_last ? t : (t / (chunks * s.c)) * chunks + t % chunks; }
 };
@@ -197,12 +203,41 @@ void store_partials(const Tiling& tiling, int64_t t, const A* sums, double* part
   }
 }
 
-// The drop decision for the value at offset i, (N, C, H, W) index `index`.
+// Each byte's eight keep bits as eight 0/1 bytes, least significant bit first.
+struct BitBytes {
+  uint64_t of[256];
+  constexpr BitBytes() : of() {
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int k = 0; k < 8; ++k) of[byte] |= uint64_t((byte >> k) & 1) << (8 * k);
+    }
+  }
+};
+constexpr BitBytes kBitBytes;
+
+// Keep bits of a tile as one byte a value, so the elementwise loops read them as a byte mask and vectorise (read
+// bit by bit the passes ran about 6x slower). flags[i - first] is the flag of offset i.
+struct TileFlags {
+  std::vector<uint8_t> flags;
+  int64_t first = 0;
+
+  // Expands the bits of offsets [begin, begin + count), from the byte holding `begin`, eight a table lookup.
+  void expand(const uint8_t* bits, int64_t begin, int64_t count) {
+    const int64_t b0 = begin >> 3, b1 = (begin + count + 7) >> 3;
+    flags.resize(static_cast<size_t>(8 * (b1 - b0)));
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(flags.data() + 8 * (b - b0), &kBitBytes.of[bits[b]], 8);
+    first = 8 * b0;
+  }
+};
+
+// The drop decision for the value at offset i, (N, C, H, W) index `index`; keep bits come expanded (TileFlags:
+// flags[i - flags_first]).
 template <int Drop>
-inline bool kept(const EpilogueDropout& dropout, int64_t i, int64_t index) {
+inline bool kept(const EpilogueDropout& dropout, const uint8_t* flags, int64_t flags_first, int64_t i,
+                 int64_t index) {
   if constexpr (Drop == kMaskDrop) return dropout.mask[i] != 0;
+  if constexpr (Drop == kBitsDrop) return flags[i - flags_first] != 0;
   if constexpr (Drop == kSeededDrop) return philox_keep(dropout.seed, static_cast<uint32_t>(index), dropout.p);
-  (void)dropout, (void)i, (void)index;
+  (void)dropout, (void)flags, (void)flags_first, (void)i, (void)index;
   return true;
 }
 
@@ -210,6 +245,8 @@ template <typename F>
 void with_drop_kind(const EpilogueDropout& dropout, F&& f) {
   if (dropout.mask != nullptr) {
     f(std::integral_constant<int, kMaskDrop>{});
+  } else if (dropout.bits != nullptr) {
+    f(std::integral_constant<int, kBitsDrop>{});
   } else if (dropout.seeded) {
     f(std::integral_constant<int, kSeededDrop>{});
   } else {
@@ -232,7 +269,22 @@ struct Pass {
   A out_scale;
   EpilogueDropout dropout;
   double* partial;  // reductions: 2 * C * per_channel() partial sums
+  const uint8_t* flags = nullptr;  // keep bits, expanded for the tile at hand (tile_flags)
+  int64_t flags_first = 0;
 };
+
+// For keep bits, expands tile t's into `scratch` (the calling thread's) and points pass.flags at them.
+template <int Drop, typename T, typename A>
+inline void tile_flags(Pass<T, A>& pass, int64_t t) {
+  if constexpr (Drop == kBitsDrop) {
+    thread_local TileFlags scratch;
+    scratch.expand(pass.dropout.bits, pass.tiling.first(t), pass.tiling.values(t));
+    pass.flags = scratch.flags.data();
+    pass.flags_first = scratch.first;
+  } else {
+    (void)pass, (void)t;
+  }
+}
 
 // One tile of each pass. sums: 3 * C scratch values of the calling thread.
 template <typename T, typename A>
@@ -257,14 +309,15 @@ inline void moments_tile(const Pass<T, A>& pass, int64_t t, A* sums) {
 // pointers and vectorises (through the shared reference the grad loops measured about 13x slower).
 template <typename T, typename A>
 inline void apply_tile(const Pass<T, A>& shared, int64_t t) {
-  const Pass<T, A> pass = shared;
+  Pass<T, A> pass = shared;
   with_drop_kind(pass.dropout, [&](auto drop) {
+    tile_flags<decltype(drop)::value>(pass, t);
     visit_tile(pass.tiling, t, [&](int64_t i, int64_t c, int64_t index) {
       const A u = widen(pass.z[i]) * pass.scale[c] + pass.shift[c];
       // NaN propagates as in torch.relu, and a dropped NaN stays NaN as in torch's `y * mask`.
       A v = (u < A(0) ? A(0) : u) * pass.out_scale;
       if constexpr (decltype(drop)::value != kNoDrop) {
-        v = kept<decltype(drop)::value>(pass.dropout, i, index) ? v : v * A(0);
+        v = kept<decltype(drop)::value>(pass.dropout, pass.flags, pass.flags_first, i, index) ? v : v * A(0);
       }
       store(pass.out + i, v);
     });
@@ -276,14 +329,16 @@ template <int Drop, typename T, typename A>
 inline A relu_grad(const Pass<T, A>& pass, int64_t i, int64_t c, int64_t index) {
   // Every load unconditional and `&`, not `&&`: a branch would stop the loop from vectorising.
   const A g = widen(pass.dy[i]) * pass.out_scale;
-  const bool live = (widen(pass.z[i]) * pass.scale[c] + pass.shift[c] > A(0)) & kept<Drop>(pass.dropout, i, index);
+  const bool live = (widen(pass.z[i]) * pass.scale[c] + pass.shift[c] > A(0)) &
+                    kept<Drop>(pass.dropout, pass.flags, pass.flags_first, i, index);
   return live ? g : A(0);
 }
 
 template <typename T, typename A>
 inline void grad_sums_tile(const Pass<T, A>& shared, int64_t t, A* sums) {
-  const Pass<T, A> pass = shared;
+  Pass<T, A> pass = shared;
   with_drop_kind(pass.dropout, [&](auto drop) {
+    tile_flags<decltype(drop)::value>(pass, t);
     tile_sums(pass.tiling, t, sums, [&](int64_t i, int64_t c, int64_t index) {
       const A g = relu_grad<decltype(drop)::value>(pass, i, c, index);
       return Pair<A>{g, g * (widen(pass.z[i]) - pass.center[c])};
@@ -294,8 +349,9 @@ inline void grad_sums_tile(const Pass<T, A>& shared, int64_t t, A* sums) {
 
 template <typename T, typename A>
 inline void grad_apply_tile(const Pass<T, A>& shared, int64_t t) {
-  const Pass<T, A> pass = shared;
+  Pass<T, A> pass = shared;
   with_drop_kind(pass.dropout, [&](auto drop) {
+    tile_flags<decltype(drop)::value>(pass, t);
     visit_tile(pass.tiling, t, [&](int64_t i, int64_t c, int64_t index) {
       A v = relu_grad<decltype(drop)::value>(pass, i, c, index) * pass.scale[c];
       if (pass.k1 != nullptr) v += widen(pass.z[i]) * pass.k1[c] + pass.k0[c];
@@ -338,6 +394,12 @@ LGC_TILE_CLONES void run_bernoulli_groups(uint64_t seed, uint32_t threshold, int
     philox4(seed, static_cast<uint32_t>(j), words);
     for (int k = 0; k < 4; ++k) keep[4 * j + k] = words[k] >= threshold;
   }
+}
+
+// Bytes [first, end) of bernoulli_keep_bits_cpu, all whole.
+LGC_TILE_CLONES void run_bernoulli_bytes(uint64_t seed, uint32_t threshold, int64_t first, int64_t end,
+                                         uint8_t* bits) {
+  for (int64_t b = first; b < end; ++b) bits[b] = bernoulli_bits_byte(seed, threshold, b);
 }
 
 // Runs a reduction's tiles (each with 3 * C values of scratch) and returns its partial sums.
@@ -430,6 +492,15 @@ void bernoulli_keep_cpu(uint64_t seed, float p, int64_t count, uint8_t* keep, in
     philox4(seed, static_cast<uint32_t>(groups), words);
     for (int64_t k = 0; k < count % 4; ++k) keep[4 * groups + k] = words[k] >= threshold;
   }
+}
+
+void bernoulli_keep_bits_cpu(uint64_t seed, float p, int64_t count, uint8_t* bits, int threads) {
+  const uint32_t threshold = bernoulli_threshold(p);
+  const int64_t whole = count / 8;
+  parallel_for((whole + kTile - 1) / kTile, threads, [&](int64_t t) {  // a tile: kTile bytes
+    run_bernoulli_bytes(seed, threshold, t * kTile, std::min(whole, (t + 1) * kTile), bits);
+  });
+  if (count % 8 != 0) bits[whole] = bernoulli_bits_byte(seed, threshold, whole) & ((1u << (count % 8)) - 1u);
 }
 
 #define LGC_EPILOGUE_KERNELS(T, A)                                                                                 \

@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "epilogue.h"  // EpilogueShape, philox_word, philox_uniform, philox_keep
+#include "epilogue.h"  // EpilogueShape, philox_keep, keep_bit, bernoulli_bits_byte
 
 namespace lgc {
 
@@ -28,22 +28,28 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else with `seeded` a Philox draw
-// from seed and the value's (N, C, H, W) index (philox_keep), else nothing.
+// What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else keep_bit(bits, i) where bits
+// is set, else with `seeded` a Philox draw from seed and the value's (N, C, H, W) index (philox_keep), else nothing.
 struct EpilogueDropout {
   const uint8_t* mask = nullptr;
+  const uint8_t* bits = nullptr;
   bool seeded = false;
   uint64_t seed = 0;
   float p = 0.0f;
 };
 
-// keep: (n, c, p) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropout{nullptr, true, seed, p} draws.
+// keep: (n, c, p) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropout{nullptr, nullptr, true, seed, p}
+// draws.
 void dropout_keep_mask_cpu(uint64_t seed, float p, EpilogueShape shape, uint8_t* keep, int threads);
 
 // keep: `count` uint8 flags in memory order, each 1 with probability 1 - p: Philox-4x32-10 of counter j and the seed
 // gives four words for values 4j .. 4j + 3, each kept when at least round(p * 2^32). A quarter of the Philox work of
 // dropout_keep_mask_cpu, for byte masks that need not equal the seeded kernels' draws. count < 2^34.
 void bernoulli_keep_cpu(uint64_t seed, float p, int64_t count, uint8_t* keep, int threads);
+
+// bits: (count + 7) / 8 bytes, bernoulli_keep_cpu's flags packed (keep_bit; bernoulli_bits_byte), the last byte's
+// unused bits 0. count < 2^34.
+void bernoulli_keep_bits_cpu(uint64_t seed, float p, int64_t count, uint8_t* bits, int threads);
 
 // The kernels for map element type T and arithmetic type A: (float | Float16 | BFloat16, float) and (double,
 // double). Per-channel vectors (C,) are of type A.

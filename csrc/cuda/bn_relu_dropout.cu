@@ -28,7 +28,7 @@ namespace bn_epilogue_detail {
 constexpr int kMomentsSteps = 4;
 constexpr int kApplySteps = 4;
 constexpr int kGradSteps = 2;
-enum DropKind { kNoDrop = 0, kMaskDrop = 1, kSeededDrop = 2 };
+enum DropKind { kNoDrop = 0, kMaskDrop = 1, kBitsDrop = 2, kSeededDrop = 3 };
 
 template <typename T>
 struct AccOf {
@@ -86,6 +86,30 @@ LGC_HD uint64_t load_seed(const EpilogueDropoutCuda& d) {
 
 // The drop decisions for the V values at offset i whose first (N, C, H, W) index is `index` (the next ones follow by
 // index_step).
+// The keep bits of the V values at offset i: one byte read per 8 values where they start a byte (vec 8 and 16, as
+// bf16 and fp16 maps of 8 or more channels, or planes of 8 or more pixels, run), one where they lie in a byte.
+template <int V>
+LGC_HD void load_bits(const uint8_t* bits, int64_t i, bool (&keep)[V]) {
+  const int first = static_cast<int>(i & 7);
+  if (V % 8 == 0 && first == 0) {
+#pragma unroll
+    for (int q = 0; q < (V + 7) / 8; ++q) {
+      const uint32_t byte = bits[(i >> 3) + q];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        if (8 * q + b < V) keep[8 * q + b] = ((byte >> b) & 1u) != 0;
+      }
+    }
+  } else if (first + V <= 8) {
+    const uint32_t byte = bits[i >> 3];
+#pragma unroll
+    for (int k = 0; k < V; ++k) keep[k] = ((byte >> (first + k)) & 1u) != 0;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) keep[k] = keep_bit(bits, i + k);
+  }
+}
+
 template <int Drop, int V>
 LGC_HD void load_keep(const EpilogueDropoutCuda& d, bool vector_io, uint64_t seed, int64_t i, uint32_t index,
                       uint32_t index_step, bool (&keep)[V]) {
@@ -94,6 +118,8 @@ LGC_HD void load_keep(const EpilogueDropoutCuda& d, bool vector_io, uint64_t see
     load_values<V>(d.mask + i, vector_io, bytes);
 #pragma unroll
     for (int k = 0; k < V; ++k) keep[k] = bytes[k] != 0;
+  } else if constexpr (Drop == kBitsDrop) {
+    load_bits<V>(d.bits, i, keep);
   } else if constexpr (Drop == kSeededDrop) {
 #pragma unroll
     for (int k = 0; k < V; ++k) keep[k] = philox_keep(seed, index + k * index_step, d.p);
@@ -247,6 +273,24 @@ LGC_HD void bernoulli_group(uint64_t seed, uint32_t threshold, int64_t count, in
     store_values<kBernoulliFlags>(keep + first, true, flags);
   } else {
     for (int k = 0; k < kBernoulliFlags && first + k < count; ++k) keep[first + k] = flags[k];
+  }
+}
+
+// bernoulli_keep_bits: thread step `group` writes bytes [4 group, 4 group + 4) of `bytes` (flags 32 group ..), one
+// 4-byte store where the group is whole and bits aligned; `tail` keeps the last byte's flags below `count`.
+constexpr int kBitsBytes = 4;
+
+LGC_HD void bernoulli_bits_group(uint64_t seed, uint32_t threshold, int64_t bytes, uint32_t tail, int64_t group,
+                                 uint8_t* bits, bool vector_io) {
+  const int64_t first = group * kBitsBytes;
+  uint8_t out[kBitsBytes];
+#pragma unroll
+  for (int k = 0; k < kBitsBytes; ++k) out[k] = bernoulli_bits_byte(seed, threshold, first + k);
+  if (first + kBitsBytes >= bytes) out[bytes - 1 - first] &= static_cast<uint8_t>(tail);  // holds the last byte
+  if (vector_io && first + kBitsBytes <= bytes) {
+    store_values<kBitsBytes>(bits + first, true, out);
+  } else {
+    for (int k = 0; k < kBitsBytes && first + k < bytes; ++k) bits[first + k] = out[k];
   }
 }
 
@@ -491,6 +535,16 @@ __global__ void __launch_bounds__(kThreads) bernoulli_kernel(const int64_t* seed
   }
 }
 
+__global__ void __launch_bounds__(kThreads) bernoulli_bits_kernel(const int64_t* seed, uint32_t threshold,
+                                                                  int64_t bytes, uint32_t tail, int64_t groups,
+                                                                  uint8_t* bits, bool vector_io) {
+  const auto s = static_cast<uint64_t>(*seed);
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  for (int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x; g < groups; g += stride) {
+    bernoulli_bits_group(s, threshold, bytes, tail, g, bits, vector_io);
+  }
+}
+
 // Calls f(element type tag) for `kind`.
 template <typename F>
 cudaError_t on_kind(ScalarKind kind, F&& f) {
@@ -533,6 +587,7 @@ cudaError_t on_vec(int vec, F&& f) {
 template <typename F>
 cudaError_t on_drop(const EpilogueDropoutCuda& d, F&& f) {
   if (d.mask != nullptr) return f(std::integral_constant<int, kMaskDrop>{});
+  if (d.bits != nullptr) return f(std::integral_constant<int, kBitsDrop>{});
   if (d.seed != nullptr) return f(std::integral_constant<int, kSeededDrop>{});
   return f(std::integral_constant<int, kNoDrop>{});
 }
@@ -682,6 +737,17 @@ cudaError_t bernoulli_keep_mask_cuda(const int64_t* seed, float p, int64_t count
   const int64_t blocks = std::min<int64_t>((groups + d::kThreads - 1) / d::kThreads, int64_t{1} << 20);
   d::bernoulli_kernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
       seed, bernoulli_threshold(p), count, groups, keep, d::pack_aligned(keep, 1, d::kBernoulliFlags));
+  return cudaGetLastError();
+}
+
+cudaError_t bernoulli_keep_bits_cuda(const int64_t* seed, float p, int64_t count, uint8_t* bits, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const int64_t bytes = (count + 7) / 8;
+  const int64_t groups = (bytes + d::kBitsBytes - 1) / d::kBitsBytes;
+  const int64_t blocks = std::min<int64_t>((groups + d::kThreads - 1) / d::kThreads, int64_t{1} << 20);
+  const uint32_t tail = count % 8 == 0 ? 0xffu : (1u << (count % 8)) - 1u;
+  d::bernoulli_bits_kernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
+      seed, bernoulli_threshold(p), bytes, tail, groups, bits, d::pack_aligned(bits, 1, d::kBitsBytes));
   return cudaGetLastError();
 }
 

@@ -23,11 +23,12 @@
 
 namespace lgc {
 
-// What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else with seed set a Philox draw
-// (philox_keep) from the int64 *seed, read on the device, and the value's (N, C, H, W) index, else nothing. Seeded
-// draws number at most 2^31 values.
+// What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else keep_bit(bits, i) where bits
+// is set, else with seed set a Philox draw (philox_keep) from the int64 *seed, read on the device, and the value's
+// (N, C, H, W) index, else nothing. Seeded draws number at most 2^31 values.
 struct EpilogueDropoutCuda {
   const uint8_t* mask = nullptr;
+  const uint8_t* bits = nullptr;
   const int64_t* seed = nullptr;
   float p = 0.0f;
 };
@@ -50,12 +51,17 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
                                void* dz, EpilogueShape shape, cudaStream_t stream);
 
-// keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, seed, p} draws.
+// keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, nullptr, seed, p}
+// draws.
 cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
                                    cudaStream_t stream);
 
 // keep: `count` uint8 flags in memory order, the CPU's bernoulli_keep_cpu flags for the int64 *seed (read on the
 // device): flag i is word i % 4 of Philox counter i / 4 at least bernoulli_threshold(p). count < 2^34.
 cudaError_t bernoulli_keep_mask_cuda(const int64_t* seed, float p, int64_t count, uint8_t* keep, cudaStream_t stream);
+
+// bits: (count + 7) / 8 bytes, the CPU's bernoulli_keep_bits_cpu: bernoulli_keep_mask_cuda's flags packed (keep_bit),
+// the last byte's unused bits 0. count < 2^34.
+cudaError_t bernoulli_keep_bits_cuda(const int64_t* seed, float p, int64_t count, uint8_t* bits, cudaStream_t stream);
 
 }  // namespace lgc

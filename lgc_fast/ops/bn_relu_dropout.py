@@ -5,16 +5,17 @@ release's 0.1 activation scale and dropout, as one op on the convolution's outpu
 
 training=True normalises with the batch statistics of z (per channel over N, H, W) and updates running_mean /
 running_var in place as ``nn.BatchNorm2d`` does (unbiased variance, `momentum`); training=False uses the running
-statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep (``draw_dropout_mask``), or a seed
-from which the kernels draw the mask themselves (``dropout_seed``: no mask is written or read, the backward draws it
-again), or neither for none (then no 1/(1-p) factor either).
+statistics. Dropout takes a keep mask (N, C, H, W), bool or uint8, nonzero = keep, or the same flags packed into keep
+bits (``keep_bits``, one bit a value: ``pack_keep_mask``, ``random_keep_bits``), or a seed from which the kernels draw
+the mask themselves (``dropout_seed``: no mask is written or read, the backward draws it again), or none of these (then
+no 1/(1-p) factor either).
 
 Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, about ten passes over the activations
 forward and ten backward, and activations dominate the training step's memory traffic. The kernels take two passes
 forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z again
 instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps both sides opaque.
-Seeded dropout trades the byte mask's traffic (a write, three reads) and memory for Philox work in three passes; the
-bench (bench/bench_bn_relu_dropout.py) measures both.
+Keep bits cut the byte mask's traffic (a write, three reads) and memory eightfold; seeded dropout trades them for
+Philox work in three passes; the bench (bench/bench_bn_relu_dropout.py) measures all three.
 
 Backends: "cuda" (the compiled CUDA kernels of csrc/cuda/bn_relu_dropout.cu), "triton" (CUDA, or the CPU under
 TRITON_INTERPRET=1 when asked for), "cpu" (the compiled C++ kernels of csrc/cpu/bn_relu_dropout.cpp, the same passes
@@ -38,7 +39,7 @@ from lgc_fast.ops.dilated_block import (
 
 _SUPPORTED = ("cuda", "cpu", "triton", "ref")
 SEEDED_LIMIT = 2**31  # = kernels.bn_relu_dropout.SEEDED_LIMIT (kept here too: importing the kernels needs Triton)
-BYTE_MASK_LIMIT = 2**34  # values random_keep_mask's C++ draw numbers (four per 32-bit Philox counter)
+BYTE_MASK_LIMIT = 2**34  # values the C++ draws of random_keep_mask/_bits number (four per 32-bit Philox counter)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -74,11 +75,15 @@ def bn_relu_dropout_ref(z: torch.Tensor, running_mean: torch.Tensor | None, runn
                         weight: torch.Tensor | None, bias: torch.Tensor | None,
                         keep_mask: torch.Tensor | None = None, *, training: bool, momentum: float = 0.1,
                         eps: float = 1e-5, dropout_p: float = DROPOUT_P, activation_scale: float = ACTIVATION_SCALE,
-                        dropout_seed: torch.Tensor | None = None) -> torch.Tensor:
+                        dropout_seed: torch.Tensor | None = None,
+                        keep_bits: torch.Tensor | None = None) -> torch.Tensor:
     """z: (N, C, H, W) -> y (N, C, H, W) in z's dtype and memory format, computed in float32 (float64 for float64).
-    A dropout_seed is turned into its keep mask by ``dropout_keep_mask`` (which needs Triton)."""
+    Keep bits are unpacked (``unpack_keep_bits``); a dropout_seed is turned into its keep mask by
+    ``dropout_keep_mask`` (which needs Triton or the compiled kernels)."""
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale, dropout_seed)
+           activation_scale, dropout_seed, keep_bits)
+    if keep_bits is not None:
+        keep_mask = unpack_keep_bits(keep_bits, z.shape, memory_format=_memory_format(z))
     if dropout_seed is not None:
         keep_mask = dropout_keep_mask(dropout_seed, z.shape, dropout_p)
     ct = _compute_dtype(z.dtype)
@@ -305,8 +310,19 @@ def _check_seed(seed, device) -> None:
         raise ValueError(f"dropout_seed must be on z's device {device}, got {seed.device}")
 
 
+def _check_keep_bits(bits, z) -> None:
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
+        raise TypeError(f"keep_bits must be a uint8 tensor, got {getattr(bits, 'dtype', type(bits).__name__)}")
+    size = (z.numel() + 7) // 8
+    if tuple(bits.shape) != (size,):
+        raise ValueError(f"keep_bits must have shape ((N*C*H*W + 7) // 8,) = ({size},) for z of shape "
+                         f"{tuple(z.shape)}, got {tuple(bits.shape)}")
+    if bits.device != z.device:
+        raise ValueError(f"keep_bits must be on z's device {z.device}, got {bits.device}")
+
+
 def _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale, dropout_seed=None) -> None:
+           activation_scale, dropout_seed=None, keep_bits=None) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 4:
@@ -334,6 +350,10 @@ def _check(z, running_mean, running_var, weight, bias, keep_mask, training, mome
             raise ValueError(f"keep_mask must have z's shape {tuple(z.shape)}, got {tuple(keep_mask.shape)}")
         if keep_mask.device != z.device:
             raise ValueError(f"keep_mask must be on z's device {z.device}, got {keep_mask.device}")
+    if keep_bits is not None:
+        if keep_mask is not None or dropout_seed is not None:
+            raise ValueError("give one of keep_mask, keep_bits and dropout_seed, not several")
+        _check_keep_bits(keep_bits, z)
     if dropout_seed is not None:
         if keep_mask is not None:
             raise ValueError("give keep_mask or dropout_seed, not both")
@@ -354,34 +374,38 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
                     weight: torch.Tensor | None, bias: torch.Tensor | None, keep_mask: torch.Tensor | None = None, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
                     activation_scale: float = ACTIVATION_SCALE, dropout_seed: torch.Tensor | None = None,
-                    backend: str | None = None) -> torch.Tensor:
+                    keep_bits: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """y = activation_scale * relu(batch_norm(z)) * keep / (1 - dropout_p), arguments in ``F.batch_norm``'s order.
 
     z: (N, C, H, W) float32/float16/bfloat16/float64, contiguous or channels_last (y follows); running_mean,
-    running_var: (C,) or both None (training only); weight, bias: (C,) or None (1 and 0). Dropout: keep_mask
-    (N, C, H, W) bool/uint8, or dropout_seed, an int64 tensor of one value on z's device from which the kernels draw
-    the mask themselves (the mask of ``dropout_keep_mask``; nothing is stored, the backward draws it again), or
-    neither. Differentiable in z, weight and bias. Equivalent to ``bn_relu_dropout_ref``.
+    running_var: (C,) or both None (training only); weight, bias: (C,) or None (1 and 0). Dropout, one of: keep_mask
+    (N, C, H, W) bool/uint8; keep_bits ((N*C*H*W + 7) // 8,) uint8, the mask packed in z's memory format
+    (``pack_keep_mask``, ``random_keep_bits``: an eighth of the mask's memory and traffic); dropout_seed, an int64
+    tensor of one value on z's device from which the kernels draw the mask themselves (the mask of
+    ``dropout_keep_mask``; nothing is stored, the backward draws it again); or none. Differentiable in z, weight and
+    bias. Equivalent to ``bn_relu_dropout_ref``.
     backend: ``"cuda" | "cpu" | "triton" | "ref"``, default automatic: on CUDA tensors cuda (the compiled CUDA
     kernels), else triton; on the CPU cpu (the compiled C++ kernels); ref where neither runs.
     """
     _check(z, running_mean, running_var, weight, bias, keep_mask, training, momentum, eps, dropout_p,
-           activation_scale, dropout_seed)
+           activation_scale, dropout_seed, keep_bits)
     name = _backend.choose("bn_relu_dropout", z.device, backend, supported=_SUPPORTED)
     if name == "ref" or z.numel() == 0:
         return bn_relu_dropout_ref(z, running_mean, running_var, weight, bias, keep_mask, training=training,
                                    momentum=momentum, eps=eps, dropout_p=dropout_p, activation_scale=activation_scale,
-                                   dropout_seed=dropout_seed)
+                                   dropout_seed=dropout_seed, keep_bits=keep_bits)
     ct = _compute_dtype(z.dtype)
     c = z.shape[1]
     weight = torch.ones(c, dtype=ct, device=z.device) if weight is None else weight
     bias = torch.zeros(c, dtype=ct, device=z.device) if bias is None else bias
-    dropping = keep_mask is not None or dropout_seed is not None
+    dropping = keep_mask is not None or keep_bits is not None or dropout_seed is not None
     out_scale = float(activation_scale) / (1.0 - dropout_p) if dropping else float(activation_scale)
     fmt = _memory_format(z)
     z = _flattenable(z, fmt)
     if keep_mask is not None:
         keep_mask = _flattenable(keep_mask, fmt)
+    else:
+        keep_mask = keep_bits  # the kernels tell keep bits by their one dimension
     p = float(dropout_p)
     if not training:
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
@@ -427,6 +451,54 @@ def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Te
         return torch.ops.lgc_fast_C.bernoulli_keep_mask(seed, list(z.shape), float(p),
                                                         _memory_format(z) == torch.channels_last)
     return torch.empty_like(z, dtype=torch.bool, memory_format=_memory_format(z)).bernoulli_(1.0 - p)
+
+
+def pack_keep_mask(keep_mask: torch.Tensor, *, memory_format: torch.memory_format) -> torch.Tensor:
+    """keep_mask (N, C, H, W) bool/uint8 (nonzero = keep) -> its keep bits ((N*C*H*W + 7) // 8,) uint8 for a z in
+    `memory_format` (torch.contiguous_format or torch.channels_last; it must be z's): bit e % 8, least significant
+    first, of byte e // 8 is the flag of the value at offset e of that layout, dense; the last byte's spare bits are 0."""
+    flags = _memory_order(keep_mask, memory_format).reshape(-1) != 0
+    padded = torch.zeros(((flags.numel() + 7) // 8) * 8, dtype=torch.uint8, device=flags.device)
+    padded[:flags.numel()] = flags
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=flags.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_keep_bits(keep_bits: torch.Tensor, shape, *, memory_format: torch.memory_format) -> torch.Tensor:
+    """The keep mask (N, C, H, W) bool, in `memory_format`, whose keep bits ``pack_keep_mask`` gives."""
+    n, c, h, w = (int(v) for v in shape)
+    count = n * c * h * w
+    if keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != ((count + 7) // 8,):
+        raise ValueError(f"keep_bits must be uint8 of shape ({(count + 7) // 8},) for shape {tuple(shape)}, got "
+                         f"{keep_bits.dtype} {tuple(keep_bits.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep_bits.device)
+    flags = ((keep_bits[:, None] >> shifts) & 1).reshape(-1)[:count].bool()
+    if _channels_last(memory_format):
+        return flags.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flags.view(n, c, h, w)
+
+
+def _channels_last(memory_format: torch.memory_format) -> bool:
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
+    return memory_format == torch.channels_last
+
+
+def _memory_order(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """t (N, C, H, W) with its dimensions in `memory_format`'s order, outermost first."""
+    if t.dim() != 4:
+        raise ValueError(f"keep_mask must have shape (N, C, H, W), got {tuple(t.shape)}")
+    return t.permute(0, 2, 3, 1) if _channels_last(memory_format) else t
+
+
+def random_keep_bits(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
+    """``random_keep_mask``'s flags as keep bits for z ((N*C*H*W + 7) // 8,) uint8 (``pack_keep_mask`` in z's
+    memory format): with the compiled kernels of z's device drawn packed, the bits of the byte mask
+    ``random_keep_mask`` would have drawn from the same generator state; elsewhere ``bernoulli_`` packed."""
+    if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
+        seed = torch.randint(2**62, (1,), device=z.device)
+        return torch.ops.lgc_fast_C.bernoulli_keep_bits(seed, z.numel(), float(p))
+    return pack_keep_mask(random_keep_mask(z, p, None), memory_format=_memory_format(z))
 
 
 def fused_backend(device: torch.device) -> str | None:

@@ -71,6 +71,19 @@ void test_bernoulli_keep() {
   std::vector<uint8_t> all(7, 0);
   lgc::bernoulli_keep_cpu(seed, 0.0f, 7, all.data(), 1);
   for (int64_t i = 0; i < 7; ++i) expect(all[i] == 1, "p = 0 keeps everything", i);
+  // The bits are the same flags packed, the last byte's spare bits 0, nothing written past it.
+  for (int64_t n : {count, int64_t{8 * 4096 * 3}, int64_t{8 * 4096 + 5}, int64_t{1}}) {
+    std::vector<uint8_t> bits((n + 7) / 8 + 1, 0xa5), bits1((n + 7) / 8 + 1, 0xa5);
+    lgc::bernoulli_keep_bits_cpu(seed, p, n, bits.data(), 3);
+    lgc::bernoulli_keep_bits_cpu(seed, p, n, bits1.data(), 1);
+    for (int64_t i = 0; i < 8 * ((n + 7) / 8); ++i) {
+      uint32_t words[4];
+      lgc::philox4(seed, static_cast<uint32_t>(i / 4), words);
+      expect(lgc::keep_bit(bits.data(), i) == (i < n && words[i % 4] >= threshold), "bernoulli keep bit", i);
+    }
+    expect(bits == bits1, "bernoulli keep bits independent of the thread count", n);
+    expect(bits.back() == 0xa5, "bernoulli keep bits: nothing written past the last byte", n);
+  }
 }
 
 void test_conversions() {
@@ -137,9 +150,9 @@ Case make_case(int64_t n, int64_t c, int64_t p, bool channels_last, uint32_t see
   return cs;
 }
 
-// keep of the value at logical index i for a dropout form: 0 none, 1 mask, 2 seeded.
+// keep of the value at logical index i for a dropout form: 0 none, 1 mask, 2 seeded, 3 keep bits (the mask packed).
 bool keep_of(const Case& cs, int form, int64_t i, uint64_t seed, float p) {
-  if (form == 1) return cs.mask[i] != 0;
+  if (form == 1 || form == 3) return cs.mask[i] != 0;
   if (form == 2) return lgc::philox_keep(seed, static_cast<uint32_t>(i), p);
   return true;
 }
@@ -152,6 +165,8 @@ void check_passes(const Case& cs, double tol, const char* name) {
   for (int64_t n = 0; n < s.n; ++n)
     for (int64_t c = 0; c < s.c; ++c)
       for (int64_t p = 0; p < s.p; ++p) mask[cs.offset(n, c, p)] = cs.mask[(n * s.c + c) * s.p + p];
+  std::vector<uint8_t> bits((mask.size() + 7) / 8, 0);
+  for (size_t e = 0; e < mask.size(); ++e) bits[e / 8] |= static_cast<uint8_t>(mask[e] << (e % 8));
   const std::vector<T> scale(cs.scale.begin(), cs.scale.end()), shift(cs.shift.begin(), cs.shift.end());
   const std::vector<T> center(cs.center.begin(), cs.center.end()), k1(cs.k1.begin(), cs.k1.end()),
       k0(cs.k0.begin(), cs.k0.end());
@@ -172,8 +187,9 @@ void check_passes(const Case& cs, double tol, const char* name) {
     expect_close(var[c], sq / double(s.n * s.p), tol, name, c);
   }
 
-  for (int form = 0; form < 3; ++form) {
-    const EpilogueDropout dropout{form == 1 ? mask.data() : nullptr, form == 2, seed, p};
+  for (int form = 0; form < 4; ++form) {
+    const EpilogueDropout dropout{form == 1 ? mask.data() : nullptr, form == 3 ? bits.data() : nullptr, form == 2,
+                                  seed, p};
     std::vector<T> y(z.size()), dz(z.size()), dz1(z.size()), sum_g(s.c), sum_gc(s.c), sum_g1(s.c), sum_gc1(s.c);
     lgc::bn_apply_cpu(z.data(), scale.data(), shift.data(), dropout, out_scale, y.data(), s, 3);
     lgc::bn_grad_sums_cpu(dy.data(), z.data(), scale.data(), shift.data(), dropout, center.data(), out_scale, s,

@@ -6,7 +6,7 @@
 // tiles per channel and three channel blocks. Each type runs twice, with its maps aligned for vector accesses and one
 // element off (scalar accesses, as the launchers choose), and both must give the same bits. Seeded masks must equal
 // philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw; the byte masks of
-// bernoulli_keep_mask must be the CPU draw's flags. Built by CMakeLists.txt.
+// bernoulli_keep_mask must be the CPU draw's flags, and bernoulli_keep_bits them packed. Built by CMakeLists.txt.
 #include "cuda/bn_relu_dropout.cu"
 
 #include <cmath>
@@ -143,6 +143,9 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
     for (int64_t c = 0; c < s.c; ++c)
       for (int64_t q = 0; q < s.p; ++q) mask_values[cs.offset(n, c, q)] = cs.mask[(n * s.c + c) * s.p + q];
   const Buffer<uint8_t> mask(mask_values, misaligned);
+  std::vector<uint8_t> bit_values((mask_values.size() + 7) / 8, 0);  // the same flags packed (keep_bit)
+  for (size_t e = 0; e < mask_values.size(); ++e) bit_values[e / 8] |= static_cast<uint8_t>(mask_values[e] << (e % 8));
+  const Buffer<uint8_t> bits(bit_values, misaligned);
   const std::vector<A> scale = vec<T>(cs.scale), shift = vec<T>(cs.shift), center = vec<T>(cs.center);
   const std::vector<A> k1 = vec<T>(cs.k1), k0 = vec<T>(cs.k0);
   const int64_t seed = 0x5eed0123456789;
@@ -169,8 +172,9 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
     outputs.push_back(var[c]);
   }
 
-  for (int form = 0; form < 3; ++form) {  // no dropout, a mask, a seed
-    EpilogueDropoutCuda dropout{form == 1 ? mask.data : nullptr, form == 2 ? &seed : nullptr, p};
+  for (int form = 0; form < 4; ++form) {  // no dropout, a mask, a seed, keep bits
+    EpilogueDropoutCuda dropout{form == 1 ? mask.data : nullptr, form == 3 ? bits.data : nullptr,
+                                form == 2 ? &seed : nullptr, p};
     const std::vector<T> unset(cs.size(), from_acc<T>(A(NAN)));  // NaN marks outputs never written
     Buffer<T> y(unset, misaligned), dz(unset, misaligned), dz_plain(unset, misaligned);
     std::vector<A> sum_g(s.c, A(NAN)), sum_gc(s.c, A(NAN));
@@ -194,6 +198,7 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
     if (form == 0) run(std::integral_constant<int, kNoDrop>{});
     if (form == 1) run(std::integral_constant<int, kMaskDrop>{});
     if (form == 2) run(std::integral_constant<int, kSeededDrop>{});
+    if (form == 3) run(std::integral_constant<int, kBitsDrop>{});
     std::vector<double> want_g(s.c, 0.0), want_gc(s.c, 0.0);
     for (int64_t n = 0; n < s.n; ++n) {
       for (int64_t c = 0; c < s.c; ++c) {
@@ -203,7 +208,7 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
           const double u = zv * double(scale[c]) + double(shift[c]);
           // Which side of the ReLU a value is on, decided in the kernels' precision: near 0 the rounding decides.
           const bool active = static_cast<A>(zv) * scale[c] + shift[c] > A(0);
-          const bool keep = form == 0 || (form == 1 ? cs.mask[i] != 0 : lgc::philox_keep(seed, uint32_t(i), p));
+          const bool keep = form == 0 || (form == 2 ? lgc::philox_keep(seed, uint32_t(i), p) : cs.mask[i] != 0);
           expect_close(to_double(y.data[at]), (u > 0 ? u : 0.0) * double(out_scale) * keep, tol, "apply", type, i);
           const double g = active && keep ? to_double(dy.data[at]) * double(out_scale) : 0.0;
           want_g[c] += g;
@@ -263,6 +268,27 @@ void check_bernoulli(int64_t count, bool misaligned) {
     expect(keep.data[i] == (words[i % 4] >= threshold), "bernoulli flag", "uint8", i);
   }
   for (int64_t i = count; i < count + kBernoulliFlags; ++i) expect(keep.data[i] == 2, "written past count", "uint8", i);
+}
+
+// bernoulli_keep_bits' thread steps: bit i (keep_bit) is bernoulli flag i, whole groups as one 4-byte store where
+// aligned, the last byte's spare bits 0, and nothing past the (count + 7) / 8 bytes.
+void check_bernoulli_bits(int64_t count, bool misaligned) {
+  const uint64_t seed = 0x0123456789abcdefull;
+  const float p = 0.3f;
+  const int64_t bytes = (count + 7) / 8;
+  Buffer<uint8_t> bits(std::vector<uint8_t>(bytes + kBitsBytes, 0xa5), misaligned);  // 0xa5: never written
+  const bool vector_io = pack_aligned(bits.data, 1, kBitsBytes);
+  expect(vector_io == !misaligned, "vector access decision", "bernoulli bits", count);
+  const uint32_t threshold = lgc::bernoulli_threshold(p);
+  const uint32_t tail = count % 8 == 0 ? 0xffu : (1u << (count % 8)) - 1u;
+  for (int64_t g = 0; g * kBitsBytes < bytes; ++g) bernoulli_bits_group(seed, threshold, bytes, tail, g, bits.data, vector_io);
+  for (int64_t i = 0; i < 8 * bytes; ++i) {
+    uint32_t words[4];
+    lgc::philox4(seed, static_cast<uint32_t>(i / 4), words);
+    const bool want = i < count && words[i % 4] >= threshold;
+    expect(lgc::keep_bit(bits.data, i) == want, "bernoulli bit", "uint8", i);
+  }
+  for (int64_t b = bytes; b < bytes + kBitsBytes; ++b) expect(bits.data[b] == 0xa5, "written past the bits", "uint8", b);
 }
 
 // Both alignments for element type T; they must agree bit for bit. Returns the plan's vec.
@@ -340,6 +366,10 @@ int main() {
   for (int64_t count : {1, 15, 16, 17, 4096 + 13}) {
     check_bernoulli(count, false);
     check_bernoulli(count, true);
+  }
+  for (int64_t count : {1, 7, 8, 9, 31, 32, 33, 4096 + 13}) {
+    check_bernoulli_bits(count, false);
+    check_bernoulli_bits(count, true);
   }
   expect(lgc::bernoulli_threshold(0.0f) == 0u && lgc::bernoulli_threshold(0.5f) == 2147483648u, "threshold",
          "bernoulli", 0);
