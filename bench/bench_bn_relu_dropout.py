@@ -11,6 +11,8 @@ drawing its own dropout mask:
                       (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
   torch compiled    : the same function under torch.compile (inductor fuses the elementwise parts)
+A second case, a 2 x 8 x 4 x 4 map (fp32), measures what a call costs beyond its memory traffic: the host's
+dispatch and autograd work per conv block, which bounds small-batch training steps (unless CUDA graphs replay them).
 Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, each method's speed-up
 over torch eager and torch compiled, and (GPU) the achieved bandwidth of each lgc_fast method against the datasheet
 peak for the traffic its four passes need at least: z read twice forward and twice backward, the output gradient read
@@ -18,7 +20,8 @@ twice, y and dz written once, and for the byte mask (keep bits), its write and t
 
 Usage:
   python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32]
-                                        [--layouts contiguous channels_last] [--backends cuda triton] [--out PATH]
+                                        [--layouts contiguous channels_last] [--backends cuda triton]
+                                        [--no-overhead] [--out PATH]
 Writes the results under "bn_relu_dropout" in bench/results/<device-slug>.json.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 BENCH = "bn_relu_dropout"
 SIZE = 96
+OVERHEAD_SHAPE = (2, 8, 4, 4)  # a map so small that the per-call host work dominates
 
 
 def torch_epilogue(z, running_mean, running_var, weight, bias):
@@ -83,10 +87,10 @@ def make_step(fn, z, grad, params):
     return step
 
 
-def bench_dtype(device, dtype_name, layout, n, c, budget_s, compile_torch, backends):
+def bench_dtype(device, dtype_name, layout, shape, budget_s, compile_torch, backends):
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(0)
-    shape = (n, c, SIZE, SIZE)
+    c = shape[1]
     z = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
     z = z.contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
     grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
@@ -136,6 +140,8 @@ def main(argv=None) -> int:
                         help="kernel backends to time (default: every one usable on the device)")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per dtype (5; CPU 3)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile method")
+    parser.add_argument("--no-overhead", action="store_true",
+                        help=f"leave out the per-call overhead case ({'x'.join(map(str, OVERHEAD_SHAPE))}, fp32)")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = parser.parse_args(argv)
 
@@ -155,11 +161,14 @@ def main(argv=None) -> int:
     print(f"bn_relu_dropout fwd+bwd (training), {n} x {c} x {SIZE} x {SIZE} on {env['device']}; "
           f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     rows = []
-    for dtype_name in dtypes:
-        for layout in layouts:
-            rows += bench_dtype(device, dtype_name, layout, n, c, budget, compile_torch=gpu and not args.no_compile,
-                                backends=backends)
-    print(format_table(rows, [("dtype", "dtype"), ("layout", "layout"), ("method", "method"), ("median_ms", "ms"),
+    cases = [(dtype_name, layout, (n, c, SIZE, SIZE)) for dtype_name in dtypes for layout in layouts]
+    if not args.no_overhead:
+        cases.append(("fp32", layouts[-1], OVERHEAD_SHAPE))
+    for dtype_name, layout, shape in cases:
+        rows += bench_dtype(device, dtype_name, layout, shape, budget, compile_torch=gpu and not args.no_compile,
+                            backends=backends)
+    print(format_table(rows, [("dtype", "dtype"), ("layout", "layout"), ("shape", "shape"), ("method", "method"),
+                              ("median_ms", "ms"),
                               ("p20_ms", "p20"), ("p80_ms", "p80"), ("speedup_vs_eager", "vs eager"),
                               ("speedup_vs_compiled", "vs compiled"), ("min_traffic_gb_per_s", "GB/s"),
                               ("pct_of_peak_bandwidth", "% peak")]))

@@ -3,10 +3,12 @@
 #   bash bench/gpu_session.sh [tests|ops|train|all]      (default all)
 # builds the CUDA extension in place, then
 #   tests  the GPU tests of every op (each backend against its reference) and the model's fused epilogues;
-#   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton) against
-#          eager torch and torch.compile, kernel_conv;
-#   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda) and the compiled
-#          step, at batch 64, 128 and 256, then the profile of the fused step (bench/profile_gpu.py) to $LOGS.
+#   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
+#          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
+#          kernel_conv;
+#   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda: keep bits) and the
+#          compiled step, at batch 16 (lgc-fast train's default, where per-call host work shows), 64, 128 and 256,
+#          then the profile of the fused step (bench/profile_gpu.py) to $LOGS.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to $OUT (the device tool's output folder) or ./gpu_logs.
 set -uo pipefail
@@ -38,7 +40,7 @@ if [[ $what == ops || $what == all ]]; then
 fi
 
 if [[ $what == train || $what == all ]]; then
-  python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
+  python bench/bench_train_step.py --batch-sizes 16 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
     --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
     | tee "$LOGS/bench_train_step.txt" || status=1
   python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 || status=1

@@ -120,8 +120,8 @@ def rows_dilated_block(entry, device):
 def rows_bn_relu_dropout(entry, device):
     by_case = {}
     for r in entry.get("results", []):
-        by_case.setdefault((r["dtype"], r.get("layout", "channels_last")), {})[r["method"]] = r
-    for (dtype, layout), methods in by_case.items():
+        by_case.setdefault((r["dtype"], r.get("layout", "channels_last"), tuple(r["shape"])), {})[r["method"]] = r
+    for (dtype, layout, _), methods in by_case.items():
         # The mask methods: "lgc_fast <backend>" (byte mask; "lgc_fast" in results from before the bench named
         # backends) and "lgc_fast <backend> bits" (keep bits).
         fast = {name: r for name, r in methods.items() if name.startswith("lgc_fast") and not name.endswith("seeded")}

@@ -1,6 +1,7 @@
 // Torch glue of the conv-block epilogue's kernels (BatchNorm + ReLU + scale + dropout), one op per pass, on the CPU
-// and CUDA: lgc_fast_C::bn_relu_dropout_moments, _apply, _grad_sums, _grad_apply, and the mask draws
-// lgc_fast_C::dropout_keep_mask, bernoulli_keep_mask and bernoulli_keep_bits.
+// and CUDA: lgc_fast_C::bn_relu_dropout_apply, _grad_sums, _grad_apply, the training op bn_relu_dropout_train
+// (moments + apply, with its backward and autograd in C++), and the mask draws lgc_fast_C::dropout_keep_mask,
+// bernoulli_keep_mask and bernoulli_keep_bits.
 // lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" and "cuda" backends),
 // as it does from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also
 // contiguous), else contiguous (a strided z is copied); a keep mask and the gradient are brought to that layout, so
@@ -8,6 +9,7 @@
 // number the values in that layout. Per-channel vectors are float32 (float64 for float64 maps).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -424,11 +426,115 @@ at::Tensor bernoulli_keep_bits_cuda_op(const at::Tensor& seed, int64_t count, do
 }
 #endif
 
+// ---- The training op, lgc_fast_C::bn_relu_dropout_train: the whole epilogue with batch statistics, forward and
+// backward, each one call into C++ (autograd in C++ too), so a conv block pays one dispatch each way instead of a
+// Python custom op's autograd and some twenty small torch calls; the same formulas as the Python op's Triton path.
+
+using OptTensor = c10::optional<at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// (invstd, scale, shift) of BatchNorm with batch statistics (mean, biased var) in their dtype.
+Triple train_affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
+                    double eps) {
+  at::Tensor invstd = at::rsqrt(var + eps);
+  at::Tensor scale = weight.to(mean.scalar_type()) * invstd;
+  return {invstd, scale, bias.to(mean.scalar_type()) - mean * scale};
+}
+
+// z, weight, bias -> (y, mean, biased var); the statistics are for the running update only.
+template <auto Moments, auto Apply>
+Triple train_forward(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const OptTensor& keep_mask,
+                     const OptTensor& seed, double dropout_p, double eps, double out_scale) {
+  auto [mean, var] = Moments(z);
+  auto [invstd, scale, shift] = train_affine(weight, bias, mean, var, eps);
+  return {Apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var};
+}
+
+// -> (dz, dweight, dbias). dz = scale * g - scale * (mean(g) + xhat * mean(g * xhat)), xhat = (z - mean) * invstd,
+// written as scale * g + k1 * z + k0.
+template <auto GradSums, auto GradApply>
+Triple train_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& mean, const at::Tensor& var, const OptTensor& keep_mask, const OptTensor& seed,
+                      double dropout_p, double eps, double out_scale) {
+  auto [invstd, scale, shift] = train_affine(weight, bias, mean, var, eps);
+  auto [sum_g, sum_g_centered] = GradSums(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, out_scale);
+  const double count = static_cast<double>(z.numel() / z.size(1));
+  at::Tensor k1 = -scale * invstd * invstd * sum_g_centered / count;
+  at::Tensor k0 = -scale * sum_g / count - k1 * mean;
+  at::Tensor dz = GradApply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale);
+  return {dz, (sum_g_centered * invstd).to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
+}
+
+Triple train_meta(const at::Tensor& z, const at::Tensor& weight, const at::Tensor&, const OptTensor&, const OptTensor&,
+                  double, double, double) {
+  const Maps maps = maps_of(z);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == z.size(1), "bn_relu_dropout_train: weight must have shape (C=",
+              z.size(1), ",), got ", weight.sizes());
+  auto [mean, var] = new_channel_pair(z, maps);
+  return {new_map(z, maps), mean, var};
+}
+
+Triple train_backward_meta(const at::Tensor&, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double, double,
+                           double) {
+  return {new_map(z, maps_of(z)), at::empty({weight.size(0)}, weight.options()),
+          at::empty({bias.size(0)}, bias.options())};
+}
+
+class TrainFunction : public torch::autograd::Function<TrainFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const OptTensor& keep_mask, const OptTensor& seed, double dropout_p,
+                                                double eps, double out_scale) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train", "")
+                         .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                       const OptTensor&, double, double, double)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, mean, var] = op.call(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale);
+    ctx->save_for_backward({z, weight, bias, mean, var, keep_mask.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["out_scale"] = out_scale;
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_backward", "")
+                         .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
+                                       double, double)>();
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    auto [dz, dweight, dbias] =
+        op.call(grad, saved[0], saved[1], saved[2], saved[3], saved[4], optional(saved[5]), optional(saved[6]),
+                ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["eps"].toDouble(),
+                ctx->saved_data["out_scale"].toDouble());
+    return {dz, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Triple train_autograd(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const OptTensor& keep_mask,
+                      const OptTensor& seed, double dropout_p, double eps, double out_scale) {
+  const auto out = TrainFunction::apply(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace lgc
 
 TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
-  m.def("bn_relu_dropout_moments(Tensor z) -> (Tensor, Tensor)");
+  m.def(
+      "bn_relu_dropout_train(Tensor z, Tensor weight, Tensor bias, Tensor? keep_mask, Tensor? seed, float dropout_p, "
+      "float eps, float out_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_dropout_train_backward(Tensor grad, Tensor z, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
+      "Tensor? keep_mask, Tensor? seed, float dropout_p, float eps, float out_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bn_relu_dropout_apply(Tensor z, Tensor scale, Tensor shift, Tensor? keep_mask, Tensor? seed, float dropout_p, "
       "float out_scale) -> Tensor");
@@ -444,7 +550,8 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
-  m.impl("bn_relu_dropout_moments", &lgc::moments_cpu);
+  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cpu, lgc::apply_cpu>);
+  m.impl("bn_relu_dropout_train_backward", &lgc::train_backward<lgc::grad_sums_cpu, lgc::grad_apply_cpu>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cpu);
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cpu);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
@@ -453,7 +560,11 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_cpu_op);
 }
 
+TORCH_LIBRARY_IMPL(lgc_fast_C, Autograd, m) { m.impl("bn_relu_dropout_train", &lgc::train_autograd); }
+
 TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
+  m.impl("bn_relu_dropout_train", &lgc::train_meta);
+  m.impl("bn_relu_dropout_train_backward", &lgc::train_backward_meta);
   m.impl("dropout_keep_mask", &lgc::keep_mask_meta);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_meta);
   m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_meta);
@@ -461,7 +572,8 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
 
 #ifdef LGC_WITH_CUDA
 TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
-  m.impl("bn_relu_dropout_moments", &lgc::moments_cuda);
+  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cuda, lgc::apply_cuda>);
+  m.impl("bn_relu_dropout_train_backward", &lgc::train_backward<lgc::grad_sums_cuda, lgc::grad_apply_cuda>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cuda);
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cuda);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cuda);

@@ -245,14 +245,15 @@ def test_opcheck(device):
         ops = torch.ops.lgc_fast
         mean, var = z.detach().mean(dim=(0, 2, 3)), z.detach().var(dim=(0, 2, 3), unbiased=False)
         grad = torch.randn_like(z)
+        # Training: the Python custom ops over the Triton passes, or the compiled kernels' C++ op (autograd in C++).
+        train_ops = torch.ops.lgc_fast if backend == "triton" else torch.ops.lgc_fast_C
         for keep, seeded in ((mask, None), (None, seed), (_bits(mask, z), None)):
-            torch.library.opcheck(ops.bn_relu_dropout_train.default,
-                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P), backend))
+            torch.library.opcheck(train_ops.bn_relu_dropout_train.default,
+                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P)))
             torch.library.opcheck(ops.scale_shift_relu_dropout.default,
                                   (z, weight, bias, keep, seeded, P, 0.1, backend))
-            torch.library.opcheck(ops.bn_relu_dropout_train_backward.default,
-                                  (grad, z.detach(), weight.detach(), bias, mean, var, keep, seeded, P, 1e-5, 0.1,
-                                   backend))
+            torch.library.opcheck(train_ops.bn_relu_dropout_train_backward.default,
+                                  (grad, z.detach(), weight.detach(), bias, mean, var, keep, seeded, P, 1e-5, 0.1))
             torch.library.opcheck(ops.scale_shift_relu_dropout_backward.default,
                                   (grad, z.detach(), weight.detach(), bias, keep, seeded, P, 0.1, backend))
 

@@ -62,10 +62,9 @@ def _kernels():
 
 def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """nn.BatchNorm2d's update: running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
-    with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_((var.detach() * (count / (count - 1))).to(running_var.dtype),
-                                              alpha=momentum)
+    with torch.no_grad():  # lerp: one op for both terms (running + momentum * (batch - running))
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,11 +146,8 @@ class _TritonPasses:
 
 class _ExtensionPasses:
     """The compiled kernels through the lgc_fast_C ops, which dispatch on z's device: csrc/cpu/bn_relu_dropout.cpp or
-    csrc/cuda/bn_relu_dropout.cu. They bring the mask and the gradient to z's layout themselves."""
-
-    @staticmethod
-    def moments(z):
-        return torch.ops.lgc_fast_C.bn_relu_dropout_moments(z)
+    csrc/cuda/bn_relu_dropout.cu. They bring the mask and the gradient to z's layout themselves. (Training runs as one
+    op each way, lgc_fast_C::bn_relu_dropout_train, with its autograd in C++.)"""
 
     @staticmethod
     def apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale):
@@ -178,6 +174,8 @@ _PASSES = {"cpu": _ExtensionPasses, "cuda": _ExtensionPasses, "triton": _TritonP
 
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops over a backend's passes. out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
+# Training with batch statistics: lgc_fast::bn_relu_dropout_train over the Triton passes; the compiled backends
+# have lgc_fast_C::bn_relu_dropout_train (csrc/bn_relu_dropout.cpp: the same formulas, and its autograd, in C++).
 
 def _train_affine(weight, bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
@@ -187,16 +185,15 @@ def _train_affine(weight, bias, mean, var, eps):
 
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
 def _train_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_mask: Optional[torch.Tensor],
-              seed: Optional[torch.Tensor], dropout_p: float, eps: float, out_scale: float,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    passes = _PASSES[backend]
-    mean, var = passes.moments(z)
+              seed: Optional[torch.Tensor], dropout_p: float, eps: float,
+              out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean, var = _TritonPasses.moments(z)
     _, scale, shift = _train_affine(weight, bias, mean, var, eps)
-    return passes.apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var
+    return _TritonPasses.apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var
 
 
 @_train_op.register_fake
-def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale, backend):
+def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale):
     stat = z.new_empty((z.shape[1],), dtype=_compute_dtype(z.dtype))
     return _new_like(z), stat, torch.empty_like(stat)
 
@@ -204,9 +201,9 @@ def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale, backend):
 @torch.library.custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
 def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor],
-                       seed: Optional[torch.Tensor], dropout_p: float, eps: float, out_scale: float,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    passes = _PASSES[backend]
+                       seed: Optional[torch.Tensor], dropout_p: float, eps: float,
+                       out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    passes = _TritonPasses
     invstd, scale, shift = _train_affine(weight, bias, mean, var, eps)
     sum_g, sum_g_centered = passes.grad_sums(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, out_scale)
     count = z.numel() // z.shape[1]
@@ -218,23 +215,23 @@ def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
 
 
 @_train_backward_op.register_fake
-def _(grad, z, weight, bias, mean, var, keep_mask, seed, dropout_p, eps, out_scale, backend):
+def _(grad, z, weight, bias, mean, var, keep_mask, seed, dropout_p, eps, out_scale):
     return _new_like(z), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _train_setup_context(ctx, inputs, output):
-    z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale, backend = inputs
+    z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale = inputs
     _, mean, var = output
     ctx.save_for_backward(z, weight, bias, mean, var, keep_mask, seed)
-    ctx.dropout_p, ctx.eps, ctx.out_scale, ctx.backend = dropout_p, eps, out_scale, backend
+    ctx.dropout_p, ctx.eps, ctx.out_scale = dropout_p, eps, out_scale
 
 
 def _train_backward(ctx, grad, grad_mean, grad_var):
     # mean and var are returned for the running statistics only; the public function never lets them carry gradients.
     z, weight, bias, mean, var, keep_mask, seed = ctx.saved_tensors
     dz, dweight, dbias = _train_backward_op(grad, z, weight, bias, mean, var, keep_mask, seed, ctx.dropout_p,
-                                            ctx.eps, ctx.out_scale, ctx.backend)
-    return dz, dweight, dbias, None, None, None, None, None, None
+                                            ctx.eps, ctx.out_scale)
+    return dz, dweight, dbias, None, None, None, None, None
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
@@ -410,7 +407,11 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
     if not training:
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
         return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale, name)
-    y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale, name)
+    if name in ("cpu", "cuda"):  # one C++ call each way
+        y, mean, var = torch.ops.lgc_fast_C.bn_relu_dropout_train(z, weight, bias, keep_mask, dropout_seed, p,
+                                                                  float(eps), out_scale)
+    else:
+        y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, z.numel() // c, momentum)
     return y
