@@ -428,41 +428,100 @@ at::Tensor bernoulli_keep_bits_cuda_op(const at::Tensor& seed, int64_t count, do
 
 // ---- The training op, lgc_fast_C::bn_relu_dropout_train: the whole epilogue with batch statistics, forward and
 // backward, each one call into C++ (autograd in C++ too), so a conv block pays one dispatch each way instead of a
-// Python custom op's autograd and some twenty small torch calls; the same formulas as the Python op's Triton path.
+// Python custom op's autograd and some twenty small torch calls; the same formulas as the Python op's Triton path,
+// the per-channel ones (csrc/epilogue.h) in double, in a loop on the CPU and one small kernel each way on CUDA.
 
 using OptTensor = c10::optional<at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// (invstd, scale, shift) of BatchNorm with batch statistics (mean, biased var) in their dtype.
-Triple train_affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
-                    double eps) {
-  at::Tensor invstd = at::rsqrt(var + eps);
-  at::Tensor scale = weight.to(mean.scalar_type()) * invstd;
-  return {invstd, scale, bias.to(mean.scalar_type()) - mean * scale};
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// BatchNorm's per-channel terms (csrc/epilogue.h) as (C,) tensors in mean's dtype, the accumulation type: the
+// forward's (invstd, scale, shift) and the backward's (k1, k0, dweight, dbias). On the CPU a loop; on CUDA one small
+// kernel each.
+Triple affine_cpu(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
+                  double eps) {
+  const at::Tensor w = weight.to(mean.scalar_type()).contiguous(), b = bias.to(mean.scalar_type()).contiguous();
+  at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train", [&] {
+    for (int64_t c = 0; c < mean.size(0); ++c) {
+      const BnAffine t = bn_train_affine(ptr<scalar_t>(mean)[c], ptr<scalar_t>(var)[c], ptr<scalar_t>(w)[c],
+                                         ptr<scalar_t>(b)[c], eps);
+      out<scalar_t>(invstd)[c] = static_cast<scalar_t>(t.invstd);
+      out<scalar_t>(scale)[c] = static_cast<scalar_t>(t.scale);
+      out<scalar_t>(shift)[c] = static_cast<scalar_t>(t.shift);
+    }
+  });
+  return {invstd, scale, shift};
 }
 
+Quad grad_terms_cpu(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& sum_g,
+                    const at::Tensor& sum_g_centered, double count) {
+  at::Tensor k1 = at::empty_like(mean), k0 = at::empty_like(mean);
+  at::Tensor dweight = at::empty_like(mean), dbias = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train_backward", [&] {
+    for (int64_t c = 0; c < mean.size(0); ++c) {
+      const BnAffine affine{ptr<scalar_t>(invstd)[c], ptr<scalar_t>(scale)[c], 0.0};
+      const BnGradTerms t = bn_train_grad_terms(affine, ptr<scalar_t>(mean)[c], ptr<scalar_t>(sum_g)[c],
+                                                ptr<scalar_t>(sum_g_centered)[c], count);
+      out<scalar_t>(k1)[c] = static_cast<scalar_t>(t.k1);
+      out<scalar_t>(k0)[c] = static_cast<scalar_t>(t.k0);
+      out<scalar_t>(dweight)[c] = static_cast<scalar_t>(t.dweight);
+      out<scalar_t>(dbias)[c] = static_cast<scalar_t>(t.dbias);
+    }
+  });
+  return {k1, k0, dweight, dbias};
+}
+
+#ifdef LGC_WITH_CUDA
+Triple affine_cuda(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
+                   double eps) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const at::Tensor w = weight.to(mean.scalar_type()).contiguous(), b = bias.to(mean.scalar_type()).contiguous();
+  at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  check_launch(bn_train_affine_cuda(mean.scalar_type() == at::kDouble, mean.size(0), mean.const_data_ptr(),
+                                    var.const_data_ptr(), w.const_data_ptr(), b.const_data_ptr(), eps,
+                                    invstd.mutable_data_ptr(), scale.mutable_data_ptr(), shift.mutable_data_ptr(),
+                                    c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_train");
+  return {invstd, scale, shift};
+}
+
+Quad grad_terms_cuda(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& sum_g,
+                     const at::Tensor& sum_g_centered, double count) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  at::Tensor k1 = at::empty_like(mean), k0 = at::empty_like(mean);
+  at::Tensor dweight = at::empty_like(mean), dbias = at::empty_like(mean);
+  check_launch(bn_train_grad_terms_cuda(mean.scalar_type() == at::kDouble, mean.size(0), mean.const_data_ptr(),
+                                        invstd.const_data_ptr(), scale.const_data_ptr(), sum_g.const_data_ptr(),
+                                        sum_g_centered.const_data_ptr(), count, k1.mutable_data_ptr(),
+                                        k0.mutable_data_ptr(), dweight.mutable_data_ptr(), dbias.mutable_data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_train_backward");
+  return {k1, k0, dweight, dbias};
+}
+#endif
+
 // z, weight, bias -> (y, mean, biased var); the statistics are for the running update only.
-template <auto Moments, auto Apply>
+template <auto Moments, auto Affine, auto Apply>
 Triple train_forward(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const OptTensor& keep_mask,
                      const OptTensor& seed, double dropout_p, double eps, double out_scale) {
   auto [mean, var] = Moments(z);
-  auto [invstd, scale, shift] = train_affine(weight, bias, mean, var, eps);
+  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps);
   return {Apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var};
 }
 
-// -> (dz, dweight, dbias). dz = scale * g - scale * (mean(g) + xhat * mean(g * xhat)), xhat = (z - mean) * invstd,
-// written as scale * g + k1 * z + k0.
-template <auto GradSums, auto GradApply>
+// -> (dz, dweight, dbias), dz = scale * g + k1 * z + k0 (bn_train_grad_terms).
+template <auto Affine, auto GradSums, auto GradTerms, auto GradApply>
 Triple train_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
                       const at::Tensor& mean, const at::Tensor& var, const OptTensor& keep_mask, const OptTensor& seed,
                       double dropout_p, double eps, double out_scale) {
-  auto [invstd, scale, shift] = train_affine(weight, bias, mean, var, eps);
+  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps);
   auto [sum_g, sum_g_centered] = GradSums(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, out_scale);
-  const double count = static_cast<double>(z.numel() / z.size(1));
-  at::Tensor k1 = -scale * invstd * invstd * sum_g_centered / count;
-  at::Tensor k0 = -scale * sum_g / count - k1 * mean;
+  auto [k1, k0, dweight, dbias] =
+      GradTerms(mean, invstd, scale, sum_g, sum_g_centered, static_cast<double>(z.numel() / z.size(1)));
   at::Tensor dz = GradApply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale);
-  return {dz, (sum_g_centered * invstd).to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
+  return {dz, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};
 }
 
 Triple train_meta(const at::Tensor& z, const at::Tensor& weight, const at::Tensor&, const OptTensor&, const OptTensor&,
@@ -550,8 +609,9 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
-  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cpu, lgc::apply_cpu>);
-  m.impl("bn_relu_dropout_train_backward", &lgc::train_backward<lgc::grad_sums_cpu, lgc::grad_apply_cpu>);
+  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cpu, lgc::affine_cpu, lgc::apply_cpu>);
+  m.impl("bn_relu_dropout_train_backward",
+         &lgc::train_backward<lgc::affine_cpu, lgc::grad_sums_cpu, lgc::grad_terms_cpu, lgc::grad_apply_cpu>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cpu);
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cpu);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cpu);
@@ -572,8 +632,9 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
 
 #ifdef LGC_WITH_CUDA
 TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
-  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cuda, lgc::apply_cuda>);
-  m.impl("bn_relu_dropout_train_backward", &lgc::train_backward<lgc::grad_sums_cuda, lgc::grad_apply_cuda>);
+  m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cuda, lgc::affine_cuda, lgc::apply_cuda>);
+  m.impl("bn_relu_dropout_train_backward",
+         &lgc::train_backward<lgc::affine_cuda, lgc::grad_sums_cuda, lgc::grad_terms_cuda, lgc::grad_apply_cuda>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cuda);
   m.impl("bn_relu_dropout_grad_sums", &lgc::grad_sums_cuda);
   m.impl("bn_relu_dropout_grad_apply", &lgc::grad_apply_cuda);

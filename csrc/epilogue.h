@@ -1,15 +1,15 @@
 // What the CPU and CUDA kernels of the conv-block epilogue (BatchNorm + ReLU + scale + dropout) share, in host and
-// device code alike: the maps' shape, and the seeded dropout draws, which are Triton's tl.rand bit for bit, so a seed
-// drops the same values on every backend.
+// device code alike: the maps' shape, the seeded dropout draws, which are Triton's tl.rand bit for bit, so a seed
+// drops the same values on every backend, keep bits, and BatchNorm's per-channel terms.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
-#define LGC_PHILOX_HD __host__ __device__ __forceinline__
+#define LGC_EPILOGUE_HD __host__ __device__ __forceinline__
 #else
-#define LGC_PHILOX_HD inline
+#define LGC_EPILOGUE_HD inline
 #endif
 
 namespace lgc {
@@ -23,7 +23,7 @@ struct EpilogueShape {
 };
 
 // Philox-4x32-10's four output words for counter (counter, 0, 0, 0) and key (low, high 32 bits of seed).
-LGC_PHILOX_HD void philox4(uint64_t seed, uint32_t counter, uint32_t words[4]) {
+LGC_EPILOGUE_HD void philox4(uint64_t seed, uint32_t counter, uint32_t words[4]) {
   uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -45,7 +45,7 @@ LGC_PHILOX_HD void philox4(uint64_t seed, uint32_t counter, uint32_t words[4]) {
 }
 
 // The first word for counter `index`: Triton's tl.randint(seed, index).
-LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
+LGC_EPILOGUE_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
   uint32_t words[4];
   philox4(seed, index, words);
   return words[0];
@@ -54,14 +54,14 @@ LGC_PHILOX_HD uint32_t philox_word(uint64_t seed, uint32_t index) {
 // Triton's tl.rand(seed, index): the word read as int32 (two's complement, as GCC, Clang and nvcc convert), folded
 // onto [0, 2^31) and scaled into [0, 1) in float32. Converted from int32, not uint32: AVX2 has no unsigned
 // conversion, and the CPU loops vectorise only with the signed one.
-LGC_PHILOX_HD float philox_uniform(uint64_t seed, uint32_t index) {
+LGC_EPILOGUE_HD float philox_uniform(uint64_t seed, uint32_t index) {
   int32_t x = static_cast<int32_t>(philox_word(seed, index));
   if (x < 0) x = ~x;
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
 // The value at (N, C, H, W) index `index` is kept when its draw is at least p (probability 1 - p).
-LGC_PHILOX_HD bool philox_keep(uint64_t seed, uint32_t index, float p) { return philox_uniform(seed, index) >= p; }
+LGC_EPILOGUE_HD bool philox_keep(uint64_t seed, uint32_t index, float p) { return philox_uniform(seed, index) >= p; }
 
 // bernoulli_keep_mask's flags (CPU and CUDA alike): flag i of the mask, in memory order, is word i % 4 of Philox
 // counter i / 4 at least this threshold, so it is kept with probability 1 - p (p < 1 in float32: at most 2^32 - 256).
@@ -71,11 +71,11 @@ inline uint32_t bernoulli_threshold(float p) {
 
 // Keep bits, the packed form of a keep mask: the flag of the value at offset e of the maps (dense, in the call's
 // layout) is bit e % 8, least significant first, of byte e / 8. An eighth of the byte mask's traffic in each pass.
-LGC_PHILOX_HD bool keep_bit(const uint8_t* bits, int64_t e) { return ((bits[e >> 3] >> (e & 7)) & 1u) != 0; }
+LGC_EPILOGUE_HD bool keep_bit(const uint8_t* bits, int64_t e) { return ((bits[e >> 3] >> (e & 7)) & 1u) != 0; }
 
 // Byte b of bernoulli_keep_bits: flags 8 b .. 8 b + 7 of bernoulli_keep_mask (Philox counters 2 b and 2 b + 1), so
 // the bits are that byte mask packed.
-LGC_PHILOX_HD uint8_t bernoulli_bits_byte(uint64_t seed, uint32_t threshold, int64_t b) {
+LGC_EPILOGUE_HD uint8_t bernoulli_bits_byte(uint64_t seed, uint32_t threshold, int64_t b) {
   uint32_t byte = 0;
   for (int half = 0; half < 2; ++half) {
     uint32_t words[4];
@@ -83,6 +83,35 @@ LGC_PHILOX_HD uint8_t bernoulli_bits_byte(uint64_t seed, uint32_t threshold, int
     for (int k = 0; k < 4; ++k) byte |= uint32_t{words[k] >= threshold} << (4 * half + k);
   }
   return static_cast<uint8_t>(byte);
+}
+
+// BatchNorm with batch statistics, per channel, in double: the apply pass's z * scale + shift from the batch mean
+// and biased variance, and the backward's terms from the gradient's sums (sum g, sum g * (z - mean)) over `count`
+// values: dz = scale * g + k1 * z + k0 (= scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd),
+// dweight = sum g * xhat, dbias = sum g.
+struct BnAffine {
+  double invstd;
+  double scale;
+  double shift;
+};
+
+LGC_EPILOGUE_HD BnAffine bn_train_affine(double mean, double var, double weight, double bias, double eps) {
+  const double invstd = 1.0 / sqrt(var + eps);
+  const double scale = weight * invstd;
+  return {invstd, scale, bias - mean * scale};
+}
+
+struct BnGradTerms {
+  double k1;
+  double k0;
+  double dweight;
+  double dbias;
+};
+
+LGC_EPILOGUE_HD BnGradTerms bn_train_grad_terms(const BnAffine& affine, double mean, double sum_g,
+                                                double sum_g_centered, double count) {
+  const double k1 = -affine.scale * affine.invstd * affine.invstd * sum_g_centered / count;
+  return {k1, -affine.scale * sum_g / count - k1 * mean, sum_g_centered * affine.invstd, sum_g};
 }
 
 }  // namespace lgc

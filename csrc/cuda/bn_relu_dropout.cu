@@ -14,8 +14,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <climits>
 #include <type_traits>
 
 #include "cuda/bn_relu_dropout_plan.cuh"
@@ -230,68 +228,6 @@ LGC_HD void grad_apply_thread(const Args<T>& a, int64_t tile, int thread) {
       if (r < count) store_values<V>(a.out + offset[r], a.vector_io, dz[r]);
     }
   });
-}
-
-template <int V>
-LGC_HD void keep_mask_thread(const Plan& plan, const int64_t* seed_ptr, float p, uint8_t* keep, bool vector_io,
-                             int64_t tile, int thread) {
-  constexpr int R = kApplySteps;
-  if (thread_channel(plan, tile, thread) < 0) return;
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  const auto index_step = static_cast<uint32_t>(plan.index_step());
-  visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r < count) {
-        uint8_t bytes[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) bytes[k] = philox_keep(seed, index[r] + k * index_step, p);
-        store_values<V>(keep + offset[r], vector_io, bytes);
-      }
-    }
-  });
-}
-
-// bernoulli_keep_mask: thread step `group` writes flags [16 group, 16 group + 16) of `count`, from four Philox
-// counters (bernoulli_threshold): the CPU's bernoulli_keep_cpu bit for bit. One 16-byte store where the group is whole
-// and keep aligned. A quarter of the seeded mask's Philox work, and a pure write: torch's bernoulli_ took 230 us a
-// 128 x 128 x 96 x 96 layer in the training step's H100 profile.
-constexpr int kBernoulliFlags = 16;
-
-LGC_HD void bernoulli_group(uint64_t seed, uint32_t threshold, int64_t count, int64_t group, uint8_t* keep,
-                            bool vector_io) {
-  const int64_t first = group * kBernoulliFlags;
-  uint8_t flags[kBernoulliFlags];
-#pragma unroll
-  for (int q = 0; q < kBernoulliFlags / 4; ++q) {
-    uint32_t words[4];
-    philox4(seed, static_cast<uint32_t>(first / 4 + q), words);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) flags[4 * q + k] = words[k] >= threshold;
-  }
-  if (vector_io && first + kBernoulliFlags <= count) {
-    store_values<kBernoulliFlags>(keep + first, true, flags);
-  } else {
-    for (int k = 0; k < kBernoulliFlags && first + k < count; ++k) keep[first + k] = flags[k];
-  }
-}
-
-// bernoulli_keep_bits: thread step `group` writes bytes [4 group, 4 group + 4) of `bytes` (flags 32 group ..), one
-// 4-byte store where the group is whole and bits aligned; `tail` keeps the last byte's flags below `count`.
-constexpr int kBitsBytes = 4;
-
-LGC_HD void bernoulli_bits_group(uint64_t seed, uint32_t threshold, int64_t bytes, uint32_t tail, int64_t group,
-                                 uint8_t* bits, bool vector_io) {
-  const int64_t first = group * kBitsBytes;
-  uint8_t out[kBitsBytes];
-#pragma unroll
-  for (int k = 0; k < kBitsBytes; ++k) out[k] = bernoulli_bits_byte(seed, threshold, first + k);
-  if (first + kBitsBytes >= bytes) out[bytes - 1 - first] &= static_cast<uint8_t>(tail);  // holds the last byte
-  if (vector_io && first + kBitsBytes <= bytes) {
-    store_values<kBitsBytes>(bits + first, true, out);
-  } else {
-    for (int k = 0; k < kBitsBytes && first + k < bytes; ++k) bits[first + k] = out[k];
-  }
 }
 
 // A share of a reduction. Moments: (count, mean, M2); sums: (count, sum g, sum g * (z - center)).
@@ -520,30 +456,51 @@ __global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
   grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
 }
 
-template <int V>
-__global__ void __launch_bounds__(kThreads) keep_mask_kernel(Plan plan, const int64_t* seed, float p, uint8_t* keep,
-                                                             bool vector_io) {
-  keep_mask_thread<V>(plan, seed, p, keep, vector_io, blockIdx.x, threadIdx.x);
+// BatchNorm's per-channel terms, one thread a channel (a few hundred channels: one small launch instead of the dozen
+// elementwise torch calls the formulas take).
+template <typename A>
+LGC_HD void affine_channel(int64_t c, const A* mean, const A* var, const A* weight, const A* bias, double eps,
+                           A* invstd, A* scale, A* shift) {
+  const BnAffine t = bn_train_affine(mean[c], var[c], weight[c], bias[c], eps);
+  invstd[c] = static_cast<A>(t.invstd);
+  scale[c] = static_cast<A>(t.scale);
+  shift[c] = static_cast<A>(t.shift);
 }
 
-__global__ void __launch_bounds__(kThreads) bernoulli_kernel(const int64_t* seed, uint32_t threshold, int64_t count,
-                                                             int64_t groups, uint8_t* keep, bool vector_io) {
-  const auto s = static_cast<uint64_t>(*seed);
-  const int64_t stride = int64_t{gridDim.x} * kThreads;
-  for (int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x; g < groups; g += stride) {
-    bernoulli_group(s, threshold, count, g, keep, vector_io);
-  }
+template <typename A>
+LGC_HD void grad_terms_channel(int64_t c, const A* mean, const A* invstd, const A* scale, const A* sum_g,
+                               const A* sum_g_centered, double count, A* k1, A* k0, A* dweight, A* dbias) {
+  const BnAffine affine{static_cast<double>(invstd[c]), static_cast<double>(scale[c]), 0.0};
+  const BnGradTerms t = bn_train_grad_terms(affine, mean[c], sum_g[c], sum_g_centered[c], count);
+  k1[c] = static_cast<A>(t.k1);
+  k0[c] = static_cast<A>(t.k0);
+  dweight[c] = static_cast<A>(t.dweight);
+  dbias[c] = static_cast<A>(t.dbias);
 }
 
-__global__ void __launch_bounds__(kThreads) bernoulli_bits_kernel(const int64_t* seed, uint32_t threshold,
-                                                                  int64_t bytes, uint32_t tail, int64_t groups,
-                                                                  uint8_t* bits, bool vector_io) {
-  const auto s = static_cast<uint64_t>(*seed);
-  const int64_t stride = int64_t{gridDim.x} * kThreads;
-  for (int64_t g = int64_t{blockIdx.x} * kThreads + threadIdx.x; g < groups; g += stride) {
-    bernoulli_bits_group(s, threshold, bytes, tail, g, bits, vector_io);
-  }
+template <typename A>
+__global__ void __launch_bounds__(kThreads) affine_kernel(int64_t channels, const A* mean, const A* var,
+                                                          const A* weight, const A* bias, double eps, A* invstd,
+                                                          A* scale, A* shift) {
+  const int64_t c = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (c < channels) affine_channel(c, mean, var, weight, bias, eps, invstd, scale, shift);
 }
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) grad_terms_kernel(int64_t channels, const A* mean, const A* invstd,
+                                                              const A* scale, const A* sum_g, const A* sum_g_centered,
+                                                              double count, A* k1, A* k0, A* dweight, A* dbias) {
+  const int64_t c = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (c < channels) grad_terms_channel(c, mean, invstd, scale, sum_g, sum_g_centered, count, k1, k0, dweight, dbias);
+}
+
+// Calls f(accumulation type tag): double for float64 maps, else float.
+template <typename F>
+cudaError_t on_acc(bool float64, F&& f) {
+  return float64 ? f(double{}) : f(float{});
+}
+
+inline unsigned channel_blocks(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
 
 // Calls f(element type tag) for `kind`.
 template <typename F>
@@ -561,50 +518,12 @@ cudaError_t on_kind(ScalarKind kind, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Calls f(std::integral_constant<int, vec>) for a plan's vec (a power of two, at most 16 bytes of T).
-template <typename T, typename F>
-cudaError_t on_vec(int vec, F&& f) {
-  constexpr int kMax = kMaxVectorBytes / static_cast<int>(sizeof(T));
-  switch (vec) {
-    case 1:
-      return f(std::integral_constant<int, 1>{});
-    case 2:
-      if constexpr (kMax >= 2) return f(std::integral_constant<int, 2>{});
-      break;
-    case 4:
-      if constexpr (kMax >= 4) return f(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      if constexpr (kMax >= 8) return f(std::integral_constant<int, 8>{});
-      break;
-    case 16:
-      if constexpr (kMax >= 16) return f(std::integral_constant<int, 16>{});
-      break;
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename F>
 cudaError_t on_drop(const EpilogueDropoutCuda& d, F&& f) {
   if (d.mask != nullptr) return f(std::integral_constant<int, kMaskDrop>{});
   if (d.bits != nullptr) return f(std::integral_constant<int, kBitsDrop>{});
   if (d.seed != nullptr) return f(std::integral_constant<int, kSeededDrop>{});
   return f(std::integral_constant<int, kNoDrop>{});
-}
-
-// The plan of a launch for elements of `elem_bytes`, or an error: nothing to do (cudaSuccess, reported as done =
-// true) or a grid too large.
-struct Launch {
-  Plan plan;
-  bool done;
-  cudaError_t err;
-};
-
-inline Launch plan_launch(EpilogueShape shape, int elem_bytes) {
-  const Plan plan = make_plan(shape, elem_bytes);
-  if (shape.n <= 0 || shape.c <= 0 || shape.p <= 0) return {plan, true, cudaSuccess};
-  if (plan.tiles() > INT_MAX || shape.c > INT_MAX) return {plan, true, cudaErrorInvalidConfiguration};
-  return {plan, false, cudaSuccess};
 }
 
 template <typename T>
@@ -718,37 +637,31 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
                     });
 }
 
-cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,
-                                   cudaStream_t stream) {
-  const d::Launch launch = d::plan_launch(shape, 1);
-  if (launch.done) return launch.err;
-  const auto blocks = static_cast<unsigned>(launch.plan.tiles());
-  const bool vector_io = d::pack_aligned(keep, 1, launch.plan.vec);
-  return d::on_vec<uint8_t>(launch.plan.vec, [&](auto vec) {
-    d::keep_mask_kernel<decltype(vec)::value><<<blocks, d::kThreads, 0, stream>>>(launch.plan, seed, p, keep,
-                                                                                  vector_io);
+cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mean, const void* var, const void* weight,
+                                 const void* bias, double eps, void* invstd, void* scale, void* shift,
+                                 cudaStream_t stream) {
+  if (channels <= 0) return cudaSuccess;
+  return d::on_acc(float64, [&](auto tag) {
+    using A = decltype(tag);
+    d::affine_kernel<A><<<d::channel_blocks(channels), d::kThreads, 0, stream>>>(
+        channels, static_cast<const A*>(mean), static_cast<const A*>(var), static_cast<const A*>(weight),
+        static_cast<const A*>(bias), eps, static_cast<A*>(invstd), static_cast<A*>(scale), static_cast<A*>(shift));
     return cudaGetLastError();
   });
 }
 
-cudaError_t bernoulli_keep_mask_cuda(const int64_t* seed, float p, int64_t count, uint8_t* keep, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  const int64_t groups = (count + d::kBernoulliFlags - 1) / d::kBernoulliFlags;
-  const int64_t blocks = std::min<int64_t>((groups + d::kThreads - 1) / d::kThreads, int64_t{1} << 20);
-  d::bernoulli_kernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
-      seed, bernoulli_threshold(p), count, groups, keep, d::pack_aligned(keep, 1, d::kBernoulliFlags));
-  return cudaGetLastError();
-}
-
-cudaError_t bernoulli_keep_bits_cuda(const int64_t* seed, float p, int64_t count, uint8_t* bits, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  const int64_t bytes = (count + 7) / 8;
-  const int64_t groups = (bytes + d::kBitsBytes - 1) / d::kBitsBytes;
-  const int64_t blocks = std::min<int64_t>((groups + d::kThreads - 1) / d::kThreads, int64_t{1} << 20);
-  const uint32_t tail = count % 8 == 0 ? 0xffu : (1u << (count % 8)) - 1u;
-  d::bernoulli_bits_kernel<<<static_cast<unsigned>(blocks), d::kThreads, 0, stream>>>(
-      seed, bernoulli_threshold(p), bytes, tail, groups, bits, d::pack_aligned(bits, 1, d::kBitsBytes));
-  return cudaGetLastError();
+cudaError_t bn_train_grad_terms_cuda(bool float64, int64_t channels, const void* mean, const void* invstd,
+                                     const void* scale, const void* sum_g, const void* sum_g_centered, double count,
+                                     void* k1, void* k0, void* dweight, void* dbias, cudaStream_t stream) {
+  if (channels <= 0) return cudaSuccess;
+  return d::on_acc(float64, [&](auto tag) {
+    using A = decltype(tag);
+    d::grad_terms_kernel<A><<<d::channel_blocks(channels), d::kThreads, 0, stream>>>(
+        channels, static_cast<const A*>(mean), static_cast<const A*>(invstd), static_cast<const A*>(scale),
+        static_cast<const A*>(sum_g), static_cast<const A*>(sum_g_centered), count, static_cast<A*>(k1),
+        static_cast<A*>(k0), static_cast<A*>(dweight), static_cast<A*>(dbias));
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace lgc

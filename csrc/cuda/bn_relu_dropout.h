@@ -51,6 +51,18 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
                                void* dz, EpilogueShape shape, cudaStream_t stream);
 
+// Per channel c < channels, in the accumulation type (float64 when `float64`, else float32) as every vector here:
+// invstd, scale and shift of BatchNorm with the batch statistics mean, var (bn_train_affine).
+cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mean, const void* var, const void* weight,
+                                 const void* bias, double eps, void* invstd, void* scale, void* shift,
+                                 cudaStream_t stream);
+
+// Per channel, the backward's k1, k0, dweight and dbias (bn_train_grad_terms) from the gradient's sums over `count`
+// values per channel.
+cudaError_t bn_train_grad_terms_cuda(bool float64, int64_t channels, const void* mean, const void* invstd,
+                                     const void* scale, const void* sum_g, const void* sum_g_centered, double count,
+                                     void* k1, void* k0, void* dweight, void* dbias, cudaStream_t stream);
+
 // keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, nullptr, seed, p}
 // draws.
 cudaError_t dropout_keep_mask_cuda(const int64_t* seed, float p, EpilogueShape shape, uint8_t* keep,

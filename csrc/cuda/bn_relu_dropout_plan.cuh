@@ -1,5 +1,6 @@
-// The tiling plan of the CUDA epilogue kernels (bn_relu_dropout.cu), how a thread walks its values, and their vector
-// loads and stores. Host and device alike: tests/cpp/test_bn_relu_dropout_cuda_emulation.cu runs it on the CPU.
+// The tiling plan of the CUDA epilogue kernels (bn_relu_dropout.cu, keep_masks.cu), how a thread walks its values,
+// their vector loads and stores, and the launchers' plan and vec dispatch. Host and device alike:
+// tests/cpp/test_bn_relu_dropout_cuda_emulation.cu runs it on the CPU.
 //
 // One plan per shape and element size serves every pass, so a value's tile, partial slot and summation order are the
 // same on any GPU and for any alignment of the maps:
@@ -12,7 +13,11 @@
 // same plan runs with scalar accesses, so alignment never changes a result.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
+#include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernel_common.cuh"
 #include "epilogue.h"
@@ -191,6 +196,44 @@ LGC_HD void store_values(T* p, bool vector_io, const T (&values)[V]) {
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = values[k];
   }
+}
+
+// Calls f(std::integral_constant<int, vec>) for a plan's vec (a power of two, at most 16 bytes of T).
+template <typename T, typename F>
+cudaError_t on_vec(int vec, F&& f) {
+  constexpr int kMax = kMaxVectorBytes / static_cast<int>(sizeof(T));
+  switch (vec) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      if constexpr (kMax >= 2) return f(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      if constexpr (kMax >= 4) return f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (kMax >= 8) return f(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      if constexpr (kMax >= 16) return f(std::integral_constant<int, 16>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The plan of a launch for elements of `elem_bytes`, or an error: nothing to do (cudaSuccess, reported as done =
+// true) or a grid too large.
+struct Launch {
+  Plan plan;
+  bool done;
+  cudaError_t err;
+};
+
+inline Launch plan_launch(EpilogueShape shape, int elem_bytes) {
+  const Plan plan = make_plan(shape, elem_bytes);
+  if (shape.n <= 0 || shape.c <= 0 || shape.p <= 0) return {plan, true, cudaSuccess};
+  if (plan.tiles() > INT_MAX || shape.c > INT_MAX) return {plan, true, cudaErrorInvalidConfiguration};
+  return {plan, false, cudaSuccess};
 }
 
 }  // namespace bn_epilogue_detail

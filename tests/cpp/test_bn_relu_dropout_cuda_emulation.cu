@@ -8,6 +8,7 @@
 // philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw; the byte masks of
 // bernoulli_keep_mask must be the CPU draw's flags, and bernoulli_keep_bits them packed. Built by CMakeLists.txt.
 #include "cuda/bn_relu_dropout.cu"
+#include "cuda/keep_masks.cu"
 
 #include <cmath>
 #include <cstdio>
@@ -291,6 +292,39 @@ void check_bernoulli_bits(int64_t count, bool misaligned) {
   for (int64_t b = bytes; b < bytes + kBitsBytes; ++b) expect(bits.data[b] == 0xa5, "written past the bits", "uint8", b);
 }
 
+// The per-channel kernels' threads: BatchNorm's terms in the accumulation type, against the formulas in double.
+template <typename A>
+void check_channel_terms(double tol, const char* type) {
+  const int64_t channels = 5;
+  std::vector<A> mean, var, weight, bias, sum_g, sum_gc;
+  for (int64_t c = 0; c < channels; ++c) {
+    mean.push_back(A(0.3 * c - 0.5));
+    var.push_back(A(0.2 + 0.7 * c));
+    weight.push_back(A(1.0 - 0.15 * c));
+    bias.push_back(A(0.05 * c));
+    sum_g.push_back(A(2.0 - c));
+    sum_gc.push_back(A(0.4 * c - 1.1));
+  }
+  const double eps = 1e-5, count = 37.0;
+  std::vector<A> invstd(channels), scale(channels), shift(channels), k1(channels), k0(channels), dw(channels),
+      db(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    affine_channel(c, mean.data(), var.data(), weight.data(), bias.data(), eps, invstd.data(), scale.data(),
+                   shift.data());
+    grad_terms_channel(c, mean.data(), invstd.data(), scale.data(), sum_g.data(), sum_gc.data(), count, k1.data(),
+                       k0.data(), dw.data(), db.data());
+    const double inv = 1.0 / std::sqrt(double(var[c]) + eps), sc = double(weight[c]) * inv;
+    expect_close(invstd[c], inv, tol, "invstd", type, c);
+    expect_close(scale[c], sc, tol, "scale", type, c);
+    expect_close(shift[c], double(bias[c]) - double(mean[c]) * sc, tol, "shift", type, c);
+    const double want_k1 = -sc * inv * inv * double(sum_gc[c]) / count;
+    expect_close(k1[c], want_k1, tol, "k1", type, c);
+    expect_close(k0[c], -sc * double(sum_g[c]) / count - want_k1 * double(mean[c]), tol, "k0", type, c);
+    expect_close(dw[c], double(sum_gc[c]) * inv, tol, "dweight", type, c);
+    expect_close(db[c], double(sum_g[c]), tol, "dbias", type, c);
+  }
+}
+
 // Both alignments for element type T; they must agree bit for bit. Returns the plan's vec.
 template <typename T>
 int check_type(const Case& cs, double tol, const char* type) {
@@ -371,6 +405,8 @@ int main() {
     check_bernoulli_bits(count, false);
     check_bernoulli_bits(count, true);
   }
+  check_channel_terms<float>(1e-6, "float32");
+  check_channel_terms<double>(1e-14, "float64");
   expect(lgc::bernoulli_threshold(0.0f) == 0u && lgc::bernoulli_threshold(0.5f) == 2147483648u, "threshold",
          "bernoulli", 0);
   if (failures) {
