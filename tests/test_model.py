@@ -200,6 +200,32 @@ def test_fused_epilogues_with_dropout_compile_fullgraph(kernels_everywhere):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_fused_epilogues_with_dropout_compile_inductor(monkeypatch):
+    """`lgc-fast train --compile` on the C++ kernels: inductor lowers around the C++ training op (its autograd in C++)
+    and the keep-bit draw, and with eager's random numbers (fallback_random; inductor's own RNG would draw other
+    seeds) gives eager's outputs, gradients and running statistics."""
+    ok, why = _backend._usable("cpu", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"the compiled C++ kernels are not usable here: {why}")
+    monkeypatch.setenv(_backend.ENV_VAR, "cpu")
+    torch._dynamo.reset()
+    eager = tiny(width=4, n_landmarks=2, local_layers=(3,), dropout=0.3).fuse_epilogues().train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = images(2, 12, 12)
+    outputs = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for net in (eager, compiled):
+            torch.manual_seed(5)
+            local, omega = net(x)
+            (local.sum() + omega.square().sum()).backward()
+            outputs.append(omega.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_round_trip_and_export(tmp_path):
     model = tiny().eval()
     x = images()
