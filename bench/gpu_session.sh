@@ -7,8 +7,9 @@
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv;
 #   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda: keep bits) and the
-#          compiled step, at batch 16 (lgc-fast train's default, where per-call host work shows), 64, 128 and 256,
-#          then the profile of the fused step (bench/profile_gpu.py) to $LOGS.
+#          compiled step, at batch 16 (lgc-fast train's default, where per-call host work shows), 64, 128 and 256;
+#          the fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64 into $LOGS; then the
+#          profile of the fused step (bench/profile_gpu.py) to $LOGS.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to $OUT (the device tool's output folder) or ./gpu_logs.
 set -uo pipefail
@@ -43,6 +44,11 @@ if [[ $what == train || $what == all ]]; then
   python bench/bench_train_step.py --batch-sizes 16 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
     --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
     | tee "$LOGS/bench_train_step.txt" || status=1
+  # CUDA graphs (torch.compile's reduce-overhead) where host work bounds the step; a file of its own, since the main
+  # results keep one compile mode per run.
+  python bench/bench_train_step.py --batch-sizes 16 64 --budget-s 3 --ref-runs 1 --compile reduce-overhead \
+    --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
+    | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
   python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 || status=1
 fi
 
