@@ -1,4 +1,5 @@
-// CUDA kernels of the conv-block epilogue; see bn_relu_dropout.h, and bn_relu_dropout_plan.cuh for the tiling.
+// CUDA kernels of the conv-block epilogue's passes and of BatchNorm's per-channel terms; see bn_relu_dropout.h, and
+// bn_relu_dropout_plan.cuh for the tiling. The mask draws are in keep_masks.cu.
 //
 // Bandwidth: a thread moves `vec` values (16 bytes where the shape allows) per access and issues the loads of several
 // steps before it uses any, so enough bytes are in flight per SM; per-channel values are loaded once into registers,

@@ -67,8 +67,10 @@ LGC_HD void bernoulli_bits_group(uint64_t seed, uint32_t threshold, int64_t byte
   const int64_t first = group * kBitsBytes;
   uint8_t out[kBitsBytes];
 #pragma unroll
-  for (int k = 0; k < kBitsBytes; ++k) out[k] = bernoulli_bits_byte(seed, threshold, first + k);
-  if (first + kBitsBytes >= bytes) out[bytes - 1 - first] &= static_cast<uint8_t>(tail);  // holds the last byte
+  for (int k = 0; k < kBitsBytes; ++k) {
+    out[k] = bernoulli_bits_byte(seed, threshold, first + k);
+    if (first + k == bytes - 1) out[k] &= static_cast<uint8_t>(tail);  // the last byte (constant index: registers)
+  }
   if (vector_io && first + kBitsBytes <= bytes) {
     store_values<kBitsBytes>(bits + first, true, out);
   } else {
