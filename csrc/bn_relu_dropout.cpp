@@ -461,8 +461,8 @@ Quad grad_terms_cpu(const at::Tensor& mean, const at::Tensor& invstd, const at::
   at::Tensor dweight = at::empty_like(mean), dbias = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train_backward", [&] {
     for (int64_t c = 0; c < mean.size(0); ++c) {
-      const BnAffine affine{ptr<scalar_t>(invstd)[c], ptr<scalar_t>(scale)[c], 0.0};
-      const BnGradTerms t = bn_train_grad_terms(affine, ptr<scalar_t>(mean)[c], ptr<scalar_t>(sum_g)[c],
+      const BnGradTerms t = bn_train_grad_terms(ptr<scalar_t>(invstd)[c], ptr<scalar_t>(scale)[c],
+                                                ptr<scalar_t>(mean)[c], ptr<scalar_t>(sum_g)[c],
                                                 ptr<scalar_t>(sum_g_centered)[c], count);
       out<scalar_t>(k1)[c] = static_cast<scalar_t>(t.k1);
       out<scalar_t>(k0)[c] = static_cast<scalar_t>(t.k0);

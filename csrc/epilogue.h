@@ -108,10 +108,10 @@ struct BnGradTerms {
   double dbias;
 };
 
-LGC_EPILOGUE_HD BnGradTerms bn_train_grad_terms(const BnAffine& affine, double mean, double sum_g,
+LGC_EPILOGUE_HD BnGradTerms bn_train_grad_terms(double invstd, double scale, double mean, double sum_g,
                                                 double sum_g_centered, double count) {
-  const double k1 = -affine.scale * affine.invstd * affine.invstd * sum_g_centered / count;
-  return {k1, -affine.scale * sum_g / count - k1 * mean, sum_g_centered * affine.invstd, sum_g};
+  const double k1 = -scale * invstd * invstd * sum_g_centered / count;
+  return {k1, -scale * sum_g / count - k1 * mean, sum_g_centered * invstd, sum_g};
 }
 
 }  // namespace lgc

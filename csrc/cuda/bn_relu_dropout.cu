@@ -471,8 +471,7 @@ LGC_HD void affine_channel(int64_t c, const A* mean, const A* var, const A* weig
 template <typename A>
 LGC_HD void grad_terms_channel(int64_t c, const A* mean, const A* invstd, const A* scale, const A* sum_g,
                                const A* sum_g_centered, double count, A* k1, A* k0, A* dweight, A* dbias) {
-  const BnAffine affine{static_cast<double>(invstd[c]), static_cast<double>(scale[c]), 0.0};
-  const BnGradTerms t = bn_train_grad_terms(affine, mean[c], sum_g[c], sum_g_centered[c], count);
+  const BnGradTerms t = bn_train_grad_terms(invstd[c], scale[c], mean[c], sum_g[c], sum_g_centered[c], count);
   k1[c] = static_cast<A>(t.k1);
   k0[c] = static_cast<A>(t.k0);
   dweight[c] = static_cast<A>(t.dweight);

@@ -441,14 +441,22 @@ def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: 
     raise ValueError(f"dropout_keep_mask draws with the compiled or the Triton kernels, not usable here: {why}")
 
 
+def _compiled_draw_seed(z: torch.Tensor, backend: str | None) -> torch.Tensor | None:
+    """A seed from torch's generator for the compiled kernels' i.i.d. draws (bernoulli_keep_mask / _bits) where
+    `backend` is those of z's device and they number z's values, else None."""
+    if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
+        return torch.randint(2**62, (1,), device=z.device)
+    return None
+
+
 def random_keep_mask(z: torch.Tensor, p: float, backend: str | None) -> torch.Tensor:
     """A fresh dropout keep mask for z (bool, z's shape and memory format, each value kept with probability 1 - p),
     from torch's default generator (z's device), so runs stay reproducible and resumable. With the compiled kernels
     of z's device (backend "cpu" on the CPU, "cuda" on a GPU) it is drawn from a seed, four flags per Philox
     evaluation, the same flags on both (several times faster than ``bernoulli_`` on the CPU; not the mask a
     ``dropout_seed`` draws); elsewhere ``bernoulli_``."""
-    if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
-        seed = torch.randint(2**62, (1,), device=z.device)
+    seed = _compiled_draw_seed(z, backend)
+    if seed is not None:
         return torch.ops.lgc_fast_C.bernoulli_keep_mask(seed, list(z.shape), float(p),
                                                         _memory_format(z) == torch.channels_last)
     return torch.empty_like(z, dtype=torch.bool, memory_format=_memory_format(z)).bernoulli_(1.0 - p)
@@ -496,8 +504,8 @@ def random_keep_bits(z: torch.Tensor, p: float, backend: str | None) -> torch.Te
     """``random_keep_mask``'s flags as keep bits for z ((N*C*H*W + 7) // 8,) uint8 (``pack_keep_mask`` in z's
     memory format): with the compiled kernels of z's device drawn packed, the bits of the byte mask
     ``random_keep_mask`` would have drawn from the same generator state; elsewhere ``bernoulli_`` packed."""
-    if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
-        seed = torch.randint(2**62, (1,), device=z.device)
+    seed = _compiled_draw_seed(z, backend)
+    if seed is not None:
         return torch.ops.lgc_fast_C.bernoulli_keep_bits(seed, z.numel(), float(p))
     return pack_keep_mask(random_keep_mask(z, p, None), memory_format=_memory_format(z))
 
