@@ -17,9 +17,8 @@ a seed (``Dropout``), or 1.
 out_scale is a float64 argument: Triton passes an unannotated Python float as float32, which would round float64
 maps' scale; products with it are rounded back to the accumulation dtype.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -167,8 +166,8 @@ class Dropout:
     bytes whose bit e % 8 of byte e // 8 keeps the value at offset e of z's memory format, dense), or Philox draws from
     `seed` (an int64 tensor of one value on z's device, read by the kernels: no host sync) keeping each value with
     probability 1 - p, or nothing when both are None."""
-    mask: torch.Tensor | None = None
-    seed: torch.Tensor | None = None
+    mask: Optional[torch.Tensor] = None
+    seed: Optional[torch.Tensor] = None
     p: float = 0.0
 
     def args(self, z: torch.Tensor) -> tuple:

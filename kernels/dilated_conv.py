@@ -12,8 +12,6 @@ HAS_MASK). The host folds out_scale into scale and shift, so the kernel computes
 max(v, 0) for out_scale >= 0 or min(v, 0) for out_scale < 0: one fused multiply-add and one clamp per element.
 Without the epilogue y = acc (the plain convolution).
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -4,9 +4,8 @@ One program per (plane, threshold): it walks the bounding box of the window (the
 BLOCK_H x BLOCK_W tiles, keeps tile-shaped partial sums of w, w dx and w dy (offsets from the window centre) and
 reduces them once at the end. Accumulation in float32 (float64 for float64 maps).
 """
-from __future__ import annotations
-
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -76,7 +75,7 @@ def _fit_shape_stats_kernel(
     tl.store(out + 2, ref_y + mean_y / safe)
 
 
-def _blocks(height: int, width: int, radius: float | None) -> tuple[int, int]:
+def _blocks(height: int, width: int, radius: Optional[float]) -> tuple[int, int]:
     box_h, box_w = height, width
     if radius is not None:
         side = 2 * math.ceil(radius) + 1
@@ -86,7 +85,7 @@ def _blocks(height: int, width: int, radius: float | None) -> tuple[int, int]:
     return block_h, block_w
 
 
-def fit_shape_stats_triton(heatmaps: torch.Tensor, peak: torch.Tensor, centers: torch.Tensor | None, radius: float,
+def fit_shape_stats_triton(heatmaps: torch.Tensor, peak: torch.Tensor, centers: Optional[torch.Tensor], radius: float,
                            thresholds: list[float]) -> torch.Tensor:
     """heatmaps: (N, C, H, W); peak: (N, C); centers: (N, C, 2) or None -> (N, C, T, 3) = (W, mu_x, mu_y)."""
     n, c, h, w = heatmaps.shape

@@ -18,8 +18,6 @@ GPU timings are unmeasured (written without a GPU). sm_90 compile (triton.compil
 no spills, 16-48 KB shared memory. Work for 256x68x96^2 float32: 2 tiles of 64x128 per plane, 27.5 MFLOP per plane
 after skipping, x3 for 3xTF32: ~1.4 PFLOP of TF32 MMA in all.
 """
-from __future__ import annotations
-
 import functools
 
 import torch

@@ -7,8 +7,6 @@ separable, so a tile costs 20 small gathers from the (5, 23) tap table instead o
 The forward writes one weighted sum per plane (tile-shaped accumulator, one tree reduction at the end); the caller
 sums each face's planes. Accumulation in float32, float64 for float64 maps.
 """
-from __future__ import annotations
-
 import contextlib
 import functools
 

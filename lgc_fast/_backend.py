@@ -43,6 +43,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _interpreter_defect() -> str | None:
+    """Why this Triton's interpreter would give wrong results here without an error, or None."""
+    import numpy
+    import triton
+
+    if triton.__version__.startswith("3.0.") and int(numpy.__version__.split(".")[0]) >= 2:
+        return (f"triton {triton.__version__}'s interpreter drops the kernels' stores under NumPy {numpy.__version__} "
+                "(it works with NumPy 1)")
+    return None
+
+
 def backends() -> dict[str, tuple[bool, str]]:
     """Every backend with (available, why or why not)."""
     ext, ext_reason = _extension()
@@ -62,7 +73,9 @@ def backends() -> dict[str, tuple[bool, str]]:
     elif cuda_dev:
         report["triton"] = (True, triton_reason + " on CUDA")
     elif triton_interpret():
-        report["triton"] = (True, triton_reason + " in the interpreter (TRITON_INTERPRET=1, slow)")
+        defect = _interpreter_defect()
+        report["triton"] = (False, defect) if defect else (True, triton_reason + " in the interpreter "
+                                                                  "(TRITON_INTERPRET=1, slow)")
     else:
         report["triton"] = (False, triton_reason + " present but no CUDA device (set TRITON_INTERPRET=1 to interpret)")
     if ext is None:
@@ -87,7 +100,14 @@ def _usable(name: str, device: torch.device) -> tuple[bool, str]:
     return True, why
 
 
-# Dynamo cannot trace the import checks below; the choice is a constant for a compiled graph anyway.
+# Dynamo cannot trace the import checks below; the answers are constants for a compiled graph anyway.
+@torch.compiler.assume_constant_result
+def has_compiled_kernels(device_type: str) -> bool:
+    """Whether the compiled extension has kernels for "cpu" or "cuda" tensors (importing it where no op has yet)."""
+    ext = _extension()[0]
+    return ext is not None and (device_type == "cpu" or (device_type == "cuda" and ext.with_cuda))
+
+
 @torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device, backend: str | None, supported=BACKENDS) -> str:
     """The backend that runs `op` on `device`: `backend` if given, else $LGC_FAST_BACKEND, else the best available."""

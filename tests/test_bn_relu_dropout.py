@@ -24,10 +24,10 @@ P = 0.3  # larger than the release's 0.1 so that small tests drop plenty of valu
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: threads only add barrier waits
 
 
-def kernel_backends(device):
-    """The op's kernel backends that run on `device` here: the compiled C++ ("cpu") or CUDA ("cuda") kernels and
-    Triton (on the CPU in the interpreter)."""
-    return [name for name in available_backends(device) if name in ("cuda", "cpu", "triton")]
+def kernel_backends(device, dtype=None):
+    """The op's kernel backends that run on `device` (in `dtype`) here: the compiled C++ ("cpu") or CUDA ("cuda")
+    kernels and Triton (on the CPU in the interpreter)."""
+    return [name for name in available_backends(device, dtype) if name in ("cuda", "cpu", "triton")]
 
 
 def _tol(dtype):
@@ -90,7 +90,7 @@ def test_reference_equals_batchnorm_relu_dropout_modules():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_reference(device, dtype, channels_last, training):
-    for backend in kernel_backends(device):
+    for backend in kernel_backends(device, dtype):
         z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 2, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv,
                                                                      mask if training else None, training)
@@ -111,7 +111,7 @@ def test_matches_reference(device, dtype, channels_last, training):
     ((4, 2, 1, 1), True),
 ])
 def test_tile_edges(device, shape, channels_last):
-    for backend in kernel_backends(device):
+    for backend in kernel_backends(device, torch.float64):
         z, weight, bias, rm, rv, mask = _inputs(shape, torch.float64, device, 4, channels_last)
         (y, grads, stats), (y_ref, grads_ref, stats_ref) = _run_both(backend, z, weight, bias, rm, rv, mask, True)
         torch.testing.assert_close(y, y_ref, **_tol(torch.float64))
@@ -121,7 +121,7 @@ def test_tile_edges(device, shape, channels_last):
 
 @pytest.mark.parametrize("device", devices())
 def test_strided_inputs_and_expanded_gradient(device):
-    for backend in kernel_backends(device):
+    for backend in kernel_backends(device, torch.float64):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 5)
         z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]  # H and W strides that do not merge
         results = []
@@ -204,10 +204,28 @@ def test_keep_bits_equal_the_mask(device, channels_last, training):
                 assert torch.equal(got, want), (backend, dtype)
 
 
+def test_compiled_bit_draw_as_a_process_s_first_call():
+    """random_keep_bits(z, p, "cpu") before any op has loaded the extension: it loads it and draws the byte draw's
+    flags, packed."""
+    import subprocess
+    import sys
+
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("the compiled C++ kernels are not built here")
+    code = ("import torch\n"
+            "from lgc_fast.ops.bn_relu_dropout import pack_keep_mask, random_keep_bits, random_keep_mask\n"
+            "z = torch.zeros(2, 3, 5, 7)\n"
+            "torch.manual_seed(3); bits = random_keep_bits(z, 0.3, 'cpu')\n"
+            "torch.manual_seed(3); mask = random_keep_mask(z, 0.3, 'cpu')\n"
+            "assert torch.equal(bits, pack_keep_mask(mask, memory_format=torch.contiguous_format))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("device", devices())
 def test_keep_bits_of_a_strided_z(device):
     """A z whose H and W strides do not merge is copied densely (contiguous): its bits number that layout."""
-    for backend in kernel_backends(device):
+    for backend in kernel_backends(device, torch.float64):
         z, weight, bias, rm, rv, mask = _inputs((2, 4, 6, 10), torch.float64, device, 15, channels_last=True)
         z_view, mask_view = z[:, :, :, ::2], mask[:, :, :, 1::2]
         bits = pack_keep_mask(mask_view, memory_format=torch.contiguous_format)
@@ -261,7 +279,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("training", [True, False])
 def test_seeded_dropout_is_the_mask_of_its_seed(device, training):
-    for backend in kernel_backends(device):
+    for backend in kernel_backends(device, torch.float64):
         z, weight, bias, rm, rv, _ = _inputs((2, 6, 5, 7), torch.float64, device, 12, channels_last=True)
         seed = torch.tensor([2024], device=device)
         mask = dropout_keep_mask(seed, z.shape, P)

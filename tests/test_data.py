@@ -15,7 +15,7 @@ from lgc_fast.data import (MIRROR_68, FaceRecord, LandmarkDataset, affines_from_
                            write_pts)
 from lgc_fast.errors import LgcError
 
-from conftest import devices
+from conftest import CV2_WARP_ROUNDING_PX, devices
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -280,7 +280,7 @@ def test_warp_keeps_points_on_features(size, scale, angle, mirror):
     assert crop.dtype == np.float32 and crop.shape == (96, 96)
     errors = blob_errors(crop, transform_points(pts, affine), radius=8)
     assert len(errors) == 16
-    assert errors.max() < 0.01, errors
+    assert errors.max() < 0.01 + math.sqrt(2) * CV2_WARP_ROUNDING_PX, errors
 
 
 def test_warp_image_fills_outside_with_zero_and_rejects_colour():

@@ -4,12 +4,11 @@ A random network cannot find faces, so the pipeline is driven by stand-in networ
 would: kernel-shaped blobs (eq. 1) at the true landmarks of known faces, at the pyramid level where each face is about
 96 px wide. Faces and their shapes come from the real trainset; the shape model is fitted on real .pts files.
 """
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR
 
 from lgc_fast import detect as D
 from lgc_fast.data import MIRROR_68, box_to_square, crop_transform, face_box, read_pts, square_to_box, transform_points
@@ -19,7 +18,6 @@ from lgc_fast.model import LGCN
 from lgc_fast.ops.kernel_conv import RADIUS, SIGMAS
 from lgc_fast.shape import ShapeModel
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ytf68" / "trainset"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"real data not found at {DATA_DIR}")
 
 

@@ -69,7 +69,7 @@ def test_reference_equals_conv_batchnorm_relu_dropout_modules():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_forward_matches_reference(device, dtype, channels_last, with_mask):
-    for backend in triton_backends(device):
+    for backend in triton_backends(device, dtype):
         x, weight, scale, shift, mask = _inputs(1, 16, 16, 12, 12, dtype, device, 2, channels_last)
         mask = mask if with_mask else None
         got = dilated_block(x, weight, scale, shift, mask, dropout_p=P, backend=backend)
@@ -98,7 +98,7 @@ def test_odd_shapes_and_dilations(device, shape):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plain_conv_matches_reference(device, dtype):
-    for backend in triton_backends(device):
+    for backend in triton_backends(device, dtype):
         x, weight, *_ = _inputs(2, 16, 24, 9, 10, dtype, device, 4, channels_last=True)
         got = dilated_conv(x, weight, backend=backend)
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -177,7 +177,7 @@ def test_reference_backward_gradcheck():
 @pytest.mark.parametrize("device", devices())
 def test_triton_gradcheck_float64(device):
     # fast_mode checks a random projection of the Jacobian: a handful of interpreter launches instead of hundreds.
-    for backend in triton_backends(device):
+    for backend in triton_backends(device, torch.float64):
         x, weight, scale, shift, mask = _inputs(1, 3, 2, 7, 6, torch.float64, device, 8)
         scale, shift = scale.double(), shift.double()
         args = tuple(t.requires_grad_() for t in (x, weight, scale, shift))

@@ -4,11 +4,12 @@ selection and bad input. Triton on the CPU runs in the interpreter, so it only g
 import importlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import lgc_fast
-from conftest import available_backends, devices
+from conftest import available_backends, devices, skip_without_float64
 from lgc_fast.ops.kernel_conv import RADIUS, WEIGHT, kernel_conv, kernel_conv_ref, kernel_taps
 
 # The module, not the function that lgc_fast.ops re-exports under the same name.
@@ -158,6 +159,8 @@ def test_shapes_float32(device, backend, shape):
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 def test_dtypes(device, backend, dtype):
+    if dtype == torch.float64:
+        skip_without_float64(device, backend)
     x = _random(_small(device, backend), dtype=dtype, device=device)
     _assert_matches(kernel_conv(x, backend=backend), x)
 
@@ -182,6 +185,7 @@ def test_layouts(device, backend, layout):
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_gradcheck(device, backend):
+    skip_without_float64(device, backend)
     shape = (1, 1, 3, 4) if _interpreted(device, backend) else (1, 2, 3, 4)
     x = _random(shape, dtype=torch.float64, device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: kernel_conv(t, backend=backend), (x,))
@@ -260,6 +264,22 @@ def test_invalid_backend(monkeypatch):
     monkeypatch.setenv("LGC_FAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="LGC_FAST_BACKEND must be one of"):
         kernel_conv(x)
+
+
+def test_triton_interpreter_refused_where_it_drops_stores(monkeypatch):
+    """Triton 3.0's interpreter under NumPy 2 returns unwritten outputs without an error: the backend is refused."""
+    triton = pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the Triton backend compiles its kernels; the interpreter is not used")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+    ok, why = lgc_fast.backends()["triton"]
+    assert not ok and "NumPy 2.2.6" in why
+    with pytest.raises(ValueError, match="backend='triton' is not usable here: triton 3.0.0's interpreter drops"):
+        kernel_conv(_random((1, 1, 4, 4)), backend="triton")
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    assert lgc_fast.backends()["triton"][0]
 
 
 @pytest.mark.parametrize("bad,error,message", [

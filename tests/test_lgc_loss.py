@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import available_backends, devices
+from conftest import available_backends, devices, skip_without_float64
 from lgc_fast.ops import lgc_loss, lgc_loss_ref, target_maps_ref
 from lgc_fast.ops.lgc_loss import _lgc_loss_backward_op, _lgc_loss_op
 
@@ -83,6 +83,8 @@ TOLERANCES = {
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("device,backend", FAST)
 def test_matches_reference_forward_and_backward(device, backend, dtype):
+    if dtype == torch.float64:
+        skip_without_float64(device, backend)
     local, omega, points, labelled = make_case(*_shape(backend), dtype=dtype, device=device)
     n = local.shape[0]
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -104,6 +106,7 @@ def test_matches_reference_forward_and_backward(device, backend, dtype):
 def test_targets_are_rendered_exactly(device, backend):
     """Maps equal to the reference targets give a loss of ~0 and zero gradients: T itself is right, not only the
     loss's large terms far from the points."""
+    skip_without_float64(device, backend)
     local, _, points, labelled = make_case(*_shape(backend), dtype=torch.float64, device=device, seed=3)
     n, c, h, w = local.shape
     target = target_maps_ref(points, labelled, h, w)

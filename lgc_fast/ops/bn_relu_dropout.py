@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from lgc_fast import _backend
+from lgc_fast.ops._library import custom_op
 # float32 compute (float64 for float64) and outputs in z's memory format, as the dilated block's epilogue.
 from lgc_fast.ops.dilated_block import (
     ACTIVATION_SCALE, DROPOUT_P, _channel, _check_dropout_p, _compute_dtype, _memory_format, _new_output,
@@ -183,7 +184,7 @@ def _train_affine(weight, bias, mean, var, eps):
     return invstd, scale, bias.to(mean.dtype) - mean * scale
 
 
-@torch.library.custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
+@custom_op("lgc_fast::bn_relu_dropout_train", mutates_args=())
 def _train_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, keep_mask: Optional[torch.Tensor],
               seed: Optional[torch.Tensor], dropout_p: float, eps: float,
               out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,7 +199,7 @@ def _(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale):
     return _new_like(z), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
+@custom_op("lgc_fast::bn_relu_dropout_train_backward", mutates_args=())
 def _train_backward_op(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        mean: torch.Tensor, var: torch.Tensor, keep_mask: Optional[torch.Tensor],
                        seed: Optional[torch.Tensor], dropout_p: float, eps: float,
@@ -237,7 +238,7 @@ def _train_backward(ctx, grad, grad_mean, grad_var):
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
-@torch.library.custom_op("lgc_fast::scale_shift_relu_dropout", mutates_args=())
+@custom_op("lgc_fast::scale_shift_relu_dropout", mutates_args=())
 def _affine_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_mask: Optional[torch.Tensor],
                seed: Optional[torch.Tensor], dropout_p: float, out_scale: float, backend: str) -> torch.Tensor:
     return _PASSES[backend].apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale)
@@ -248,7 +249,7 @@ def _(z, scale, shift, keep_mask, seed, dropout_p, out_scale, backend):
     return _new_like(z)
 
 
-@torch.library.custom_op("lgc_fast::scale_shift_relu_dropout_backward", mutates_args=())
+@custom_op("lgc_fast::scale_shift_relu_dropout_backward", mutates_args=())
 def _affine_backward_op(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                         keep_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
                         out_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -445,7 +446,8 @@ def _compiled_draw_seed(z: torch.Tensor, backend: str | None) -> torch.Tensor | 
     """A seed from torch's generator for the compiled kernels' i.i.d. draws (bernoulli_keep_mask / _bits) where
     `backend` is those of z's device and they number z's values, else None."""
     if backend == z.device.type and backend in ("cpu", "cuda") and z.numel() < BYTE_MASK_LIMIT:
-        return torch.randint(2**62, (1,), device=z.device)
+        if _backend.has_compiled_kernels(backend):
+            return torch.randint(2**62, (1,), device=z.device)
     return None
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
+from lgc_fast.ops._library import custom_op
 
 DILATION = 4
 DROPOUT_P = 0.1
@@ -133,7 +134,7 @@ def _conv_input_grads(grad_z, x, weight, dilation, backend, need_x, need_w):
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops
 
-@torch.library.custom_op("lgc_fast::dilated_conv", mutates_args=())
+@custom_op("lgc_fast::dilated_conv", mutates_args=())
 def _dilated_conv_op(x: torch.Tensor, weight: torch.Tensor, dilation: int, out_dtype: Optional[torch.dtype],
                      backend: str) -> torch.Tensor:
     return _run(backend, x, weight, None, None, None, 1.0, dilation, out_dtype or x.dtype)
@@ -159,7 +160,7 @@ def _conv_backward(ctx, grad):
 _dilated_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-@torch.library.custom_op("lgc_fast::dilated_conv_bn_act", mutates_args=())
+@custom_op("lgc_fast::dilated_conv_bn_act", mutates_args=())
 def _bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                keep_mask: Optional[torch.Tensor], out_scale: float, dilation: int, backend: str) -> torch.Tensor:
     return _run(backend, x, weight, scale, shift, keep_mask, out_scale, dilation, x.dtype)

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import importlib
 import numbers
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from lgc_fast import _backend
+from lgc_fast.ops._library import custom_op
 from lgc_fast.ops._checks import check_maps
 from lgc_fast.shape import ShapeModel
 
@@ -104,9 +105,9 @@ def _triton_stats(heatmaps, peak, centers, radius, thresholds):
 _IMPLS = {"cuda": _ext_stats, "cpu": _ext_stats, "triton": _triton_stats, "ref": fit_shape_stats_ref}
 
 
-@torch.library.custom_op("lgc_fast::fit_shape_stats", mutates_args=())
+@custom_op("lgc_fast::fit_shape_stats", mutates_args=())
 def _stats_op(heatmaps: torch.Tensor, peak: torch.Tensor, centers: Optional[torch.Tensor], radius: float,
-              thresholds: list[float], backend: str) -> torch.Tensor:
+              thresholds: List[float], backend: str) -> torch.Tensor:
     if heatmaps.numel() == 0:
         n, c = heatmaps.shape[:2]
         out = heatmaps.new_zeros((n, c, len(thresholds), 3), dtype=_acc_dtype(heatmaps.dtype))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
+from lgc_fast.ops._library import custom_op
 from lgc_fast.ops._checks import check_maps
 
 KERNEL_SIZE = 45
@@ -75,7 +76,7 @@ def _triton_forward(x: torch.Tensor) -> torch.Tensor:
 _IMPLS = {"cuda": _ext_forward, "cpu": _ext_forward, "triton": _triton_forward, "ref": kernel_conv_ref}
 
 
-@torch.library.custom_op("lgc_fast::kernel_conv", mutates_args=())
+@custom_op("lgc_fast::kernel_conv", mutates_args=())
 def _kernel_conv_op(x: torch.Tensor, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)

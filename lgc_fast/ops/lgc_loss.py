@@ -17,6 +17,7 @@ import importlib
 import torch
 
 from lgc_fast import _backend
+from lgc_fast.ops._library import custom_op
 from lgc_fast.ops.kernel_conv import kernel_conv_ref
 
 
@@ -137,7 +138,7 @@ _FORWARD = {"cuda": _ext_forward, "triton": _triton_forward, "cpu": _ext_forward
 _BACKWARD = {"cuda": _ext_backward, "triton": _triton_backward, "cpu": _ext_backward, "ref": _backward_ref}
 
 
-@torch.library.custom_op("lgc_fast::lgc_loss", mutates_args=())
+@custom_op("lgc_fast::lgc_loss", mutates_args=())
 def _lgc_loss_op(local: torch.Tensor, omega: torch.Tensor, points: torch.Tensor, labelled: torch.Tensor,
                  backend: str) -> torch.Tensor:
     return _FORWARD[backend](local, omega, points, labelled)
@@ -148,7 +149,7 @@ def _(local, omega, points, labelled, backend):
     return local.new_empty(local.shape[0], dtype=loss_dtype(local.dtype))
 
 
-@torch.library.custom_op("lgc_fast::lgc_loss_backward", mutates_args=())
+@custom_op("lgc_fast::lgc_loss_backward", mutates_args=())
 def _lgc_loss_backward_op(grad: torch.Tensor, local: torch.Tensor, omega: torch.Tensor, points: torch.Tensor,
                           labelled: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _BACKWARD[backend](grad, local, omega, points, labelled)
