@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from lgc_fast import _backend
-from lgc_fast.ops._library import custom_op
 from lgc_fast.ops._checks import check_maps
+from lgc_fast.ops._library import custom_op
 from lgc_fast.shape import ShapeModel
 
 MAX_THRESHOLDS = 4

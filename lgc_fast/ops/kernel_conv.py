@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
-from lgc_fast.ops._library import custom_op
 from lgc_fast.ops._checks import check_maps
+from lgc_fast.ops._library import custom_op
 
 KERNEL_SIZE = 45
 RADIUS = KERNEL_SIZE // 2
