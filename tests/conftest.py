@@ -28,7 +28,7 @@ def available_backends(device: str = "cpu", dtype: Optional[torch.dtype] = None)
     """Backends that can run on `device` here, reference included; for a float64 `dtype`, without a Triton
     interpreter that cannot compute in float64 (``interpreter_float64_gap``)."""
     names = [name for name in _backend.BACKENDS if _backend._usable(name, torch.device(device))[0]]
-    if dtype == torch.float64 and interpreter_float64_gap(device, "triton"):
+    if dtype == torch.float64 and "triton" in names and interpreter_float64_gap(device, "triton"):
         names = [name for name in names if name != "triton"]
     return names
 
@@ -55,7 +55,7 @@ def _interpreter_float64_gap() -> Optional[str]:
 def interpreter_float64_gap(device: str, backend: str) -> Optional[str]:
     """The reason a float64 case of `backend` on `device` cannot run here, or None: only Triton in the
     interpreter (on the CPU) can lack float64."""
-    if backend != "triton" or device != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+    if backend != "triton" or device != "cpu" or not _backend.triton_interpret():
         return None
     return _interpreter_float64_gap()
 
