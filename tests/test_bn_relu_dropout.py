@@ -276,6 +276,28 @@ def test_opcheck(device):
                                   (grad, z.detach(), weight.detach(), bias, keep, seeded, P, 0.1, backend))
 
 
+def test_compile_dynamic_fullgraph():
+    """torch.compile(dynamic=True) makes float arguments symbolic: the argument checks must trace (comparisons become
+    guards) instead of breaking the graph, training and inference, at two batch sizes from one compilation."""
+    backends = [name for name in ("cpu", "ref") if name in available_backends(torch.device("cpu"))]
+
+    def step(z, weight, bias, running_mean, running_var, mask, backend):
+        y = bn_relu_dropout(z, running_mean, running_var, weight, bias, mask, training=True, momentum=0.2, eps=1e-4,
+                            dropout_p=P, activation_scale=0.5, backend=backend)
+        return bn_relu_dropout(y, running_mean, running_var, None, None, training=False, eps=1e-4, backend=backend)
+
+    for backend in backends:
+        torch._dynamo.reset()
+        compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")
+        for n in (2, 3):
+            z, weight, bias, running_mean, running_var, mask = _inputs((n, 3, 4, 5), torch.float32, "cpu", n)
+            state = [running_mean.clone(), running_var.clone()]
+            want = step(z, weight, bias, *state, mask, backend)
+            got = compiled(z, weight, bias, running_mean, running_var, mask, backend)
+            torch.testing.assert_close(got, want, msg=backend)
+            torch.testing.assert_close([running_mean, running_var], state, msg=backend)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("training", [True, False])
 def test_seeded_dropout_is_the_mask_of_its_seed(device, training):

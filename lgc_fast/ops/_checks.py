@@ -1,6 +1,9 @@
 """Input validation shared by the ops and the decoders: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 
@@ -15,3 +18,13 @@ def check_maps(value, name: str, non_empty: bool = False) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
     if non_empty and (value.shape[2] == 0 or value.shape[3] == 0):
         raise ValueError(f"{name} must have non-empty maps, got shape {tuple(value.shape)}")
+
+
+def check_number(name: str, value, ok: Callable[[float], bool], what: str) -> None:
+    """ValueError naming `name` unless `value` is a finite int or float (not a bool) for which `ok` holds.
+
+    Written with comparisons only: under torch.compile(dynamic=True) a float argument is symbolic, and comparisons
+    become guards where math.isfinite would break the graph."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf \
+            or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")

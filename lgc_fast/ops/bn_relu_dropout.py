@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from lgc_fast import _backend
+from lgc_fast.ops._checks import check_number
 from lgc_fast.ops._library import custom_op
 # float32 compute (float64 for float64) and outputs in z's memory format, as the dilated block's epilogue.
 from lgc_fast.ops.dilated_block import (
@@ -295,11 +296,6 @@ def _check_vector(name, v, z) -> None:
         raise ValueError(f"{name} must be on z's device {z.device}, got {v.device}")
 
 
-def _check_number(name, value, ok, what) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
 def _check_seed(seed, device) -> None:
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError(f"dropout_seed must be an int64 tensor of one value, got "
@@ -359,10 +355,10 @@ def _check(z, running_mean, running_var, weight, bias, keep_mask, training, mome
         if z.numel() >= SEEDED_LIMIT:
             raise ValueError(f"dropout_seed draws for at most {SEEDED_LIMIT} values, z has {z.numel()}; "
                              f"pass a keep_mask instead")
-    _check_number("momentum", momentum, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    _check_number("eps", eps, lambda v: v > 0.0, "a positive number")
+    check_number("momentum", momentum, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    check_number("eps", eps, lambda v: v > 0.0, "a positive number")
     _check_dropout_p(dropout_p)
-    _check_number("activation_scale", activation_scale, lambda v: True, "a finite number")
+    check_number("activation_scale", activation_scale, lambda v: True, "a finite number")
 
 
 # ----------------------------------------------------------------------------------------------------------------

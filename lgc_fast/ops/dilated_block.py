@@ -20,13 +20,13 @@ recomputed with the op's own backend (checkpoint-style) instead of being stored 
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
+from lgc_fast.ops._checks import check_number
 from lgc_fast.ops._library import custom_op
 
 DILATION = 4
@@ -245,14 +245,11 @@ def _check_block_inputs(x, weight, scale, shift, dropout_mask, dropout_p, activa
         if dropout_mask.device != x.device:
             raise ValueError(f"dropout_mask must be on x's device {x.device}, got {dropout_mask.device}")
     _check_dropout_p(dropout_p)
-    if isinstance(activation_scale, bool) or not isinstance(activation_scale, (int, float)) \
-            or not math.isfinite(activation_scale):
-        raise ValueError(f"activation_scale must be a finite number, got {activation_scale!r}")
+    check_number("activation_scale", activation_scale, lambda v: True, "a finite number")
 
 
 def _check_dropout_p(p) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+    check_number("dropout_p", p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
