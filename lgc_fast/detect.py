@@ -140,14 +140,14 @@ def square_hull(affine, crop: int = CROP) -> tuple[float, float, float, float]:
 # ---- multi-face pipeline pieces (section 4.3); pure functions of arrays so that they can be tested one by one ----
 
 def pyramid_shapes(height: int, width: int, min_side: int = CROP, step: float = PYRAMID_STEP) -> list[tuple[int, int]]:
-    """Level sizes (h, w): level k is ceil(size / step^k) (step 2: halved, rounding up), down to the first level whose
-    short side < min_side."""
+    """Level sizes (h, w): level k is ceil(size / step^k) (step 2: halved, rounding up), at least 1 px, down to the
+    first level whose short side < min_side."""
     if not step > 1:
         raise ValueError(f"the pyramid step must be > 1, got {step!r}")
     shapes = [(int(height), int(width))]
     while min(shapes[-1]) >= min_side:
         factor = step ** len(shapes)
-        shapes.append((math.ceil(height / factor - 1e-9), math.ceil(width / factor - 1e-9)))
+        shapes.append((max(1, math.ceil(height / factor - 1e-9)), max(1, math.ceil(width / factor - 1e-9))))
     return shapes
 
 

@@ -77,6 +77,7 @@ def add_arguments(parser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device: auto, or a torch device that works here; LgcError naming it otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,6 +86,11 @@ def resolve_device(name: str) -> torch.device:
         raise LgcError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LgcError(f"--device {name}: no CUDA device is available")
+    try:  # a device type this torch lacks (mps, xpu), a missing cuda:N, or meta (no data) fails only when used
+        torch.zeros(1).to(device).cpu()
+    except Exception as exc:  # torch raises RuntimeError, AssertionError, NotImplementedError, ... here
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LgcError(f"--device {name}: not usable here ({why})") from None
     return device
 
 
@@ -159,6 +165,8 @@ def evaluate(args) -> dict:
     """Run the evaluation described by the CLI arguments; returns the report (also written under --out)."""
     if args.batch_size < 1:
         raise LgcError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise LgcError(f"--workers must be >= 0, got {args.workers}")
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model = model_from_state(state, args.checkpoint, device).eval()
@@ -171,6 +179,14 @@ def evaluate(args) -> dict:
         raise LgcError("--point-offsets and --save-point-offsets need --fit (they are errors of the shape fit)")
     if args.point_offsets and args.save_point_offsets:
         raise LgcError("pass --point-offsets or --save-point-offsets, not both (measure the errors uncorrected)")
+    # Output folders are made now, so that an unusable --out or --save-point-offsets fails before the evaluation
+    # rather than losing it.
+    if args.out is not None:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.save_point_offsets is not None:
+        if Path(args.save_point_offsets).is_dir():
+            raise LgcError(f"--save-point-offsets {args.save_point_offsets}: a folder, not a file name")
+        Path(args.save_point_offsets).parent.mkdir(parents=True, exist_ok=True)
     records, problems = load_faces(args.data, args.boxes, args.on_bad_data, args.workers, args.limit)
     report_problems(problems, "eval")
     if args.split != "all":

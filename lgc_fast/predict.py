@@ -9,8 +9,9 @@ Per input image STEM.EXT the output folder gets STEM.json::
 faces sorted by score; STEM.png, the image with the faces drawn (unless --no-overlay); and with --pts, STEM.pts
 holding the best face in the 300-W layout (1-based; none when no face was found), so that results feed back into a
 training folder. Stems that
-repeat among the inputs get _2, _3, ... appended. Images listed in --boxes use their boxes; the others (and every
-image without --boxes) are searched for faces (section 4.3). An image that cannot be read is reported by name on
+repeat among the inputs get _2, _3, ... appended (never another input's stem); an --out where an output would replace
+an input image is refused. Images listed in --boxes use their boxes; the others (and every image without --boxes)
+are searched for faces (section 4.3). An image that cannot be read, or whose box misses it, is reported by name on
 stderr and skipped; the exit status is nonzero only when no image at all could be processed.
 """
 from __future__ import annotations
@@ -64,13 +65,32 @@ def expand_inputs(inputs) -> list[Path]:
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
+    """One output stem per path: its own stem the first time, then STEM_2, STEM_3, ..., skipping every stem that
+    another input has (a.jpg, a.png, a_2.jpg -> a, a_3, a_2), so that no two inputs share output files."""
+    taken = {path.stem for path in paths}
+    seen: set[str] = set()
     stems = []
     for path in paths:
-        count = seen.get(path.stem, 0) + 1
-        seen[path.stem] = count
-        stems.append(path.stem if count == 1 else f"{path.stem}_{count}")
+        stem = path.stem
+        if stem in seen:
+            count = 2
+            while f"{stem}_{count}" in taken:
+                count += 1
+            stem = f"{stem}_{count}"
+            taken.add(stem)
+        seen.add(path.stem)
+        stems.append(stem)
     return stems
+
+
+def _check_outputs_spare_inputs(paths: list[Path], outputs: list[Path]) -> None:
+    """LgcError when an output file would replace an input image (--out is the images' folder and an overlay
+    STEM.png is one of them): the image would be lost, and read back as the overlay if it comes later."""
+    inputs = {path.resolve(): path for path in paths}
+    for output in outputs:
+        if output.resolve() in inputs:
+            raise LgcError(f"--out {output.parent}: {output.name} would overwrite the input image "
+                           f"{inputs[output.resolve()]}; choose another --out (or --no-overlay)")
 
 
 def read_color(path: Path):
@@ -85,11 +105,25 @@ def read_color(path: Path):
     return image if image is not None and image.size else None
 
 
+def _check_box_on_image(box, width: int, height: int, crop: int, path: Path) -> None:
+    """LgcError naming the image when the network's crop of `box` would hold none of it or less than one of the crop's
+    pixels: the points would be made up (and far off, the overlay could not be drawn)."""
+    x0, y0, x1, y1 = box
+    if x1 <= -0.5 or y1 <= -0.5 or x0 >= width - 0.5 or y0 >= height - 0.5:
+        raise LgcError(f"{path}: box {list(box)} lies outside the {width} x {height} image")
+    if max(x1 - x0, y1 - y0) > crop * max(width, height):
+        raise LgcError(f"{path}: box {list(box)} is too large for the {width} x {height} image (the image would "
+                       f"fill less than one pixel of the network's {crop} px crop)")
+
+
 def predict_image(detector, path: Path, boxes, detect_options: dict) -> dict:
-    """The JSON record of one image (see the module docstring). LgcError when the image cannot be read."""
+    """The JSON record of one image (see the module docstring). LgcError when the image cannot be read or a box
+    misses it."""
     from lgc_fast.detect import load_gray
 
     gray = load_gray(path)
+    for box in boxes or ():
+        _check_box_on_image(box, gray.shape[1], gray.shape[0], detector.crop, path)
     if boxes is None:
         faces, mode = detector.detect(gray, **detect_options), "detect"
     else:
@@ -130,12 +164,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import cv2
-
     from lgc_fast._io import atomic_write_text
     from lgc_fast.data.pts import write_pts
     from lgc_fast.detect import Detector
     from lgc_fast.draw import draw_faces, save_image
+    from lgc_fast.evaluate import resolve_device
 
     if not args.pyramid_step > 1:
         raise LgcError(f"--pyramid-step must be > 1, got {args.pyramid_step:g}")
@@ -143,12 +176,16 @@ def run(args) -> int:
     paths = expand_inputs(args.images)
     if not paths:
         raise LgcError("no images: the given folders hold no image files")
-    detector = Detector(weights=args.weights, shape_model=args.shape_model, device=args.device,
+    stems = _unique_stems(paths)
+    suffixes = [".json"] + [".pts"] * args.pts + [".png"] * (not args.no_overlay)
+    _check_outputs_spare_inputs(paths, [args.out / f"{stem}{suffix}" for stem in stems for suffix in suffixes])
+    device = None if args.device is None else resolve_device(args.device)
+    detector = Detector(weights=args.weights, shape_model=args.shape_model, device=device,
                         decode=args.decode, fit=not args.no_fit, mirror=args.mirror,
                         fit_threshold=args.fit_threshold, precision=args.precision)
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
-    for path, stem in zip(paths, _unique_stems(paths)):
+    for path, stem in zip(paths, stems):
         given = boxes.get(str(path), boxes.get(path.name))
         try:
             search = {"threshold": args.threshold, "pyramid_step": args.pyramid_step}

@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -53,7 +52,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lgc_fast import metrics
 from lgc_fast._io import atomic_write_text
-from lgc_fast.checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from lgc_fast.checkpoint import load_checkpoint, model_from_state, rng_state, save_checkpoint, set_rng_state
 from lgc_fast.data import (SYNTHETIC, BackgroundDataset, FacesAndBackgrounds, LandmarkDataset, augment_batch,
                            background_count, scan_backgrounds, split_by_person)
 from lgc_fast.decode import DECODERS
@@ -225,36 +224,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _rng_state(augment_generator) -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
-                   "gauss_next": py_state[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if augment_generator is not None:
-        state["augment"] = augment_generator.get_state()
-    return state
-
-
-def _set_rng_state(state: dict, augment_generator) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if augment_generator is not None and "augment" in state:
-        augment_generator.set_state(state["augment"])
-
-
 class _Dist:
     """The process group: rank, world size and the few collectives the loop needs (no-ops for one process)."""
 
@@ -348,6 +317,8 @@ def _check_args(args) -> None:
             raise LgcError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise LgcError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.workers < 0:
+        raise LgcError(f"--workers must be >= 0, got {args.workers}")
     if args.max_steps is not None and args.max_steps < 1:
         raise LgcError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.limit is not None and args.limit < 2:
@@ -436,12 +407,13 @@ def train_step(net, optimizer, images, points, labelled, amp: bool, clip_norm: f
 
 
 def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
-    if args.resume is None:
-        if (args.out / "last.pt").exists():
-            raise LgcError(f"{args.out} already holds a run (last.pt); pass --resume to continue it or choose "
-                           f"another --out")
+    path = None if args.resume is None else args.out / "last.pt" if args.resume == "last" else Path(args.resume)
+    # The run in --out continues only from its own checkpoints: any other start would overwrite its last.pt.
+    if (args.out / "last.pt").exists() and (path is None or path.resolve().parent != args.out.resolve()):
+        raise LgcError(f"{args.out} already holds a run (last.pt); pass --resume (or --resume with a checkpoint in "
+                       f"{args.out}) to continue it or choose another --out")
+    if path is None:
         return None
-    path = args.out / "last.pt" if args.resume == "last" else Path(args.resume)
     state = load_checkpoint(path)
     if "optimizer" not in state:
         raise LgcError(f"--resume {path}: exported weights cannot be resumed (no optimiser state); use a last.pt")
@@ -584,7 +556,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
         epoch, step, skip = resume["epoch"], resume["step"], resume["batch_in_epoch"]
         history, best = list(resume["history"]), resume["best_nme"]
         partial = dict(resume["partial"])
-        _set_rng_state(resume["rng"][rank], augment_generator)
+        set_rng_state(resume["rng"][rank], augment_generator)
         progress.line(f"resumed from {resume['path']} at epoch {epoch + 1}, step {step}")
 
     net = model
@@ -594,7 +566,7 @@ def _train(args, dist_: _Dist) -> TrainResult:
     loss_fn = compiled_forward_loss(settings["compile"]) if settings["compile"] else forward_loss
 
     def checkpoint_state(batch_in_epoch: int) -> dict:
-        rng = dist_.gather(_rng_state(augment_generator))  # every rank takes part; rank 0 writes
+        rng = dist_.gather(rng_state(augment_generator))  # every rank takes part; rank 0 writes
         return {"config": model.config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "partial": partial,
                 "rng": rng, "history": history, "best_nme": best, "settings": settings,

@@ -294,6 +294,13 @@ def test_pyramid_shapes_follow_the_paper():
     assert all(np.allclose(lv, 77.0) for lv in levels)
 
 
+def test_a_huge_pyramid_step_keeps_levels_of_at_least_one_pixel():
+    """A step of 1e12 or inf (lgc-fast predict --pyramid-step) gave a 0 x 0 level, on which OpenCV's resize failed."""
+    for step in (1e12, float("inf")):
+        assert D.pyramid_shapes(270, 312, step=step) == [(270, 312), (1, 1)]
+        assert [lv.shape for lv in D.build_pyramid(np.zeros((270, 312), np.float32), step=step)] == [(270, 312), (1, 1)]
+
+
 def test_combination_is_the_max_of_upsampled_levels():
     g = torch.Generator().manual_seed(0)
     height, width = 37, 50

@@ -270,3 +270,47 @@ def test_eval_measures_and_removes_systematic_point_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"pipeline": {"decode": "argmax"}}')
     assert main(common + ["--point-offsets", str(tmp_path / "bad.json")]) == 2
     assert "bad.json: no pipeline.point_offsets" in capsys.readouterr().err
+
+
+def test_eval_says_what_is_wrong_with_a_checkpoint(tmp_path, capsys):
+    data = write_faces(tmp_path / "faces", n=1)
+    argv = ["eval", "--data", str(data), "--workers", "0", "--checkpoint"]
+    assert main(argv + [str(tmp_path)]) == 2  # the run folder instead of its best.pt: was "no such file"
+    assert f"checkpoint {tmp_path}: a folder, not a checkpoint file" in capsys.readouterr().err
+    model = LGCN(width=4, local_layers=(3,))
+    # Random bytes and pickled modules: torch's message advised loading with weights_only=False (running its code).
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"config": model.config, "model": model}, tmp_path / "module.pt")
+    for name in ("random.pt", "module.pt"):
+        assert main(argv + [str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: not a readable lgc_fast checkpoint (not a torch file, or one holding Python objects" in err
+        assert "weights_only" not in err and len(err.strip().splitlines()) == 1
+    for size in ("abc", 0, 31.5):  # "abc" and 0 stopped without naming the file; 31.5 ran with 31 px crops
+        save_checkpoint(tmp_path / "odd.pt", {"config": model.config, "model": model.state_dict(), "image_size": size})
+        assert main(argv + [str(tmp_path / "odd.pt")]) == 2
+        err = capsys.readouterr().err
+        assert f"odd.pt: image_size must be a positive integer (the training crop size), got {size!r}" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_checks_workers_device_and_outputs_before_evaluating(tmp_path, capsys, monkeypatch):
+    """An unusable --out or --save-point-offsets used to fail only after the whole evaluation, losing it."""
+    import lgc_fast.evaluate as evaluate_module
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(evaluate_module, "predict", no_evaluation)
+    data = write_faces(tmp_path / "faces", n=1)
+    tiny_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "taken").write_text("a file, not a folder\n")
+    argv = ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0"]
+    for extra, message in ((["--out", str(tmp_path / "taken")], "taken"),
+                           (["--fit", "--save-point-offsets", str(tmp_path / "taken" / "o.json")], "taken"),
+                           (["--fit", "--save-point-offsets", str(tmp_path)], "a folder, not a file name"),
+                           (["--workers", "-1"], "--workers must be >= 0, got -1"),
+                           (["--device", "meta"], "--device meta: not usable here")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -81,3 +81,30 @@ def test_face_probe_is_a_face_crop():
     assert face.shape == (1, 1, 96, 96) and 0 <= face.min() and face.max() <= 255
     assert float(face.std()) > 20  # a textured face, not a flat patch
     assert np.isfinite(face.numpy()).all()
+
+
+@pytest.mark.parametrize("opset", [6, 21, 99])
+def test_export_refuses_opsets_it_cannot_write_or_run(tmp_path, capsys, opset):
+    """Opset 6 wrote a graph that onnxruntime then failed on with a traceback; 21 and above failed in the exporter
+    (with a traceback after a dump of the whole graph) or were written with an 'unsupported' warning."""
+    model = tiny()
+    save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
+    code = cli.main(["export", "--onnx", str(tmp_path / "m.onnx"), "--weights", str(tmp_path / "w.pt"),
+                     "--opset", str(opset)])
+    err = capsys.readouterr().err
+    assert code == 2 and "opset must be in 7..20" in err and f"got {opset}" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_refuses_a_network_whose_output_is_not_finite(tmp_path, capsys):
+    """Finite weights that overflow: the checks compared NaN errors with '>', which let them pass (and onnxruntime's
+    NaN error was reported as 0.0)."""
+    broken = tiny()
+    broken.local_features[0].bn.bias.data.fill_(3e38)
+    save_checkpoint(tmp_path / "w.pt", {"config": broken.config, "model": broken.state_dict()})
+    code = cli.main(["export", "--onnx", str(tmp_path / "m.onnx"), "--weights", str(tmp_path / "w.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "output is not finite (relative error nan)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(tiny(), tmp_path / "fine.onnx", probe=face_probe())
+    assert np.isnan(onnx_check(tmp_path / "fine.onnx", broken, [face_probe()]))

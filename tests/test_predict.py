@@ -1,5 +1,6 @@
 """``lgc-fast predict`` and ``lgc-fast demo`` on real files with a small random network (no trained weights here)."""
 import json
+import math
 import shutil
 
 import cv2
@@ -160,3 +161,59 @@ def test_predict_mirror_and_decode_reach_the_detector(assets, tmp_path, capsys):
         (expected[mirror],) = Detector(weights, shape, "cpu", "local_gaussian", mirror=mirror).landmarks(image, box)
     np.testing.assert_allclose(face["points"], expected[True].points, atol=2e-3)
     assert np.abs(expected[True].points - expected[False].points).max() > 0.01
+
+
+def test_predict_outputs_never_collide_nor_replace_input_images(assets, tmp_path, capsys):
+    """a.png's outputs skip the stem of a_2.jpg; an --out where an overlay would replace an input image is refused
+    before anything is written (the image would be lost, and read back as the overlay)."""
+    weights, shape = assets
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "a.png", "a_2.jpg"):
+        cv2.imwrite(str(folder / name), rng.integers(0, 256, (40, 48), dtype=np.uint8))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    common = ["--weights", weights, "--shape-model", shape, "--device", "cpu"]
+    code, _, stderr = _run(capsys, "predict", folder, "--out", folder, *common)
+    assert code == 2 and "a.png would overwrite the input image" in stderr and len(stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    code, stdout, _ = _run(capsys, "predict", folder, "--out", tmp_path / "out", *common)
+    assert code == 0 and "3 of 3 images processed" in stdout
+    written = {p.stem: json.loads(p.read_text())["image"] for p in (tmp_path / "out").glob("*.json")}
+    assert written == {"a": str(folder / "a.jpg"), "a_2": str(folder / "a_2.jpg"), "a_3": str(folder / "a.png")}
+
+
+def test_predict_skips_an_image_whose_box_misses_it(assets, tmp_path, capsys):
+    """A box outside its image, or so large that the image fills less than a pixel of the crop, gives no made-up
+    points (the latter crashed drawing the overlay)."""
+    weights, shape = assets
+    rng = np.random.default_rng(1)
+    for name in ("outside.png", "huge.png", "fine.png"):
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, (50, 60), dtype=np.uint8))
+    boxes = {"outside.png": [100, 5, 140, 45], "huge.png": [0, 0, 1e30, 1e30], "fine.png": [5, 5, 45, 45]}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    code, stdout, stderr = _run(capsys, "predict", *(tmp_path / name for name in boxes), "--boxes",
+                                tmp_path / "boxes.json", "--out", tmp_path / "out", "--weights", weights,
+                                "--shape-model", shape, "--device", "cpu")
+    assert code == 0 and "1 of 3 images processed" in stdout
+    skipped = stderr.strip().splitlines()
+    assert len(skipped) == 2 and "outside.png: box" in skipped[0] and "outside the 60 x 50 image" in skipped[0]
+    assert "huge.png: box" in skipped[1] and "too large" in skipped[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine.json", "fine.png"]
+
+
+def test_predict_refuses_weights_that_are_not_finite(tmp_path, capsys):
+    """NaN weights gave NaN scores (invalid JSON) and points stuck on the box corner, without any error."""
+    net = LGCN("release", width=8, local_layers=(3,))
+    state = {k: v.fill_(math.nan) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    save_checkpoint(tmp_path / "nan.pt", {"config": net.config, "model": state})
+    (tmp_path / "boxes.txt").write_text(f"{DEMO_IMAGE.name} {' '.join(map(str, DEMO_BOX))}\n")
+    code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, "--boxes", tmp_path / "boxes.txt", "--out", tmp_path / "o",
+                           "--weights", tmp_path / "nan.pt", "--device", "cpu")
+    assert code == 2 and "nan.pt: the weights hold NaN or infinite values" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_predict_names_a_device_that_is_not_usable_here(tmp_path, capsys):
+    code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, "--out", tmp_path / "o", "--device", "meta")
+    assert code == 2 and "--device meta: not usable here" in stderr and len(stderr.strip().splitlines()) == 1

@@ -378,3 +378,32 @@ def test_a_stop_signal_while_workers_start_kills_no_worker():
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert [b.tolist() for b in train_module.start_workers(loader)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # this process's mask is back as it was
+
+
+def test_resume_from_another_run_does_not_overwrite_the_run_in_out(tmp_path, capsys, one_thread):
+    """--resume with a checkpoint from elsewhere used to continue it in an --out that held another run, replacing
+    that run's last.pt, best.pt and logs."""
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    common = ["train", "--data", str(data), "--epochs", "2", "--val-fraction", "0.2", "--max-steps", "1",
+              *[str(a) for a in TINY]]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "last.pt"),
+                          "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b'} already holds a run (last.pt)" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before
+    # Its own checkpoints continue it; another run's continue in a fresh folder.
+    assert main(common + ["--out", str(tmp_path / "b"), "--seed", "1", "--resume", str(tmp_path / "b" / "last.pt"),
+                          "--max-steps", "2"]) == 0
+    assert main(common + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "a" / "last.pt"),
+                          "--max-steps", "2"]) == 0
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["step"] == 2
+
+
+def test_negative_workers_are_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--workers", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--workers must be >= 0, got -1" in err and not (tmp_path / "run").exists()
