@@ -8,6 +8,7 @@ Input ``image`` (N, 1, H, W) grey levels in [0, 255], any N, H, W; outputs ``loc
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -172,17 +173,25 @@ def run(args) -> int:
                        "pass --weights PATH")
     model = load_model(weights)
     face = face_probe()
-    error = export_onnx(model, args.onnx, args.kernel, args.opset, probe=face)
-    print(f"wrote {args.onnx} ({args.kernel} kernel convolution, opset {args.opset}); "
-          f"rebuilt forward vs PyTorch: {error:.1e}")
-    wide = torch.nn.functional.interpolate(face, size=(120, 150), mode="bilinear", align_corners=False)
-    checked = onnx_check(args.onnx, model, [face, wide.repeat(2, 1, 1, 1)])
-    if checked is None:
-        print("onnxruntime is not installed: the exported graph was not run (pip install onnxruntime)")
-        return 0
-    print(f"onnxruntime vs PyTorch on a real face (96x96, and 2x120x150): max relative error {checked:.1e}")
-    if not checked <= CHECK_TOLERANCE:
-        print(f"lgc-fast export: error: onnxruntime disagrees with PyTorch beyond {CHECK_TOLERANCE:g}",
-              file=sys.stderr)
-        return 1
+    # The graph is written beside --onnx and takes its place only once onnxruntime agrees: a graph that fails the
+    # check never replaces an earlier file.
+    staged = args.onnx.with_name(f".{args.onnx.name}.unchecked")
+    try:
+        error = export_onnx(model, staged, args.kernel, args.opset, probe=face)
+        print(f"exported ({args.kernel} kernel convolution, opset {args.opset}); rebuilt forward vs PyTorch: "
+              f"{error:.1e}")
+        wide = torch.nn.functional.interpolate(face, size=(120, 150), mode="bilinear", align_corners=False)
+        checked = onnx_check(staged, model, [face, wide.repeat(2, 1, 1, 1)])
+        if checked is None:
+            print("onnxruntime is not installed: the exported graph was not run (pip install onnxruntime)")
+        else:
+            print(f"onnxruntime vs PyTorch on a real face (96x96, and 2x120x150): max relative error {checked:.1e}")
+            if not checked <= CHECK_TOLERANCE:
+                print(f"lgc-fast export: error: onnxruntime disagrees with PyTorch beyond {CHECK_TOLERANCE:g}; "
+                      f"{args.onnx} was not written", file=sys.stderr)
+                return 1
+        os.replace(staged, args.onnx)
+    finally:
+        staged.unlink(missing_ok=True)
+    print(f"wrote {args.onnx}")
     return 0

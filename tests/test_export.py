@@ -108,3 +108,20 @@ def test_export_refuses_a_network_whose_output_is_not_finite(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
     export_onnx(tiny(), tmp_path / "fine.onnx", probe=face_probe())
     assert np.isnan(onnx_check(tmp_path / "fine.onnx", broken, [face_probe()]))
+
+
+def test_export_keeps_the_earlier_file_when_onnxruntime_disagrees(tmp_path, capsys, monkeypatch):
+    """The graph used to be written to --onnx before onnxruntime checked it: a failed check left it in place of the
+    earlier file."""
+    import lgc_fast.export as export_module
+
+    model = tiny()
+    save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
+    argv = ["export", "--onnx", str(tmp_path / "m.onnx"), "--weights", str(tmp_path / "w.pt")]
+    assert cli.main(argv) == 0 and "wrote" in capsys.readouterr().out
+    earlier = (tmp_path / "m.onnx").read_bytes()
+    monkeypatch.setattr(export_module, "onnx_check", lambda *args: 1.0)
+    assert cli.main(argv + ["--kernel", "dense"]) == 1
+    assert "m.onnx was not written" in capsys.readouterr().err
+    assert (tmp_path / "m.onnx").read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "w.pt"]
