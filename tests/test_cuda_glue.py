@@ -91,7 +91,7 @@ def _symbols(objects, *flags) -> set[str]:
     names = set()
     for line in listing.stdout.splitlines():
         parts = line.split(maxsplit=2) if not line.startswith(" ") else line.split(maxsplit=1)
-        if len(parts) >= 2 and parts[-1].startswith("lgc::") and parts[-2] in "UTW":
+        if len(parts) >= 2 and parts[-1].startswith("lgc::") and parts[-2] in ("U", "T", "W"):
             names.add(parts[-1])
     return names
 
