@@ -187,8 +187,11 @@ def test_keep_bits_format():
 @pytest.mark.parametrize("training", [True, False])
 def test_keep_bits_equal_the_mask(device, channels_last, training):
     """Keep bits drop what their mask drops: the same outputs, gradients and running statistics bit for bit, on
-    every backend (the reference unpacks them); 420 values, so the last byte is partial."""
+    every backend (the reference unpacks them); 420 values, so the last byte is partial. Compiled Triton (on CUDA) is
+    free to sum the gradients' per-channel reductions in another order in each kernel variant, so there the gradients
+    agree within rounding (seen on an H100: channels_last, up to 1e-13 relative in float64)."""
     for backend in kernel_backends(device) + ["ref"]:
+        exact_grads = not (backend == "triton" and device == "cuda")
         for dtype in (torch.float64, torch.bfloat16):
             z, weight, bias, rm, rv, mask = _inputs((2, 6, 5, 7), dtype, device, 14, channels_last)
             results = []
@@ -200,8 +203,11 @@ def test_keep_bits_equal_the_mask(device, channels_last, training):
                 (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=device).view_as(y)
                  ).sum().backward()
                 results.append([y] + [t.grad for t in leaves] + stats)
-            for got, want in zip(*results):
-                assert torch.equal(got, want), (backend, dtype)
+            for name, got, want in zip(("y", "dz", "dweight", "dbias", "running_mean", "running_var"), *results):
+                if exact_grads or not name.startswith("d"):
+                    assert torch.equal(got, want), (backend, dtype, name)
+                else:
+                    torch.testing.assert_close(got, want, **_tol(dtype), msg=lambda m: f"{backend} {dtype} {name}: {m}")
 
 
 def test_compiled_bit_draw_as_a_process_s_first_call():
