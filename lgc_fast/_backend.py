@@ -43,6 +43,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _interpreter_defect() -> str | None:
     """Why this Triton's interpreter would give wrong results here without an error, or None."""
     import numpy
@@ -87,17 +88,31 @@ def backends() -> dict[str, tuple[bool, str]]:
     return report
 
 
+def _available(name: str) -> bool:
+    """backends()[name][0] without writing the report's reasons: ops ask on every call (host time per conv block)."""
+    if name == "ref":
+        return True
+    ext = _extension()[0]
+    if name == "cpu":
+        return ext is not None
+    if name == "cuda":
+        return ext is not None and ext.with_cuda and torch.cuda.is_available()
+    if not _triton()[0]:
+        return False
+    return torch.cuda.is_available() or (triton_interpret() and _interpreter_defect() is None)
+
+
 def _usable(name: str, device: torch.device) -> tuple[bool, str]:
-    ok, why = backends()[name]
-    if not ok:
-        return False, why
+    """(whether backend `name` runs `device`'s tensors here, why not; "" where it does)."""
+    if not _available(name):
+        return False, backends()[name][1]
     if name == "cuda" and device.type != "cuda":
         return False, "the cuda backend needs CUDA tensors"
     if name == "cpu" and device.type != "cpu":
         return False, "the cpu backend needs CPU tensors"
     if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpret())):
         return False, "triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    return True, why
+    return True, ""
 
 
 # Dynamo cannot trace the import checks below; the answers are constants for a compiled graph anyway.

@@ -64,9 +64,13 @@ def _kernels():
 
 def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """nn.BatchNorm2d's update: running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
-    with torch.no_grad():  # lerp: one op for both terms (running + momentum * (batch - running))
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    with torch.no_grad():  # lerp: running + momentum * (batch - running); one foreach launch for both buffers
+        unbiased = var * (count / (count - 1))
+        if mean.dtype == running_mean.dtype and unbiased.dtype == running_var.dtype:
+            torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+        else:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
