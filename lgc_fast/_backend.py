@@ -43,7 +43,6 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _interpreter_defect() -> str | None:
     """Why this Triton's interpreter would give wrong results here without an error, or None."""
     import numpy
