@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +45,9 @@ def profiled(name: str, call, device: torch.device, repeats: int, trace_dir: Pat
             call()
         torch.cuda.synchronize(device)
     events = prof.key_averages()
-    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / repeats
+    # Device-side events only: kineto also credits each operator with its kernels' time, which summed twice.
+    kernel_ms = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / repeats
     print(f"\n=== {name}: {wall_ms:.2f} ms per call unprofiled; kernels {kernel_ms:.2f} ms per call "
           f"({100 * kernel_ms / wall_ms:.0f} % of the wall time)")
     print(events.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=70))
