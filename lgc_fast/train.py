@@ -124,9 +124,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fused-epilogue", action=argparse.BooleanOptionalAction, default=None,
                    help="run every conv block's BatchNorm + ReLU + scale + dropout as one op "
                         "(lgc_fast.ops.bn_relu_dropout: CUDA C++ or Triton on CUDA, C++ on the CPU) instead of "
-                        "torch's modules (default: on where its compiled kernels run, C++ on the CPU and CUDA C++ "
-                        "on a GPU, both measured faster than the modules; off where only Triton's would: see the "
-                        "README's performance table)")
+                        "torch's modules (default: where its compiled kernels were measured faster than the modules: "
+                        f"C++ on the CPU, CUDA C++ on a GPU at --batch-size {FUSED_EPILOGUE_MIN_CUDA_BATCH} or more; "
+                        "off where only Triton's would run: see the README's performance table)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -278,6 +278,21 @@ class _Dist:
             dist.destroy_process_group()
 
 
+# Per process; on an H100 the fused step was 1.28-1.36x faster than the modules at batch 64-256 and 0.9x at 16, where
+# the host's work per block bounds the step (bench/results/nvidia-h100-80gb-hbm3*.json, train_step).
+FUSED_EPILOGUE_MIN_CUDA_BATCH = 64
+
+
+def _default_fused_epilogue(device: torch.device, batch_size: int) -> bool:
+    """Automatic --fused-epilogue: where the op runs compiled kernels and they were measured faster than torch's
+    modules: C++ on the CPU; CUDA C++ on a GPU from FUSED_EPILOGUE_MIN_CUDA_BATCH faces a step. Off for Triton alone,
+    measured slower."""
+    backend = fused_backend(device)
+    if backend == "cuda":
+        return batch_size >= FUSED_EPILOGUE_MIN_CUDA_BATCH
+    return backend == "cpu"
+
+
 def _settings(args, world: int, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
@@ -289,9 +304,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "amp": cuda if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
         "device_augment": cuda and args.augment, "compile": args.compile or False,
-        # Automatic: on where the op runs compiled kernels (C++ on the CPU, CUDA C++ on a GPU), both measured faster
-        # than torch's modules; off for Triton alone, measured slower.
-        "fused_epilogue": fused_backend(device) in ("cpu", "cuda") if args.fused_epilogue is None
+        "fused_epilogue": _default_fused_epilogue(device, args.batch_size) if args.fused_epilogue is None
         else bool(args.fused_epilogue),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),

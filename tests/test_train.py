@@ -328,13 +328,19 @@ def test_signal_to_the_process_group_saves_the_run(tmp_path):
     assert state["step"] > 0 and (state["epoch"], state["batch_in_epoch"]) != (0, 0)
 
 
-def test_fused_epilogue_default_is_on_for_compiled_kernels_only(monkeypatch):
+def test_fused_epilogue_default_is_on_where_compiled_kernels_were_measured_faster(monkeypatch):
+    """C++ on the CPU at any batch size; CUDA C++ from FUSED_EPILOGUE_MIN_CUDA_BATCH faces a step (slower at 16);
+    never Triton alone."""
     args = parse_args(["--data", "d", "--out", "o"])
     cpu = torch.device("cpu")
+    assert args.batch_size < train_module.FUSED_EPILOGUE_MIN_CUDA_BATCH
     assert train_module._settings(args, 1, cpu)["fused_epilogue"] is (fused_backend(cpu) == "cpu")
-    for backend, on in (("cuda", True), ("cpu", True), ("triton", False), (None, False)):
+    big = parse_args(["--data", "d", "--out", "o", "--batch-size", str(train_module.FUSED_EPILOGUE_MIN_CUDA_BATCH)])
+    for backend, on_small, on_big in (("cuda", False, True), ("cpu", True, True), ("triton", False, False),
+                                      (None, False, False)):
         monkeypatch.setattr(train_module, "fused_backend", lambda device, backend=backend: backend)
-        assert train_module._settings(args, 1, torch.device("cuda"))["fused_epilogue"] is on, backend
+        assert train_module._settings(args, 1, torch.device("cuda"))["fused_epilogue"] is on_small, backend
+        assert train_module._settings(big, 1, torch.device("cuda"))["fused_epilogue"] is on_big, backend
     args.fused_epilogue = False
     assert train_module._settings(args, 1, cpu)["fused_epilogue"] is False
 
