@@ -64,6 +64,9 @@ DEFAULT_MEMORY = 1 << 30
 # Decoders that refine around given seeds (the fitted points): every local decoder, not argmax.
 SEEDED_DECODERS = tuple(name for name, fn in DECODERS.items() if "seeds" in inspect.signature(fn).parameters)
 PYRAMID_STEP = 2.0  # paper section 4.3: the image, then halved again and again
+# The levels' pixels sum to about 1 / (1 - step^-2) times the image's (1.33 at 2, 5.8 at 1.1), and the search keeps
+# 68 heatmaps of each; a step near 1 would ask for thousands of levels.
+MIN_PYRAMID_STEP = 1.1
 # Defaults of detect() (documented there): threshold and support give the best F1 of bench/bench_detect.py with the
 # bundled model (24 scenes, 49 held-out faces; bench/results/cpu-amd-epyc.json); the Mahalanobis bound stays 8 (12
 # scores 0.014 more F1 there: one face in 49, within the noise of 24 scenes).
@@ -142,8 +145,9 @@ def square_hull(affine, crop: int = CROP) -> tuple[float, float, float, float]:
 def pyramid_shapes(height: int, width: int, min_side: int = CROP, step: float = PYRAMID_STEP) -> list[tuple[int, int]]:
     """Level sizes (h, w): level k is ceil(size / step^k) (step 2: halved, rounding up), at least 1 px, down to the
     first level whose short side < min_side."""
-    if not step > 1:
-        raise ValueError(f"the pyramid step must be > 1, got {step!r}")
+    if not step >= MIN_PYRAMID_STEP:
+        raise ValueError(f"the pyramid step must be at least {MIN_PYRAMID_STEP:g} (finer pyramids hold over 5.8 times "
+                         f"the image's pixels), got {step!r}")
     shapes = [(int(height), int(width))]
     while min(shapes[-1]) >= min_side:
         factor = step ** len(shapes)
@@ -666,9 +670,9 @@ class Detector:
         threshold needed to keep a face; max_mahalanobis: bound on sqrt(sum (b_k / stddev_k)^2) of the shape
         coefficients (the 99.9 % chi-square quantile for 12 modes is 5.75; fits on real heatmaps spread wider);
         scale_tolerance: allowed factor between the fitted face size and the training crop's; max_overlap: box IoU
-        above which the weaker face is dropped; pyramid_step: size factor between pyramid levels (the paper's 2;
-        smaller steps cost more forward passes and leave the network smaller gaps between the face sizes it was
-        trained on).
+        above which the weaker face is dropped; pyramid_step: size factor between pyramid levels (the paper's 2,
+        at least MIN_PYRAMID_STEP; smaller steps cost more forward passes and leave the network smaller gaps between
+        the face sizes it was trained on).
         """
         gray = load_gray(image)
         return self.faces_from_levels(self.pyramid_heatmaps(gray, pyramid_step), gray.shape, threshold, min_landmarks,

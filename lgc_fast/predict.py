@@ -158,7 +158,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="heatmap threshold of the face search")
     parser.add_argument("--pyramid-step", type=float, default=PYRAMID_STEP,
                         help=f"size factor between the face search's pyramid levels (default {PYRAMID_STEP:g}, the "
-                             "paper's; 1.41 finds more faces between the trained sizes, at 1.5x the time)")
+                             "paper's; 1.41 finds more faces between the trained sizes, at 1.5x the time; at least "
+                             "1.1)")
     parser.add_argument("--pts", action="store_true", help="also write STEM.pts (300-W, 1-based) with the best face")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
 
@@ -166,12 +167,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from lgc_fast._io import atomic_write_text
     from lgc_fast.data.pts import write_pts
-    from lgc_fast.detect import Detector
+    from lgc_fast.detect import MIN_PYRAMID_STEP, Detector
     from lgc_fast.draw import draw_faces, save_image
     from lgc_fast.evaluate import resolve_device
 
-    if not args.pyramid_step > 1:
-        raise LgcError(f"--pyramid-step must be > 1, got {args.pyramid_step:g}")
+    if not args.pyramid_step >= MIN_PYRAMID_STEP:
+        raise LgcError(f"--pyramid-step must be at least {MIN_PYRAMID_STEP:g} (finer pyramids hold over 5.8 times the "
+                       f"image's pixels in heatmaps), got {args.pyramid_step:g}")
     boxes = load_face_boxes(args.boxes) if args.boxes is not None else {}
     paths = expand_inputs(args.images)
     if not paths:

@@ -287,8 +287,10 @@ def test_pyramid_shapes_follow_the_paper():
     root2 = 2 ** 0.5  # an optional finer pyramid: every other level is the paper's
     assert D.pyramid_shapes(480, 640, step=root2) == [(480, 640), (340, 453), (240, 320), (170, 227), (120, 160),
                                                       (85, 114)]
-    with pytest.raises(ValueError, match="step"):
-        D.pyramid_shapes(480, 640, step=1.0)
+    for too_fine in (1.0, 1.0001, 1.09):  # 1.0001 asked for over 20 000 levels of a 1080p frame
+        with pytest.raises(ValueError, match="pyramid step must be at least 1.1"):
+            D.pyramid_shapes(1080, 1920, step=too_fine)
+    assert len(D.pyramid_shapes(1080, 1920, step=D.MIN_PYRAMID_STEP)) == 27
     levels = D.build_pyramid(np.full((201, 333), 77.0, np.float32))
     assert [lv.shape for lv in levels] == D.pyramid_shapes(201, 333)
     assert all(np.allclose(lv, 77.0) for lv in levels)

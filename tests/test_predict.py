@@ -88,9 +88,11 @@ def test_predict_fails_only_when_nothing_was_processed(assets, tmp_path, capsys)
     assert "a.png" in stderr and "missing.jpg" in stderr
 
 
-def test_predict_rejects_a_pyramid_that_does_not_shrink(tmp_path, capsys):
-    code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, "--out", tmp_path / "o", "--pyramid-step", "1")
-    assert code == 2 and "--pyramid-step" in stderr and len(stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("step", ["1", "1.0001"])
+def test_predict_rejects_a_pyramid_that_does_not_shrink_enough(tmp_path, capsys, step):
+    """1.0001 used to build thousands of levels until the memory ran out."""
+    code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, "--out", tmp_path / "o", "--pyramid-step", step)
+    assert code == 2 and "--pyramid-step must be at least 1.1" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_predict_without_bundled_weights_says_what_to_pass(tmp_path, capsys, monkeypatch):
