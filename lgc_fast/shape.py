@@ -164,6 +164,10 @@ class ShapeModel:
                            f"mean {mean.shape} (expected (K, C, 2) and (K,))")
         if (stddev < 0).any():
             raise LgcError(f"shape model file {path}: stddev must be non-negative")
+        spread = np.sqrt(np.mean(np.sum((mean - mean.mean(axis=0)) ** 2, axis=1)))
+        if mean.shape[0] < 3 or not spread > 1e-9 * max(1.0, float(np.abs(mean).max())):
+            # the fit scales the mean onto the heatmaps' peaks: a point-like mean puts every landmark on one spot
+            raise LgcError(f"shape model file {path}: mean must be a shape of at least 3 points that do not coincide")
         return cls(mean, modes, stddev)
 
     def tensors(self, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -168,6 +168,11 @@ def test_shape_model_load_errors(tmp_path):
     np.savez(missing_key, format=np.array("lgc_fast.shape_model.v1"), mean=m.mean, modes=m.modes)
     with pytest.raises(LgcError, match="stddev"):
         ShapeModel.load(missing_key)
+    for name, mean in (("zero", np.zeros_like(m.mean)), ("point", np.full_like(m.mean, 3.5))):
+        degenerate = tmp_path / f"{name}.npz"
+        np.savez(degenerate, format=np.array("lgc_fast.shape_model.v1"), mean=mean, modes=m.modes, stddev=m.stddev)
+        with pytest.raises(LgcError, match=f"{name}.npz: mean must be a shape of at least 3 points"):
+            ShapeModel.load(degenerate)
 
 
 def test_reconstruct(model):
