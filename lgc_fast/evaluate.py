@@ -66,7 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
     parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
-                        help="skip unreadable or malformed files (named on stderr) or stop at the first")
+                        help="skip unreadable or malformed files and faces annotated wholly outside their image "
+                        "(named on stderr) or stop at the first")
     parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every Nth face of the split")
     parser.add_argument("--split", choices=SPLITS, default="all",
@@ -94,19 +95,36 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _image_problem(record, path) -> str | None:
+    """Why the record's image cannot serve: unreadable, or (for a face record) every labelled point outside it."""
+    gray = read_gray(path)
+    if gray is None:
+        return "cannot read or decode the image"
+    labelled = getattr(record, "labelled", None)
+    if labelled is None or not np.any(labelled):
+        return None
+    xy = np.asarray(record.points)[np.asarray(labelled, dtype=bool)]
+    height, width = gray.shape
+    inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= width - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= height - 0.5)
+    if not inside.any():
+        return f"all {len(xy)} labelled points lie outside the {width}x{height} image (a .pts of another image?)"
+    return None
+
+
 def readable_images(records, on_bad_data: str, workers: int = 1,
                     path_of=attrgetter("image_path")) -> tuple[list, list[str]]:
-    """Decode every image once up front -> (records whose image decodes, problems). With on_bad_data="stop" the first
-    unreadable image raises LgcError naming it; a run never meets it half-way (or substitutes another face for it).
+    """Decode every image once up front -> (records whose image decodes and holds the face, problems). With
+    on_bad_data="stop" the first unreadable image, or face whose labelled points all lie outside its image (a .pts of
+    another image), raises LgcError naming it; a run never meets it half-way (or substitutes another face for it).
     path_of(record): the record's image file (default: its ``image_path``; pass ``Path`` for plain paths)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV decodes without the GIL
-        ok = list(pool.map(lambda r: read_gray(path_of(r)) is not None, records))
+        found = list(pool.map(lambda r: _image_problem(r, path_of(r)), records))
     kept, problems = [], []
-    for record, good in zip(records, ok):
-        if good:
+    for record, problem in zip(records, found):
+        if problem is None:
             kept.append(record)
             continue
-        message = f"{path_of(record)}: cannot read or decode the image"
+        message = f"{path_of(record)}: {problem}"
         if on_bad_data == "stop":
             raise LgcError(message)
         problems.append(message)

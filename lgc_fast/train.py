@@ -114,7 +114,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, help="stop (saving last.pt) after this many steps in all")
     p.add_argument("--limit", type=int, help="use only the first N faces (in path order) of --data")
     p.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
-                   help="skip unreadable or malformed files (named on stderr) or stop at the first")
+                   help="skip unreadable or malformed files and faces annotated wholly outside their image "
+                   "(named on stderr) or stop at the first")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for CUDA)")

@@ -150,13 +150,18 @@ def test_crop_to_image_inverts_the_crop():
     np.testing.assert_allclose(crop_to_image(in_crop, affine), pts)
 
 
+def _eval_argv(tmp_path, data) -> list[str]:
+    """`lgc-fast eval` of a tiny checkpoint (written to tmp_path) on `data`, report under tmp_path/eval."""
+    tiny_checkpoint(tmp_path / "model.pt")
+    return ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0",
+            "--out", str(tmp_path / "eval")]
+
+
 def test_eval_bad_data(tmp_path, capsys):
     data = write_faces(tmp_path / "faces", n=3)
     (data / "Person_1_00.png").write_bytes(b"not an image")
     (data / "Person_2_00.pts").write_text("version: 1\nn_points: 68\n{\n1 2\n}\n")
-    tiny_checkpoint(tmp_path / "model.pt")
-    argv = ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0",
-            "--out", str(tmp_path / "eval")]
+    argv = _eval_argv(tmp_path, data)
     assert main(argv) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["images"] == 1 and len(report["skipped"]) == 2
@@ -169,6 +174,23 @@ def test_eval_bad_data(tmp_path, capsys):
     (data / "Person_2_00.png").unlink()
     assert main(argv + ["--on-bad-data", "stop"]) == 2
     assert "Person_1_00.png: cannot read" in capsys.readouterr().err
+
+
+def test_eval_refuses_faces_annotated_wholly_outside_their_image(tmp_path, capsys):
+    """A .pts whose labelled points all lie outside its image (one of another, larger image, say) was cropped and
+    scored as if right; it is now a bad face: skipped and reported, or with --on-bad-data stop the error."""
+    data = write_faces(tmp_path / "faces", n=3)  # 80 x 80 images
+    write_pts(data / "Person_1_00.pts", face() * 2 + 200)  # every point beyond x, y = 80
+    argv = _eval_argv(tmp_path, data)
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["images"] == 2 and len(report["skipped"]) == 1
+    assert "Person_1_00.png: all 68 labelled points lie outside the 80x80 image" in capsys.readouterr().err
+    assert main(argv + ["--on-bad-data", "stop"]) == 2
+    err = capsys.readouterr().err
+    assert "Person_1_00.png: all 68 labelled points lie outside" in err and len(err.strip().splitlines()) == 1
+    write_pts(data / "Person_1_00.pts", face() * 2 + 75)  # partly outside: a face at the border stays
+    assert main(argv + ["--on-bad-data", "stop"]) == 0
 
 
 def test_eval_missing_checkpoint(tmp_path, capsys):
