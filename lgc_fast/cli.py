@@ -27,13 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted() -> int:
+    print("lgc-fast: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds in which a Ctrl-C is likely too
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
-        print("lgc-fast: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except (ValueError, TypeError, OSError) as exc:  # LgcError is a ValueError
         if os.environ.get("LGC_FAST_DEBUG") == "1":
             raise
