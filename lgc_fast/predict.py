@@ -141,7 +141,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, PRECISIONS, PYRAMID_STEP, THRESHOLD
+    from lgc_fast.detect import (DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, MIN_PYRAMID_STEP, PRECISIONS, PYRAMID_STEP,
+                                 THRESHOLD)
 
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                         help="the network's arithmetic (default float32; float16 is faster on a GPU, see the "
@@ -159,7 +160,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pyramid-step", type=float, default=PYRAMID_STEP,
                         help=f"size factor between the face search's pyramid levels (default {PYRAMID_STEP:g}, the "
                              "paper's; 1.41 finds more faces between the trained sizes, at 1.5x the time; at least "
-                             "1.1)")
+                             f"{MIN_PYRAMID_STEP:g})")
     parser.add_argument("--pts", action="store_true", help="also write STEM.pts (300-W, 1-based) with the best face")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
 
