@@ -72,6 +72,28 @@ def test_compiled_loss_matches_eager(one_thread):
         train_step(eager_net, optimizer, images, points, labelled, False, 100.0)  # new weights for the next round
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation concerns CUDA steps")
+@pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
+def test_a_cuda_training_step_never_waits_for_the_device(fused):
+    """train_step as lgc-fast train runs it on a GPU (bf16 autocast, channels_last, with and without the fused
+    epilogues) queues its work without one host synchronisation, so the host runs ahead of the device."""
+    torch.manual_seed(0)
+    net = LGCN("release", 8).cuda().to(memory_format=torch.channels_last).train().fuse_epilogues(fused)
+    optimizer = train_module._make_optimizer(net.parameters(), 1e-3, 0.9)
+    images = (torch.rand(4, 1, 96, 96, device="cuda") * 255).contiguous(memory_format=torch.channels_last)
+    points = torch.rand(4, 68, 2, device="cuda") * 58 + 19
+    labelled = torch.ones(4, 68, dtype=torch.bool, device="cuda")
+    for _ in range(2):  # first steps: cuDNN's choices, lazy initialisation
+        train_step(net, optimizer, images, points, labelled, True, 100.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = train_step(net, optimizer, images, points, labelled, True, 100.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
 def test_compile_mode_is_checked_and_recorded(tmp_path, capsys):
     assert parse_args(["--data", "d", "--out", "o", "--compile"]).compile == "default"
     assert parse_args(["--data", "d", "--out", "o", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
