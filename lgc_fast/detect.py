@@ -142,12 +142,17 @@ def square_hull(affine, crop: int = CROP) -> tuple[float, float, float, float]:
 
 # ---- multi-face pipeline pieces (section 4.3); pure functions of arrays so that they can be tested one by one ----
 
+def check_pyramid_step(step, name: str = "the pyramid step") -> None:
+    """ValueError naming `name` unless step >= MIN_PYRAMID_STEP."""
+    if not step >= MIN_PYRAMID_STEP:
+        raise ValueError(f"{name} must be at least {MIN_PYRAMID_STEP:g} (finer pyramids hold over 5.8 times the "
+                         f"image's pixels in heatmaps), got {step!r}")
+
+
 def pyramid_shapes(height: int, width: int, min_side: int = CROP, step: float = PYRAMID_STEP) -> list[tuple[int, int]]:
     """Level sizes (h, w): level k is ceil(size / step^k) (step 2: halved, rounding up), at least 1 px, down to the
     first level whose short side < min_side."""
-    if not step >= MIN_PYRAMID_STEP:
-        raise ValueError(f"the pyramid step must be at least {MIN_PYRAMID_STEP:g} (finer pyramids hold over 5.8 times "
-                         f"the image's pixels), got {step!r}")
+    check_pyramid_step(step)
     shapes = [(int(height), int(width))]
     while min(shapes[-1]) >= min_side:
         factor = step ** len(shapes)

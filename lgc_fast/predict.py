@@ -168,13 +168,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from lgc_fast._io import atomic_write_text
     from lgc_fast.data.pts import write_pts
-    from lgc_fast.detect import MIN_PYRAMID_STEP, Detector
+    from lgc_fast.detect import Detector, check_pyramid_step
     from lgc_fast.draw import draw_faces, save_image
     from lgc_fast.evaluate import resolve_device
 
-    if not args.pyramid_step >= MIN_PYRAMID_STEP:
-        raise LgcError(f"--pyramid-step must be at least {MIN_PYRAMID_STEP:g} (finer pyramids hold over 5.8 times the "
-                       f"image's pixels in heatmaps), got {args.pyramid_step:g}")
+    check_pyramid_step(args.pyramid_step, "--pyramid-step")  # before the model loads
     boxes = load_face_boxes(args.boxes) if args.boxes is not None else {}
     paths = expand_inputs(args.images)
     if not paths:
