@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import cv2
 import numpy as np
@@ -186,7 +187,17 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     run = tmp_path / "run"
     argv = [str(a) for a in ["--data", data, "--out", run, "--epochs", 2, "--val-fraction", 0.2, "--device", "cpu",
                              *TINY]]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=False)
+    # Once on torch 2.4.1 rank 1 stayed blocked after rank 0 had finished, and join=True waited for ever: fail instead.
+    limit_s = 300
+    deadline = time.monotonic() + limit_s
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, process in enumerate(workers.processes) if process.is_alive()]
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"DDP ranks {alive} still running {limit_s} s after the start (written: "
+                        f"{sorted(p.name for p in tmp_path.glob('rank*.pt'))})")
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
