@@ -64,10 +64,7 @@ def add_arguments(parser) -> None:
                         help="face boxes file (see lgc_fast.data.load_boxes); default: ground-truth box + 17 %%")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
-    parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
-                        help="skip unreadable or malformed files and faces annotated wholly outside their image "
-                        "(named on stderr) or stop at the first")
+    add_loading_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every Nth face of the split")
     parser.add_argument("--split", choices=SPLITS, default="all",
@@ -109,6 +106,19 @@ def _image_problem(record, path) -> str | None:
     if not inside.any():
         return f"all {len(xy)} labelled points lie outside the {width}x{height} image (a .pts of another image?)"
     return None
+
+
+def add_loading_arguments(parser) -> None:
+    """--workers and --on-bad-data, which train and eval share (checked by check_workers and argparse)."""
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
+    parser.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
+                        help="skip unreadable or malformed files and faces annotated wholly outside their image "
+                        "(named on stderr) or stop at the first")
+
+
+def check_workers(workers: int) -> None:
+    if workers < 0:
+        raise LgcError(f"--workers must be >= 0, got {workers}")
 
 
 def readable_images(records, on_bad_data: str, workers: int = 1,
@@ -183,8 +193,7 @@ def evaluate(args) -> dict:
     """Run the evaluation described by the CLI arguments; returns the report (also written under --out)."""
     if args.batch_size < 1:
         raise LgcError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise LgcError(f"--workers must be >= 0, got {args.workers}")
+    check_workers(args.workers)
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model = model_from_state(state, args.checkpoint, device).eval()

@@ -184,6 +184,8 @@ def run(args) -> int:
     detector = Detector(weights=args.weights, shape_model=args.shape_model, device=device,
                         decode=args.decode, fit=not args.no_fit, mirror=args.mirror,
                         fit_threshold=args.fit_threshold, precision=args.precision)
+    if args.shape_model is not None:
+        detector.shape_model  # noqa: B018 - loads and checks the file now: one error, before --out is made
     args.out.mkdir(parents=True, exist_ok=True)
     done = 0
     for path, stem in zip(paths, stems):

@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lgc_fast import metrics
@@ -56,8 +55,10 @@ from lgc_fast.checkpoint import load_checkpoint, model_from_state, rng_state, sa
 from lgc_fast.data import (SYNTHETIC, BackgroundDataset, FacesAndBackgrounds, LandmarkDataset, augment_batch,
                            background_count, scan_backgrounds, split_by_person)
 from lgc_fast.decode import DECODERS
+from lgc_fast.distributed import ProcessGroup
 from lgc_fast.errors import LgcError
-from lgc_fast.evaluate import load_faces, predict, readable_images, report_problems, resolve_device
+from lgc_fast.evaluate import (add_loading_arguments, check_workers, load_faces, predict, readable_images,
+                               report_problems, resolve_device)
 from lgc_fast.model import VARIANTS, LGCN, default_local_layers
 from lgc_fast.ops import lgc_loss
 from lgc_fast.ops.bn_relu_dropout import fused_backend
@@ -110,12 +111,9 @@ def add_arguments(p) -> None:
     p.add_argument("--background-fraction", type=float, metavar="F",
                    help=f"share of each epoch's training samples that are backgrounds (default "
                         f"{DEFAULT_BACKGROUND_FRACTION} with --backgrounds)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes")
+    add_loading_arguments(p)
     p.add_argument("--max-steps", type=int, help="stop (saving last.pt) after this many steps in all")
     p.add_argument("--limit", type=int, help="use only the first N faces (in path order) of --data")
-    p.add_argument("--on-bad-data", choices=("skip", "stop"), default="skip",
-                   help="skip unreadable or malformed files and faces annotated wholly outside their image "
-                   "(named on stderr) or stop at the first")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for CUDA)")
@@ -225,60 +223,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-class _Dist:
-    """The process group: rank, world size and the few collectives the loop needs (no-ops for one process)."""
-
-    def __init__(self, device_arg: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owned = False
-        if self.world > 1:
-            want_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
-            if want_cuda:
-                if self.local_rank >= torch.cuda.device_count():
-                    raise LgcError(f"LOCAL_RANK {self.local_rank} needs a CUDA device of its own, but "
-                                   f"{torch.cuda.device_count()} are visible; start fewer processes or pass "
-                                   f"--device cpu")
-                torch.cuda.set_device(self.local_rank)
-                self.device = torch.device("cuda", self.local_rank)
-            else:
-                self.device = resolve_device(device_arg)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.owned = True
-        else:
-            self.device = resolve_device(device_arg)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_buffers(self, model) -> None:
-        """Give every rank rank 0's BatchNorm statistics (each rank updates its own during training)."""
-        if self.world > 1:
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
-
-    def close(self) -> None:
-        if self.owned:
-            dist.barrier()
-            dist.destroy_process_group()
-
-
 # Per process; on an H100 the fused step was 1.28-1.36x faster than the modules at batch 64-256 and 0.9x at 16, where
 # the host's work per block bounds the step (bench/results/nvidia-h100-80gb-hbm3*.json, train_step).
 FUSED_EPILOGUE_MIN_CUDA_BATCH = 64
@@ -331,8 +275,7 @@ def _check_args(args) -> None:
             raise LgcError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise LgcError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.workers < 0:
-        raise LgcError(f"--workers must be >= 0, got {args.workers}")
+    check_workers(args.workers)
     if args.max_steps is not None and args.max_steps < 1:
         raise LgcError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.limit is not None and args.limit < 2:
@@ -490,7 +433,7 @@ def _write_logs(out: Path, settings: dict, history: list) -> None:
     atomic_write_text(out / "log.json", json.dumps({"settings": settings, "epochs": history}, indent=2) + "\n")
 
 
-def _validate(model, loader, dist_: _Dist, settings: dict, method: str) -> float:
+def _validate(model, loader, dist_: ProcessGroup, settings: dict, method: str) -> float:
     """Mean inter-ocular NME (68 points) over this rank's share of the validation set, summed over ranks."""
     total = torch.zeros(2, dtype=torch.float64)
     batches = start_workers(loader)
@@ -505,14 +448,14 @@ def _validate(model, loader, dist_: _Dist, settings: dict, method: str) -> float
 def train(args) -> TrainResult:
     """Run `lgc-fast train` with parsed arguments; returns the trained model (on its device) and the log."""
     _check_args(args)
-    dist_ = _Dist(args.device)
+    dist_ = ProcessGroup(args.device)
     try:
         return _train(args, dist_)
     finally:
         dist_.close()
 
 
-def _train(args, dist_: _Dist) -> TrainResult:
+def _train(args, dist_: ProcessGroup) -> TrainResult:
     device, rank, world = dist_.device, dist_.rank, dist_.world
     progress = Progress(dist_.main)
     settings = _settings(args, world, device)

@@ -219,3 +219,13 @@ def test_predict_refuses_weights_that_are_not_finite(tmp_path, capsys):
 def test_predict_names_a_device_that_is_not_usable_here(tmp_path, capsys):
     code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, "--out", tmp_path / "o", "--device", "meta")
     assert code == 2 and "--device meta: not usable here" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_predict_refuses_a_bad_shape_model_before_writing(assets, tmp_path, capsys):
+    """A shape model that does not load was reported once per image as a skip (exit 1), after --out was made."""
+    weights, _ = assets
+    (tmp_path / "shape.npz").write_bytes(b"not a zip file")
+    code, _, stderr = _run(capsys, "predict", DEMO_IMAGE, DEMO_IMAGE, "--out", tmp_path / "o", "--weights", weights,
+                           "--shape-model", tmp_path / "shape.npz", "--device", "cpu")
+    assert code == 2 and "shape.npz is not a readable .npz file" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -18,6 +18,7 @@
 #include <climits>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/kernel_common.cuh"
 #include "epilogue.h"
@@ -198,27 +199,16 @@ LGC_HD void store_values(T* p, bool vector_io, const T (&values)[V]) {
   }
 }
 
-// Calls f(std::integral_constant<int, vec>) for a plan's vec (a power of two, at most 16 bytes of T).
-template <typename T, typename F>
+// Calls f(std::integral_constant<int, vec>) for a plan's vec (a power of two, at most 16 bytes of T): tries Vec = 1,
+// 2, 4, ... in turn.
+template <typename T, int Vec = 1, typename F>
 cudaError_t on_vec(int vec, F&& f) {
-  constexpr int kMax = kMaxVectorBytes / static_cast<int>(sizeof(T));
-  switch (vec) {
-    case 1:
-      return f(std::integral_constant<int, 1>{});
-    case 2:
-      if constexpr (kMax >= 2) return f(std::integral_constant<int, 2>{});
-      break;
-    case 4:
-      if constexpr (kMax >= 4) return f(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      if constexpr (kMax >= 8) return f(std::integral_constant<int, 8>{});
-      break;
-    case 16:
-      if constexpr (kMax >= 16) return f(std::integral_constant<int, 16>{});
-      break;
+  if constexpr (Vec * static_cast<int>(sizeof(T)) > kMaxVectorBytes) {
+    return cudaErrorInvalidValue;
+  } else {
+    if (vec == Vec) return f(std::integral_constant<int, Vec>{});
+    return on_vec<T, 2 * Vec>(vec, std::forward<F>(f));
   }
-  return cudaErrorInvalidValue;
 }
 
 // The plan of a launch for elements of `elem_bytes`, or an error: nothing to do (cudaSuccess, reported as done =

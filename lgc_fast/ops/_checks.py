@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -21,10 +22,12 @@ def check_maps(value, name: str, non_empty: bool = False) -> None:
 
 
 def check_number(name: str, value, ok: Callable[[float], bool], what: str) -> None:
-    """ValueError naming `name` unless `value` is a finite int or float (not a bool) for which `ok` holds.
+    """ValueError naming `name` unless `value` is a finite real number (int, float, a NumPy scalar; not a bool) for
+    which `ok` holds.
 
     Written with comparisons only: under torch.compile(dynamic=True) a float argument is symbolic, and comparisons
-    become guards where math.isfinite would break the graph."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf \
-            or not ok(value):
+    become guards where math.isfinite would break the graph (Python numbers pass the first isinstance, so Dynamo never
+    meets the numbers.Real test)."""
+    real = isinstance(value, (int, float)) or isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not real or not -math.inf < value < math.inf or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value!r}")

@@ -27,14 +27,13 @@ for 7 px). Repeating a radius in ``windows`` iterates it (the paper runs None, 2
 from __future__ import annotations
 
 import importlib
-import numbers
 from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from lgc_fast import _backend
-from lgc_fast.ops._checks import check_maps
+from lgc_fast.ops._checks import check_maps, check_number
 from lgc_fast.ops._library import custom_op
 from lgc_fast.shape import ShapeModel
 
@@ -121,10 +120,6 @@ def _(heatmaps, peak, centers, radius, thresholds, backend):
     return heatmaps.new_empty((n, c, len(thresholds), 3), dtype=_acc_dtype(heatmaps.dtype))
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_stats_inputs(heatmaps, peak, centers, radius, thresholds) -> None:
     check_maps(heatmaps, "heatmaps")
     n, c = heatmaps.shape[:2]
@@ -134,8 +129,7 @@ def _check_stats_inputs(heatmaps, peak, centers, radius, thresholds) -> None:
     if centers is not None:
         if not isinstance(centers, torch.Tensor) or centers.shape != (n, c, 2) or not centers.dtype.is_floating_point:
             raise ValueError(f"centers must be None or a float tensor of shape (N, C, 2) = {(n, c, 2)}")
-        if not (_is_number(radius) and np.isfinite(radius) and radius >= 0):
-            raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
+        check_number("radius", radius, lambda v: v >= 0, "a finite number >= 0")
     for name, t in (("peak", peak), ("centers", centers)):
         if t is not None and t.device != heatmaps.device:
             raise ValueError(f"{name} must be on the device of heatmaps ({heatmaps.device}), got {t.device}")
@@ -170,13 +164,12 @@ def _check_fit_args(heatmaps, model, windows, threshold, bound_sigma, kabsch_thr
     if not windows or windows[0] is not None:
         raise ValueError(f"windows must start with None (the whole-map fit), got {windows!r}")
     for r in windows[1:]:
-        if r is not None and not (_is_number(r) and np.isfinite(r) and r > 0):
-            raise ValueError(f"windows must hold None or radii > 0 in px, got {r!r}")
+        if r is not None:
+            check_number("windows", r, lambda v: v > 0, "None or radii > 0 in px (after the first)")
     for name, value in (("threshold", threshold), ("kabsch_threshold", kabsch_threshold)):
-        if not (_is_number(value) and 0 <= value < 1):
-            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    if bound_sigma is not None and not (_is_number(bound_sigma) and bound_sigma > 0):
-        raise ValueError(f"bound_sigma must be None or a number > 0, got {bound_sigma!r}")
+        check_number(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if bound_sigma is not None:
+        check_number("bound_sigma", bound_sigma, lambda v: v > 0, "None or a number > 0")
     return windows
 
 
