@@ -6,7 +6,9 @@ drawing its own dropout mask:
   lgc_fast B        : lgc_fast.ops.bn_relu_dropout on kernel backend B (on a GPU: cuda, the CUDA C++ kernels, and
                       triton; on the CPU: cpu, the C++ kernels) with a byte mask (one byte per value:
                       random_keep_mask)
-  lgc_fast B bits   : the same with keep bits, the mask as ConvBlock draws it (one bit per value: random_keep_bits)
+  lgc_fast B bits   : the same with keep bits (one bit per value: random_keep_bits), drawn before the op
+  lgc_fast B drawn  : the same keep bits drawn by the forward pass itself, as ConvBlock runs it
+                      (bn_relu_dropout_drawn; on CUDA the apply kernel draws them for float16/bfloat16 maps)
   lgc_fast B seeded : the same with dropout_seed: the kernels draw the mask with Philox, forward and again backward
                       (no mask in memory; ConvBlock's seeded_dropout)
   torch eager       : F.batch_norm, relu, * 0.1, F.dropout: what nn.BatchNorm2d + ReLU + Dropout run
@@ -16,7 +18,8 @@ dispatch and autograd work per conv block, which bounds small-batch training ste
 Timed in interleaved rounds (bench/common.py); reported are medians and 20/80 % quantiles, each method's speed-up
 over torch eager and torch compiled, and (GPU) the achieved bandwidth of each lgc_fast method against the datasheet
 peak for the traffic its four passes need at least: z read twice forward and twice backward, the output gradient read
-twice, y and dz written once, and for the byte mask (keep bits), its write and three reads of 1 (1/8) byte a value.
+twice, y and dz written once, and for the byte mask (keep bits), its write and three reads of 1 (1/8) byte a value
+(drawn bits: a write and two reads).
 
 Usage:
   python bench/bench_bn_relu_dropout.py [--quick] [--batch N] [--channels C] [--dtypes bf16 fp32]
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
 
 from lgc_fast import _backend  # noqa: E402
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, random_keep_bits, random_keep_mask  # noqa: E402
+from lgc_fast.ops.bn_relu_dropout import (bn_relu_dropout, bn_relu_dropout_drawn, random_keep_bits,  # noqa: E402
+                                          random_keep_mask)
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,7 +58,8 @@ def torch_epilogue(z, running_mean, running_var, weight, bias):
     return F.dropout(y * ACTIVATION_SCALE, DROPOUT_P, training=True)
 
 
-DROPOUT_FORMS = {"": "byte mask", " bits": "keep bits", " seeded": "seeded"}  # method suffix -> the dropout form
+# method suffix -> the dropout form
+DROPOUT_FORMS = {"": "byte mask", " bits": "keep bits", " drawn": "drawn bits", " seeded": "seeded"}
 
 
 def lgc_fast_epilogue(backend: str, form: str):
@@ -63,6 +68,8 @@ def lgc_fast_epilogue(backend: str, form: str):
             seed = torch.randint(2**62, (1,), device=z.device)
             return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, dropout_seed=seed,
                                    backend=backend)
+        if form == "drawn bits":
+            return bn_relu_dropout_drawn(z, running_mean, running_var, weight, bias, backend=backend)[0]
         if form == "keep bits":
             bits = random_keep_bits(z, DROPOUT_P, backend)
             return bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, keep_bits=bits,
@@ -74,7 +81,7 @@ def lgc_fast_epilogue(backend: str, form: str):
 
 def min_traffic_bytes(z: torch.Tensor, form: str) -> float:
     """Bytes the fused forward + backward must move at least (see the module docstring)."""
-    mask_bytes = {"byte mask": 4.0, "keep bits": 0.5, "seeded": 0.0}[form]
+    mask_bytes = {"byte mask": 4.0, "keep bits": 0.5, "drawn bits": 0.375, "seeded": 0.0}[form]
     return z.numel() * (8 * z.element_size() + mask_bytes)
 
 

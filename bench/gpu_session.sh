@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|ops|train|all]      (default all)
+#   bash bench/gpu_session.sh [tests|ops|train|ncu|all]      (default all)
 # builds the CUDA extension in place, then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
@@ -9,7 +9,9 @@
 #   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda: keep bits) and the
 #          compiled step, at batch 16 (lgc-fast train's default, where per-call host work shows), 64, 128 and 256;
 #          the fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64 into $LOGS; then the
-#          profile of the fused step (bench/profile_gpu.py) to $LOGS.
+#          profile of the fused step (bench/profile_gpu.py) to $LOGS;
+#   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
+#          layer shape, 128 x 128 x 96 x 96 bf16 channels_last, with keep bits drawn before and inside the op.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to $OUT (the device tool's output folder) or ./gpu_logs.
 set -uo pipefail
@@ -50,6 +52,14 @@ if [[ $what == train || $what == all ]]; then
     --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
     | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
   python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 || status=1
+fi
+
+if [[ $what == ncu || $what == all ]]; then
+  ncu --clock-control none -k 'regex:moments|grad_sums|apply_kernel|bits_kernel|channel_kernel' --launch-count 40 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python bench/bench_bn_relu_dropout.py --batch 128 --budget-s 1 --no-compile --dtypes bf16 \
+    --layouts channels_last --backends cuda --no-overhead --out "$LOGS/ncu_bench_bn_relu_dropout.json" >"$LOGS/ncu_epilogue.txt" 2>&1 || status=1
+  grep -E "^  [a-z_:<>, 0-9A-Za-z]+\(|Duration|DRAM Throughput|Achieved Occupancy" "$LOGS/ncu_epilogue.txt" | head -80
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1

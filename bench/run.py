@@ -123,12 +123,12 @@ def rows_bn_relu_dropout(entry, device):
         by_case.setdefault((r["dtype"], r.get("layout", "channels_last"), tuple(r["shape"])), {})[r["method"]] = r
     for (dtype, layout, _), methods in by_case.items():
         # The mask methods: "lgc_fast <backend>" (byte mask; "lgc_fast" in results from before the bench named
-        # backends) and "lgc_fast <backend> bits" (keep bits).
+        # backends), "lgc_fast <backend> bits" (keep bits) and "lgc_fast <backend> drawn" (keep bits drawn in the op).
         fast = {name: r for name, r in methods.items() if name.startswith("lgc_fast") and not name.endswith("seeded")}
         for fast_name, r in fast.items():
             backend = f", {r['backend']}" if "backend" in r else ""
-            if r.get("dropout") == "keep bits":
-                backend += ", keep bits"
+            if r.get("dropout") in ("keep bits", "drawn bits"):
+                backend += f", {r['dropout']}"
             for name in ("torch eager", "torch compiled"):
                 if name in methods:
                     yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training{backend}) vs {name}",

@@ -312,6 +312,17 @@ at::Tensor bernoulli_keep_bits_cpu_op(const at::Tensor& seed, int64_t count, dou
   return bits;
 }
 
+// The apply pass with fresh keep bits from the seed: bernoulli_keep_bits' draw, then the pass with them (on the CPU
+// the draw is the work, not the traffic, so the two stay apart) -> (y, bits).
+std::tuple<at::Tensor, at::Tensor> apply_drawn_cpu(const at::Tensor& z_in, const at::Tensor& scale,
+                                                   const at::Tensor& shift, const at::Tensor& seed, double dropout_p,
+                                                   double out_scale) {
+  TORCH_CHECK(seed.device() == z_in.device(), "bn_relu_dropout: seed must be on z's device ", z_in.device(), ", got ",
+              seed.device());
+  at::Tensor bits = bernoulli_keep_bits_cpu_op(seed, z_in.numel(), dropout_p);
+  return {apply_cpu(z_in, scale, shift, bits, c10::nullopt, dropout_p, out_scale), bits};
+}
+
 // Meta: the masks' shape, dtype and layout without a draw. torch.compile runs these on fake tensors to trace the
 // mask draws of ConvBlock's fused epilogue into its graph.
 at::Tensor keep_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, double, bool channels_last) {
@@ -395,6 +406,25 @@ at::Tensor grad_apply_cuda(const at::Tensor& grad, const at::Tensor& z_in, const
                                   c10::cuda::getCurrentCUDAStream()),
                "bn_relu_dropout_grad_apply");
   return dz;
+}
+
+// The apply pass drawing its keep bits (bn_apply_drawn_cuda: in the kernel for float16/bfloat16 maps of vec 8)
+// -> (y, bits).
+std::tuple<at::Tensor, at::Tensor> apply_drawn_cuda(const at::Tensor& z_in, const at::Tensor& scale,
+                                                    const at::Tensor& shift, const at::Tensor& seed, double dropout_p,
+                                                    double out_scale) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const Inputs in = inputs_of(z_in, nullptr, scale, shift, c10::nullopt, c10::nullopt, dropout_p);
+  at::Tensor bits = new_bernoulli_bits(seed, in.z.numel());
+  TORCH_CHECK(seed.device() == in.z.device(), "bn_relu_dropout: seed must be on z's device ", in.z.device(),
+              ", got ", seed.device());
+  at::Tensor y = new_map(in.z, in.maps);
+  check_launch(bn_apply_drawn_cuda(in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()), in.scale.const_data_ptr(),
+                                   in.shift.const_data_ptr(), ptr<int64_t>(seed), static_cast<float>(dropout_p),
+                                   out_scale, y.mutable_data_ptr(), out<uint8_t>(bits), in.maps.shape,
+                                   c10::cuda::getCurrentCUDAStream()),
+               "bn_relu_dropout_apply_drawn");
+  return {y, bits};
 }
 
 at::Tensor keep_mask_cuda(const at::Tensor& seed, at::IntArrayRef shape, double dropout_p, bool channels_last) {
@@ -511,6 +541,17 @@ Triple train_forward(const at::Tensor& z, const at::Tensor& weight, const at::Te
   return {Apply(z, scale, shift, keep_mask, seed, dropout_p, out_scale), mean, var};
 }
 
+// z, weight, bias, seed -> (y, mean, biased var, keep bits): the dropout's keep bits drawn in the forward pass
+// (bernoulli_keep_bits' for the seed) and returned, for the backward (train_backward with them) and the caller.
+template <auto Moments, auto Affine, auto ApplyDrawn>
+Quad train_forward_drawn(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& seed,
+                         double dropout_p, double eps, double out_scale) {
+  auto [mean, var] = Moments(z);
+  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps);
+  auto [y, bits] = ApplyDrawn(z, scale, shift, seed, dropout_p, out_scale);
+  return {y, mean, var, bits};
+}
+
 // -> (dz, dweight, dbias), dz = scale * g + k1 * z + k0 (bn_train_grad_terms).
 template <auto Affine, auto GradSums, auto GradTerms, auto GradApply>
 Triple train_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
@@ -533,11 +574,31 @@ Triple train_meta(const at::Tensor& z, const at::Tensor& weight, const at::Tenso
   return {new_map(z, maps), mean, var};
 }
 
+Quad train_drawn_meta(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& seed,
+                      double dropout_p, double eps, double out_scale) {
+  auto [y, mean, var] = train_meta(z, weight, bias, c10::nullopt, c10::nullopt, dropout_p, eps, out_scale);
+  // sym_numel: under torch.compile's dynamic shapes the sizes are symbols
+  return {y, mean, var, at::empty_symint({(z.sym_numel() + 7) / 8}, seed.options().dtype(at::kByte))};
+}
+
 Triple train_backward_meta(const at::Tensor&, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
                            const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double, double,
                            double) {
   return {new_map(z, maps_of(z)), at::empty({weight.size(0)}, weight.options()),
           at::empty({bias.size(0)}, bias.options())};
+}
+
+// bn_relu_dropout_train_backward for the saved (z, weight, bias, mean, var, ...) of a training op's forward.
+Triple train_backward_call(const at::Tensor& grad, const torch::autograd::variable_list& saved,
+                           const OptTensor& keep_mask, const OptTensor& seed, torch::autograd::AutogradContext* ctx) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_backward", "")
+                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
+                                     double, double)>();
+  return op.call(grad, saved[0], saved[1], saved[2], saved[3], saved[4], keep_mask, seed,
+                 ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["eps"].toDouble(),
+                 ctx->saved_data["out_scale"].toDouble());
 }
 
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
@@ -562,21 +623,49 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_backward", "")
-                         .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                                       double, double)>();
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
-    auto [dz, dweight, dbias] =
-        op.call(grad, saved[0], saved[1], saved[2], saved[3], saved[4], optional(saved[5]), optional(saved[6]),
-                ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["eps"].toDouble(),
-                ctx->saved_data["out_scale"].toDouble());
+    auto [dz, dweight, dbias] = train_backward_call(grad, saved, optional(saved[5]), optional(saved[6]), ctx);
     return {dz, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// The training op drawing its keep bits: the backward is bn_relu_dropout_train_backward with them.
+class TrainDrawnFunction : public torch::autograd::Function<TrainDrawnFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& seed, double dropout_p, double eps,
+                                                double out_scale) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_drawn", "")
+                         .typed<Quad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     double, double, double)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, mean, var, bits] = op.call(z, weight, bias, seed, dropout_p, eps, out_scale);
+    ctx->save_for_backward({z, weight, bias, mean, var, bits});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["out_scale"] = out_scale;
+    ctx->mark_non_differentiable({mean, var, bits});
+    return {y, mean, var, bits};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    auto [dz, dweight, dbias] = train_backward_call(grad, saved, OptTensor(saved[5]), OptTensor(), ctx);
+    return {dz, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Quad train_drawn_autograd(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& seed,
+                          double dropout_p, double eps, double out_scale) {
+  const auto out = TrainDrawnFunction::apply(z, weight, bias, seed, dropout_p, eps, out_scale);
+  return {out[0], out[1], out[2], out[3]};
+}
 
 Triple train_autograd(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const OptTensor& keep_mask,
                       const OptTensor& seed, double dropout_p, double eps, double out_scale) {
@@ -591,6 +680,9 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
   m.def(
       "bn_relu_dropout_train(Tensor z, Tensor weight, Tensor bias, Tensor? keep_mask, Tensor? seed, float dropout_p, "
       "float eps, float out_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_dropout_train_drawn(Tensor z, Tensor weight, Tensor bias, Tensor seed, float dropout_p, float eps, "
+      "float out_scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_relu_dropout_train_backward(Tensor grad, Tensor z, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
       "Tensor? keep_mask, Tensor? seed, float dropout_p, float eps, float out_scale) -> (Tensor, Tensor, Tensor)");
@@ -610,6 +702,8 @@ TORCH_LIBRARY_FRAGMENT(lgc_fast_C, m) {
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cpu, lgc::affine_cpu, lgc::apply_cpu>);
+  m.impl("bn_relu_dropout_train_drawn",
+         &lgc::train_forward_drawn<lgc::moments_cpu, lgc::affine_cpu, lgc::apply_drawn_cpu>);
   m.impl("bn_relu_dropout_train_backward",
          &lgc::train_backward<lgc::affine_cpu, lgc::grad_sums_cpu, lgc::grad_terms_cpu, lgc::grad_apply_cpu>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cpu);
@@ -620,10 +714,14 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_cpu_op);
 }
 
-TORCH_LIBRARY_IMPL(lgc_fast_C, Autograd, m) { m.impl("bn_relu_dropout_train", &lgc::train_autograd); }
+TORCH_LIBRARY_IMPL(lgc_fast_C, Autograd, m) {
+  m.impl("bn_relu_dropout_train", &lgc::train_autograd);
+  m.impl("bn_relu_dropout_train_drawn", &lgc::train_drawn_autograd);
+}
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
   m.impl("bn_relu_dropout_train", &lgc::train_meta);
+  m.impl("bn_relu_dropout_train_drawn", &lgc::train_drawn_meta);
   m.impl("bn_relu_dropout_train_backward", &lgc::train_backward_meta);
   m.impl("dropout_keep_mask", &lgc::keep_mask_meta);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_meta);
@@ -633,6 +731,8 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
 #ifdef LGC_WITH_CUDA
 TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
   m.impl("bn_relu_dropout_train", &lgc::train_forward<lgc::moments_cuda, lgc::affine_cuda, lgc::apply_cuda>);
+  m.impl("bn_relu_dropout_train_drawn",
+         &lgc::train_forward_drawn<lgc::moments_cuda, lgc::affine_cuda, lgc::apply_drawn_cuda>);
   m.impl("bn_relu_dropout_train_backward",
          &lgc::train_backward<lgc::affine_cuda, lgc::grad_sums_cuda, lgc::grad_terms_cuda, lgc::grad_apply_cuda>);
   m.impl("bn_relu_dropout_apply", &lgc::apply_cuda);

@@ -21,7 +21,7 @@ from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
 from lgc_fast.ops.bn_relu_dropout import SEEDED_LIMIT as DROPOUT_SEED_LIMIT
-from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, fused_backend, random_keep_bits
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn, fused_backend
 from lgc_fast.ops.dilated_block import fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
@@ -49,8 +49,9 @@ class ConvBlock(nn.Module):
     With `fused_epilogue` set (``LGCN.fuse_epilogues``) and a kernel backend of the op usable for the activations
     (CUDA C++ or Triton on CUDA, the compiled C++ kernels on the CPU), the BN + ReLU + scale + dropout part runs as one
     ``lgc_fast.ops.bn_relu_dropout``; the parameters, buffers and their updates are the modules' own, only the dropout
-    mask comes from a different draw: keep bits, one bit a value (``random_keep_bits``), or with `seeded_dropout` a
-    seed from which the kernels draw it (no mask kept for the backward, Philox work instead).
+    mask comes from a different draw: keep bits, one bit a value, drawn in the forward pass (``bn_relu_dropout_drawn``:
+    the bits of ``random_keep_bits``), or with `seeded_dropout` a seed from which the kernels draw it (no mask kept for
+    the backward, Philox work instead).
     """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, dilation: int = 1, dropout: float = 0.1,
@@ -77,12 +78,6 @@ class ConvBlock(nn.Module):
     def _fused_epilogue(self, z: torch.Tensor, backend: str) -> torch.Tensor:
         bn = self.bn
         p = self.drop.p if isinstance(self.drop, nn.Dropout) else 0.0
-        seed = bits = None
-        if self.training and p > 0:
-            if self.seeded_dropout and z.numel() < DROPOUT_SEED_LIMIT:
-                seed = torch.randint(2**62, (1,), device=z.device)  # from torch's generator: reproducible, resumable
-            else:
-                bits = random_keep_bits(z, p, backend)  # 1 bit a value, z's layout
         # nn.BatchNorm2d's rules: batch statistics in training or without running statistics; the running ones are
         # updated in training (with the cumulative average when momentum is None).
         batch_stats = self.training or bn.running_mean is None
@@ -92,10 +87,18 @@ class ConvBlock(nn.Module):
             if bn.momentum is None:
                 momentum = 1.0 / float(bn.num_batches_tracked)
         update = not self.training or bn.track_running_stats
-        return bn_relu_dropout(z, bn.running_mean if update else None, bn.running_var if update else None,
-                               bn.weight, bn.bias, training=batch_stats, momentum=momentum, eps=bn.eps,
-                               dropout_p=p, activation_scale=self.act_scale, dropout_seed=seed, keep_bits=bits,
-                               backend=backend)
+        running_mean, running_var = (bn.running_mean, bn.running_var) if update else (None, None)
+        seed = None
+        if self.training and p > 0:
+            if not self.seeded_dropout or z.numel() >= DROPOUT_SEED_LIMIT:
+                # keep bits (1 bit a value, z's layout) drawn from torch's generator in the forward pass itself
+                return bn_relu_dropout_drawn(z, running_mean, running_var, bn.weight, bn.bias, momentum=momentum,
+                                             eps=bn.eps, dropout_p=p, activation_scale=self.act_scale,
+                                             backend=backend)[0]
+            seed = torch.randint(2**62, (1,), device=z.device)  # from torch's generator: reproducible, resumable
+        return bn_relu_dropout(z, running_mean, running_var, bn.weight, bn.bias, training=batch_stats,
+                               momentum=momentum, eps=bn.eps, dropout_p=p, activation_scale=self.act_scale,
+                               dropout_seed=seed, backend=backend)
 
 
 class FoldedConvBlock(nn.Module):

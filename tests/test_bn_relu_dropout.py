@@ -12,8 +12,8 @@ import torch.nn as nn
 from conftest import available_backends, devices
 from lgc_fast import _backend
 from lgc_fast.ops.bn_relu_dropout import (
-    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_ref, dropout_keep_mask, fused_backend, pack_keep_mask,
-    random_keep_bits, random_keep_mask, unpack_keep_bits,
+    SEEDED_LIMIT, bn_relu_dropout, bn_relu_dropout_drawn, bn_relu_dropout_ref, dropout_keep_mask, fused_backend,
+    pack_keep_mask, random_keep_bits, random_keep_mask, unpack_keep_bits,
 )
 from lgc_fast.ops.dilated_block import draw_dropout_mask
 
@@ -407,6 +407,66 @@ def test_random_keep_bits(device, channels_last):
                 assert abs(unpack_keep_bits(bits, shape, memory_format=fmt).float().mean().item() - (1 - P)) < 0.01
                 assert not torch.equal(random_keep_bits(z, P, backend), bits)  # the generator moved on
             assert unpack_keep_bits(random_keep_bits(z, 0.0, backend), shape, memory_format=fmt).all()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_drawn_keep_bits_are_random_keep_bits(device):
+    """bn_relu_dropout_drawn draws in its forward pass what random_keep_bits draws from the same generator state, and
+    gives bn_relu_dropout's outputs, gradients and running statistics with those bits, bit for bit, on every backend.
+    The shapes take both CUDA paths: the draw inside the apply kernel (bfloat16/float16 with C or H * W a multiple of
+    8) and the bits kernel first (float32, float64, C = 5, 945 values: a partial last byte)."""
+    cases = [((2, 16, 3, 5), torch.bfloat16, True), ((2, 4, 4, 6), torch.float16, False),
+             ((3, 5, 7, 9), torch.bfloat16, True), ((2, 6, 5, 7), torch.float32, False),
+             ((2, 3, 4, 5), torch.float64, True)]
+    for backend in kernel_backends(device) + ["ref"]:
+        for shape, dtype, channels_last in cases:
+            z, weight, bias, rm, rv, _ = _inputs(shape, dtype, device, 21, channels_last)
+            results = []
+            for drawn in (False, True):
+                leaves = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
+                stats = [t.clone() for t in (rm, rv)]
+                torch.manual_seed(5)
+                if drawn:
+                    y, bits = bn_relu_dropout_drawn(leaves[0], *stats, leaves[1], leaves[2], momentum=0.2,
+                                                    dropout_p=P, backend=backend)
+                else:
+                    bits = random_keep_bits(leaves[0], P, backend)
+                    y = bn_relu_dropout(leaves[0], *stats, leaves[1], leaves[2], training=True, momentum=0.2,
+                                        dropout_p=P, keep_bits=bits, backend=backend)
+                (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=device).view_as(y)
+                 ).sum().backward()
+                results.append([y, bits] + [t.grad for t in leaves] + stats)
+            assert results[1][0].is_contiguous(memory_format=torch.channels_last if channels_last else
+                                               torch.contiguous_format)
+            for name, got, want in zip(("y", "bits", "dz", "dweight", "dbias", "running_mean", "running_var"),
+                                       *results):
+                assert torch.equal(got, want), (backend, shape, dtype, name)
+            kept = unpack_keep_bits(results[1][1], shape, memory_format=_memory_format_of(z)).float().mean().item()
+            assert 0.4 < kept < 0.95, (backend, shape, kept)  # drops values at about the rate P
+
+
+def _memory_format_of(z):
+    return torch.channels_last if z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last) \
+        and not z.is_contiguous() else torch.contiguous_format
+
+
+@pytest.mark.parametrize("device", devices())
+def test_drawn_op_opcheck_and_gradcheck(device):
+    """The compiled kernels' training op that draws its bits: registration (fake tensors, autograd) and float64
+    gradients."""
+    if device not in kernel_backends(device):
+        pytest.skip(f"the compiled {device} kernels are not built here")
+    z, weight, bias, _, _, _ = _inputs((2, 8, 4, 5), torch.float64, device, 9, channels_last=True)
+    seed = torch.tensor([11], device=device)
+    args = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
+    torch.library.opcheck(torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn.default,
+                          (*args, seed, P, 1e-5, 0.1 / (1 - P)))
+
+    def fresh_draw(a, w, b):
+        torch.manual_seed(2)  # the same bits on every evaluation
+        return bn_relu_dropout_drawn(a, None, None, w, b, dropout_p=P, backend=device)[0]
+
+    assert torch.autograd.gradcheck(fresh_draw, tuple(args), fast_mode=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

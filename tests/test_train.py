@@ -1,6 +1,7 @@
 """``lgc-fast train``: learning on real faces, exact resume, two-process DDP, bad data, run-folder safety,
 background (non-face) samples and --init."""
 import csv
+import faulthandler
 import json
 import os
 import signal
@@ -175,6 +176,8 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, argv, out_dir):
+    # A rank still running after 240 s prints where every thread of it is (to the test's captured stderr) and exits.
+    faulthandler.dump_traceback_later(240, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -383,15 +386,19 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
     # inside the model against the modules: tests/test_model.py).
     import lgc_fast.model as model_module
     calls = []
-    real_op = model_module.bn_relu_dropout
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["training"])
-        return real_op(*args, **kwargs)
+    def counted(name):
+        real_op = getattr(model_module, name)
+
+        def op(*args, **kwargs):
+            calls.append(name if name == "bn_relu_dropout_drawn" else (name, kwargs["training"]))
+            return real_op(*args, **kwargs)
+        return op
 
     backend = fused_backend(torch.device("cpu")) or "ref"
     monkeypatch.setattr(model_module, "fused_backend", lambda device: backend)
-    monkeypatch.setattr(model_module, "bn_relu_dropout", counted)
+    for name in ("bn_relu_dropout", "bn_relu_dropout_drawn"):
+        monkeypatch.setattr(model_module, name, counted(name))
     assert parse_args(["--data", "d", "--out", "o"]).fused_epilogue is None  # automatic: on for the CPU's kernels
     data = synthetic_faces(tmp_path / "faces", n=10)
     result = train(parse_args(["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2,
@@ -400,8 +407,9 @@ def test_fused_epilogue_trains_and_is_recorded(tmp_path, monkeypatch, one_thread
     blocks = [m for m in result.model.modules() if hasattr(m, "fused_epilogue")]
     assert blocks and all(m.fused_epilogue for m in blocks)
     assert all(int(m.bn.num_batches_tracked) == 2 for m in blocks)
-    # Two training steps; validation runs the folded network (lgc_fast.evaluate.predict), which has no BatchNorm left.
-    assert calls == [True] * (2 * len(blocks))
+    # Two training steps, each block drawing its keep bits in the op; validation runs the folded network
+    # (lgc_fast.evaluate.predict), which has no BatchNorm left.
+    assert calls == ["bn_relu_dropout_drawn"] * (2 * len(blocks))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["settings"]["fused_epilogue"] is True
 
 

@@ -27,7 +27,8 @@ namespace bn_epilogue_detail {
 constexpr int kMomentsSteps = 4;
 constexpr int kApplySteps = 4;
 constexpr int kGradSteps = 2;
-enum DropKind { kNoDrop = 0, kMaskDrop = 1, kBitsDrop = 2, kSeededDrop = 3 };
+// kDrawnBits: the apply pass draws bernoulli keep bits from the seed and writes them (bn_apply_drawn_cuda).
+enum DropKind { kNoDrop = 0, kMaskDrop = 1, kBitsDrop = 2, kSeededDrop = 3, kDrawnBits = 4 };
 
 template <typename T>
 struct AccOf {
@@ -75,7 +76,7 @@ LGC_HD void load_channels(const A* v, int64_t c, int step, A (&out)[V]) {
 
 template <int Drop>
 LGC_HD uint64_t load_seed(const EpilogueDropoutCuda& d) {
-  if constexpr (Drop == kSeededDrop) {
+  if constexpr (Drop == kSeededDrop || Drop == kDrawnBits) {
     return static_cast<uint64_t>(*d.seed);
   } else {
     (void)d;
@@ -122,6 +123,16 @@ LGC_HD void load_keep(const EpilogueDropoutCuda& d, bool vector_io, uint64_t see
   } else if constexpr (Drop == kSeededDrop) {
 #pragma unroll
     for (int k = 0; k < V; ++k) keep[k] = philox_keep(seed, index + k * index_step, d.p);
+  } else if constexpr (Drop == kDrawnBits) {
+    // Offsets are multiples of V, so the V values fill whole bytes of bits, which no other thread writes.
+    static_assert(V % 8 == 0, "a drawing thread step covers whole bytes");
+#pragma unroll
+    for (int q = 0; q < V / 8; ++q) {
+      const uint8_t byte = bernoulli_bits_byte(seed, d.threshold, (i >> 3) + q);
+      d.drawn[(i >> 3) + q] = byte;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) keep[8 * q + b] = ((byte >> b) & 1u) != 0;
+    }
   } else {
     (void)d, (void)vector_io, (void)seed, (void)i, (void)index, (void)index_step;
 #pragma unroll
@@ -603,6 +614,36 @@ cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, con
                           <<<blocks, d::kThreads, 0, stream>>>(a);
                       return cudaGetLastError();
                     });
+}
+
+cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
+                                const int64_t* seed, float p, double out_scale, void* y, uint8_t* bits,
+                                EpilogueShape shape, cudaStream_t stream) {
+  constexpr int kByteVec = 8;  // values of a byte of bits: the thread steps that cover whole bytes
+  const bool two_byte = kind == ScalarKind::kFloat16 || kind == ScalarKind::kBFloat16;
+  if (!two_byte || d::make_plan(shape, 2).vec != kByteVec) {
+    const cudaError_t err = bernoulli_keep_bits_cuda(seed, p, shape.n * shape.c * shape.p, bits, stream);
+    if (err != cudaSuccess) return err;
+    return bn_apply_cuda(z, kind, scale, shift, EpilogueDropoutCuda{nullptr, bits, nullptr, p}, out_scale, y, shape,
+                         stream);
+  }
+  EpilogueDropoutCuda dropout{nullptr, nullptr, seed, p};
+  dropout.drawn = bits;
+  dropout.threshold = bernoulli_threshold(p);
+  return d::on_kind(kind, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) != 2) {
+      return cudaErrorInvalidValue;
+    } else {
+      const d::Launch launch = d::plan_launch(shape, sizeof(T));
+      if (launch.done) return launch.err;
+      const d::Args<T> a = d::make_args<T>(launch.plan, z, nullptr, y, scale, shift, nullptr, nullptr, nullptr,
+                                           out_scale, dropout);
+      d::apply_kernel<d::kDrawnBits, kByteVec, T>
+          <<<static_cast<unsigned>(launch.plan.tiles()), d::kThreads, 0, stream>>>(a);
+      return cudaGetLastError();
+    }
+  });
 }
 
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,

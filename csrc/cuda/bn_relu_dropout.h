@@ -25,12 +25,15 @@ namespace lgc {
 
 // What is dropped: keep = mask[i] != 0 where mask is set (laid out like the maps), else keep_bit(bits, i) where bits
 // is set, else with seed set a Philox draw (philox_keep) from the int64 *seed, read on the device, and the value's
-// (N, C, H, W) index, else nothing. Seeded draws number at most 2^31 values.
+// (N, C, H, W) index, else nothing. Seeded draws number at most 2^31 values. `drawn` and `threshold` are the apply
+// kernel's own (bn_apply_drawn_cuda sets them): the keep bits it draws from the seed and writes.
 struct EpilogueDropoutCuda {
   const uint8_t* mask = nullptr;
   const uint8_t* bits = nullptr;
   const int64_t* seed = nullptr;
   float p = 0.0f;
+  uint8_t* drawn = nullptr;
+  uint32_t threshold = 0;
 };
 
 // Doubles of scratch the reductions need for `shape`.
@@ -42,6 +45,14 @@ cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape,
 cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
                           EpilogueDropoutCuda dropout, double out_scale, void* y, EpilogueShape shape,
                           cudaStream_t stream);
+
+// The apply pass with keep bits it draws: `bits` ((N * C * P + 7) / 8 bytes) become bernoulli_keep_bits_cuda's for
+// the int64 *seed and p, and y the apply pass's output with them, bit for bit. One kernel, the draw inside the apply
+// pass, where each thread step covers whole bytes (float16 and bfloat16 maps of vec 8: C % 8 == 0 channels_last,
+// P % 8 == 0 planar); else the bits kernel, then the apply pass. N * C * P < 2^34.
+cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
+                                const int64_t* seed, float p, double out_scale, void* y, uint8_t* bits,
+                                EpilogueShape shape, cudaStream_t stream);
 
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,

@@ -1,6 +1,7 @@
 """Public ops. Each has a plain-torch ``<op>_ref`` that is its test oracle."""
 from lgc_fast.ops.bn_relu_dropout import (
     bn_relu_dropout,
+    bn_relu_dropout_drawn,
     bn_relu_dropout_ref,
     dropout_keep_mask,
     pack_keep_mask,
@@ -21,7 +22,7 @@ from lgc_fast.ops.kernel_conv import kernel_2d, kernel_conv, kernel_conv_ref, ke
 from lgc_fast.ops.lgc_loss import lgc_loss, lgc_loss_ref, loss_weights, splat_heatmaps, target_maps_ref
 
 __all__ = [
-    "bn_relu_dropout", "bn_relu_dropout_ref", "dropout_keep_mask", "pack_keep_mask", "random_keep_bits",
+    "bn_relu_dropout", "bn_relu_dropout_drawn", "bn_relu_dropout_ref", "dropout_keep_mask", "pack_keep_mask", "random_keep_bits",
     "unpack_keep_bits",
     "dilated_block", "dilated_block_ref", "dilated_block_train", "dilated_conv", "dilated_conv_ref",
     "draw_dropout_mask", "fold_batchnorm",

@@ -14,8 +14,9 @@ Why an op: eager torch runs this as BatchNorm, ReLU, a multiply and dropout, abo
 forward and ten backward, and activations dominate the training step's memory traffic. The kernels take two passes
 forward (statistics, then apply) and two backward (the gradient's per-channel sums, then apply), reading z again
 instead of storing intermediate maps. The backward is a custom op too, so torch.compile keeps both sides opaque.
-Keep bits cut the byte mask's traffic (a write, three reads) and memory eightfold; seeded dropout trades them for
-Philox work in three passes; the bench (bench/bench_bn_relu_dropout.py) measures all three.
+Keep bits cut the byte mask's traffic (a write, three reads) and memory eightfold; ``bn_relu_dropout_drawn`` draws
+fresh ones inside the forward pass (on CUDA in the apply kernel), which saves their separate draw and one read;
+seeded dropout trades them for Philox work in three passes; the bench (bench/bench_bn_relu_dropout.py) measures all.
 
 Backends: "cuda" (the compiled CUDA kernels of csrc/cuda/bn_relu_dropout.cu), "triton" (CUDA, or the CPU under
 TRITON_INTERPRET=1 when asked for), "cpu" (the compiled C++ kernels of csrc/cpu/bn_relu_dropout.cpp, the same passes
@@ -392,12 +393,8 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
         return bn_relu_dropout_ref(z, running_mean, running_var, weight, bias, keep_mask, training=training,
                                    momentum=momentum, eps=eps, dropout_p=dropout_p, activation_scale=activation_scale,
                                    dropout_seed=dropout_seed, keep_bits=keep_bits)
-    ct = _compute_dtype(z.dtype)
-    c = z.shape[1]
-    weight = torch.ones(c, dtype=ct, device=z.device) if weight is None else weight
-    bias = torch.zeros(c, dtype=ct, device=z.device) if bias is None else bias
     dropping = keep_mask is not None or keep_bits is not None or dropout_seed is not None
-    out_scale = float(activation_scale) / (1.0 - dropout_p) if dropping else float(activation_scale)
+    weight, bias, out_scale = _affine_args(z, weight, bias, activation_scale, dropout_p, dropping)
     fmt = _memory_format(z)
     z = _flattenable(z, fmt)
     if keep_mask is not None:
@@ -406,6 +403,7 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
         keep_mask = keep_bits  # the kernels tell keep bits by their one dimension
     p = float(dropout_p)
     if not training:
+        ct = _compute_dtype(z.dtype)
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
         return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale, name)
     if name in ("cpu", "cuda"):  # one C++ call each way
@@ -414,8 +412,48 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
     else:
         y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
     if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, z.numel() // c, momentum)
+        _update_running(running_mean, running_var, mean, var, z.numel() // z.shape[1], momentum)
     return y
+
+
+def _affine_args(z, weight, bias, activation_scale, dropout_p, dropping: bool):
+    """The kernels' weight and bias (1 and 0 for None) and output scale (with dropout's 1 / (1 - p))."""
+    ct, c = _compute_dtype(z.dtype), z.shape[1]
+    weight = torch.ones(c, dtype=ct, device=z.device) if weight is None else weight
+    bias = torch.zeros(c, dtype=ct, device=z.device) if bias is None else bias
+    out_scale = float(activation_scale) / (1.0 - dropout_p) if dropping else float(activation_scale)
+    return weight, bias, out_scale
+
+
+def bn_relu_dropout_drawn(z: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None, *, momentum: float = 0.1,
+                          eps: float = 1e-5, dropout_p: float = DROPOUT_P, activation_scale: float = ACTIVATION_SCALE,
+                          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn_relu_dropout`` in training with fresh dropout: -> (y, keep_bits), keep_bits being what
+    ``random_keep_bits(z, dropout_p, backend)`` would draw from torch's generator in its present state, and y
+    ``bn_relu_dropout(..., training=True, keep_bits=keep_bits)``, bit for bit.
+
+    With the compiled kernels of z's device the forward pass draws the bits itself, one C++ call instead of two; on
+    CUDA the apply kernel draws and writes them where each of its thread steps covers whole bytes (float16 and bfloat16
+    maps whose C (channels_last) or H * W (contiguous) is a multiple of 8, as the training step's are): one launch and
+    one pass fewer than drawing first. Elsewhere it is exactly those two calls. Arguments as ``bn_relu_dropout``;
+    differentiable in z, weight and bias; the running statistics are updated as there.
+    """
+    _check(z, running_mean, running_var, weight, bias, None, True, momentum, eps, dropout_p, activation_scale)
+    name = _backend.choose("bn_relu_dropout", z.device, backend, supported=_SUPPORTED)
+    seed = _compiled_draw_seed(z, name) if z.numel() > 0 else None
+    if seed is None:
+        keep_bits = random_keep_bits(z, dropout_p, name)
+        y = bn_relu_dropout(z, running_mean, running_var, weight, bias, training=True, momentum=momentum, eps=eps,
+                            dropout_p=dropout_p, activation_scale=activation_scale, keep_bits=keep_bits, backend=name)
+        return y, keep_bits
+    weight, bias, out_scale = _affine_args(z, weight, bias, activation_scale, dropout_p, True)
+    z = _flattenable(z, _memory_format(z))
+    y, mean, var, keep_bits = torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn(z, weight, bias, seed,
+                                                                               float(dropout_p), float(eps), out_scale)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, z.numel() // z.shape[1], momentum)
+    return y, keep_bits
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape, p: float = DROPOUT_P, backend: str | None = None, *,

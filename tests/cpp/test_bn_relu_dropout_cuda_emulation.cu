@@ -6,7 +6,8 @@
 // tiles per channel and three channel blocks. Each type runs twice, with its maps aligned for vector accesses and one
 // element off (scalar accesses, as the launchers choose), and both must give the same bits. Seeded masks must equal
 // philox_keep of the (N, C, H, W) index, which is what the CPU and Triton kernels draw; the byte masks of
-// bernoulli_keep_mask must be the CPU draw's flags, and bernoulli_keep_bits them packed. Built by CMakeLists.txt.
+// bernoulli_keep_mask must be the CPU draw's flags, and bernoulli_keep_bits them packed; the apply pass that draws
+// its own keep bits must write those bits and apply them. Built by CMakeLists.txt.
 #include "cuda/bn_relu_dropout.cu"
 #include "cuda/keep_masks.cu"
 
@@ -230,6 +231,28 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
       outputs.push_back(sum_g[c]);
       outputs.push_back(sum_gc[c]);
     }
+  }
+
+  // The apply pass that draws its keep bits (bn_apply_drawn_cuda: float16/bfloat16 maps of vec 8): every byte must be
+  // bernoulli_keep_bits' and y the keep-bits pass's output with those bits, bit for bit.
+  if constexpr (V == 8 && sizeof(T) == 2) {
+    Buffer<uint8_t> drawn(std::vector<uint8_t>((cs.size() + 7) / 8, 0xa5), misaligned);  // 0xa5: never written
+    EpilogueDropoutCuda draw{nullptr, nullptr, &seed, p};
+    draw.drawn = drawn.data;
+    draw.threshold = lgc::bernoulli_threshold(p);
+    const std::vector<T> unset(cs.size(), from_acc<T>(A(NAN)));
+    Buffer<T> y_drawn(unset, misaligned), y_bits(unset, misaligned);
+    const EpilogueDropoutCuda with_bits{nullptr, drawn.data, nullptr, p};
+    const Args<T> ad = make_args<T>(plan, z.data, nullptr, y_drawn.data, scale.data(), shift.data(), nullptr, nullptr,
+                                    nullptr, out_scale, draw);
+    const Args<T> ab = make_args<T>(plan, z.data, nullptr, y_bits.data, scale.data(), shift.data(), nullptr, nullptr,
+                                    nullptr, out_scale, with_bits);
+    emulate_elementwise(plan, [&](int64_t tile, int t) { apply_thread<kDrawnBits, V>(ad, tile, t); });
+    for (int64_t b = 0; b < (cs.size() + 7) / 8; ++b) {
+      expect(drawn.data[b] == lgc::bernoulli_bits_byte(seed, draw.threshold, b), "drawn keep bits", type, b);
+    }
+    emulate_elementwise(plan, [&](int64_t tile, int t) { apply_thread<kBitsDrop, V>(ab, tile, t); });
+    expect(std::memcmp(y_drawn.data, y_bits.data, cs.size() * sizeof(T)) == 0, "apply with drawn bits", type, V);
   }
 }
 
