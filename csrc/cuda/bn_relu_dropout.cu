@@ -155,12 +155,15 @@ LGC_HD void apply_thread(const Args<T>& a, int64_t tile, int thread) {
   visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
     T z[R][V];
     bool keep[R][V];
+    // Every step's loads first, then the keep flags: where those are drawn (seeded, drawn bits), the Philox work runs
+    // while the loads are in flight (a drawn byte's store may alias z, so no load could move above it).
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (r < count) {
-        load_values<V>(a.z + offset[r], a.vector_io, z[r]);
-        load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
-      }
+      if (r < count) load_values<V>(a.z + offset[r], a.vector_io, z[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
