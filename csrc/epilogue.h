@@ -27,12 +27,20 @@ LGC_EPILOGUE_HD void philox4(uint64_t seed, uint32_t counter, uint32_t words[4])
   uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
+#if defined(__CUDA_ARCH__)
+    // the 32 x 32 -> 64-bit products as two 32-bit halves: nvcc turns the uint64_t form into 64-bit multiplies
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const uint32_t hi2 = __umulhi(0xCD9E8D57u, c2), lo2 = 0xCD9E8D57u * c2;
+#else
     const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
     const uint64_t p2 = uint64_t{0xCD9E8D57u} * c2;
-    const uint32_t next0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p2);
-    c3 = static_cast<uint32_t>(p0);
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi2 = static_cast<uint32_t>(p2 >> 32), lo2 = static_cast<uint32_t>(p2);
+#endif
+    const uint32_t next0 = hi2 ^ c1 ^ k0;
+    const uint32_t next2 = hi0 ^ c3 ^ k1;
+    c1 = lo2;
+    c3 = lo0;
     c0 = next0;
     c2 = next2;
     k0 += 0x9E3779B9u;
