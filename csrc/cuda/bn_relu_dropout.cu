@@ -201,8 +201,11 @@ LGC_HD void grad_steps(const Args<T>& a, uint64_t seed, const Acc<T> (&scale)[V]
     if (r < count) {
       load_values<V>(a.z + offset[r], a.vector_io, z[r]);
       load_values<V>(a.dy + offset[r], a.vector_io, dy[r]);
-      load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
     }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // after the loads, as in apply_thread: a seeded draw's work overlaps them
+    if (r < count) load_keep<Drop, V>(a.dropout, a.vector_io, seed, offset[r], index[r], index_step, keep[r]);
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
