@@ -8,6 +8,8 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-fused, lgc_fast-fused-compiled: the same two with every conv block's BN + ReLU + scale + dropout as one
               lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; its CUDA C++
               kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on both).
+  lgc_fast-fused-nhwc-heads: lgc_fast-fused with channels_last output convolutions (LGCN.use_planar_heads(False)):
+              kernel_conv and the loss change layout on every call, as before the planar heads (bench_layout.py).
 All modes use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
 ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
@@ -41,7 +43,8 @@ from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled
                             forward_loss, train_step)
 
 LANDMARKS = 68
-MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled")
+MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled",
+         "lgc_fast-fused-nhwc-heads")
 
 
 def make_batch(n: int, size: int, device: torch.device, seed: int = 0):
@@ -58,7 +61,7 @@ def make_step(mode: str, args, device: torch.device, batch: int):
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
-    model.fuse_epilogues("fused" in mode)
+    model.fuse_epilogues("fused" in mode).use_planar_heads(not mode.endswith("-nhwc-heads"))
     loss_fn = compiled_forward_loss(args.compile) if mode.endswith("-compiled") else forward_loss
     optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)
     images, points, labelled = make_batch(batch, args.size, device)

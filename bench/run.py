@@ -31,6 +31,7 @@ BENCHES = {
     "fit_shape": ([], ["--quick"]),
     "dilated_block": ([], ["--quick"]),
     "bn_relu_dropout": ([], ["--quick"]),
+    "layout": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
     "detect": ([], ["--quick"]),
@@ -39,7 +40,8 @@ BENCHES = {
 
 
 # The train step's modes after eager-ref, as bench_train_step.py names them.
-MODES_OF_TRAIN_STEP = ("lgc_fast", "lgc_fast-fused", "lgc_fast-compiled", "lgc_fast-fused-compiled")
+MODES_OF_TRAIN_STEP = ("lgc_fast", "lgc_fast-fused", "lgc_fast-compiled", "lgc_fast-fused-compiled",
+                       "lgc_fast-fused-nhwc-heads")
 
 
 def run_benches(names: list[str], quick: bool, out: Path | None) -> dict[str, str]:
@@ -133,6 +135,17 @@ def rows_bn_relu_dropout(entry, device):
                 if name in methods:
                     yield _row(f"bn_relu_dropout fwd+bwd ({dtype}, {layout}, training{backend}) vs {name}",
                                "x".join(map(str, r["shape"])), r["median_ms"], methods[name]["median_ms"], device)
+
+
+def rows_layout(entry, device):
+    size = (f"{entry.get('batch')}x{entry.get('width')} -> {entry.get('landmarks')}x{entry.get('size')}^2 "
+            f"{entry.get('dtype')}")
+    rows = entry.get("results", [])
+    for r in rows:
+        base = next((b for b in rows if b["case"] == r["case"] and b["method"] == r["baseline"]), None)
+        if base is not None and r is not base and r["method"].startswith("lgc_fast"):
+            yield _row(f"{r['case']} fwd+bwd: {r['method']} vs {base['method']}", size, r["median_ms"],
+                       base["median_ms"], device)
 
 
 def rows_train_step(entry, device):

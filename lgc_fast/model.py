@@ -25,6 +25,7 @@ from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn,
 from lgc_fast.ops.dilated_block import fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
+from lgc_fast.ops.layout import channels_last_cat, layout_backend, pointwise_conv_planar
 
 VARIANTS = ("release", "paper")
 GLOBAL_LAYERS = 7
@@ -114,6 +115,23 @@ class FoldedConvBlock(nn.Module):
         return torch.relu_(self.conv(x))
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (stride 1, no padding) x: (N, C_in, H, W) -> (N, C_out, H, W) whose output is planar
+    (NCHW-contiguous) also for a channels_last x, while `planar_output` is set (``lgc_fast.ops.pointwise_conv_planar``:
+    one batched GEMM; x's gradient stays channels_last). The network's output convolutions feed kernel_conv and the
+    loss, whose kernels read planar maps, so the training step changes no layout there. Same parameters and
+    state_dict keys as ``nn.Conv2d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        self.planar_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.planar_output:
+            return pointwise_conv_planar(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def fold_conv_block(conv: nn.Conv2d, bn: nn.BatchNorm2d, act_scale: float = 1.0) -> FoldedConvBlock:
     """act_scale * relu(bn(conv(x))) in eval mode, as one convolution with a bias and a ReLU: with bn(z) = z * scale +
     shift (``fold_batchnorm``), w' = act_scale * scale * w and b' = act_scale * (scale * b + shift). Exact because
@@ -129,9 +147,13 @@ def fold_conv_block(conv: nn.Conv2d, bn: nn.BatchNorm2d, act_scale: float = 1.0)
     beta = zeros if bn.bias is None else bn.bias.detach().double()
     scale, shift = fold_batchnorm(gamma, beta, bn.running_mean.double(), bn.running_var.double(), bn.eps)
     bias = zeros if conv.bias is None else conv.bias.detach().double()
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                       dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
+    if isinstance(conv, PointwiseConv):
+        folded = PointwiseConv(conv.in_channels, conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.planar_output = conv.planar_output
+    else:
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                           padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         folded.weight.copy_(conv.weight.double() * (act_scale * scale)[:, None, None, None])
         folded.bias.copy_(act_scale * (scale * bias + shift))
@@ -183,10 +205,10 @@ class LGCN(nn.Module):
             blocks.append(ConvBlock(cin, width, k, dropout=dropout))
             cin = width
         self.local_features = nn.Sequential(*blocks)
-        self.local_out = nn.Conv2d(width, n_landmarks, 1)
+        self.local_out = PointwiseConv(width, n_landmarks)
         self.kernel = KernelConv()
         if variant == "release":
-            self.branch = nn.Sequential(nn.Conv2d(width, n_landmarks, 1, bias=False), nn.BatchNorm2d(n_landmarks),
+            self.branch = nn.Sequential(PointwiseConv(width, n_landmarks, bias=False), nn.BatchNorm2d(n_landmarks),
                                         nn.ReLU())
             global_in = 2 * n_landmarks
         else:
@@ -197,7 +219,7 @@ class LGCN(nn.Module):
             blocks.append(ConvBlock(cin, width, 3, dilation=GLOBAL_DILATION, dropout=dropout))
             cin = width
         self.global_features = nn.Sequential(*blocks)
-        self.global_out = nn.Conv2d(width, n_landmarks, 1)
+        self.global_out = PointwiseConv(width, n_landmarks)
         # CNTK's defaults, which the release trained with: Glorot-uniform weights, zero biases (so the outputs start
         # near zero instead of at a random offset that the 45x45 kernel multiplies by its sum of about 207).
         for module in self.modules():
@@ -223,6 +245,16 @@ class LGCN(nn.Module):
                 module.seeded_dropout = bool(seeded_dropout)
         return self
 
+    def use_planar_heads(self, enabled: bool = True) -> "LGCN":
+        """With channels_last activations: whether the 1x1 output convolutions write planar maps (``PointwiseConv``)
+        that kernel_conv and the loss read as they are, the global subnet's input then joined channels_last by
+        ``channels_last_cat`` (on by default), or whether the maps stay channels_last and those ops change layout
+        on every call (as before; kept for the benchmark's comparison). Outputs are equal either way. Returns self."""
+        for module in self.modules():
+            if isinstance(module, PointwiseConv):
+                module.planar_output = bool(enabled)
+        return self
+
     def folded(self) -> "LGCN":
         """An inference copy of the network: every conv block's BatchNorm (running statistics) and 0.1 activation
         scale folded into its convolution (``fold_conv_block``), and the release branch's BatchNorm likewise; dropout
@@ -231,6 +263,7 @@ class LGCN(nn.Module):
         original, not the copy. This network is left untouched."""
         copy = LGCN(**self.config).to(device=self.global_out.weight.device, dtype=self.global_out.weight.dtype)
         copy.load_state_dict(self.state_dict())
+        copy.use_planar_heads(self.global_out.planar_output)
         for features in (copy.local_features, copy.global_features):
             for i, block in enumerate(features):
                 features[i] = fold_conv_block(block.conv, block.bn, block.act_scale)
@@ -256,15 +289,23 @@ class LGCN(nn.Module):
         feats = self.local_features(h)
         o_local = self.local_out(feats)
         local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
-        if self.branch is not None:
-            # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
-            # its own, not a channel slice, whose gradient autograd would assemble in a planar zero map with a
-            # strided copy (slice_backward) and add to the channels_last one of the global path.
-            global_in = torch.cat((local, self.kernel(self.branch(feats)) * KERNEL_OUTPUT_SCALE), dim=1)
+        # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
+        # its own, not a channel slice, whose gradient autograd would assemble in a zero map with a strided copy
+        # (slice_backward). Planar maps of channels_last features go back to channels_last for the global subnet
+        # in one batched transpose each (and their gradients come back planar the same way).
+        maps = [local] if self.branch is None else [local, self.kernel(self.branch(feats)) * KERNEL_OUTPUT_SCALE]
+        if _channels_last(feats) and o_local.is_contiguous():
+            global_in = channels_last_cat(maps, backend=layout_backend(local.device))
         else:
-            global_in = local
+            global_in = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
         omega = local + self.global_out(self.global_features(global_in))
         return local, omega
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x (N, C, H, W) is stored channels_last and not also planar (a map with C == 1 or H == W == 1 is
+    both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def mirror_averaged_omega(model, images: torch.Tensor) -> torch.Tensor:

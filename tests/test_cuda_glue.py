@@ -40,7 +40,8 @@ def _cuda_include() -> Path | None:
 
 
 def test_every_op_with_cuda_glue_is_checked():
-    assert {p.name for p in GLUE} >= {"bn_relu_dropout.cpp", "fit_shape.cpp", "kernel_conv.cpp", "lgc_loss.cpp"}
+    assert {p.name for p in GLUE} >= {"bn_relu_dropout.cpp", "fit_shape.cpp", "kernel_conv.cpp", "layout.cpp",
+                                      "lgc_loss.cpp"}
 
 
 def _compile_all(commands: dict[str, list[str]]) -> dict[str, str]:
