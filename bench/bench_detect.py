@@ -32,14 +32,16 @@ from common import environment, format_table, results_path, write_results  # noq
 
 from lgc_fast.data import face_box, scan_folder, split_by_person, square_to_box  # noqa: E402
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements  # noqa: E402
-from lgc_fast import detect  # noqa: E402
-from lgc_fast.detect import Detector, box_iou, load_gray, select_faces  # noqa: E402
+from lgc_fast import multiface  # noqa: E402
+from lgc_fast.detect import Detector, load_gray  # noqa: E402
+from lgc_fast.multiface import box_iou, select_faces  # noqa: E402
 from lgc_fast.metrics import nme  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ytf68" / "trainset"
 BENCH = "detect"
 GRID = {"threshold": (0.2, 0.3, 0.4, 0.5, 0.6), "min_support": (20, 30, 40, 50), "max_mahalanobis": (5.75, 8.0, 12.0)}
-DEFAULTS = {"threshold": detect.THRESHOLD, "min_support": detect.MIN_SUPPORT, "max_mahalanobis": detect.MAX_MAHALANOBIS}
+DEFAULTS = {"threshold": multiface.THRESHOLD, "min_support": multiface.MIN_SUPPORT,
+            "max_mahalanobis": multiface.MAX_MAHALANOBIS}
 MATCH_IOU = 0.5
 
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape-model", default=None, help="shape model .npz (default: the bundled one)")
     p.add_argument("--scenes", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pyramid-step", type=float, default=detect.PYRAMID_STEP, help="size factor between levels")
+    p.add_argument("--pyramid-step", type=float, default=multiface.PYRAMID_STEP, help="size factor between levels")
     p.add_argument("--quick", action="store_true", help="3 scenes, the default setting only")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = p.parse_args(argv)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         "forward_ms": milliseconds(forward_s), "steps_3_to_6_ms": milliseconds(post_s),
         "results": rows,
     }
-    key = BENCH if args.pyramid_step == detect.PYRAMID_STEP else f"{BENCH}_step{args.pyramid_step:.3g}"
+    key = BENCH if args.pyramid_step == multiface.PYRAMID_STEP else f"{BENCH}_step{args.pyramid_step:.3g}"
     print(f"wrote {write_results(args.out or results_path(det.device), key, payload)} (key {key})")
     return 0
 

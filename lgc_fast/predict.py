@@ -141,8 +141,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    from lgc_fast.detect import (DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, MIN_PYRAMID_STEP, PRECISIONS, PYRAMID_STEP,
-                                 THRESHOLD)
+    from lgc_fast.detect import DECODERS, DEFAULT_DECODE, FIT_THRESHOLD, PRECISIONS
+    from lgc_fast.multiface import MIN_PYRAMID_STEP, PYRAMID_STEP, THRESHOLD
 
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                         help="the network's arithmetic (default float32; float16 is faster on a GPU, see the "
@@ -168,7 +168,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from lgc_fast._io import atomic_write_text
     from lgc_fast.data.pts import write_pts
-    from lgc_fast.detect import Detector, check_pyramid_step
+    from lgc_fast.detect import Detector
+    from lgc_fast.multiface import check_pyramid_step
     from lgc_fast.draw import draw_faces, save_image
     from lgc_fast.evaluate import resolve_device
 

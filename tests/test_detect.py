@@ -11,7 +11,9 @@ import torch
 from conftest import DATA_DIR
 
 from lgc_fast import detect as D
+from lgc_fast import multiface as M
 from lgc_fast.data import MIRROR_68, box_to_square, crop_transform, face_box, read_pts, square_to_box, transform_points
+from lgc_fast.data.geometry import invert_affine
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
@@ -73,8 +75,8 @@ class QueueNet(torch.nn.Module):
         self.n_landmarks = 68
 
     def forward(self, x):
-        assert x.shape[1:] == (1, D.CROP, D.CROP)
-        maps = torch.stack([torch.from_numpy(render((D.CROP, D.CROP), self.queue.pop(0))) for _ in range(len(x))])
+        assert x.shape[1:] == (1, M.CROP, M.CROP)
+        maps = torch.stack([torch.from_numpy(render((M.CROP, M.CROP), self.queue.pop(0))) for _ in range(len(x))])
         return maps, maps
 
 
@@ -104,8 +106,8 @@ class PyramidNet(torch.nn.Module):
 def test_crop_and_inverse_map_round_trip(faces):
     for _, points in faces:
         cx, cy, size = face_box(points)
-        affine = crop_transform((cx, cy), size, D.CROP)
-        back = transform_points(transform_points(points, affine), D.invert_affine(affine))
+        affine = crop_transform((cx, cy), size, M.CROP)
+        back = transform_points(transform_points(points, affine), invert_affine(affine))
         np.testing.assert_allclose(back, points, atol=1e-9)
         np.testing.assert_allclose(D.square_hull(affine), (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2),
                                    atol=1e-9)
@@ -117,7 +119,7 @@ def _square_box(points, enlarge=1.17):
 
 def _crop_points(points, box):
     cx, cy, size = box_to_square(box)
-    return transform_points(points, crop_transform((cx, cy), size, D.CROP))
+    return transform_points(points, crop_transform((cx, cy), size, M.CROP))
 
 
 @needs_data
@@ -137,7 +139,7 @@ def test_landmarks_maps_points_back_to_the_image(faces):
     for face, (pts, box) in zip(result[0] + result[1], expected):
         cx, cy, side = box_to_square(box)
         # argmax lands on the nearest crop pixel: at most half a crop pixel per axis
-        assert np.abs(face.points - pts).max() <= 0.5 * side / D.CROP + 1e-6
+        assert np.abs(face.points - pts).max() <= 0.5 * side / M.CROP + 1e-6
         assert face.points.shape == (68, 2) and face.confidence.shape == (68,)
         assert 0.85 < face.score <= 0.9 + 1e-6  # blobs of peak 0.9 sampled near their centres
         np.testing.assert_allclose(face.box, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), atol=1e-9)
@@ -161,7 +163,7 @@ def test_landmarks_with_shape_fit(faces, shape_model):
         assert err_fit.mean() < 0.025 * side and err_fit.max() < 0.06 * side  # 12 PCA modes: ~1-3 crop px
         # confident peaks (0.9 > blend's upper end) take the local sub-pixel estimate: far closer than the fit
         err_refined = np.linalg.norm(b.points - pts, axis=1)
-        assert err_refined.max() < 0.3 * side / D.CROP and err_refined.mean() < 0.5 * err_fit.mean()
+        assert err_refined.max() < 0.3 * side / M.CROP and err_refined.mean() < 0.5 * err_fit.mean()
 
 
 @needs_data
@@ -185,7 +187,7 @@ def test_mirror_averaging_recovers_the_faces_points(faces):
     chosen = faces[:2]
     boxes = [_square_box(pts) for _, pts in chosen]
     crop_points = [_crop_points(pts, box) for (_, pts), box in zip(chosen, boxes)]
-    mirrored = [np.column_stack((D.CROP - 1 - p[:, 0], p[:, 1]))[MIRROR_68] for p in crop_points]
+    mirrored = [np.column_stack((M.CROP - 1 - p[:, 0], p[:, 1]))[MIRROR_68] for p in crop_points]
     plain = D.Detector(weights=QueueNet(crop_points), decode="kernel_deconv", fit=False)
     both = D.Detector(weights=QueueNet([crop_points[0], mirrored[0], crop_points[1], mirrored[1]]),
                       decode="kernel_deconv", fit=False, mirror=True, max_memory_bytes=1)  # one crop per batch
@@ -280,37 +282,37 @@ def test_missing_bundled_assets_named(monkeypatch, tmp_path):
 # ---- the multi-face pipeline, piece by piece ----
 
 def test_pyramid_shapes_follow_the_paper():
-    assert D.pyramid_shapes(480, 640) == [(480, 640), (240, 320), (120, 160), (60, 80)]  # section 4.3's example
-    assert D.pyramid_shapes(95, 300) == [(95, 300)]
-    assert D.pyramid_shapes(96, 97) == [(96, 97), (48, 49)]
-    assert D.pyramid_shapes(1080, 1920)[-1] == (68, 120) and len(D.pyramid_shapes(1080, 1920)) == 5
+    assert M.pyramid_shapes(480, 640) == [(480, 640), (240, 320), (120, 160), (60, 80)]  # section 4.3's example
+    assert M.pyramid_shapes(95, 300) == [(95, 300)]
+    assert M.pyramid_shapes(96, 97) == [(96, 97), (48, 49)]
+    assert M.pyramid_shapes(1080, 1920)[-1] == (68, 120) and len(M.pyramid_shapes(1080, 1920)) == 5
     root2 = 2 ** 0.5  # an optional finer pyramid: every other level is the paper's
-    assert D.pyramid_shapes(480, 640, step=root2) == [(480, 640), (340, 453), (240, 320), (170, 227), (120, 160),
+    assert M.pyramid_shapes(480, 640, step=root2) == [(480, 640), (340, 453), (240, 320), (170, 227), (120, 160),
                                                       (85, 114)]
     for too_fine in (1.0, 1.0001, 1.09):  # 1.0001 asked for over 20 000 levels of a 1080p frame
         with pytest.raises(ValueError, match="pyramid step must be at least 1.1"):
-            D.pyramid_shapes(1080, 1920, step=too_fine)
-    assert len(D.pyramid_shapes(1080, 1920, step=D.MIN_PYRAMID_STEP)) == 27
-    levels = D.build_pyramid(np.full((201, 333), 77.0, np.float32))
-    assert [lv.shape for lv in levels] == D.pyramid_shapes(201, 333)
+            M.pyramid_shapes(1080, 1920, step=too_fine)
+    assert len(M.pyramid_shapes(1080, 1920, step=M.MIN_PYRAMID_STEP)) == 27
+    levels = M.build_pyramid(np.full((201, 333), 77.0, np.float32))
+    assert [lv.shape for lv in levels] == M.pyramid_shapes(201, 333)
     assert all(np.allclose(lv, 77.0) for lv in levels)
 
 
 def test_a_huge_pyramid_step_keeps_levels_of_at_least_one_pixel():
     """A step of 1e12 or inf (lgc-fast predict --pyramid-step) gave a 0 x 0 level, on which OpenCV's resize failed."""
     for step in (1e12, float("inf")):
-        assert D.pyramid_shapes(270, 312, step=step) == [(270, 312), (1, 1)]
-        assert [lv.shape for lv in D.build_pyramid(np.zeros((270, 312), np.float32), step=step)] == [(270, 312), (1, 1)]
+        assert M.pyramid_shapes(270, 312, step=step) == [(270, 312), (1, 1)]
+        assert [lv.shape for lv in M.build_pyramid(np.zeros((270, 312), np.float32), step=step)] == [(270, 312), (1, 1)]
 
 
 def test_combination_is_the_max_of_upsampled_levels():
     g = torch.Generator().manual_seed(0)
     height, width = 37, 50
-    levels = [torch.rand((3, h, w), generator=g) for h, w in D.pyramid_shapes(height, width, min_side=10)]
-    values, winner = D.combine_levels(levels, height, width)
+    levels = [torch.rand((3, h, w), generator=g) for h, w in M.pyramid_shapes(height, width, min_side=10)]
+    values, winner = M.combine_levels(levels, height, width)
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                             indexing="ij")
-    sampled, sampled_winner = D.sample_levels(levels, height, width, torch.stack((xs, ys), -1))
+    sampled, sampled_winner = M.sample_levels(levels, height, width, torch.stack((xs, ys), -1))
     assert torch.allclose(values, sampled, atol=1e-5)
     ups = torch.stack([torch.nn.functional.interpolate(lv[None], size=(height, width), mode="bilinear")[0]
                        for lv in levels])
@@ -320,7 +322,7 @@ def test_combination_is_the_max_of_upsampled_levels():
     # bilinear upsampling reproduces a linear ramp exactly: level-1 pixel u sits at x = (u + 0.5) * 2 - 0.5
     ramp = torch.arange(25, dtype=torch.float32).expand(1, 19, 25).clone()
     flat = [torch.zeros((1, height, width)), ramp]
-    values, winner = D.combine_levels(flat, height, width)
+    values, winner = M.combine_levels(flat, height, width)
     x = torch.arange(2, 47, dtype=torch.float32)
     assert torch.allclose(values[0, 5, 2:47], (x + 0.5) * 25 / 50 - 0.5, atol=1e-5)
     assert (winner[0, :, 2:47] == 1).all()
@@ -331,7 +333,7 @@ def test_combination_is_the_max_of_upsampled_levels():
 def test_square_max_is_the_stride_1_max_pool(shape, radius):
     values = torch.rand(shape, generator=torch.Generator().manual_seed(radius))
     pooled = torch.nn.functional.max_pool2d(values[None], 2 * radius + 1, stride=1, padding=radius)[0]
-    assert torch.equal(D.square_max(values, radius), pooled)
+    assert torch.equal(M.square_max(values, radius), pooled)
 
 
 def test_candidates_are_local_maxima_above_threshold():
@@ -341,13 +343,13 @@ def test_candidates_are_local_maxima_above_threshold():
     level1[2] = render((60, 80), [(30.0, 30.0)], peak=0.15)[0]  # below the threshold
     level1[3] = np.maximum(render((60, 80), [(10.0, 10.0)])[0], render((60, 80), [(70.0, 50.0)], peak=0.6)[0])
     levels = [torch.zeros((4, height, width)), torch.from_numpy(level1)]
-    found = D.find_candidates(levels, height, width, threshold=0.2)
+    found = M.find_candidates(levels, height, width, threshold=0.2)
     expect = {(0, 40.5, 30.5), (1, 100.5, 80.5), (3, 20.5, 20.5), (3, 140.5, 100.5)}  # x_full = 2 u + 0.5
     assert len(found) == 4
     for channel, x, y, value, level in found:
         match = [e for e in expect if e[0] == channel and abs(e[1] - x) <= 0.5 and abs(e[2] - y) <= 0.5]
         assert match and level == 1 and value > 0.5
-    strongest = D.find_candidates(levels, height, width, threshold=0.2, per_channel=1)
+    strongest = M.find_candidates(levels, height, width, threshold=0.2, per_channel=1)
     assert sorted(strongest[:, 0].tolist()) == [0, 1, 3]
     assert strongest[strongest[:, 0] == 3][0, 1] < 30  # channel 3 keeps its stronger blob
 
@@ -360,10 +362,10 @@ def _place(points, box_size, centre):
 
 def synthetic_levels(height, width, shapes, peak=0.9):
     """Pyramid maps for faces given in image pixels: each rendered at the level where it is ~96 px wide."""
-    sizes = D.pyramid_shapes(height, width)
+    sizes = M.pyramid_shapes(height, width)
     levels = [np.zeros((68, h, w), np.float32) for h, w in sizes]
     for pts in shapes:
-        level = int(np.clip(round(np.log2(face_box(pts)[2] / D.CROP)), 0, len(sizes) - 1))
+        level = int(np.clip(round(np.log2(face_box(pts)[2] / M.CROP)), 0, len(sizes) - 1))
         h, w = sizes[level]
         u = (pts + 0.5) * (w / width, h / height) - 0.5
         levels[level] = np.maximum(levels[level], render((h, w), u, peak))
@@ -378,7 +380,7 @@ def _match(found, truth, tolerance):
         size = face_box(pts)[2]
         errs = [np.linalg.norm(f.points - pts, axis=1).mean() / size for f in found]
         assert min(errs) < tolerance, f"best mean error {min(errs):.3f} x box size"
-        assert D.box_iou(found[int(np.argmin(errs))].box, _square_box(pts)) > 0.8
+        assert M.box_iou(found[int(np.argmin(errs))].box, _square_box(pts)) > 0.8
 
 
 @needs_data
@@ -387,14 +389,14 @@ def test_votes_cluster_into_one_hypothesis_per_face(faces, shape_model):
     truth = [_place(faces[2][1], 100, (80, 80)), _place(faces[3][1], 200, (290, 180))]
     levels = synthetic_levels(height, width, truth)
     scales = np.array([(width / lv.shape[2] + height / lv.shape[1]) / 2 for lv in levels])
-    mean_crop, _ = D.canonical_mean(shape_model)
-    found = D.find_candidates(levels, height, width, threshold=0.2)
-    votes = D.face_votes(found, mean_crop, scales)
-    labels = D.cluster_votes(votes, found[:, 3], scales[found[:, 4].astype(int)])
+    mean_crop, _ = M.canonical_mean(shape_model)
+    found = M.find_candidates(levels, height, width, threshold=0.2)
+    votes = M.face_votes(found, mean_crop, scales)
+    labels = M.cluster_votes(votes, found[:, 3], scales[found[:, 4].astype(int)])
     sizes = np.sort(np.bincount(labels[labels >= 0]))[::-1]
     assert sizes[0] + sizes[1] >= 0.9 * len(found) and sizes[1] >= 55  # stray jaw points may form tiny clusters
     assert len(sizes) == 2 or sizes[2] < 8  # ... too small to become hypotheses
-    hypotheses = D.face_hypotheses(found, labels, mean_crop, scales)
+    hypotheses = M.face_hypotheses(found, labels, mean_crop, scales)
     assert len(hypotheses) == 2
     for pts in truth:
         cx, cy, size = face_box(pts)
@@ -402,7 +404,7 @@ def test_votes_cluster_into_one_hypothesis_per_face(faces, shape_model):
         centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in box]
         best = int(np.argmin([np.hypot(x - cx, y - cy) for x, y in centres]))
         assert np.hypot(centres[best][0] - cx, centres[best][1] - cy) < 0.08 * size
-        side = D.CROP / np.sqrt(abs(np.linalg.det(hypotheses[best][:, :2])))  # the crop square's side in image px
+        side = M.CROP / np.sqrt(abs(np.linalg.det(hypotheses[best][:, :2])))  # the crop square's side in image px
         assert abs(side / size - 1) < 0.15
 
 
@@ -489,12 +491,12 @@ def test_plausibility_filters(faces, shape_model):
 
 def test_overlapping_faces_keep_the_best():
     def face(x0, score):
-        return D.Face(np.zeros((68, 2)), np.zeros(68), score, (x0, 0.0, x0 + 100.0, 100.0))
+        return M.Face(np.zeros((68, 2)), np.zeros(68), score, (x0, 0.0, x0 + 100.0, 100.0))
 
-    inner = D.Face(np.zeros((68, 2)), np.zeros(68), 0.6, (30.0, 30.0, 50.0, 50.0))  # inside the strongest: IoU 0.04
-    kept = D.suppress_overlaps([face(0, 0.5), face(10, 0.7), face(300, 0.1), inner, face(160, 0.2)], max_iou=0.3)
+    inner = M.Face(np.zeros((68, 2)), np.zeros(68), 0.6, (30.0, 30.0, 50.0, 50.0))  # inside the strongest: IoU 0.04
+    kept = M.suppress_overlaps([face(0, 0.5), face(10, 0.7), face(300, 0.1), inner, face(160, 0.2)], max_iou=0.3)
     assert [f.score for f in kept] == [0.7, 0.6, 0.2, 0.1]
-    assert D.box_iou(face(0, 0).box, face(50, 0).box) == 1 / 3
+    assert M.box_iou(face(0, 0).box, face(50, 0).box) == 1 / 3
 
 
 def test_random_scenes_place_faces_inside_without_overlap():
@@ -532,9 +534,9 @@ def test_detect_end_to_end_on_a_composite_image(faces, shape_model):
     height, width = 300, 420
     canvas, truth = paste_faces(faces[8:11], [(100, (80, 80)), (110, (90, 230)), (200, (290, 180))], height, width)
     gray = D.load_gray(canvas)
-    net = PyramidNet(D.build_pyramid(gray), synthetic_levels(height, width, truth))
+    net = PyramidNet(M.build_pyramid(gray), synthetic_levels(height, width, truth))
     found = D.Detector(weights=net, shape_model=shape_model).detect(canvas)
-    assert net.calls == len(D.pyramid_shapes(height, width))  # one forward per level: each fits the memory budget
+    assert net.calls == len(M.pyramid_shapes(height, width))  # one forward per level: each fits the memory budget
     _match(found, truth, tolerance=0.03)
 
 
@@ -547,7 +549,7 @@ def test_detect_runs_the_real_network_class(faces, shape_model):
     canvas, _ = paste_faces(faces[:2], [(100, (60, 60)), (90, (150, 130))], 180, 220)
     gray = D.load_gray(canvas)
     levels = det.pyramid_heatmaps(gray)  # level 0 needs 2 x 3 tiles within this budget
-    assert [tuple(lv.shape[1:]) for lv in levels] == D.pyramid_shapes(180, 220)
+    assert [tuple(lv.shape[1:]) for lv in levels] == M.pyramid_shapes(180, 220)
     with torch.no_grad():
         direct = net(torch.from_numpy(gray)[None, None])[1][0]
     assert torch.allclose(levels[0], direct, atol=1e-5 * direct.abs().max().item())
@@ -585,7 +587,7 @@ def test_bundled_model_on_the_demo_face():
     (face,) = det.landmarks(str(DEMO_IMAGE), DEMO_BOX)
     assert _inside(face.points, DEMO_BOX, 0.1).all() and _face_like(face.points)
     found = det.detect(str(DEMO_IMAGE))
-    best = max((D.box_iou(f.box, DEMO_BOX), f) for f in found) if found else (0.0, None)
+    best = max((M.box_iou(f.box, DEMO_BOX), f) for f in found) if found else (0.0, None)
     assert best[0] > 0.5, "the astronaut's face was not among the detections"
     assert _face_like(best[1].points)
 
@@ -598,7 +600,7 @@ def test_crop_size_comes_from_the_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "w.pt", {"config": net.config, "model": net.state_dict(), "image_size": 64})
     assert D.Detector(weights=tmp_path / "w.pt", fit=False).crop == 64
     assert D.Detector(weights=tmp_path / "w.pt", fit=False, image_size=80).crop == 80
-    assert D.Detector(weights=net, fit=False).crop == D.CROP
+    assert D.Detector(weights=net, fit=False).crop == M.CROP
     calls = []
     det = D.Detector(weights=tmp_path / "w.pt", fit=False)
     det.network.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))

@@ -104,6 +104,13 @@ def transform_points(points, affine) -> np.ndarray:
     return points @ affine[:, :2].T + affine[:, 2]
 
 
+def invert_affine(affine) -> np.ndarray:
+    """(2, 3) affine -> its inverse (2, 3)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = np.linalg.inv(affine[:, :2])
+    return np.hstack([linear, -(linear @ affine[:, 2])[:, None]])
+
+
 def warp_image(gray, affine, out_size: int = 96) -> np.ndarray:
     """gray: (H, W) uint8 or float -> (out_size, out_size) float32: bilinear, 0 outside the image.
 

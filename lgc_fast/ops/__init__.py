@@ -19,6 +19,14 @@ from lgc_fast.ops.dilated_block import (
 )
 from lgc_fast.ops.fit_shape import ShapeFit, fit_shape, fit_shape_ref, fit_shape_stats, fit_shape_stats_ref
 from lgc_fast.ops.kernel_conv import kernel_2d, kernel_conv, kernel_conv_ref, kernel_taps
+from lgc_fast.ops.layout import (
+    channels_last_cat,
+    channels_last_cat_ref,
+    planar_split,
+    planar_split_ref,
+    pointwise_conv_planar,
+    pointwise_conv_planar_ref,
+)
 from lgc_fast.ops.lgc_loss import lgc_loss, lgc_loss_ref, loss_weights, splat_heatmaps, target_maps_ref
 
 __all__ = [
@@ -28,5 +36,7 @@ __all__ = [
     "draw_dropout_mask", "fold_batchnorm",
     "ShapeFit", "fit_shape", "fit_shape_ref", "fit_shape_stats", "fit_shape_stats_ref",
     "kernel_2d", "kernel_conv", "kernel_conv_ref", "kernel_taps",
+    "channels_last_cat", "channels_last_cat_ref", "planar_split", "planar_split_ref", "pointwise_conv_planar",
+    "pointwise_conv_planar_ref",
     "lgc_loss", "lgc_loss_ref", "loss_weights", "splat_heatmaps", "target_maps_ref",
 ]
