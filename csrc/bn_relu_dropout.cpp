@@ -1,7 +1,7 @@
 // Torch glue of the conv-block epilogue's kernels (BatchNorm + ReLU + scale + dropout), one op per pass, on the CPU
 // and CUDA: lgc_fast_C::bn_relu_dropout_apply, _grad_sums, _grad_apply, the training op bn_relu_dropout_train
-// (moments + apply, with its backward and autograd in C++), and the mask draws lgc_fast_C::dropout_keep_mask,
-// bernoulli_keep_mask and bernoulli_keep_bits.
+// (moments + apply, with its backward; its autograd in C++ is csrc/bn_relu_dropout_autograd.cpp), and the mask draws
+// lgc_fast_C::dropout_keep_mask, bernoulli_keep_mask and bernoulli_keep_bits.
 // lgc_fast/ops/bn_relu_dropout.py builds the public op and its autograd from them (the "cpu" and "cuda" backends),
 // as it does from the Triton kernels. Maps run in z's layout: channels_last when z is channels_last (and not also
 // contiguous), else contiguous (a strided z is copied); a keep mask and the gradient are brought to that layout, so
@@ -9,7 +9,6 @@
 // number the values in that layout. Per-channel vectors are float32 (float64 for float64 maps).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -460,6 +459,7 @@ at::Tensor bernoulli_keep_bits_cuda_op(const at::Tensor& seed, int64_t count, do
 // backward, each one call into C++ (autograd in C++ too), so a conv block pays one dispatch each way instead of a
 // Python custom op's autograd and some twenty small torch calls; the same formulas as the Python op's Triton path,
 // the per-channel ones (csrc/epilogue.h) in double, in a loop on the CPU and one small kernel each way on CUDA.
+// Its autograd is in csrc/bn_relu_dropout_autograd.cpp.
 
 using OptTensor = c10::optional<at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -588,91 +588,6 @@ Triple train_backward_meta(const at::Tensor&, const at::Tensor& z, const at::Ten
           at::empty({bias.size(0)}, bias.options())};
 }
 
-// bn_relu_dropout_train_backward for the saved (z, weight, bias, mean, var, ...) of a training op's forward.
-Triple train_backward_call(const at::Tensor& grad, const torch::autograd::variable_list& saved,
-                           const OptTensor& keep_mask, const OptTensor& seed, torch::autograd::AutogradContext* ctx) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_backward", "")
-                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                                     double, double)>();
-  return op.call(grad, saved[0], saved[1], saved[2], saved[3], saved[4], keep_mask, seed,
-                 ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["eps"].toDouble(),
-                 ctx->saved_data["out_scale"].toDouble());
-}
-
-class TrainFunction : public torch::autograd::Function<TrainFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
-                                                const at::Tensor& weight, const at::Tensor& bias,
-                                                const OptTensor& keep_mask, const OptTensor& seed, double dropout_p,
-                                                double eps, double out_scale) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train", "")
-                         .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                       const OptTensor&, double, double, double)>();
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, var] = op.call(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale);
-    ctx->save_for_backward({z, weight, bias, mean, var, keep_mask.value_or(at::Tensor()), seed.value_or(at::Tensor())});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["out_scale"] = out_scale;
-    ctx->mark_non_differentiable({mean, var});
-    return {y, mean, var};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
-    auto [dz, dweight, dbias] = train_backward_call(grad, saved, optional(saved[5]), optional(saved[6]), ctx);
-    return {dz, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// The training op drawing its keep bits: the backward is bn_relu_dropout_train_backward with them.
-class TrainDrawnFunction : public torch::autograd::Function<TrainDrawnFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
-                                                const at::Tensor& weight, const at::Tensor& bias,
-                                                const at::Tensor& seed, double dropout_p, double eps,
-                                                double out_scale) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lgc_fast_C::bn_relu_dropout_train_drawn", "")
-                         .typed<Quad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     double, double, double)>();
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, var, bits] = op.call(z, weight, bias, seed, dropout_p, eps, out_scale);
-    ctx->save_for_backward({z, weight, bias, mean, var, bits});
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["out_scale"] = out_scale;
-    ctx->mark_non_differentiable({mean, var, bits});
-    return {y, mean, var, bits};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
-    auto [dz, dweight, dbias] = train_backward_call(grad, saved, OptTensor(saved[5]), OptTensor(), ctx);
-    return {dz, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-Quad train_drawn_autograd(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& seed,
-                          double dropout_p, double eps, double out_scale) {
-  const auto out = TrainDrawnFunction::apply(z, weight, bias, seed, dropout_p, eps, out_scale);
-  return {out[0], out[1], out[2], out[3]};
-}
-
-Triple train_autograd(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, const OptTensor& keep_mask,
-                      const OptTensor& seed, double dropout_p, double eps, double out_scale) {
-  const auto out = TrainFunction::apply(z, weight, bias, keep_mask, seed, dropout_p, eps, out_scale);
-  return {out[0], out[1], out[2]};
-}
-
 }  // namespace
 }  // namespace lgc
 
@@ -712,11 +627,6 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("dropout_keep_mask", &lgc::keep_mask_cpu);
   m.impl("bernoulli_keep_mask", &lgc::bernoulli_keep_mask_cpu);
   m.impl("bernoulli_keep_bits", &lgc::bernoulli_keep_bits_cpu_op);
-}
-
-TORCH_LIBRARY_IMPL(lgc_fast_C, Autograd, m) {
-  m.impl("bn_relu_dropout_train", &lgc::train_autograd);
-  m.impl("bn_relu_dropout_train_drawn", &lgc::train_drawn_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {

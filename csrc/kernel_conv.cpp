@@ -56,8 +56,8 @@ at::Tensor kernel_conv_cpu_op(const at::Tensor& x) {
 }
 
 #ifdef LGC_WITH_CUDA
-// channels_last maps (the training step's) go in and out through the batched transpose of planar_of and
-// copy_planar_into, which is coalesced on both sides, unlike torch's strided copy.
+// channels_last maps (a caller's; the network's own are planar) go in and out through the batched transpose of
+// planar_of and copy_planar_into, which is coalesced on both sides, unlike torch's strided copy.
 at::Tensor kernel_conv_cuda_op(const at::Tensor& x) {
   check_input(x);
   at::Tensor out = at::empty_like(x);

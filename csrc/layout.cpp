@@ -42,7 +42,15 @@ at::Tensor channels_last_cat_cuda(at::TensorList parts) {
                              first.options().memory_format(at::MemoryFormat::ChannelsLast));
   int64_t start = 0;
   for (const at::Tensor& part : parts) {
-    if (part.numel() > 0) copy_planar_into(out.narrow(1, start, part.size(1)), part.contiguous());
+    if (part.numel() > 0) {
+      const at::Tensor target = out.narrow(1, start, part.size(1));
+      // a planar part (the network's) moves by one batched transpose, any other layout by torch's copy (one pass)
+      if (part.is_contiguous()) {
+        copy_planar_into(target, part);
+      } else {
+        target.copy_(part);
+      }
+    }
     start += part.size(1);
   }
   return out;

@@ -1,7 +1,7 @@
 // Torch glue of the training loss: ops lgc_fast_C::lgc_loss and lgc_fast_C::lgc_loss_backward on CPU and CUDA.
 // Maps are computed in float64 when local is float64 and in float32 otherwise (omega and points are converted to
 // that type when they differ); gradients come back in local's and omega's dtype and memory layout. The kernels read
-// planar maps: on CUDA, channels_last ones (the training step's) change layout with csrc/cuda/layout.cu's transpose.
+// planar maps (the network's are): on CUDA, channels_last ones change layout with csrc/cuda/layout.cu's transpose.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

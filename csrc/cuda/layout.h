@@ -1,6 +1,7 @@
 // CUDA launcher of the glue's layout changes between channels_last (NHWC) and planar (NCHW) maps (no torch headers:
-// the glue helpers are in csrc/cuda_glue.h). The kernel_conv and lgc_loss kernels read and write planar maps; the
-// training step's maps are channels_last, so every call changes layout on the way in and out.
+// the glue helpers are in csrc/cuda_glue.h). The kernel_conv and lgc_loss kernels read and write planar maps, so a
+// channels_last map changes layout on the way in and out; the network hands them planar maps and changes layout
+// where those join its channels_last global subnet (csrc/layout.cpp: channels_last_cat, planar_split).
 #pragma once
 
 #include <cstdint>
