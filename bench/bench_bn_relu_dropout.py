@@ -29,7 +29,6 @@ Writes the results under "bn_relu_dropout" in bench/results/<device-slug>.json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
+from common import (environment, format_table, op_bench_parser, peak_bandwidth, results_path,  # noqa: E402
+                    time_interleaved, write_results)
 
 from lgc_fast import _backend  # noqa: E402
 from lgc_fast.ops.bn_relu_dropout import (bn_relu_dropout, bn_relu_dropout_drawn, random_keep_bits,  # noqa: E402
@@ -135,10 +135,7 @@ def kernel_backends(device: torch.device) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 16 channels, 1 s budget")
-    parser.add_argument("--batch", type=int, help="N (default 64 on a GPU, 4 on the CPU)")
+    parser = op_bench_parser(__doc__, "batch 2, 16 channels, 1 s budget", "64 on a GPU, 4 on the CPU")
     parser.add_argument("--channels", type=int, default=128, help="C (the release's width: 128)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default bf16 fp32 (GPU), fp32 (CPU)")
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS),
@@ -149,7 +146,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile method")
     parser.add_argument("--no-overhead", action="store_true",
                         help=f"leave out the per-call overhead case ({'x'.join(map(str, OVERHEAD_SHAPE))}, fp32)")
-    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

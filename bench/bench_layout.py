@@ -20,7 +20,6 @@ Writes the results under "layout" in bench/results/<device-slug>.json.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import environment, format_table, peak_bandwidth, results_path, time_interleaved, write_results  # noqa: E402,E501
+from common import (environment, format_table, op_bench_parser, peak_bandwidth, results_path,  # noqa: E402
+                    time_interleaved, write_results)
 
 from lgc_fast.ops.kernel_conv import kernel_conv  # noqa: E402
 from lgc_fast.ops.layout import channels_last_cat, layout_backend, pointwise_conv_planar  # noqa: E402
@@ -91,13 +91,9 @@ def cases(n: int, width: int, dtype: torch.dtype, device: torch.device) -> dict[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 16 features, 1 s budget")
-    parser.add_argument("--batch", type=int, help="N (default 128 on a GPU, 4 on the CPU)")
+    parser = op_bench_parser(__doc__, "batch 2, 16 features, 1 s budget", "128 on a GPU, 4 on the CPU")
     parser.add_argument("--width", type=int, default=128, help="features of the 1x1 convolutions (128)")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per case (3)")
-    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"

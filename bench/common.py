@@ -10,6 +10,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -42,6 +43,17 @@ PEAK_BANDWIDTH = [
     ("L4", 0.3e12),
     ("RTX 4090", 1.008e12),
 ]
+
+
+def op_bench_parser(doc: str, quick: str, batch: str) -> argparse.ArgumentParser:
+    """A parser with the options every op bench takes: --device, --quick (`quick` says what it runs), --batch
+    (`batch` gives the defaults) and --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {quick}")
+    parser.add_argument("--batch", type=int, help=f"N (default {batch})")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
+    return parser
 
 
 def peak_bandwidth(name: str) -> float | None:
