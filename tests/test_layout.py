@@ -211,3 +211,15 @@ def test_folded_network_keeps_planar_heads():
             assert got.is_contiguous()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not model.use_planar_heads(False).folded().branch.conv.planar_output
+
+
+def test_network_with_planar_heads_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = LGCN("release", 8, local_layers=(3,)).to(memory_format=CL).train().fuse_epilogues()
+    images = (torch.rand(2, 1, 24, 24) * 255).contiguous(memory_format=CL)
+    points = torch.rand(2, 68, 2) * 12 + 6
+    labelled = torch.ones(2, 68, dtype=torch.bool)
+    compiled = torch.compile(forward_loss, fullgraph=True)
+    loss = compiled(model, images, points, labelled, False)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
