@@ -25,7 +25,7 @@ from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn,
 from lgc_fast.ops.dilated_block import fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
-from lgc_fast.ops.layout import channels_last_cat, layout_backend, pointwise_conv_planar
+from lgc_fast.ops.layout import channels_last_cat, is_channels_last, layout_backend, pointwise_conv_planar
 
 VARIANTS = ("release", "paper")
 GLOBAL_LAYERS = 7
@@ -294,18 +294,12 @@ class LGCN(nn.Module):
         # (slice_backward). Planar maps of channels_last features go back to channels_last for the global subnet
         # in one batched transpose each (and their gradients come back planar the same way).
         maps = [local] if self.branch is None else [local, self.kernel(self.branch(feats)) * KERNEL_OUTPUT_SCALE]
-        if _channels_last(feats) and o_local.is_contiguous():
+        if is_channels_last(feats) and o_local.is_contiguous():
             global_in = channels_last_cat(maps, backend=layout_backend(local.device))
         else:
             global_in = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
         omega = local + self.global_out(self.global_features(global_in))
         return local, omega
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether x (N, C, H, W) is stored channels_last and not also planar (a map with C == 1 or H == W == 1 is
-    both)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def mirror_averaged_omega(model, images: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,23 @@ from lgc_fast.ops._library import custom_op
 _SUPPORTED = ("cuda", "ref")  # elsewhere torch's copies are what a kernel would do
 
 
-def _cat_shape(parts: Sequence[torch.Tensor]) -> tuple[int, int, int, int]:
-    n, _, h, w = parts[0].shape
-    return n, sum(p.shape[1] for p in parts), h, w
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (N, C, H, W) is stored channels_last and not also planar (a map with C == 1 or H == W == 1 is
+    both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _new_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The empty channels_last (N, sum C_i, H, W) map that channels_last_cat fills."""
+    first = parts[0]
+    n, _, h, w = first.shape
+    return torch.empty((n, sum(p.shape[1] for p in parts), h, w), dtype=first.dtype, device=first.device,
+                       memory_format=torch.channels_last)
 
 
 def channels_last_cat_ref(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """parts: (N, C_i, H, W) -> (N, sum C_i, H, W) channels_last: ``torch.cat(parts, 1)`` in that memory format."""
-    first = parts[0]
-    out = torch.empty(_cat_shape(parts), dtype=first.dtype, device=first.device, memory_format=torch.channels_last)
+    out = _new_cat(parts)
     start = 0
     for part in parts:
         out[:, start:start + part.shape[1]].copy_(part)
@@ -56,8 +64,7 @@ def _cat_op(parts: List[torch.Tensor], backend: str) -> torch.Tensor:
 
 @_cat_op.register_fake
 def _(parts, backend):
-    first = parts[0]
-    return torch.empty(_cat_shape(parts), dtype=first.dtype, device=first.device, memory_format=torch.channels_last)
+    return _new_cat(parts)
 
 
 @custom_op("lgc_fast::planar_split", mutates_args=())
@@ -207,6 +214,6 @@ def pointwise_conv_planar(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         raise ValueError(f"weight must have shape (K, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
+    if not is_channels_last(x) or x.numel() == 0:
         return pointwise_conv_planar_ref(x, weight, bias)
     return _PointwisePlanar.apply(x, weight, bias)
