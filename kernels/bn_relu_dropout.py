@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lgc_fast.ops.layout import is_channels_last
+
 _TILE_ELEMENTS = 4096
 # DROPOUT modes of the kernels: none, a keep mask tensor, Philox draws from a seed, or keep bits.
 NONE, MASK, SEEDED, BITS = 0, 1, 2, 3
@@ -191,7 +193,7 @@ def _dense_ncp_strides(z: torch.Tensor) -> tuple[int, int, int]:
     """The (n, c, p) strides of z's shape laid out densely in its memory format: channels_last when z is (and is not
     also contiguous), else contiguous."""
     _, c, h, w = z.shape
-    if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+    if is_channels_last(z):
         return h * w * c, 1, c
     return c * h * w, h * w, 1
 

@@ -58,7 +58,7 @@ from lgc_fast.decode import DECODERS
 from lgc_fast.distributed import ProcessGroup
 from lgc_fast.errors import LgcError
 from lgc_fast.evaluate import (add_loading_arguments, check_workers, load_faces, predict, readable_images,
-                               report_problems, resolve_device)
+                               report_problems)
 from lgc_fast.model import VARIANTS, LGCN, default_local_layers
 from lgc_fast.ops import lgc_loss
 from lgc_fast.ops.bn_relu_dropout import fused_backend

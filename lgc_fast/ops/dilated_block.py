@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
 from lgc_fast.ops._library import custom_op
+from lgc_fast.ops.layout import is_channels_last
 
 DILATION = 4
 DROPOUT_P = 0.1
@@ -42,7 +43,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """Outputs follow x: channels_last when x is channels_last (and not also plain contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         return torch.channels_last
     return torch.contiguous_format
 
