@@ -10,6 +10,8 @@ Alternatives (all compute the same 45x45 convolution, zero padding):
   cv2_sep_x5    (CPU) five cv2.sepFilter2D per plane, summed
 Backward of the alternatives: autograd for the torch ones; for cv2 a second call on the output gradient (K is
 symmetric, so the input gradient is the same convolution of the output gradient).
+Also per fast backend, the network's scaled form: kernel_conv(x, scale=0.01) against kernel_conv(x) * 0.01 (the
+multiply as a pass of its own, forward and backward), rows "<backend> scale=0.01" / "<backend> then * 0.01".
 
 Timing: on CUDA triton.testing.do_bench (median, 20/80 % quantiles); on the CPU warm-up then rounds of one call per
 method (interleaved, so the load of other processes hits all alike), median and quantiles of the rounds. Methods too
@@ -256,6 +258,35 @@ def bench_size(size, device, args) -> list[dict]:
             rows.append(row)
         if skip_conv2d:
             print(f"{label} {mode}: conv2d not timed (its dense 45x45 backward is prohibitively slow on this CPU)")
+    return rows + bench_scale(x, grad, label, sorted(backend_names), device, args)
+
+
+def bench_scale(x, grad, label: str, backends: list[str], device, args, scale: float = 0.01) -> list[dict]:
+    """The scale applied inside the kernels against a separate multiply, per fast backend, fwd and fwd+bwd."""
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        fns = {}
+        for b in backends:
+            inside = (lambda t, b=b: kernel_conv(t, backend=b, scale=scale))
+            after = (lambda t, b=b: kernel_conv(t, backend=b) * scale)
+            for name, fn in ((f"{b} scale={scale:g}", inside), (f"{b} then * {scale:g}", after)):
+                fns[name] = (lambda fn=fn: fn(x)) if mode == "fwd" else forward_backward(fn, x, grad)
+        if not fns:
+            continue
+        if device.type == "cuda":
+            timings = {name: time_cuda(fn, rep_ms=args.rep_ms) for name, fn in fns.items()}
+        else:
+            timings = time_interleaved(fns, device, min_runs=args.min_runs, max_runs=args.max_runs,
+                                       budget_s=args.budget_s)
+        for b in backends:
+            inside, after = timings[f"{b} scale={scale:g}"], timings[f"{b} then * {scale:g}"]
+            for name, t in ((f"{b} scale={scale:g}", inside), (f"{b} then * {scale:g}", after)):
+                rows.append({"size": label, "pass": mode, "method": name,
+                             "kind": "lgc_fast scale" if t is inside else "alternative scale",
+                             "median_ms": t.median_ms,
+                             "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "runs": t.runs, "cpu_ms": t.cpu_median_ms,
+                             "x_fastest_alt": after.median_ms / t.median_ms, "fastest_alt": f"{b} then * {scale:g}",
+                             "note": t.note, "timing": t.as_dict()})
     return rows
 
 

@@ -1,13 +1,14 @@
 """Triton forward of the 45x45 kernel convolution (paper eq. 1) as banded matrix products on tensor cores.
 
-K = (1/5) sum_s g_s g_s^T is separable per Gaussian, so one output tile of one plane is
-    Y = (1/5) sum_s (R_s X) C_s,
+K = (1/5) sum_s g_s g_s^T is separable per Gaussian, so one output tile of one plane of scale * (K * x) is
+    Y = (scale/5) sum_s (R_s X) C_s,
 with X the input tile (plus a 22-pixel halo where the tile is not the whole map side), R_s the banded Toeplitz
 matrix of g_s along the rows (output rows x input rows) and C_s along the columns (input columns x output columns).
 A program owns one output tile: for each Gaussian and each chunk of 32 input columns it runs the vertical product
 over 32-row chunks of X (loaded with zeros outside the map: the zero padding), then feeds that result, still in
 registers, as the left operand of the horizontal product. Chunks wholly outside the map are skipped. The band
-matrices are built once per (tile shape, dtype, device) on the host and read through L2.
+matrices are built once per (tile shape, scale, dtype, device) on the host and read through L2; the column bands carry
+the factor scale/5 (a float argument would reach the kernel as float32, too coarse for float64 maps).
 
 Tiles: maps up to 64 rows / 128 columns are one tile that way (no halo), padded to a power of two >= 16 (the tl.dot
 minimum); otherwise 64-pixel output tiles over 128-pixel input tiles. float32/float16/bfloat16 accumulate in
@@ -26,7 +27,6 @@ import triton.language as tl
 
 RADIUS = 22
 SIGMAS = (1.0, 3.0, 5.0, 7.0, 9.0)  # as lgc_fast.ops.kernel_conv
-_WEIGHT = tl.constexpr(1.0 / len(SIGMAS))
 _WHOLE_ROWS = 64    # maps up to this tall are one tile high, without halo
 _WHOLE_COLS = 128   # maps up to this wide are one tile wide, without halo
 _TILE = 64          # output tile side otherwise; the input side is the next power of two >= 64 + 2 * 22
@@ -96,7 +96,7 @@ def _kernel_conv_tile(
     out_ok = (out_rows < height)[:, None] & (out_cols < width)[None, :]
     y_ptrs = (y_ptr + n * sy_n + c * sy_c
               + out_rows.to(tl.int64)[:, None] * sy_h + out_cols.to(tl.int64)[None, :] * sy_w)
-    tl.store(y_ptrs, (y * _WEIGHT).to(y_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _side_tiling(size: int, whole_up_to: int) -> tuple[int, int, int]:
@@ -108,8 +108,9 @@ def _side_tiling(size: int, whole_up_to: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _band(n_out: int, n_in: int, halo: int, in_major: bool, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """(5, n_out, n_in), or (5, n_in, n_out) when in_major: g_s[i - halo - o], zero where |i - halo - o| > 22.
+def _band(n_out: int, n_in: int, halo: int, in_major: bool, weight: float, dtype: torch.dtype,
+          device: str) -> torch.Tensor:
+    """(5, n_out, n_in), or (5, n_in, n_out) when in_major: weight * g_s[i - halo - o], zero where |i - halo - o| > 22.
 
     Input index i is pixel o0 - halo + i of the tile whose first output pixel is o0.
     """
@@ -117,14 +118,15 @@ def _band(n_out: int, n_in: int, halo: int, in_major: bool, dtype: torch.dtype, 
     i = torch.arange(n_in, dtype=torch.float64)[None, :]
     k = i - halo - o
     sig = torch.tensor(SIGMAS, dtype=torch.float64)[:, None, None]
-    band = torch.exp(-(k**2) / (2.0 * sig**2)) * (k.abs() <= RADIUS)
+    band = weight * torch.exp(-(k**2) / (2.0 * sig**2)) * (k.abs() <= RADIUS)
     if in_major:
         band = band.transpose(1, 2)
     return band.to(dtype=dtype, device=device).contiguous()
 
 
-def kernel_conv_triton(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, H, W) float32/float16/bfloat16/float64, any strides -> (N, C, H, W) like torch.empty_like(x)."""
+def kernel_conv_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x: (N, C, H, W) float32/float16/bfloat16/float64, any strides -> scale * (K * x): (N, C, H, W) like
+    torch.empty_like(x)."""
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dimensions (N, C, H, W), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -143,8 +145,8 @@ def kernel_conv_triton(x: torch.Tensor) -> torch.Tensor:
     band_dtype = torch.float64 if fp64 else torch.float32
     device = str(x.device)
     # Row bands are stored (out, in), column bands (in, out): the left and right factors of the two products.
-    row_band = _band(tile_h, in_h, halo_h, False, band_dtype, device)
-    col_band = _band(tile_w, in_w, halo_w, True, band_dtype, device)
+    row_band = _band(tile_h, in_h, halo_h, False, 1.0, band_dtype, device)
+    col_band = _band(tile_w, in_w, halo_w, True, float(scale) / len(SIGMAS), band_dtype, device)
     # The interpreter pays per loop step, not per element: one step over the whole input tile there.
     chunk = max(in_h, in_w) if x.device.type == "cpu" else _CHUNK
     _kernel_conv_tile[(n * c, tiles)](

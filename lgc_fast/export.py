@@ -32,23 +32,24 @@ CHECK_TOLERANCE = 1e-4  # max |onnx - torch| relative to max |omega|
 
 
 class KernelConv2d(nn.Module):
-    """The kernel convolution of eq. 1 on `channels` channels, written with standard convolutions only (exportable).
-    x: (N, channels, H, W) -> (N, channels, H, W), zero padding."""
+    """The kernel convolution of eq. 1 on `channels` channels times the constant `scale`, written with standard
+    convolutions only (exportable); the scale rides on the last convolution's weights.
+    x: (N, channels, H, W) -> scale * (K * x): (N, channels, H, W), zero padding."""
 
-    def __init__(self, channels: int, form: str = "separable"):
+    def __init__(self, channels: int, form: str = "separable", scale: float = 1.0):
         super().__init__()
         if form not in KERNEL_FORMS:
             raise ValueError(f"form must be one of {', '.join(KERNEL_FORMS)}, not {form!r}")
         self.channels, self.form = int(channels), form
         if form == "dense":
-            self.register_buffer("weight", kernel_2d(torch.float32).expand(channels, 1, KERNEL_SIZE, KERNEL_SIZE)
+            self.register_buffer("weight", (scale * kernel_2d()).float().expand(channels, 1, KERNEL_SIZE, KERNEL_SIZE)
                                  .contiguous())
         else:
             taps = kernel_taps(torch.float32)  # (5, 45)
             n = taps.shape[0]
             self.register_buffer("row", taps.repeat(channels, 1).reshape(channels * n, 1, 1, KERNEL_SIZE))
             self.register_buffer("col", taps.repeat(channels, 1).reshape(channels * n, 1, KERNEL_SIZE, 1))
-            self.register_buffer("mix", torch.full((channels, n, 1, 1), WEIGHT))
+            self.register_buffer("mix", torch.full((channels, n, 1, 1), scale * WEIGHT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "dense":
@@ -70,7 +71,8 @@ class ExportableLGCN(nn.Module):
     def __init__(self, model: LGCN, form: str = "separable"):
         super().__init__()
         self.net = model.folded()
-        self.net.kernel = KernelConv2d(model.n_landmarks, form)  # LGCN.forward convolves C-channel maps
+        # LGCN.forward convolves C-channel maps
+        self.net.kernel = KernelConv2d(model.n_landmarks, form, scale=model.kernel.scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(x)

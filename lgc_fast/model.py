@@ -161,14 +161,22 @@ def fold_conv_block(conv: nn.Conv2d, bn: nn.BatchNorm2d, act_scale: float = 1.0)
 
 
 class KernelConv(nn.Module):
-    """The kernel convolution of eq. 1 (``lgc_fast.ops.kernel_conv``) as a submodule: x (N, C, H, W) -> (N, C, H, W).
+    """The kernel convolution of eq. 1 (``lgc_fast.ops.kernel_conv``) times the constant `scale`, as a submodule:
+    x (N, C, H, W) -> scale * (K * x): (N, C, H, W). The op applies the scale inside its kernels (no pass of its own).
 
     Holds no parameters or buffers, so it adds no state_dict keys; ``lgc_fast.export`` swaps it for a module of
     standard convolutions.
     """
 
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = float(scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel_conv(x)
+        return kernel_conv(x, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
 
 
 class LGCN(nn.Module):
@@ -206,7 +214,7 @@ class LGCN(nn.Module):
             cin = width
         self.local_features = nn.Sequential(*blocks)
         self.local_out = PointwiseConv(width, n_landmarks)
-        self.kernel = KernelConv()
+        self.kernel = KernelConv(KERNEL_OUTPUT_SCALE)
         if variant == "release":
             self.branch = nn.Sequential(PointwiseConv(width, n_landmarks, bias=False), nn.BatchNorm2d(n_landmarks),
                                         nn.ReLU())
@@ -288,12 +296,12 @@ class LGCN(nn.Module):
         h = (x / 128.0 - 1.0) * INPUT_SCALE
         feats = self.local_features(h)
         o_local = self.local_out(feats)
-        local = self.kernel(o_local) * KERNEL_OUTPUT_SCALE
+        local = self.kernel(o_local)
         # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
         # its own, not a channel slice, whose gradient autograd would assemble in a zero map with a strided copy
         # (slice_backward). Planar maps of channels_last features go back to channels_last for the global subnet
         # in one batched transpose each (and their gradients come back planar the same way).
-        maps = [local] if self.branch is None else [local, self.kernel(self.branch(feats)) * KERNEL_OUTPUT_SCALE]
+        maps = [local] if self.branch is None else [local, self.kernel(self.branch(feats))]
         if is_channels_last(feats) and o_local.is_contiguous():
             global_in = channels_last_cat(maps, backend=layout_backend(local.device))
         else:

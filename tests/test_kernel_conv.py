@@ -79,16 +79,17 @@ def _random(shape, dtype=torch.float32, device="cpu", seed=0):
     return x.to(device=device, dtype=dtype)
 
 
-def _assert_matches(y: torch.Tensor, x: torch.Tensor) -> None:
-    """y == kernel_conv_ref(x) within the dtype's pointwise tolerance; y has x's dtype, shape and empty_like strides."""
+def _assert_matches(y: torch.Tensor, x: torch.Tensor, out_scale: float = 1.0) -> None:
+    """y == kernel_conv_ref(x, out_scale) within the dtype's pointwise tolerance; y has x's dtype, shape and empty_like
+    strides."""
     assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
     assert y.stride() == torch.empty_like(x).stride()
     if x.numel() == 0:
         return
     rtol, atol = TOLERANCES[x.dtype]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ref = kernel_conv_ref(x).double()
-    scale = kernel_conv_ref(x.abs().to(compute)).double()
+    ref = kernel_conv_ref(x, out_scale).double()
+    scale = kernel_conv_ref(x.abs().to(compute), abs(out_scale)).double()
     err = (y.double() - ref).abs()
     bound = rtol * scale + atol
     assert torch.isfinite(y).all(), "non-finite output"
@@ -184,31 +185,49 @@ def test_layouts(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-def test_gradcheck(device, backend):
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("out_scale", [0.01, -3.5, 0.0])
+def test_scale(device, backend, dtype, out_scale):
+    """scale * (K * x), the scale applied before the one rounding: for half types that is closer to the exact
+    product than rounding K * x and then multiplying."""
+    if dtype == torch.float64:
+        skip_without_float64(device, backend)
+    x = _random(_small(device, backend), dtype=dtype, device=device, seed=11)
+    y = kernel_conv(x, backend=backend, scale=out_scale)
+    _assert_matches(y, x, out_scale)
+    if out_scale == 0.0:
+        assert not y.abs().max()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("out_scale", [1.0, -0.01])
+def test_gradcheck(device, backend, out_scale):
     skip_without_float64(device, backend)
     shape = (1, 1, 3, 4) if _interpreted(device, backend) else (1, 2, 3, 4)
     x = _random(shape, dtype=torch.float64, device=device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: kernel_conv(t, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda t: kernel_conv(t, backend=backend, scale=out_scale), (x,))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-def test_backward_matches_reference(device, backend):
+@pytest.mark.parametrize("out_scale", [1.0, 0.01])
+def test_backward_matches_reference(device, backend, out_scale):
     x = _random(_small(device, backend), device=device, seed=5).requires_grad_()
     grad = _random(x.shape, device=device, seed=6)
-    kernel_conv(x, backend=backend).backward(grad)
-    # K is symmetric, so the input gradient is the convolution of the output gradient.
-    _assert_matches(x.grad, grad)
+    kernel_conv(x, backend=backend, scale=out_scale).backward(grad)
+    # K is symmetric, so the input gradient is the (scaled) convolution of the output gradient.
+    _assert_matches(x.grad, grad, out_scale)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-def test_opcheck(device, backend):
+@pytest.mark.parametrize("out_scale", [1.0, 0.01])
+def test_opcheck(device, backend, out_scale):
     x = _random((1, 2, 5, 6) if _interpreted(device, backend) else (2, 3, 9, 11), device=device)
-    torch.library.opcheck(torch.ops.lgc_fast.kernel_conv.default, (x.requires_grad_(), backend))
+    torch.library.opcheck(torch.ops.lgc_fast.kernel_conv.default, (x.requires_grad_(), out_scale, backend))
 
 
 class _Blur(torch.nn.Module):
     def forward(self, x):
-        return torch.relu(kernel_conv(x)) * 2.0
+        return torch.relu(kernel_conv(x, scale=0.5)) * 4.0
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
@@ -223,16 +242,16 @@ def test_torch_compile_fullgraph(compiler):
     y.sum().backward()
     expected.sum().backward()
     assert torch.equal(x_compiled.grad, x_eager.grad)
-    err = (y.detach() / 2.0 - torch.relu(kernel_conv_ref(x))).abs()
+    err = (y.detach() / 2.0 - torch.relu(kernel_conv_ref(x))).abs()  # 4 * relu(0.5 K * x) = 2 relu(K * x)
     assert (err <= TOLERANCES[torch.float32][0] * kernel_conv_ref(x.abs())).all()
 
 
 def _spy(monkeypatch):
     calls = []
     for name, impl in list(kernel_conv_module._IMPLS.items()):
-        def record(x, _name=name, _impl=impl):
+        def record(x, scale, _name=name, _impl=impl):
             calls.append(_name)
-            return _impl(x)
+            return _impl(x, scale)
         monkeypatch.setitem(kernel_conv_module._IMPLS, name, record)
     return calls
 
@@ -282,6 +301,12 @@ def test_triton_interpreter_refused_where_it_drops_stores(monkeypatch):
     assert lgc_fast.backends()["triton"][0]
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), True, "0.01", None])
+def test_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale must be a finite number, got"):
+        kernel_conv(_random((1, 1, 4, 4)), scale=scale)
+
+
 @pytest.mark.parametrize("bad,error,message", [
     (torch.zeros(3, 8, 8), ValueError, "x must have 4 dimensions"),
     (torch.zeros(1, 1, 1, 8, 8), ValueError, "x must have 4 dimensions"),
@@ -303,3 +328,9 @@ def test_bad_input(bad, error, message):
 def test_native_op_bad_input(bad, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.lgc_fast_C.kernel_conv(bad)
+
+
+@pytest.mark.skipif(not lgc_fast.backends()["cpu"][0], reason="compiled extension not available")
+def test_native_op_bad_scale():
+    with pytest.raises(RuntimeError, match="kernel_conv: scale must be a finite number"):
+        torch.ops.lgc_fast_C.kernel_conv(torch.zeros(1, 1, 8, 8), float("nan"))

@@ -1,7 +1,7 @@
-// CPU kernel convolution: K = (1/5) sum_s g_s g_s^T applied as separable passes.
+// CPU kernel convolution: scale * K with K = (1/5) sum_s g_s g_s^T, applied as separable passes.
 //
 // Per (plane, column strip, row band) work unit:
-//   horizontal pass: each input row, zero-padded into a row buffer, gives five rows h_s = (1/5) g_s (*) x; the
+//   horizontal pass: each input row, zero-padded into a row buffer, gives five rows h_s = (scale/5) g_s (*) x; the
 //     symmetric pair sums x[j-k] + x[j+k] are formed once and shared by the five Gaussians.
 //   vertical pass: y = sum_s g_s (*) h_s down the columns, several output rows per block so that each loaded row
 //     of h_s feeds several outputs from registers, and several FMA chains per row to hide the FMA latency.
@@ -57,25 +57,22 @@ LGC_INLINE Vec<T> broadcast(T value) {
 
 template <class T>
 struct Taps {
-  T horizontal[kG][kR + 1];       // (1/5) g_s[k], broadcast where used
+  T horizontal[kG][kR + 1];       // (scale / 5) g_s[k], broadcast where used
   Vec<T> vertical[kG][kR + 1];    // g_s[k], broadcast
 };
 
 template <class T>
-const Taps<T>& taps() {
-  static const Taps<T> table = [] {
-    Taps<T> t;
-    for (int s = 0; s < kG; ++s) {
-      for (int k = 0; k <= kR; ++k) {
-        const double sigma = kKernelConvSigmas[s];
-        const double g = std::exp(-double(k) * k / (2.0 * sigma * sigma));
-        t.horizontal[s][k] = T(g / kG);
-        t.vertical[s][k] = broadcast(T(g));
-      }
+Taps<T> make_taps(double scale) {
+  Taps<T> t;
+  for (int s = 0; s < kG; ++s) {
+    for (int k = 0; k <= kR; ++k) {
+      const double sigma = kKernelConvSigmas[s];
+      const double g = std::exp(-double(k) * k / (2.0 * sigma * sigma));
+      t.horizontal[s][k] = T(g * (scale / kG));
+      t.vertical[s][k] = broadcast(T(g));
     }
-    return t;
-  }();
-  return table;
+  }
+  return t;
 }
 
 template <class T>
@@ -238,10 +235,10 @@ struct FreeDeleter {
 };
 
 template <class T>
-void run(const T* x, T* y, int64_t planes, int64_t height, int64_t width, int num_threads) {
+void run(const T* x, T* y, int64_t planes, int64_t height, int64_t width, double scale, int num_threads) {
   if (planes <= 0 || height <= 0 || width <= 0) return;
   constexpr int64_t L = kLanes<T>;
-  const Taps<T>& taps_table = taps<T>();
+  const Taps<T> taps_table = make_taps<T>(scale);
 #ifdef _OPENMP
   const int64_t threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
@@ -307,12 +304,14 @@ void run(const T* x, T* y, int64_t planes, int64_t height, int64_t width, int nu
 
 }  // namespace
 
-void kernel_conv_cpu(const float* x, float* y, int64_t planes, int64_t height, int64_t width, int num_threads) {
-  run(x, y, planes, height, width, num_threads);
+void kernel_conv_cpu(const float* x, float* y, int64_t planes, int64_t height, int64_t width, double scale,
+                     int num_threads) {
+  run(x, y, planes, height, width, scale, num_threads);
 }
 
-void kernel_conv_cpu(const double* x, double* y, int64_t planes, int64_t height, int64_t width, int num_threads) {
-  run(x, y, planes, height, width, num_threads);
+void kernel_conv_cpu(const double* x, double* y, int64_t planes, int64_t height, int64_t width, double scale,
+                     int num_threads) {
+  run(x, y, planes, height, width, scale, num_threads);
 }
 
 }  // namespace lgc

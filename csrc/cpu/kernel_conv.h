@@ -30,9 +30,12 @@ struct KernelConvRadii<double> {
   static constexpr double max_relative_error = 1.0 / (double(1 << 30) * double(1 << 25));
 };
 
-// x, y: (planes, height, width) contiguous, planes = N * C; x and y must not overlap. num_threads <= 0 uses the
-// OpenMP default. float accumulates in float, double in double.
-void kernel_conv_cpu(const float* x, float* y, int64_t planes, int64_t height, int64_t width, int num_threads = 0);
-void kernel_conv_cpu(const double* x, double* y, int64_t planes, int64_t height, int64_t width, int num_threads = 0);
+// y = scale * (K * x). x, y: (planes, height, width) contiguous, planes = N * C; x and y must not overlap.
+// num_threads <= 0 uses the OpenMP default. float accumulates in float, double in double; scale rides on the first
+// pass's taps, so it costs nothing.
+void kernel_conv_cpu(const float* x, float* y, int64_t planes, int64_t height, int64_t width, double scale = 1.0,
+                     int num_threads = 0);
+void kernel_conv_cpu(const double* x, double* y, int64_t planes, int64_t height, int64_t width, double scale = 1.0,
+                     int num_threads = 0);
 
 }  // namespace lgc

@@ -1,4 +1,4 @@
-// CUDA forward of the 45x45 kernel convolution (paper eq. 1): y = K * x per plane, zero padding, same size.
+// CUDA forward of the 45x45 kernel convolution (paper eq. 1): y = scale * (K * x) per plane, zero padding, same size.
 //
 // Variant: separable, on the CUDA cores, float32 accumulation (float64 for double inputs). K = (1/5) sum_s g_s g_s^T:
 //   y[o][c] = (1/5) sum_r sum_s g_s[|o - r|] h_s[r][c],   h_s[r][c] = sum_k g_s[|k|] x[r][c + k].
@@ -142,6 +142,7 @@ struct Plan {
   int strips = 0;          // segments per plane
   int64_t segments = 0;    // planes * strips
   int64_t blocks = 0;
+  double weight = 1.0 / kSigmas;  // the kernel weight 1/5 times the caller's scale, applied as each output is stored
 
   LGC_HD int threads() const { return seg_threads * segs_per_block; }
   LGC_HD int buffer_elems() const { return kBatchRows * segs_per_block * pitch; }
@@ -215,15 +216,16 @@ LGC_HD void column_load(const Column<In>& c, const Plan& plan, int batch, typena
   }
 }
 
-// Output row `row` of the thread's columns from sums[p] (p < P), times the kernel weight 1/5.
+// Output row `row` of the thread's columns from sums[p] (p < P), times plan.weight (scale / 5).
 template <typename In>
 LGC_HD void store_row(const Column<In>& c, const Plan& plan, int row, const typename Traits<In>::Acc* sums,
                       int stride) {
   using Acc = typename Traits<In>::Acc;
   In* out = c.dst + int64_t{row} * plan.width + c.col;
+  const Acc weight = static_cast<Acc>(plan.weight);
 #pragma unroll
   for (int p = 0; p < Traits<In>::kCols; ++p) {
-    if (c.col + p < plan.width) out[p] = from_acc<In>(sums[p * stride] * (Acc(1) / Acc(kSigmas)));
+    if (c.col + p < plan.width) out[p] = from_acc<In>(sums[p * stride] * weight);
   }
 }
 
@@ -399,9 +401,11 @@ inline void split_rows(Plan& plan, int64_t sms, int64_t per_sm) {
 }
 
 template <typename In>
-cudaError_t launch(const void* x, void* y, int64_t planes, int height, int width, cudaStream_t stream) {
+cudaError_t launch(const void* x, void* y, int64_t planes, int height, int width, double scale,
+                   cudaStream_t stream) {
   using Acc = typename Traits<In>::Acc;
   Plan plan = make_plan<In>(planes, height, width);
+  plan.weight = scale / kSigmas;
   const size_t shared = shared_bytes<Acc>(plan);
   int device = 0;
   int sms = 0;
@@ -422,7 +426,7 @@ cudaError_t launch(const void* x, void* y, int64_t planes, int height, int width
 }  // namespace kernel_conv_detail
 
 cudaError_t kernel_conv_cuda(const void* x, void* y, ScalarKind kind, int64_t planes, int64_t height, int64_t width,
-                             cudaStream_t stream) {
+                             double scale, cudaStream_t stream) {
   namespace d = kernel_conv_detail;
   if (planes < 0 || height < 0 || width < 0) return cudaErrorInvalidValue;
   if (planes == 0 || height == 0 || width == 0) return cudaSuccess;
@@ -431,13 +435,13 @@ cudaError_t kernel_conv_cuda(const void* x, void* y, ScalarKind kind, int64_t pl
   const int w = static_cast<int>(width);
   switch (kind) {
     case ScalarKind::kFloat32:
-      return d::launch<float>(x, y, planes, h, w, stream);
+      return d::launch<float>(x, y, planes, h, w, scale, stream);
     case ScalarKind::kFloat16:
-      return d::launch<__half>(x, y, planes, h, w, stream);
+      return d::launch<__half>(x, y, planes, h, w, scale, stream);
     case ScalarKind::kBFloat16:
-      return d::launch<__nv_bfloat16>(x, y, planes, h, w, stream);
+      return d::launch<__nv_bfloat16>(x, y, planes, h, w, scale, stream);
     case ScalarKind::kFloat64:
-      return d::launch<double>(x, y, planes, h, w, stream);
+      return d::launch<double>(x, y, planes, h, w, scale, stream);
   }
   return cudaErrorInvalidValue;
 }

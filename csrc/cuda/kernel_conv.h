@@ -9,9 +9,10 @@
 
 namespace lgc {
 
-// x, y: (planes, height, width) contiguous, planes = N * C, element type `kind`. Zero padding, same-size output.
-// Accumulates in float32 (float64 for kFloat64). Returns the launch error, if any.
+// y = scale * (K * x). x, y: (planes, height, width) contiguous, planes = N * C, element type `kind`. Zero padding,
+// same-size output. Accumulates in float32 (float64 for kFloat64); the scale is applied to the sum before the one
+// rounding to `kind`. Returns the launch error, if any.
 cudaError_t kernel_conv_cuda(const void* x, void* y, ScalarKind kind, int64_t planes, int64_t height, int64_t width,
-                             cudaStream_t stream);
+                             double scale, cudaStream_t stream);
 
 }  // namespace lgc

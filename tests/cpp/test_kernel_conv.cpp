@@ -76,7 +76,7 @@ std::vector<T> random_input(int64_t n, unsigned seed) {
 }
 
 template <class T>
-void check_shape(int64_t planes, int64_t h, int64_t w, int threads, double tol, const char* type) {
+void check_shape(int64_t planes, int64_t h, int64_t w, int threads, double out_scale, double tol, const char* type) {
   const int64_t n = planes * h * w;
   const std::vector<T> x = random_input<T>(n, unsigned(planes * 1000003 + h * 1009 + w));
   const std::vector<T> x_copy = x;
@@ -84,19 +84,20 @@ void check_shape(int64_t planes, int64_t h, int64_t w, int threads, double tol, 
   const int64_t guard = 64;
   const T canary = T(-12345.5);
   std::vector<T> y_mem(n + 2 * guard, canary);
-  lgc::kernel_conv_cpu(x.data(), y_mem.data() + guard, planes, h, w, threads);
+  lgc::kernel_conv_cpu(x.data(), y_mem.data() + guard, planes, h, w, out_scale, threads);
   std::vector<double> want, scale;
   direct(x, planes, h, w, want, scale);
   double worst = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double err = std::fabs(double(y_mem[guard + i]) - want[i]) / (scale[i] > 0 ? scale[i] : 1.0);
+    const double bound = std::fabs(out_scale) * scale[i];
+    const double err = std::fabs(double(y_mem[guard + i]) - out_scale * want[i]) / (bound > 0 ? bound : 1.0);
     if (!(err <= worst)) worst = err;  // NaN propagates into worst
   }
   double& seen = worst_seen[sizeof(T) == sizeof(double)];
   seen = std::fmax(seen, worst);
   char what[160];
-  std::snprintf(what, sizeof(what), "%s planes=%lld h=%lld w=%lld threads=%d max error / (K*|x|)", type,
-                (long long)planes, (long long)h, (long long)w, threads);
+  std::snprintf(what, sizeof(what), "%s planes=%lld h=%lld w=%lld threads=%d scale=%g max error / (|scale| K*|x|)",
+                type, (long long)planes, (long long)h, (long long)w, threads, out_scale);
   expect(worst <= tol, what, worst, tol);
   bool guards_ok = true, input_ok = x == x_copy;
   for (int64_t i = 0; i < guard; ++i) guards_ok = guards_ok && y_mem[i] == canary && y_mem[guard + n + i] == canary;
@@ -113,8 +114,9 @@ void check_shapes(double tol, const char* type) {
       {1, 1, 1},     {2, 5, 7},    {1, 13, 50},   {3, 45, 45},  {2, 50, 61},   {1, 96, 96},    {1, 23, 137},
       {1, 300, 17},  {1, 130, 260}, {5, 9, 300},  {1, 2, 1000}, {5, 270, 20},  {3, 150, 130}, {2, 300, 400},
   };
+  // The output scale (the network's 0.01, and a negative one) rides on the taps: every shape runs with one.
   for (const auto& s : shapes)
-    for (int threads : {1, 3}) check_shape<T>(s[0], s[1], s[2], threads, tol, type);
+    for (int threads : {1, 3}) check_shape<T>(s[0], s[1], s[2], threads, threads == 1 ? 1.0 : -0.01, tol, type);
 }
 
 // Golden values of K itself: a unit impulse returns K, and a constant map returns sum(K) in its centre.
@@ -122,7 +124,7 @@ void check_golden() {
   const int64_t n = 2 * kR + 1;
   std::vector<float> delta(n * n, 0.f), y(n * n);
   delta[kR * n + kR] = 1.f;
-  lgc::kernel_conv_cpu(delta.data(), y.data(), 1, n, n);
+  lgc::kernel_conv_cpu(delta.data(), y.data(), 1, n, n, 1.0);
   // Values of the dense kernel printed by numpy: K[22,22], K[0,0], K[22,0], K[10,30].
   const double golden[][3] = {{22, 22, 1.0},
                               {0, 0, 0.0005184070986130666},
@@ -134,7 +136,7 @@ void check_golden() {
   }
   const int64_t m = 2 * n;
   std::vector<double> ones(m * m, 1.0), z(m * m);
-  lgc::kernel_conv_cpu(ones.data(), z.data(), 1, m, m);
+  lgc::kernel_conv_cpu(ones.data(), z.data(), 1, m, m, 1.0);
   const double sum_k = 204.681774823069;  // sum of all 2025 entries of K (numpy, float64)
   const double got = z[(m / 2) * m + m / 2];
   expect(std::fabs(got - sum_k) <= 1e-12 * sum_k, "constant map gives sum(K) (double)", got, sum_k);
@@ -163,7 +165,7 @@ int main() {
   check_golden();
   check_shapes<float>(1e-6, "float");
   check_shapes<double>(1e-14, "double");
-  lgc::kernel_conv_cpu(static_cast<const float*>(nullptr), nullptr, 0, 7, 7);  // empty: no access
+  lgc::kernel_conv_cpu(static_cast<const float*>(nullptr), nullptr, 0, 7, 7, 1.0);  // empty: no access
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
