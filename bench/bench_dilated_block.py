@@ -112,35 +112,41 @@ def run_gpu(args, device):
         peak = _datasheet_peak(name, dtype)
         for n in args.batches:
             for c_in in args.cin:
-                x, w, gamma, beta, mean, var, keep = _case(n, c_in, args.cout, args.hw, dtype, device, gen)
-                scale = gamma * torch.rsqrt(var + 1e-5)
-                shift = beta - mean * scale
-                flops = 2 * n * args.hw * args.hw * args.cout * c_in * 9
-                variants = {
-                    "conv": (lambda: dilated_conv(x, w, backend="triton"),
-                             lambda: F.conv2d(x, w, padding=DILATION, dilation=DILATION)),
-                    "eval": (lambda: dilated_block(x, w, scale, shift, backend="triton"),
-                             lambda: _composed(x, w, gamma, beta, mean, var, None)),
-                    "train": (lambda: dilated_block(x, w, scale, shift, keep, dropout_p=DROPOUT_P, backend="triton"),
-                              lambda: _composed(x, w, gamma, beta, mean, var, keep)),
-                }
-                for variant, (fast, base) in variants.items():
-                    err = _rel(fast(), base())
-                    t_fast = time_reps(fast, device, args.warmup, args.reps)
-                    t_base = time_reps(base, device, args.warmup, args.reps)
-                    tflops = flops / (t_fast.median_ms * 1e-3) / 1e12
-                    rows.append(dict(
-                        variant=variant, dtype=dname, n=n, c_in=c_in, c_out=args.cout, hw=args.hw,
-                        triton_ms=_quantiles(t_fast), cudnn_ms=_quantiles(t_base),
-                        triton_timing=t_fast.as_dict(), cudnn_timing=t_base.as_dict(),
-                        speedup=t_base.median_ms / t_fast.median_ms,
-                        triton_tflops=tflops, cudnn_tflops=flops / (t_base.median_ms * 1e-3) / 1e12,
-                        pct_datasheet_peak=None if peak is None else 100 * tflops / peak,
-                        pct_matmul_ceiling=100 * tflops / ceiling, matmul_ceiling_tflops=ceiling,
-                        rel_err_vs_cudnn=err))
-                del x, w, keep
-                torch.cuda.empty_cache()
+                rows += _gpu_case(args, device, gen, dname, n, c_in, ceiling, peak)
+                torch.cuda.empty_cache()  # the case's tensors died with its frame
     return name, rows
+
+
+def _gpu_case(args, device, gen, dname, n, c_in, ceiling, peak) -> list[dict]:
+    """The three variants of one (dtype, batch, input channels) case, Triton against cuDNN composed."""
+    x, w, gamma, beta, mean, var, keep = _case(n, c_in, args.cout, args.hw, DTYPES[dname], device, gen)
+    scale = gamma * torch.rsqrt(var + 1e-5)
+    shift = beta - mean * scale
+    flops = 2 * n * args.hw * args.hw * args.cout * c_in * 9
+    variants = {
+        "conv": (lambda: dilated_conv(x, w, backend="triton"),
+                 lambda: F.conv2d(x, w, padding=DILATION, dilation=DILATION)),
+        "eval": (lambda: dilated_block(x, w, scale, shift, backend="triton"),
+                 lambda: _composed(x, w, gamma, beta, mean, var, None)),
+        "train": (lambda: dilated_block(x, w, scale, shift, keep, dropout_p=DROPOUT_P, backend="triton"),
+                  lambda: _composed(x, w, gamma, beta, mean, var, keep)),
+    }
+    rows = []
+    for variant, (fast, base) in variants.items():
+        err = _rel(fast(), base())
+        t_fast = time_reps(fast, device, args.warmup, args.reps)
+        t_base = time_reps(base, device, args.warmup, args.reps)
+        tflops = flops / (t_fast.median_ms * 1e-3) / 1e12
+        rows.append(dict(
+            variant=variant, dtype=dname, n=n, c_in=c_in, c_out=args.cout, hw=args.hw,
+            triton_ms=_quantiles(t_fast), cudnn_ms=_quantiles(t_base),
+            triton_timing=t_fast.as_dict(), cudnn_timing=t_base.as_dict(),
+            speedup=t_base.median_ms / t_fast.median_ms,
+            triton_tflops=tflops, cudnn_tflops=flops / (t_base.median_ms * 1e-3) / 1e12,
+            pct_datasheet_peak=None if peak is None else 100 * tflops / peak,
+            pct_matmul_ceiling=100 * tflops / ceiling, matmul_ceiling_tflops=ceiling,
+            rel_err_vs_cudnn=err))
+    return rows
 
 
 def run_cpu(args):
