@@ -263,14 +263,14 @@ def bench_size(size, device, args) -> list[dict]:
 
 def bench_scale(x, grad, label: str, backends: list[str], device, args, scale: float = 0.01) -> list[dict]:
     """The scale applied inside the kernels against a separate multiply, per fast backend, fwd and fwd+bwd."""
+    # backend -> ((name, kind, fn) inside, (name, kind, fn) after)
+    pairs = {b: ((f"{b} scale={scale:g}", "lgc_fast scale", lambda t, b=b: kernel_conv(t, backend=b, scale=scale)),
+                 (f"{b} then * {scale:g}", "alternative scale", lambda t, b=b: kernel_conv(t, backend=b) * scale))
+             for b in backends}
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        fns = {}
-        for b in backends:
-            inside = (lambda t, b=b: kernel_conv(t, backend=b, scale=scale))
-            after = (lambda t, b=b: kernel_conv(t, backend=b) * scale)
-            for name, fn in ((f"{b} scale={scale:g}", inside), (f"{b} then * {scale:g}", after)):
-                fns[name] = (lambda fn=fn: fn(x)) if mode == "fwd" else forward_backward(fn, x, grad)
+        fns = {name: (lambda fn=fn: fn(x)) if mode == "fwd" else forward_backward(fn, x, grad)
+               for pair in pairs.values() for name, _, fn in pair}
         if not fns:
             continue
         if device.type == "cuda":
@@ -278,14 +278,13 @@ def bench_scale(x, grad, label: str, backends: list[str], device, args, scale: f
         else:
             timings = time_interleaved(fns, device, min_runs=args.min_runs, max_runs=args.max_runs,
                                        budget_s=args.budget_s)
-        for b in backends:
-            inside, after = timings[f"{b} scale={scale:g}"], timings[f"{b} then * {scale:g}"]
-            for name, t in ((f"{b} scale={scale:g}", inside), (f"{b} then * {scale:g}", after)):
-                rows.append({"size": label, "pass": mode, "method": name,
-                             "kind": "lgc_fast scale" if t is inside else "alternative scale",
-                             "median_ms": t.median_ms,
+        for pair in pairs.values():
+            after = pair[1][0]
+            for name, kind, _ in pair:
+                t = timings[name]
+                rows.append({"size": label, "pass": mode, "method": name, "kind": kind, "median_ms": t.median_ms,
                              "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "runs": t.runs, "cpu_ms": t.cpu_median_ms,
-                             "x_fastest_alt": after.median_ms / t.median_ms, "fastest_alt": f"{b} then * {scale:g}",
+                             "x_fastest_alt": timings[after].median_ms / t.median_ms, "fastest_alt": after,
                              "note": t.note, "timing": t.as_dict()})
     return rows
 

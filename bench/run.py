@@ -73,9 +73,10 @@ def _row(op, size, fast_ms, base_ms, device):
 def rows_kernel_conv(entry, device):
     rows = entry.get("results", [])
     for r in rows:
-        if r.get("kind") == "lgc_fast scale":
+        if r.get("kind") == "lgc_fast scale":  # against its own baseline, the multiply after kernel_conv
             yield _row(f"kernel_conv {r['pass']} ({r['method']}) vs {r['fastest_alt']}", r["size"], r["median_ms"],
                        r["median_ms"] * r["x_fastest_alt"], device)
+            continue
         if r.get("kind") != "lgc_fast":
             continue
         base = next((b for b in rows if b["method"] == "conv2d" and b["size"] == r["size"]
