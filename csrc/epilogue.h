@@ -122,4 +122,21 @@ LGC_EPILOGUE_HD BnGradTerms bn_train_grad_terms(double invstd, double scale, dou
   return {k1, -scale * sum_g / count - k1 * mean, sum_g_centered * invstd, sum_g};
 }
 
+// nn.BatchNorm2d's running update from a batch's mean and biased variance over `count` (>= 2) values per channel:
+// running moves by `momentum` towards the batch's mean and unbiased variance, with torch.lerp's two forms (the one
+// that keeps a momentum of 1 exact).
+struct BnRunning {
+  double mean;
+  double var;
+};
+
+LGC_EPILOGUE_HD double bn_lerp(double start, double end, double weight) {
+  return weight < 0.5 ? start + weight * (end - start) : end - (end - start) * (1.0 - weight);
+}
+
+LGC_EPILOGUE_HD BnRunning bn_running_update(double running_mean, double running_var, double mean, double var,
+                                            double count, double momentum) {
+  return {bn_lerp(running_mean, mean, momentum), bn_lerp(running_var, var * (count / (count - 1.0)), momentum)};
+}
+
 }  // namespace lgc

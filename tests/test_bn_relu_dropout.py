@@ -272,8 +272,11 @@ def test_opcheck(device):
         # Training: the Python custom ops over the Triton passes, or the compiled kernels' C++ op (autograd in C++).
         train_ops = torch.ops.lgc_fast if backend == "triton" else torch.ops.lgc_fast_C
         for keep, seeded in ((mask, None), (None, seed), (_bits(mask, z), None)):
-            torch.library.opcheck(train_ops.bn_relu_dropout_train.default,
-                                  (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P)))
+            if backend == "triton":
+                train_args = (z, weight, bias, keep, seeded, P, 1e-5, 0.1 / (1 - P))
+            else:  # the C++ op updates the running statistics in place
+                train_args = (z, weight, bias, keep, seeded, rm, rv, 0.1, P, 1e-5, 0.1 / (1 - P))
+            torch.library.opcheck(train_ops.bn_relu_dropout_train.default, train_args)
             torch.library.opcheck(ops.scale_shift_relu_dropout.default,
                                   (z, weight, bias, keep, seeded, P, 0.1, backend))
             torch.library.opcheck(train_ops.bn_relu_dropout_train_backward.default,
@@ -456,11 +459,12 @@ def test_drawn_op_opcheck_and_gradcheck(device):
     gradients."""
     if device not in kernel_backends(device):
         pytest.skip(f"the compiled {device} kernels are not built here")
-    z, weight, bias, _, _, _ = _inputs((2, 8, 4, 5), torch.float64, device, 9, channels_last=True)
+    z, weight, bias, rm, rv, _ = _inputs((2, 8, 4, 5), torch.float64, device, 9, channels_last=True)
     seed = torch.tensor([11], device=device)
     args = [t.detach().clone().requires_grad_() for t in (z, weight, bias)]
-    torch.library.opcheck(torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn.default,
-                          (*args, seed, P, 1e-5, 0.1 / (1 - P)))
+    for running in ((None, None), (rm, rv)):
+        torch.library.opcheck(torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn.default,
+                              (*args, seed, *running, 0.1, P, 1e-5, 0.1 / (1 - P)))
 
     def fresh_draw(a, w, b):
         torch.manual_seed(2)  # the same bits on every evaluation
@@ -544,6 +548,52 @@ def test_empty_batch_in_eval(device):
         z, weight, bias, rm, rv, _ = _inputs((0, 3, 4, 4), torch.float32, device, 9)
         y = bn_relu_dropout(z, rm, rv, weight, bias, training=False, backend=backend)
         assert y.shape == z.shape
+
+
+@pytest.mark.parametrize("device", devices())
+def test_running_update_forms(device):
+    """The compiled kernels update the running statistics inside their training op (in the per-channel step where the
+    buffers are dense in the accumulation dtype, else in torch ops): nn.BatchNorm2d's update for every buffer dtype,
+    a strided buffer, and momenta on both sides of lerp's switch at 0.5, plain and drawing its keep bits."""
+    backends = [name for name in kernel_backends(device) if name in ("cpu", "cuda")]
+    if not backends:
+        pytest.skip(f"the compiled {device} kernels are not built here")
+    z, weight, bias, rm, rv, mask = _inputs((2, 5, 4, 3), torch.float32, device, 12)
+    for backend in backends:
+        for stat_dtype, strided in ((torch.float32, False), (torch.float32, True), (torch.float64, False),
+                                    (torch.float16, False)):
+            for momentum in (0.1, 0.75, 1.0):
+                def buffers(v):
+                    if not strided:
+                        return v.to(stat_dtype).clone()
+                    return torch.stack([v, torch.full_like(v, 7.0)], 1).to(stat_dtype)[:, 0]
+                want, got, drawn = [buffers(rm), buffers(rv)], [buffers(rm), buffers(rv)], [buffers(rm), buffers(rv)]
+                bn_relu_dropout_ref(z, *want, weight, bias, mask, training=True, momentum=momentum, dropout_p=P)
+                bn_relu_dropout(z, *got, weight, bias, mask, training=True, momentum=momentum, dropout_p=P,
+                                backend=backend)
+                bn_relu_dropout_drawn(z, *drawn, weight, bias, momentum=momentum, dropout_p=P, backend=backend)
+                tol = dict(rtol=1e-3, atol=1e-3) if stat_dtype == torch.float16 else dict(rtol=1e-6, atol=1e-7)
+                for stats in (got, drawn):
+                    assert [t.dtype for t in stats] == [stat_dtype] * 2
+                    torch.testing.assert_close(stats, want, **tol, msg=f"{backend} {stat_dtype} {strided} {momentum}")
+                if strided:
+                    assert got[0]._base is not None  # still the view: updated in place, not replaced
+
+
+def test_training_op_rejects_bad_running_statistics():
+    """The C++ training op checks the running statistics itself (it writes them): one-line errors naming them."""
+    if "cpu" not in kernel_backends("cpu"):
+        pytest.skip("the compiled CPU kernels are not built here")
+    z, weight, bias, rm, rv, _ = _inputs((1, 6, 5, 5), torch.float32, "cpu", 10)
+    op = torch.ops.lgc_fast_C.bn_relu_dropout_train
+    one_pixel = z[:, :, :1, :1]
+    for x, running, momentum, match in ((z, (rm, None), 0.1, "both be tensors or both be None"),
+                                        (z, (rm, rv), 1.5, r"momentum must be in \[0, 1\]"),
+                                        (z, (rm[:5], rv), 0.1, r"running_mean must be a floating-point .* \(C=6,\)"),
+                                        (z, (rm, rv.to(torch.int64)), 0.1, "running_var must be a floating-point"),
+                                        (one_pixel, (rm, rv), 0.1, r"N\*H\*W >= 2")):
+        with pytest.raises(RuntimeError, match=match):
+            op(x, weight, bias, None, None, *running, momentum, 0.0, 1e-5, 0.1)
 
 
 def _bad(**overrides):

@@ -8,7 +8,9 @@
 // Reductions: each thread accumulates its values (Welford's update for the moments, plain sums for the gradient),
 // the block combines its threads in a fixed tree (Chan's formula for the moments) in float64, and one pair of doubles
 // per tile and channel goes to the partials; then one block per channel combines that channel's tiles, again in a
-// fixed order. No atomics: the results are a function of the shape and the values alone.
+// fixed order, and its thread 0 goes on to BatchNorm's per-channel terms (and the running update), so the training
+// op's forward is two reduction launches and the apply, its backward the affine, two and the apply. No atomics: the
+// results are a function of the shape and the values alone.
 // Measured on an H100 (bench_bn_relu_dropout.py, 64x128x96x96 bf16 channels_last, fwd+bwd): 1.57 ms, 29 % of the
 // bandwidth roofline, from 1.92 ms for one 2-byte value per access; in the training step it is worth 1.26x.
 #include "cuda/bn_relu_dropout.h"
@@ -325,28 +327,7 @@ __global__ void __launch_bounds__(kThreads) grad_sums_kernel(Args<T> a, double* 
   store_partial(a.plan, shared, blockIdx.x, threadIdx.x, partials);
 }
 
-// One block per channel (blockIdx.x = c).
-template <bool Moments, typename A>
-__global__ void __launch_bounds__(kThreads) channel_kernel(Plan plan, const double* partials, A* first, A* second) {
-  __shared__ BlockShares<1> shared;
-  const int64_t c = blockIdx.x;
-  put_shares(shared, threadIdx.x, channel_thread<Moments>(plan, partials, c, threadIdx.x));
-  reduce_block<Moments>(shared, 1, kThreads, kThreads / 2, 1);
-  if (threadIdx.x == 0) finish_channel<Moments>(shared, first + c, second + c);
-}
-
-template <int Drop, int V, typename T>
-__global__ void __launch_bounds__(kThreads) apply_kernel(Args<T> a) {
-  apply_thread<Drop, V>(a, blockIdx.x, threadIdx.x);
-}
-
-template <int Drop, bool Centered, int V, typename T>
-__global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
-  grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
-}
-
-// BatchNorm's per-channel terms, one thread a channel (a few hundred channels: one small launch instead of the dozen
-// elementwise torch calls the formulas take).
+// BatchNorm's per-channel terms of channel c (csrc/epilogue.h), in the accumulation type.
 template <typename A>
 LGC_HD void affine_channel(int64_t c, const A* mean, const A* var, const A* weight, const A* bias, double eps,
                            A* invstd, A* scale, A* shift) {
@@ -366,6 +347,56 @@ LGC_HD void grad_terms_channel(int64_t c, const A* mean, const A* invstd, const 
   dbias[c] = static_cast<A>(t.dbias);
 }
 
+// The training forward's per-channel terms of channel c from its final mean and var (see BnTrainTermsCuda).
+template <typename A>
+LGC_HD void train_terms_channel(int64_t c, const A* mean, const A* var, const BnTrainTermsCuda& t) {
+  affine_channel(c, mean, var, static_cast<const A*>(t.weight), static_cast<const A*>(t.bias), t.eps,
+                 static_cast<A*>(t.invstd), static_cast<A*>(t.scale), static_cast<A*>(t.shift));
+  if (t.running_mean == nullptr) return;
+  A* running_mean = static_cast<A*>(t.running_mean);
+  A* running_var = static_cast<A*>(t.running_var);
+  const BnRunning r = bn_running_update(running_mean[c], running_var[c], mean[c], var[c], t.count, t.momentum);
+  running_mean[c] = static_cast<A>(r.mean);
+  running_var[c] = static_cast<A>(r.var);
+}
+
+// The backward's terms of channel c from its final gradient sums (see BnGradTermsCuda).
+template <typename A>
+LGC_HD void backward_terms_channel(int64_t c, const A* sum_g, const A* sum_g_centered, const BnGradTermsCuda& t) {
+  grad_terms_channel(c, static_cast<const A*>(t.mean), static_cast<const A*>(t.invstd),
+                     static_cast<const A*>(t.scale), sum_g, sum_g_centered, t.count, static_cast<A*>(t.k1),
+                     static_cast<A*>(t.k0), static_cast<A*>(t.dweight), static_cast<A*>(t.dbias));
+}
+
+// One block per channel (blockIdx.x = c); thread 0 also computes the terms from the channel's results: the training
+// terms after the moments (Terms = BnTrainTermsCuda), the backward's after the gradient sums where their outputs are
+// given (BnGradTermsCuda; the standalone gradient-sum op has none).
+template <bool Moments, typename A, typename Terms>
+__global__ void __launch_bounds__(kThreads) channel_kernel(Plan plan, const double* partials, A* first, A* second,
+                                                           Terms terms) {
+  __shared__ BlockShares<1> shared;
+  const int64_t c = blockIdx.x;
+  put_shares(shared, threadIdx.x, channel_thread<Moments>(plan, partials, c, threadIdx.x));
+  reduce_block<Moments>(shared, 1, kThreads, kThreads / 2, 1);
+  if (threadIdx.x != 0) return;
+  finish_channel<Moments>(shared, first + c, second + c);
+  if constexpr (Moments) {
+    train_terms_channel(c, first, second, terms);
+  } else {
+    if (terms.k1 != nullptr) backward_terms_channel(c, first, second, terms);
+  }
+}
+
+template <int Drop, int V, typename T>
+__global__ void __launch_bounds__(kThreads) apply_kernel(Args<T> a) {
+  apply_thread<Drop, V>(a, blockIdx.x, threadIdx.x);
+}
+
+template <int Drop, bool Centered, int V, typename T>
+__global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
+  grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
+}
+
 template <typename A>
 __global__ void __launch_bounds__(kThreads) affine_kernel(int64_t channels, const A* mean, const A* var,
                                                           const A* weight, const A* bias, double eps, A* invstd,
@@ -374,13 +405,6 @@ __global__ void __launch_bounds__(kThreads) affine_kernel(int64_t channels, cons
   if (c < channels) affine_channel(c, mean, var, weight, bias, eps, invstd, scale, shift);
 }
 
-template <typename A>
-__global__ void __launch_bounds__(kThreads) grad_terms_kernel(int64_t channels, const A* mean, const A* invstd,
-                                                              const A* scale, const A* sum_g, const A* sum_g_centered,
-                                                              double count, A* k1, A* k0, A* dweight, A* dbias) {
-  const int64_t c = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  if (c < channels) grad_terms_channel(c, mean, invstd, scale, sum_g, sum_g_centered, count, k1, k0, dweight, dbias);
-}
 
 // Calls f(accumulation type tag): double for float64 maps, else float.
 template <typename F>
@@ -463,7 +487,7 @@ int64_t bn_epilogue_partials(EpilogueShape shape) {
 }
 
 cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape, double* partials, void* mean,
-                            void* var, cudaStream_t stream) {
+                            void* var, const BnTrainTermsCuda& terms, cudaStream_t stream) {
   return d::on_kind(kind, [&](auto tag) {
     using T = decltype(tag);
     using A = d::Acc<T>;
@@ -475,7 +499,7 @@ cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape,
       d::moments_kernel<decltype(vec)::value, T>
           <<<blocks, d::kThreads, 0, stream>>>(static_cast<const T*>(z), vector_io, launch.plan, partials);
       d::channel_kernel<true, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-          launch.plan, partials, static_cast<A*>(mean), static_cast<A*>(var));
+          launch.plan, partials, static_cast<A*>(mean), static_cast<A*>(var), terms);
       return cudaGetLastError();
     });
   });
@@ -525,7 +549,8 @@ cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scal
 
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
-                              double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream) {
+                              double* partials, void* sum_g, void* sum_g_centered, const BnGradTermsCuda* terms,
+                              cudaStream_t stream) {
   return d::on_pass(kind, shape, z, dy, nullptr, scale, shift, center, nullptr, nullptr, out_scale, dropout,
                     [&](const auto& a, unsigned blocks, auto vec, auto drop) {
                       using T = typename std::decay_t<decltype(a)>::Elem;
@@ -533,7 +558,8 @@ cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, co
                       d::grad_sums_kernel<decltype(drop)::value, decltype(vec)::value, T>
                           <<<blocks, d::kThreads, 0, stream>>>(a, partials);
                       d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-                          a.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered));
+                          a.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered),
+                          terms == nullptr ? BnGradTermsCuda{} : *terms);
                       return cudaGetLastError();
                     });
 }
@@ -564,20 +590,6 @@ cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mea
     d::affine_kernel<A><<<d::channel_blocks(channels), d::kThreads, 0, stream>>>(
         channels, static_cast<const A*>(mean), static_cast<const A*>(var), static_cast<const A*>(weight),
         static_cast<const A*>(bias), eps, static_cast<A*>(invstd), static_cast<A*>(scale), static_cast<A*>(shift));
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t bn_train_grad_terms_cuda(bool float64, int64_t channels, const void* mean, const void* invstd,
-                                     const void* scale, const void* sum_g, const void* sum_g_centered, double count,
-                                     void* k1, void* k0, void* dweight, void* dbias, cudaStream_t stream) {
-  if (channels <= 0) return cudaSuccess;
-  return d::on_acc(float64, [&](auto tag) {
-    using A = decltype(tag);
-    d::grad_terms_kernel<A><<<d::channel_blocks(channels), d::kThreads, 0, stream>>>(
-        channels, static_cast<const A*>(mean), static_cast<const A*>(invstd), static_cast<const A*>(scale),
-        static_cast<const A*>(sum_g), static_cast<const A*>(sum_g_centered), count, static_cast<A*>(k1),
-        static_cast<A*>(k0), static_cast<A*>(dweight), static_cast<A*>(dbias));
     return cudaGetLastError();
   });
 }

@@ -39,8 +39,26 @@ struct EpilogueDropoutCuda {
 // Doubles of scratch the reductions need for `shape`.
 int64_t bn_epilogue_partials(EpilogueShape shape);
 
+// What the training forward's moments pass also writes per channel, once a channel's statistics are final (in its
+// channel kernel: no launch of its own): BatchNorm's invstd, scale and shift (bn_train_affine) and, where
+// running_mean is not null, nn.BatchNorm2d's running update in place (bn_running_update over `count` values a
+// channel). Vectors in the accumulation type; all but the running statistics required.
+struct BnTrainTermsCuda {
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  double eps = 0.0;
+  void* invstd = nullptr;
+  void* scale = nullptr;
+  void* shift = nullptr;
+  void* running_mean = nullptr;
+  void* running_var = nullptr;
+  double momentum = 0.0;
+  double count = 0.0;
+};
+
+// mean and biased var of z per channel, and what `terms` names.
 cudaError_t bn_moments_cuda(const void* z, ScalarKind kind, EpilogueShape shape, double* partials, void* mean,
-                            void* var, cudaStream_t stream);
+                            void* var, const BnTrainTermsCuda& terms, cudaStream_t stream);
 
 cudaError_t bn_apply_cuda(const void* z, ScalarKind kind, const void* scale, const void* shift,
                           EpilogueDropoutCuda dropout, double out_scale, void* y, EpilogueShape shape,
@@ -54,9 +72,26 @@ cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scal
                                 const int64_t* seed, float p, double out_scale, void* y, uint8_t* bits,
                                 EpilogueShape shape, cudaStream_t stream);
 
+// What the training backward's gradient-sum pass also writes per channel, once a channel's sums are final (in its
+// channel kernel): the terms k1, k0, dweight and dbias (bn_train_grad_terms) from the forward's mean and the
+// backward's invstd and scale, over `count` values a channel. Vectors in the accumulation type.
+struct BnGradTermsCuda {
+  const void* mean = nullptr;
+  const void* invstd = nullptr;
+  const void* scale = nullptr;
+  double count = 0.0;
+  void* k1 = nullptr;
+  void* k0 = nullptr;
+  void* dweight = nullptr;
+  void* dbias = nullptr;
+};
+
+// sum g and sum g * (z - center) per channel of the gradient g through dropout, scale and ReLU; with `terms` (may be
+// null) also what it names.
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
-                              double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream);
+                              double* partials, void* sum_g, void* sum_g_centered, const BnGradTermsCuda* terms,
+                              cudaStream_t stream);
 
 cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
@@ -67,12 +102,6 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
 cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mean, const void* var, const void* weight,
                                  const void* bias, double eps, void* invstd, void* scale, void* shift,
                                  cudaStream_t stream);
-
-// Per channel, the backward's k1, k0, dweight and dbias (bn_train_grad_terms) from the gradient's sums over `count`
-// values per channel.
-cudaError_t bn_train_grad_terms_cuda(bool float64, int64_t channels, const void* mean, const void* invstd,
-                                     const void* scale, const void* sum_g, const void* sum_g_centered, double count,
-                                     void* k1, void* k0, void* dweight, void* dbias, cudaStream_t stream);
 
 // keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, nullptr, seed, p}
 // draws.

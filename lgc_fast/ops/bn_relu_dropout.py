@@ -406,11 +406,10 @@ def bn_relu_dropout(z: torch.Tensor, running_mean: torch.Tensor | None, running_
         ct = _compute_dtype(z.dtype)
         scale, shift = fold_batchnorm(weight, bias, running_mean.to(ct), running_var.to(ct), eps)
         return _affine_op(z, scale.to(ct), shift.to(ct), keep_mask, dropout_seed, p, out_scale, name)
-    if name in ("cpu", "cuda"):  # one C++ call each way
-        y, mean, var = torch.ops.lgc_fast_C.bn_relu_dropout_train(z, weight, bias, keep_mask, dropout_seed, p,
-                                                                  float(eps), out_scale)
-    else:
-        y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
+    if name in ("cpu", "cuda"):  # one C++ call each way, the running update included
+        return torch.ops.lgc_fast_C.bn_relu_dropout_train(z, weight, bias, keep_mask, dropout_seed, running_mean,
+                                                          running_var, float(momentum), p, float(eps), out_scale)[0]
+    y, mean, var = _train_op(z, weight, bias, keep_mask, dropout_seed, p, float(eps), out_scale)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, z.numel() // z.shape[1], momentum)
     return y
@@ -449,10 +448,8 @@ def bn_relu_dropout_drawn(z: torch.Tensor, running_mean: torch.Tensor | None, ru
         return y, keep_bits
     weight, bias, out_scale = _affine_args(z, weight, bias, activation_scale, dropout_p, True)
     z = _flattenable(z, _memory_format(z))
-    y, mean, var, keep_bits = torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn(z, weight, bias, seed,
-                                                                               float(dropout_p), float(eps), out_scale)
-    if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, z.numel() // z.shape[1], momentum)
+    y, _, _, keep_bits = torch.ops.lgc_fast_C.bn_relu_dropout_train_drawn(
+        z, weight, bias, seed, running_mean, running_var, float(momentum), float(dropout_p), float(eps), out_scale)
     return y, keep_bits
 
 

@@ -315,11 +315,12 @@ void check_bernoulli_bits(int64_t count, bool misaligned) {
   for (int64_t b = bytes; b < bytes + kBitsBytes; ++b) expect(bits.data[b] == 0xa5, "written past the bits", "uint8", b);
 }
 
-// The per-channel kernels' threads: BatchNorm's terms in the accumulation type, against the formulas in double.
+// The channel kernels' last step (thread 0, once a channel's results are final): BatchNorm's terms and the running
+// update in the accumulation type, against the formulas in double; without running statistics they stay untouched.
 template <typename A>
-void check_channel_terms(double tol, const char* type) {
+void check_channel_terms(double tol, const char* type, double momentum, bool running) {
   const int64_t channels = 5;
-  std::vector<A> mean, var, weight, bias, sum_g, sum_gc;
+  std::vector<A> mean, var, weight, bias, sum_g, sum_gc, running_mean, running_var;
   for (int64_t c = 0; c < channels; ++c) {
     mean.push_back(A(0.3 * c - 0.5));
     var.push_back(A(0.2 + 0.7 * c));
@@ -327,15 +328,28 @@ void check_channel_terms(double tol, const char* type) {
     bias.push_back(A(0.05 * c));
     sum_g.push_back(A(2.0 - c));
     sum_gc.push_back(A(0.4 * c - 1.1));
+    running_mean.push_back(A(0.1 * c));
+    running_var.push_back(A(1.0 + 0.25 * c));
   }
+  const std::vector<A> old_mean = running_mean, old_var = running_var;
   const double eps = 1e-5, count = 37.0;
   std::vector<A> invstd(channels), scale(channels), shift(channels), k1(channels), k0(channels), dw(channels),
       db(channels);
+  BnTrainTermsCuda forward{weight.data(), bias.data(), eps, invstd.data(), scale.data(), shift.data(),
+                           running ? running_mean.data() : nullptr, running ? running_var.data() : nullptr, momentum,
+                           count};
+  const BnGradTermsCuda backward{mean.data(), invstd.data(), scale.data(), count,
+                                 k1.data(),   k0.data(),     dw.data(),    db.data()};
   for (int64_t c = 0; c < channels; ++c) {
-    affine_channel(c, mean.data(), var.data(), weight.data(), bias.data(), eps, invstd.data(), scale.data(),
-                   shift.data());
-    grad_terms_channel(c, mean.data(), invstd.data(), scale.data(), sum_g.data(), sum_gc.data(), count, k1.data(),
-                       k0.data(), dw.data(), db.data());
+    train_terms_channel(c, mean.data(), var.data(), forward);
+    backward_terms_channel(c, sum_g.data(), sum_gc.data(), backward);
+    const double unbiased = double(var[c]) * count / (count - 1.0);
+    const double want_mean = running ? double(old_mean[c]) + momentum * (double(mean[c]) - double(old_mean[c]))
+                                     : double(old_mean[c]);
+    const double want_var = running ? double(old_var[c]) + momentum * (unbiased - double(old_var[c]))
+                                    : double(old_var[c]);
+    expect_close(running_mean[c], want_mean, tol, "running_mean", type, c);
+    expect_close(running_var[c], want_var, tol, "running_var", type, c);
     const double inv = 1.0 / std::sqrt(double(var[c]) + eps), sc = double(weight[c]) * inv;
     expect_close(invstd[c], inv, tol, "invstd", type, c);
     expect_close(scale[c], sc, tol, "scale", type, c);
@@ -428,8 +442,11 @@ int main() {
     check_bernoulli_bits(count, false);
     check_bernoulli_bits(count, true);
   }
-  check_channel_terms<float>(1e-6, "float32");
-  check_channel_terms<double>(1e-14, "float64");
+  for (const double momentum : {0.1, 0.75, 1.0}) {  // both of bn_lerp's forms
+    check_channel_terms<float>(1e-6, "float32", momentum, true);
+    check_channel_terms<double>(1e-14, "float64", momentum, true);
+  }
+  check_channel_terms<float>(1e-6, "float32", 0.1, false);
   expect(lgc::bernoulli_threshold(0.0f) == 0u && lgc::bernoulli_threshold(0.5f) == 2147483648u, "threshold",
          "bernoulli", 0);
   if (failures) {
