@@ -21,6 +21,8 @@
 namespace {
 
 using namespace lgc::bn_epilogue_detail;
+using lgc::BnGradTermsCuda;
+using lgc::BnTrainTermsCuda;
 using lgc::EpilogueDropoutCuda;
 using lgc::EpilogueShape;
 using lgc::from_acc;
@@ -335,11 +337,11 @@ void check_channel_terms(double tol, const char* type, double momentum, bool run
   const double eps = 1e-5, count = 37.0;
   std::vector<A> invstd(channels), scale(channels), shift(channels), k1(channels), k0(channels), dw(channels),
       db(channels);
-  BnTrainTermsCuda forward{weight.data(), bias.data(), eps, invstd.data(), scale.data(), shift.data(),
-                           running ? running_mean.data() : nullptr, running ? running_var.data() : nullptr, momentum,
-                           count};
-  const BnGradTermsCuda backward{mean.data(), invstd.data(), scale.data(), count,
-                                 k1.data(),   k0.data(),     dw.data(),    db.data()};
+  const BnTrainTermsCuda forward{weight.data(), bias.data(), eps, invstd.data(), scale.data(), shift.data(),
+                                 running ? running_mean.data() : nullptr, running ? running_var.data() : nullptr,
+                                 momentum, count};
+  const BnGradTermsCuda backward{mean.data(), invstd.data(), scale.data(), count, k1.data(), k0.data(), dw.data(),
+                                 db.data()};
   for (int64_t c = 0; c < channels; ++c) {
     train_terms_channel(c, mean.data(), var.data(), forward);
     backward_terms_channel(c, sum_g.data(), sum_gc.data(), backward);
