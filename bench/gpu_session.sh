@@ -7,7 +7,8 @@
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
 #   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda: keep bits) and the
-#          compiled step and the fused step with channels_last heads (before the planar heads), at batch 16 (lgc-fast train's default, where per-call host work shows), 64, 128 and 256;
+#          compiled step and the fused step with channels_last heads (before the planar heads), at batch 16 (lgc-fast
+#          train's default, where per-call host work shows), 32 (FUSED_EPILOGUE_MIN_CUDA_BATCH is 64), 64, 128 and 256;
 #          the fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64 into $LOGS; then the
 #          profile of the fused step (bench/profile_gpu.py) to $LOGS;
 #   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
@@ -44,7 +45,7 @@ if [[ $what == ops || $what == all ]]; then
 fi
 
 if [[ $what == train || $what == all ]]; then
-  python bench/bench_train_step.py --batch-sizes 16 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
+  python bench/bench_train_step.py --batch-sizes 16 32 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
     --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-fused-nhwc-heads lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
     | tee "$LOGS/bench_train_step.txt" || status=1
   # CUDA graphs (torch.compile's reduce-overhead) where host work bounds the step; a file of its own, since the main
