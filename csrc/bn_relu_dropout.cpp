@@ -494,14 +494,15 @@ void update_running_outside(const Running& r, const at::Tensor& mean, const at::
   r.var.lerp_((var * (r.count / (r.count - 1.0))).to(r.var.scalar_type()), r.momentum);
 }
 
-// BatchNorm's per-channel terms (csrc/epilogue.h) as (C,) tensors in mean's dtype, the accumulation type: the
-// forward's (invstd, scale, shift), with the running update where `running` asks for it in the loop.
 void check_affine_vectors(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean) {
   for (const auto* v : {&weight, &bias}) {
     TORCH_CHECK(v->dim() == 1 && v->size(0) == mean.size(0), "bn_relu_dropout_train: ",
                 v == &weight ? "weight" : "bias", " must have shape (C=", mean.size(0), ",), got ", v->sizes());
   }
 }
+
+// BatchNorm's per-channel terms (csrc/epilogue.h) as (C,) tensors in mean's dtype, the accumulation type: the
+// forward's (invstd, scale, shift), with the running update where `running` asks for it in the loop.
 
 Triple affine_cpu(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
                   double eps, const Running& running) {
