@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|ops|train|ncu|all]      (default all)
-# builds the CUDA extension in place, then
+#   bash bench/gpu_session.sh [tests|ops|train|graphs|ncu|all]      (default all)
+# builds the CUDA extension in place (incrementally after the first call), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
-#   train  the training step: eager-ref, lgc_fast, fused epilogues (the automatic backend, cuda: keep bits) and the
-#          compiled step and the fused step with channels_last heads (before the planar heads), at batch 16 (lgc-fast
-#          train's default, where per-call host work shows), 32 (FUSED_EPILOGUE_MIN_CUDA_BATCH is 64), 64, 128 and 256;
-#          the fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64 into $LOGS; then the
-#          profile of the fused step (bench/profile_gpu.py) to $LOGS;
+#   train  the training step: eager-ref, lgc_fast (torch's BN/ReLU/dropout modules), fused epilogues (the automatic
+#          backend, cuda: keep bits drawn in the op) and the fused step with channels_last heads (before the planar
+#          heads), at batch 16 (lgc-fast train's default, where per-call host work shows), 32
+#          (FUSED_EPILOGUE_MIN_CUDA_BATCH is 64), 64, 128 and 256;
+#   graphs the compiled steps (torch.compile default, each batch size compiles anew, so batch 16 and 128 only) and the
+#          fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64, each into a file of its own in
+#          $LOGS (a results key keeps one compile mode); then the profile of the fused step (bench/profile_gpu.py);
 #   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
 #          layer shape, 128 x 128 x 96 x 96 bf16 channels_last, with keep bits drawn before and inside the op.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
@@ -44,12 +46,17 @@ if [[ $what == ops || $what == all ]]; then
   python bench/bench_layout.py 2>&1 | tee "$LOGS/bench_layout.txt" || status=1
 fi
 
+# Each section is meant for one call of the device tool (at most 10 minutes a command).
 if [[ $what == train || $what == all ]]; then
-  python bench/bench_train_step.py --batch-sizes 16 32 64 128 256 --budget-s 4 --ref-runs 3 --compile default \
-    --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-fused-nhwc-heads lgc_fast-compiled lgc_fast-fused-compiled 2>&1 \
+  python bench/bench_train_step.py --batch-sizes 16 32 64 128 256 --budget-s 4 --ref-runs 3 \
+    --modes eager-ref lgc_fast lgc_fast-fused lgc_fast-fused-nhwc-heads 2>&1 \
     | tee "$LOGS/bench_train_step.txt" || status=1
-  # CUDA graphs (torch.compile's reduce-overhead) where host work bounds the step; a file of its own, since the main
-  # results keep one compile mode per run.
+fi
+
+if [[ $what == graphs || $what == all ]]; then
+  python bench/bench_train_step.py --batch-sizes 16 128 --budget-s 3 --ref-runs 1 --compile default \
+    --modes lgc_fast-compiled lgc_fast-fused-compiled --out "$LOGS/train_step_compiled.json" 2>&1 \
+    | tee "$LOGS/bench_train_step_compiled.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 16 64 --budget-s 3 --ref-runs 1 --compile reduce-overhead \
     --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
     | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
