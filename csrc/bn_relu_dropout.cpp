@@ -494,6 +494,21 @@ void update_running_outside(const Running& r, const at::Tensor& mean, const at::
   r.var.lerp_((var * (r.count / (r.count - 1.0))).to(r.var.scalar_type()), r.momentum);
 }
 
+// The CPU's update: a loop over the channels (bn_running_update) where the buffers allow it, else torch ops.
+void update_running_cpu(const Running& r, const at::Tensor& mean, const at::Tensor& var) {
+  if (!r.in_kernel) return update_running_outside(r, mean, var);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train", [&] {
+    scalar_t* running_mean = r.mean.mutable_data_ptr<scalar_t>();
+    scalar_t* running_var = r.var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.size(0); ++c) {
+      const BnRunning u = bn_running_update(running_mean[c], running_var[c], ptr<scalar_t>(mean)[c],
+                                            ptr<scalar_t>(var)[c], r.count, r.momentum);
+      running_mean[c] = static_cast<scalar_t>(u.mean);
+      running_var[c] = static_cast<scalar_t>(u.var);
+    }
+  });
+}
+
 void check_affine_vectors(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean) {
   for (const auto* v : {&weight, &bias}) {
     TORCH_CHECK(v->dim() == 1 && v->size(0) == mean.size(0), "bn_relu_dropout_train: ",
@@ -502,30 +517,21 @@ void check_affine_vectors(const at::Tensor& weight, const at::Tensor& bias, cons
 }
 
 // BatchNorm's per-channel terms (csrc/epilogue.h) as (C,) tensors in mean's dtype, the accumulation type: the
-// forward's (invstd, scale, shift), with the running update where `running` asks for it in the loop.
-
+// forward's (invstd, scale, shift). On the CPU a loop.
 Triple affine_cpu(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
-                  double eps, const Running& running) {
+                  double eps) {
   check_affine_vectors(weight, bias, mean);
   const at::Tensor w = weight.to(mean.scalar_type()).contiguous(), b = bias.to(mean.scalar_type()).contiguous();
   at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train", [&] {
-    scalar_t* running_mean = running.in_kernel ? running.mean.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* running_var = running.in_kernel ? running.var.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t c = 0; c < mean.size(0); ++c) {
-      const scalar_t m = ptr<scalar_t>(mean)[c], v = ptr<scalar_t>(var)[c];
-      const BnAffine t = bn_train_affine(m, v, ptr<scalar_t>(w)[c], ptr<scalar_t>(b)[c], eps);
+      const BnAffine t = bn_train_affine(ptr<scalar_t>(mean)[c], ptr<scalar_t>(var)[c], ptr<scalar_t>(w)[c],
+                                         ptr<scalar_t>(b)[c], eps);
       out<scalar_t>(invstd)[c] = static_cast<scalar_t>(t.invstd);
       out<scalar_t>(scale)[c] = static_cast<scalar_t>(t.scale);
       out<scalar_t>(shift)[c] = static_cast<scalar_t>(t.shift);
-      if (running_mean != nullptr) {
-        const BnRunning r = bn_running_update(running_mean[c], running_var[c], m, v, running.count, running.momentum);
-        running_mean[c] = static_cast<scalar_t>(r.mean);
-        running_var[c] = static_cast<scalar_t>(r.var);
-      }
     }
   });
-  update_running_outside(running, mean, var);
   return {invstd, scale, shift};
 }
 
@@ -533,7 +539,8 @@ Triple affine_cpu(const at::Tensor& weight, const at::Tensor& bias, const at::Te
 Quad train_stats_cpu(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, double eps,
                      const Running& running) {
   auto [mean, var] = moments_cpu(z);
-  auto [invstd, scale, shift] = affine_cpu(weight, bias, mean, var, eps, running);
+  auto [invstd, scale, shift] = affine_cpu(weight, bias, mean, var, eps);
+  update_running_cpu(running, mean, var);
   return {mean, var, scale, shift};
 }
 
@@ -562,7 +569,7 @@ Quad grad_terms_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tenso
 #ifdef LGC_WITH_CUDA
 // The backward's (invstd, scale, shift); the forward's come out of its moments pass (train_stats_cuda).
 Triple affine_cuda(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
-                   double eps, const Running&) {
+                   double eps) {
   const c10::cuda::CUDAGuard guard(mean.device());
   check_affine_vectors(weight, bias, mean);
   const at::Tensor w = weight.to(mean.scalar_type()).contiguous(), b = bias.to(mean.scalar_type()).contiguous();
@@ -654,7 +661,7 @@ template <auto Affine, auto GradTerms, auto GradApply>
 Triple train_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
                       const at::Tensor& mean, const at::Tensor& var, const OptTensor& keep_mask, const OptTensor& seed,
                       double dropout_p, double eps, double out_scale) {
-  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps, Running{});
+  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps);
   auto [k1, k0, dweight, dbias] = GradTerms(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, invstd, out_scale);
   at::Tensor dz = GradApply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale);
   return {dz, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};

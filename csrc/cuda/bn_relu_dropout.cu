@@ -405,7 +405,6 @@ __global__ void __launch_bounds__(kThreads) affine_kernel(int64_t channels, cons
   if (c < channels) affine_channel(c, mean, var, weight, bias, eps, invstd, scale, shift);
 }
 
-
 // Calls f(accumulation type tag): double for float64 maps, else float.
 template <typename F>
 cudaError_t on_acc(bool float64, F&& f) {
