@@ -1,4 +1,4 @@
-// Autograd of the conv-block epilogue's training ops (csrc/bn_relu_dropout.cpp), in C++: lgc_fast_C::
+// Autograd of the conv-block epilogue's training ops (csrc/bn_relu_dropout_train.cpp), in C++: lgc_fast_C::
 // bn_relu_dropout_train and bn_relu_dropout_train_drawn save what their backward needs, and that backward is one call
 // of lgc_fast_C::bn_relu_dropout_train_backward (with the keep mask, the seed or the drawn keep bits). Both go through
 // the dispatcher, so every device's kernels (and the Meta ones under torch.compile) serve them.

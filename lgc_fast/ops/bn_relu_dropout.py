@@ -182,7 +182,7 @@ _PASSES = {"cpu": _ExtensionPasses, "cuda": _ExtensionPasses, "triton": _TritonP
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops over a backend's passes. out_scale = activation_scale, divided by 1 - dropout_p when there is a mask.
 # Training with batch statistics: lgc_fast::bn_relu_dropout_train over the Triton passes; the compiled backends
-# have lgc_fast_C::bn_relu_dropout_train (csrc/bn_relu_dropout.cpp: the same formulas, and its autograd, in C++).
+# have lgc_fast_C::bn_relu_dropout_train (csrc/bn_relu_dropout_train.cpp: the same formulas, and its autograd, in C++).
 
 def _train_affine(weight, bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
