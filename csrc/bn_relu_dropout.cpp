@@ -299,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums_cuda(const at::Tensor& grad, const 
   check_launch(bn_grad_sums_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
                                  in.scale.const_data_ptr(), in.shift.const_data_ptr(), cuda_dropout(in.drop),
                                  in.center.const_data_ptr(), out_scale, in.maps.shape, out<double>(partials),
-                                 sum_g.mutable_data_ptr(), sum_g_centered.mutable_data_ptr(), nullptr,
+                                 sum_g.mutable_data_ptr(), sum_g_centered.mutable_data_ptr(),
                                  c10::cuda::getCurrentCUDAStream()),
                "bn_relu_dropout_grad_sums");
   return {sum_g, sum_g_centered};

@@ -2,10 +2,10 @@
 // epilogue with batch statistics, forward and backward, each one call into C++ (autograd in C++ too,
 // csrc/bn_relu_dropout_autograd.cpp), so a conv block pays one dispatch each way instead of a Python custom op's
 // autograd and some twenty small torch calls. It runs the per-pass glue's passes (csrc/bn_relu_dropout.cpp) with the
-// same formulas as the Python op's Triton path, the per-channel ones (csrc/epilogue.h) in double, in a loop on the
-// CPU and inside the reductions' channel kernels on CUDA (forward: moments, apply; backward: affine, gradient sums,
-// apply). The forward also updates nn.BatchNorm2d's running statistics in place when given, which saves the caller's
-// torch calls for it (launches, on CUDA).
+// same formulas as the Python op's Triton path, the per-channel ones (csrc/epilogue.h) in double, in a loop on the CPU
+// and inside the reductions' kernels on CUDA (forward: moments, apply; backward: gradient sums, apply). The forward
+// also updates nn.BatchNorm2d's running statistics in place when given, which saves the caller's torch calls for it
+// (launches, on CUDA).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -111,10 +111,17 @@ Quad train_stats_cpu(const at::Tensor& z, const at::Tensor& weight, const at::Te
   return {mean, var, scale, shift};
 }
 
-// The backward's sums of the gradient g and its terms -> (k1, k0, dweight, dbias) (bn_train_grad_terms).
-Quad grad_terms_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                    const OptTensor& keep_mask, const OptTensor& seed, double dropout_p, const at::Tensor& mean,
-                    const at::Tensor& invstd, double out_scale) {
+// What the backward's reduction gives per channel: BatchNorm's scale and shift again (for the gradient apply) and the
+// terms of bn_train_grad_terms.
+struct BackwardTerms {
+  at::Tensor scale, shift, k1, k0, dweight, dbias;
+};
+
+// The backward's per-channel results from the forward's batch statistics and the gradient's sums.
+BackwardTerms grad_terms_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight,
+                             const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+                             const OptTensor& keep_mask, const OptTensor& seed, double dropout_p, double out_scale) {
+  auto [invstd, scale, shift] = affine_cpu(weight, bias, mean, var, eps);
   auto [sum_g, sum_g_centered] = grad_sums_cpu(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, out_scale);
   const double count = static_cast<double>(z.numel() / z.size(1));
   at::Tensor k1 = at::empty_like(mean), k0 = at::empty_like(mean);
@@ -130,25 +137,10 @@ Quad grad_terms_cpu(const at::Tensor& grad, const at::Tensor& z, const at::Tenso
       out<scalar_t>(dbias)[c] = static_cast<scalar_t>(t.dbias);
     }
   });
-  return {k1, k0, dweight, dbias};
+  return {scale, shift, k1, k0, dweight, dbias};
 }
 
 #ifdef LGC_WITH_CUDA
-// The backward's (invstd, scale, shift); the forward's come out of its moments pass (train_stats_cuda).
-Triple affine_cuda(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
-                   double eps) {
-  const c10::cuda::CUDAGuard guard(mean.device());
-  check_affine_vectors(weight, bias, mean);
-  const at::Tensor w = weight.to(mean.scalar_type()).contiguous(), b = bias.to(mean.scalar_type()).contiguous();
-  at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
-  check_launch(bn_train_affine_cuda(mean.scalar_type() == at::kDouble, mean.size(0), mean.const_data_ptr(),
-                                    var.const_data_ptr(), w.const_data_ptr(), b.const_data_ptr(), eps,
-                                    invstd.mutable_data_ptr(), scale.mutable_data_ptr(), shift.mutable_data_ptr(),
-                                    c10::cuda::getCurrentCUDAStream()),
-               "bn_relu_dropout_train");
-  return {invstd, scale, shift};
-}
-
 // train_stats_cpu in two launches: the moments' tiles, then one block a channel that also writes the terms and
 // updates the running statistics.
 Quad train_stats_cuda(const at::Tensor& z_in, const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -180,26 +172,39 @@ Quad train_stats_cuda(const at::Tensor& z_in, const at::Tensor& weight, const at
   return {mean, var, scale, shift};
 }
 
-// grad_terms_cpu in two launches: the gradient sums' tiles, then one block a channel that also writes the terms.
-Quad grad_terms_cuda(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
-                     const OptTensor& keep_mask, const OptTensor& seed, double dropout_p, const at::Tensor& mean,
-                     const at::Tensor& invstd, double out_scale) {
+// grad_terms_cpu in two launches: the gradient sums' tiles, which compute BatchNorm's scale and shift themselves, then
+// one block a channel that also writes them and the terms.
+BackwardTerms grad_terms_cuda(const at::Tensor& grad, const at::Tensor& z_in, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+                              const OptTensor& keep_mask, const OptTensor& seed, double dropout_p, double out_scale) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const Inputs in = grad_sums_inputs(grad, z_in, scale, shift, keep_mask, seed, dropout_p, mean);
+  check_affine_vectors(weight, bias, mean);
+  // weight and bias take the scale and shift slots, in the accumulation type: the kernels compute those from them
+  const Inputs in = grad_sums_inputs(grad, z_in, weight, bias, keep_mask, seed, dropout_p, mean);
+  const at::Tensor batch_var = channel_vector(var, in.z, in.maps, "var");
   auto [sum_g, sum_g_centered] = new_channel_pair(in.z, in.maps);
-  at::Tensor k1 = at::empty_like(sum_g), k0 = at::empty_like(sum_g);
-  at::Tensor dweight = at::empty_like(sum_g), dbias = at::empty_like(sum_g);
+  BackwardTerms t;
+  for (at::Tensor* v : {&t.scale, &t.shift, &t.k1, &t.k0, &t.dweight, &t.dbias}) *v = at::empty_like(sum_g);
   at::Tensor partials = new_partials(in.z, in.maps);
-  const BnGradTermsCuda terms{in.center.const_data_ptr(), invstd.const_data_ptr(),  in.scale.const_data_ptr(),
-                              static_cast<double>(in.z.numel() / in.z.size(1)), k1.mutable_data_ptr(),
-                              k0.mutable_data_ptr(), dweight.mutable_data_ptr(), dbias.mutable_data_ptr()};
-  check_launch(bn_grad_sums_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
-                                 in.scale.const_data_ptr(), in.shift.const_data_ptr(), cuda_dropout(in.drop),
-                                 in.center.const_data_ptr(), out_scale, in.maps.shape, out<double>(partials),
-                                 sum_g.mutable_data_ptr(), sum_g_centered.mutable_data_ptr(), &terms,
-                                 c10::cuda::getCurrentCUDAStream()),
+  BnGradTermsCuda terms;
+  terms.mean = in.center.const_data_ptr();
+  terms.var = batch_var.const_data_ptr();
+  terms.weight = in.scale.const_data_ptr();
+  terms.bias = in.shift.const_data_ptr();
+  terms.eps = eps;
+  terms.count = static_cast<double>(in.z.numel() / in.z.size(1));
+  terms.scale = t.scale.mutable_data_ptr();
+  terms.shift = t.shift.mutable_data_ptr();
+  terms.k1 = t.k1.mutable_data_ptr();
+  terms.k0 = t.k0.mutable_data_ptr();
+  terms.dweight = t.dweight.mutable_data_ptr();
+  terms.dbias = t.dbias.mutable_data_ptr();
+  check_launch(bn_train_grad_sums_cuda(in.dy.const_data_ptr(), in.z.const_data_ptr(), scalar_kind(in.z.scalar_type()),
+                                       cuda_dropout(in.drop), out_scale, in.maps.shape, out<double>(partials),
+                                       sum_g.mutable_data_ptr(), sum_g_centered.mutable_data_ptr(), terms,
+                                       c10::cuda::getCurrentCUDAStream()),
                "bn_relu_dropout_train_backward");
-  return {k1, k0, dweight, dbias};
+  return t;
 }
 #endif
 
@@ -224,14 +229,13 @@ Quad train_forward_drawn(const at::Tensor& z, const at::Tensor& weight, const at
 }
 
 // -> (dz, dweight, dbias), dz = scale * g + k1 * z + k0 (bn_train_grad_terms).
-template <auto Affine, auto GradTerms, auto GradApply>
+template <auto GradTerms, auto GradApply>
 Triple train_backward(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
                       const at::Tensor& mean, const at::Tensor& var, const OptTensor& keep_mask, const OptTensor& seed,
                       double dropout_p, double eps, double out_scale) {
-  auto [invstd, scale, shift] = Affine(weight, bias, mean, var, eps);
-  auto [k1, k0, dweight, dbias] = GradTerms(grad, z, scale, shift, keep_mask, seed, dropout_p, mean, invstd, out_scale);
-  at::Tensor dz = GradApply(grad, z, scale, shift, keep_mask, seed, dropout_p, k1, k0, out_scale);
-  return {dz, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};
+  const BackwardTerms t = GradTerms(grad, z, weight, bias, mean, var, eps, keep_mask, seed, dropout_p, out_scale);
+  at::Tensor dz = GradApply(grad, z, t.scale, t.shift, keep_mask, seed, dropout_p, t.k1, t.k0, out_scale);
+  return {dz, t.dweight.to(weight.scalar_type()), t.dbias.to(bias.scalar_type())};
 }
 
 Triple train_meta(const at::Tensor& z, const at::Tensor& weight, const at::Tensor&, const OptTensor&, const OptTensor&,
@@ -280,7 +284,7 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CPU, m) {
   m.impl("bn_relu_dropout_train_drawn",
          &lgc::train_forward_drawn<lgc::train_stats_cpu, lgc::bn_glue::apply_drawn_cpu>);
   m.impl("bn_relu_dropout_train_backward",
-         &lgc::train_backward<lgc::affine_cpu, lgc::grad_terms_cpu, lgc::bn_glue::grad_apply_cpu>);
+         &lgc::train_backward<lgc::grad_terms_cpu, lgc::bn_glue::grad_apply_cpu>);
 }
 
 TORCH_LIBRARY_IMPL(lgc_fast_C, Meta, m) {
@@ -295,6 +299,6 @@ TORCH_LIBRARY_IMPL(lgc_fast_C, CUDA, m) {
   m.impl("bn_relu_dropout_train_drawn",
          &lgc::train_forward_drawn<lgc::train_stats_cuda, lgc::bn_glue::apply_drawn_cuda>);
   m.impl("bn_relu_dropout_train_backward",
-         &lgc::train_backward<lgc::affine_cuda, lgc::grad_terms_cuda, lgc::bn_glue::grad_apply_cuda>);
+         &lgc::train_backward<lgc::grad_terms_cuda, lgc::bn_glue::grad_apply_cuda>);
 }
 #endif

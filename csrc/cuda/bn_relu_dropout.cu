@@ -9,8 +9,9 @@
 // the block combines its threads in a fixed tree (Chan's formula for the moments) in float64, and one pair of doubles
 // per tile and channel goes to the partials; then one block per channel combines that channel's tiles, again in a
 // fixed order, and its thread 0 goes on to BatchNorm's per-channel terms (and the running update), so the training
-// op's forward is two reduction launches and the apply, its backward the affine, two and the apply. No atomics: the
-// results are a function of the shape and the values alone.
+// op's forward is two reduction launches and the apply, its backward two and the apply (the gradient-sum tiles
+// compute BatchNorm's scale and shift from the batch statistics themselves). No atomics: the results are a function
+// of the shape and the values alone.
 // Measured on an H100 (bench_bn_relu_dropout.py, 64x128x96x96 bf16 channels_last, fwd+bwd): 1.57 ms, 29 % of the
 // bandwidth roofline, from 1.92 ms for one 2-byte value per access; in the training step it is worth 1.26x.
 #include "cuda/bn_relu_dropout.h"
@@ -61,6 +62,12 @@ struct Args {
   Acc<T> out_scale;
   EpilogueDropoutCuda dropout;
   bool vector_io;
+  // The training backward's gradient sums: where var is set, scale and shift are not read but computed per thread
+  // from the batch statistics (center, var) and BatchNorm's weight and bias, as the forward computed them.
+  const Acc<T>* var = nullptr;
+  const Acc<T>* weight = nullptr;
+  const Acc<T>* bias = nullptr;
+  double eps = 0.0;
 };
 
 template <typename T>
@@ -75,6 +82,24 @@ template <int V, typename A>
 LGC_HD void load_channels(const A* v, int64_t c, int step, A (&out)[V]) {
 #pragma unroll
   for (int k = 0; k < V; ++k) out[k] = v[c + k * step];
+}
+
+// BatchNorm's scale and shift of a thread's V values (see load_channels): loaded, or computed (Args::var).
+template <int V, typename T>
+LGC_HD void load_affine(const Args<T>& a, int64_t c, int step, Acc<T> (&scale)[V], Acc<T> (&shift)[V]) {
+  using A = Acc<T>;
+  if (a.var == nullptr) {
+    load_channels<V>(a.scale, c, step, scale);
+    load_channels<V>(a.shift, c, step, shift);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t at = c + k * step;
+    const BnAffine t = bn_train_affine(a.center[at], a.var[at], a.weight[at], a.bias[at], a.eps);
+    scale[k] = static_cast<A>(t.scale);
+    shift[k] = static_cast<A>(t.shift);
+  }
 }
 
 template <int Drop>
@@ -294,8 +319,7 @@ LGC_HD ThreadStats<V> grad_sums_thread(const Args<T>& a, int64_t tile, int threa
   A sum_g[V] = {}, sum_g_centered[V] = {};
   if (c >= 0) {
     A scale[V], shift[V], center[V];
-    load_channels<V>(a.scale, c, plan.channel_step(), scale);
-    load_channels<V>(a.shift, c, plan.channel_step(), shift);
+    load_affine<V>(a, c, plan.channel_step(), scale, shift);
     load_channels<V>(a.center, c, plan.channel_step(), center);
     const uint64_t seed = load_seed<Drop>(a.dropout);
     visit_thread<R>(plan, tile, thread, [&](const int64_t(&offset)[R], const uint32_t(&index)[R], int count) {
@@ -337,16 +361,6 @@ LGC_HD void affine_channel(int64_t c, const A* mean, const A* var, const A* weig
   shift[c] = static_cast<A>(t.shift);
 }
 
-template <typename A>
-LGC_HD void grad_terms_channel(int64_t c, const A* mean, const A* invstd, const A* scale, const A* sum_g,
-                               const A* sum_g_centered, double count, A* k1, A* k0, A* dweight, A* dbias) {
-  const BnGradTerms t = bn_train_grad_terms(invstd[c], scale[c], mean[c], sum_g[c], sum_g_centered[c], count);
-  k1[c] = static_cast<A>(t.k1);
-  k0[c] = static_cast<A>(t.k0);
-  dweight[c] = static_cast<A>(t.dweight);
-  dbias[c] = static_cast<A>(t.dbias);
-}
-
 // The training forward's per-channel terms of channel c from its final mean and var (see BnTrainTermsCuda).
 template <typename A>
 LGC_HD void train_terms_channel(int64_t c, const A* mean, const A* var, const BnTrainTermsCuda& t) {
@@ -360,12 +374,21 @@ LGC_HD void train_terms_channel(int64_t c, const A* mean, const A* var, const Bn
   running_var[c] = static_cast<A>(r.var);
 }
 
-// The backward's terms of channel c from its final gradient sums (see BnGradTermsCuda).
+// The backward's terms of channel c from its final gradient sums (see BnGradTermsCuda): BatchNorm's scale and shift
+// again, then k1, k0, dweight and dbias from them rounded to the accumulation type, as the forward stored them.
 template <typename A>
 LGC_HD void backward_terms_channel(int64_t c, const A* sum_g, const A* sum_g_centered, const BnGradTermsCuda& t) {
-  grad_terms_channel(c, static_cast<const A*>(t.mean), static_cast<const A*>(t.invstd),
-                     static_cast<const A*>(t.scale), sum_g, sum_g_centered, t.count, static_cast<A*>(t.k1),
-                     static_cast<A*>(t.k0), static_cast<A*>(t.dweight), static_cast<A*>(t.dbias));
+  const A* mean = static_cast<const A*>(t.mean);
+  const BnAffine f = bn_train_affine(mean[c], static_cast<const A*>(t.var)[c], static_cast<const A*>(t.weight)[c],
+                                     static_cast<const A*>(t.bias)[c], t.eps);
+  const A invstd = static_cast<A>(f.invstd), scale = static_cast<A>(f.scale);
+  static_cast<A*>(t.scale)[c] = scale;
+  static_cast<A*>(t.shift)[c] = static_cast<A>(f.shift);
+  const BnGradTerms g = bn_train_grad_terms(invstd, scale, mean[c], sum_g[c], sum_g_centered[c], t.count);
+  static_cast<A*>(t.k1)[c] = static_cast<A>(g.k1);
+  static_cast<A*>(t.k0)[c] = static_cast<A>(g.k0);
+  static_cast<A*>(t.dweight)[c] = static_cast<A>(g.dweight);
+  static_cast<A*>(t.dbias)[c] = static_cast<A>(g.dbias);
 }
 
 // One block per channel (blockIdx.x = c); thread 0 also computes the terms from the channel's results: the training
@@ -396,22 +419,6 @@ template <int Drop, bool Centered, int V, typename T>
 __global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
   grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
 }
-
-template <typename A>
-__global__ void __launch_bounds__(kThreads) affine_kernel(int64_t channels, const A* mean, const A* var,
-                                                          const A* weight, const A* bias, double eps, A* invstd,
-                                                          A* scale, A* shift) {
-  const int64_t c = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  if (c < channels) affine_channel(c, mean, var, weight, bias, eps, invstd, scale, shift);
-}
-
-// Calls f(accumulation type tag): double for float64 maps, else float.
-template <typename F>
-cudaError_t on_acc(bool float64, F&& f) {
-  return float64 ? f(double{}) : f(float{});
-}
-
-inline unsigned channel_blocks(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
 
 // Calls f(element type tag) for `kind`.
 template <typename F>
@@ -474,6 +481,17 @@ cudaError_t on_pass(ScalarKind kind, EpilogueShape shape, const void* z, const v
       return on_drop(dropout, [&](auto drop) { return f(a, blocks, vec, drop); });
     });
   });
+}
+
+// The gradient sums' two launches for `a` (with `terms` for the channel kernel: their outputs may be null).
+template <typename T, int Drop, int V>
+cudaError_t launch_grad_sums(const Args<T>& a, unsigned blocks, double* partials, void* sum_g, void* sum_g_centered,
+                             const BnGradTermsCuda& terms, cudaStream_t stream) {
+  using A = Acc<T>;
+  grad_sums_kernel<Drop, V, T><<<blocks, kThreads, 0, stream>>>(a, partials);
+  channel_kernel<false, A><<<static_cast<unsigned>(a.plan.s.c), kThreads, 0, stream>>>(
+      a.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered), terms);
+  return cudaGetLastError();
 }
 
 }  // namespace bn_epilogue_detail
@@ -548,18 +566,29 @@ cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scal
 
 cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                               EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
-                              double* partials, void* sum_g, void* sum_g_centered, const BnGradTermsCuda* terms,
-                              cudaStream_t stream) {
+                              double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream) {
   return d::on_pass(kind, shape, z, dy, nullptr, scale, shift, center, nullptr, nullptr, out_scale, dropout,
                     [&](const auto& a, unsigned blocks, auto vec, auto drop) {
                       using T = typename std::decay_t<decltype(a)>::Elem;
+                      return d::launch_grad_sums<T, decltype(drop)::value, decltype(vec)::value>(
+                          a, blocks, partials, sum_g, sum_g_centered, BnGradTermsCuda{}, stream);
+                    });
+}
+
+cudaError_t bn_train_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, EpilogueDropoutCuda dropout,
+                                    double out_scale, EpilogueShape shape, double* partials, void* sum_g,
+                                    void* sum_g_centered, const BnGradTermsCuda& terms, cudaStream_t stream) {
+  return d::on_pass(kind, shape, z, dy, nullptr, nullptr, nullptr, terms.mean, nullptr, nullptr, out_scale, dropout,
+                    [&](const auto& a, unsigned blocks, auto vec, auto drop) {
+                      using T = typename std::decay_t<decltype(a)>::Elem;
                       using A = d::Acc<T>;
-                      d::grad_sums_kernel<decltype(drop)::value, decltype(vec)::value, T>
-                          <<<blocks, d::kThreads, 0, stream>>>(a, partials);
-                      d::channel_kernel<false, A><<<static_cast<unsigned>(shape.c), d::kThreads, 0, stream>>>(
-                          a.plan, partials, static_cast<A*>(sum_g), static_cast<A*>(sum_g_centered),
-                          terms == nullptr ? BnGradTermsCuda{} : *terms);
-                      return cudaGetLastError();
+                      d::Args<T> train = a;
+                      train.var = static_cast<const A*>(terms.var);
+                      train.weight = static_cast<const A*>(terms.weight);
+                      train.bias = static_cast<const A*>(terms.bias);
+                      train.eps = terms.eps;
+                      return d::launch_grad_sums<T, decltype(drop)::value, decltype(vec)::value>(
+                          train, blocks, partials, sum_g, sum_g_centered, terms, stream);
                     });
 }
 
@@ -578,19 +607,6 @@ cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, c
                       }
                       return cudaGetLastError();
                     });
-}
-
-cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mean, const void* var, const void* weight,
-                                 const void* bias, double eps, void* invstd, void* scale, void* shift,
-                                 cudaStream_t stream) {
-  if (channels <= 0) return cudaSuccess;
-  return d::on_acc(float64, [&](auto tag) {
-    using A = decltype(tag);
-    d::affine_kernel<A><<<d::channel_blocks(channels), d::kThreads, 0, stream>>>(
-        channels, static_cast<const A*>(mean), static_cast<const A*>(var), static_cast<const A*>(weight),
-        static_cast<const A*>(bias), eps, static_cast<A*>(invstd), static_cast<A*>(scale), static_cast<A*>(shift));
-    return cudaGetLastError();
-  });
 }
 
 }  // namespace lgc

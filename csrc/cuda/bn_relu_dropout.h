@@ -72,36 +72,39 @@ cudaError_t bn_apply_drawn_cuda(const void* z, ScalarKind kind, const void* scal
                                 const int64_t* seed, float p, double out_scale, void* y, uint8_t* bits,
                                 EpilogueShape shape, cudaStream_t stream);
 
-// What the training backward's gradient-sum pass also writes per channel, once a channel's sums are final (in its
-// channel kernel): the terms k1, k0, dweight and dbias (bn_train_grad_terms) from the forward's mean and the
-// backward's invstd and scale, over `count` values a channel. Vectors in the accumulation type.
+// sum g and sum g * (z - center) per channel of the gradient g through dropout, scale and ReLU.
+cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
+                              EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
+                              double* partials, void* sum_g, void* sum_g_centered, cudaStream_t stream);
+
+// The training backward's per-channel inputs and what its gradient-sum pass also writes per channel once a channel's
+// sums are final (in its channel kernel): BatchNorm's scale and shift (bn_train_affine, for the gradient apply) and
+// the terms k1, k0, dweight and dbias (bn_train_grad_terms) from the forward's batch statistics, over `count` values
+// a channel. Vectors in the accumulation type.
 struct BnGradTermsCuda {
   const void* mean = nullptr;
-  const void* invstd = nullptr;
-  const void* scale = nullptr;
+  const void* var = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  double eps = 0.0;
   double count = 0.0;
+  void* scale = nullptr;
+  void* shift = nullptr;
   void* k1 = nullptr;
   void* k0 = nullptr;
   void* dweight = nullptr;
   void* dbias = nullptr;
 };
 
-// sum g and sum g * (z - center) per channel of the gradient g through dropout, scale and ReLU; with `terms` (may be
-// null) also what it names.
-cudaError_t bn_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
-                              EpilogueDropoutCuda dropout, const void* center, double out_scale, EpilogueShape shape,
-                              double* partials, void* sum_g, void* sum_g_centered, const BnGradTermsCuda* terms,
-                              cudaStream_t stream);
+// bn_grad_sums_cuda for the training backward, centred on the batch mean, with BatchNorm's scale and shift computed
+// from `terms` in the tiles (no launch of their own), and what `terms` names.
+cudaError_t bn_train_grad_sums_cuda(const void* dy, const void* z, ScalarKind kind, EpilogueDropoutCuda dropout,
+                                    double out_scale, EpilogueShape shape, double* partials, void* sum_g,
+                                    void* sum_g_centered, const BnGradTermsCuda& terms, cudaStream_t stream);
 
 cudaError_t bn_grad_apply_cuda(const void* dy, const void* z, ScalarKind kind, const void* scale, const void* shift,
                                EpilogueDropoutCuda dropout, const void* k1, const void* k0, double out_scale,
                                void* dz, EpilogueShape shape, cudaStream_t stream);
-
-// Per channel c < channels, in the accumulation type (float64 when `float64`, else float32) as every vector here:
-// invstd, scale and shift of BatchNorm with the batch statistics mean, var (bn_train_affine).
-cudaError_t bn_train_affine_cuda(bool float64, int64_t channels, const void* mean, const void* var, const void* weight,
-                                 const void* bias, double eps, void* invstd, void* scale, void* shift,
-                                 cudaStream_t stream);
 
 // keep: (N, C, P) uint8 in shape's layout, 1 = kept: the mask that EpilogueDropoutCuda{nullptr, nullptr, seed, p}
 // draws.

@@ -189,6 +189,26 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
     };
     const Args<T> a = args(nullptr), ay = args(y.data), adz = args(dz.data), adz_plain = args(dz_plain.data);
     expect(a.vector_io == vector_io && ay.vector_io == vector_io, "vector access decision", type, form);
+    // The training backward's tiles compute scale and shift from the batch statistics (Args::var); their sums must
+    // be those of the same values loaded, bit for bit.
+    std::vector<A> train_var, train_weight, train_bias, train_scale, train_shift;
+    for (int64_t c = 0; c < s.c; ++c) {
+      train_var.push_back(A(0.5 + 0.25 * c));
+      train_weight.push_back(A(1.0 - 0.1 * c));
+      train_bias.push_back(A(0.2 - 0.05 * c));
+      const lgc::BnAffine t = lgc::bn_train_affine(center[c], train_var[c], train_weight[c], train_bias[c], 1e-5);
+      train_scale.push_back(static_cast<A>(t.scale));
+      train_shift.push_back(static_cast<A>(t.shift));
+    }
+    Args<T> computed = make_args<T>(plan, z.data, dy.data, nullptr, nullptr, nullptr, center.data(), nullptr, nullptr,
+                                    out_scale, dropout);
+    computed.var = train_var.data();
+    computed.weight = train_weight.data();
+    computed.bias = train_bias.data();
+    computed.eps = 1e-5;
+    const Args<T> loaded = make_args<T>(plan, z.data, dy.data, nullptr, train_scale.data(), train_shift.data(),
+                                        center.data(), nullptr, nullptr, out_scale, dropout);
+    std::vector<A> computed_sums(2 * s.c, A(NAN)), loaded_sums(2 * s.c, A(NAN));
     auto run = [&](auto drop) {
       constexpr int kDrop = decltype(drop)::value;
       emulate_elementwise(plan, [&](int64_t tile, int t) { apply_thread<kDrop, V>(ay, tile, t); });
@@ -198,11 +218,19 @@ void check(const Case& cs, const Plan& plan, double tol, const char* type, bool 
       emulate_reduction<false, V>(
           plan, [&](int64_t tile, int t) { return grad_sums_thread<kDrop, V>(a, tile, t); }, sum_g.data(),
           sum_gc.data());
+      emulate_reduction<false, V>(
+          plan, [&](int64_t tile, int t) { return grad_sums_thread<kDrop, V>(computed, tile, t); },
+          computed_sums.data(), computed_sums.data() + s.c);
+      emulate_reduction<false, V>(
+          plan, [&](int64_t tile, int t) { return grad_sums_thread<kDrop, V>(loaded, tile, t); }, loaded_sums.data(),
+          loaded_sums.data() + s.c);
     };
     if (form == 0) run(std::integral_constant<int, kNoDrop>{});
     if (form == 1) run(std::integral_constant<int, kMaskDrop>{});
     if (form == 2) run(std::integral_constant<int, kSeededDrop>{});
     if (form == 3) run(std::integral_constant<int, kBitsDrop>{});
+    expect(std::memcmp(computed_sums.data(), loaded_sums.data(), computed_sums.size() * sizeof(A)) == 0,
+           "gradient sums with scale and shift computed from the statistics", type, form);
     std::vector<double> want_g(s.c, 0.0), want_gc(s.c, 0.0);
     for (int64_t n = 0; n < s.n; ++n) {
       for (int64_t c = 0; c < s.c; ++c) {
@@ -336,11 +364,12 @@ void check_channel_terms(double tol, const char* type, double momentum, bool run
   const std::vector<A> old_mean = running_mean, old_var = running_var;
   const double eps = 1e-5, count = 37.0;
   std::vector<A> invstd(channels), scale(channels), shift(channels), k1(channels), k0(channels), dw(channels),
-      db(channels);
+      db(channels), backward_scale(channels), backward_shift(channels);
   const BnTrainTermsCuda forward{weight.data(), bias.data(), eps, invstd.data(), scale.data(), shift.data(),
                                  running ? running_mean.data() : nullptr, running ? running_var.data() : nullptr,
                                  momentum, count};
-  const BnGradTermsCuda backward{mean.data(), invstd.data(), scale.data(), count, k1.data(), k0.data(), dw.data(),
+  const BnGradTermsCuda backward{mean.data(), var.data(), weight.data(), bias.data(), eps, count,
+                                 backward_scale.data(), backward_shift.data(), k1.data(), k0.data(), dw.data(),
                                  db.data()};
   for (int64_t c = 0; c < channels; ++c) {
     train_terms_channel(c, mean.data(), var.data(), forward);
@@ -356,6 +385,8 @@ void check_channel_terms(double tol, const char* type, double momentum, bool run
     expect_close(invstd[c], inv, tol, "invstd", type, c);
     expect_close(scale[c], sc, tol, "scale", type, c);
     expect_close(shift[c], double(bias[c]) - double(mean[c]) * sc, tol, "shift", type, c);
+    // the backward computes them again, and must get the forward's values exactly
+    expect(backward_scale[c] == scale[c] && backward_shift[c] == shift[c], "backward's scale and shift", type, c);
     const double want_k1 = -sc * inv * inv * double(sum_gc[c]) / count;
     expect_close(k1[c], want_k1, tol, "k1", type, c);
     expect_close(k0[c], -sc * double(sum_g[c]) / count - want_k1 * double(mean[c]), tol, "k0", type, c);
