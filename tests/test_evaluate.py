@@ -285,7 +285,10 @@ def test_eval_measures_and_removes_systematic_point_errors(tmp_path, capsys):
     expected = metrics.nme(crop_to_image(points.numpy(), batch["affine"].double().numpy()),
                            np.stack([r.points for r in records]), None, "inter_ocular", "68")
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert np.abs(mean_point_offsets(points, batch["points"], batch["labelled"], fit.similarity)).max() < 1e-5
+    # What is left is at most what the saved offsets differ from this run's: the tolerance above, as their float
+    # rounding differs between CPUs, relative to offsets that reach hundreds for the untrained model
+    residual = np.abs(mean_point_offsets(points, batch["points"], batch["labelled"], fit.similarity)).max()
+    assert residual <= 1e-6 * np.abs(offsets).max() + 2e-6
     without_fit = [a for a in common if a != "--fit"]
     assert main(without_fit + ["--point-offsets", str(tmp_path / "offsets.json")]) == 2
     assert "need --fit" in capsys.readouterr().err
