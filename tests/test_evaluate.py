@@ -273,8 +273,11 @@ def test_eval_measures_and_removes_systematic_point_errors(tmp_path, capsys):
     batch = torch.utils.data.default_collate([LandmarkDataset(records, out_size=32)[i] for i in range(4)])
     plain = Detector(model, tmp_path / "shapes.npz", "cpu", "argmax", image_size=32)
     points, _, _, fit = plain.points_from_heatmaps(plain.heatmaps(batch["image"]))
+    # The untrained model's offsets reach hundreds, and the CLI's run and this one round them differently by torch
+    # version and CPU (8e-6 relative with torch 2.4.1 on one machine): a tolerance for that, far below a wrong face set
+    offset_rtol = 1e-4
     np.testing.assert_allclose(offsets, mean_point_offsets(points, batch["points"], batch["labelled"],
-                                                           fit.similarity), rtol=1e-6, atol=2e-6)  # 6 decimals
+                                                           fit.similarity), rtol=offset_rtol, atol=2e-6)
     assert main(common + ["--point-offsets", str(tmp_path / "offsets.json"), "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["point_offsets"] == str(tmp_path / "offsets.json")
@@ -285,10 +288,9 @@ def test_eval_measures_and_removes_systematic_point_errors(tmp_path, capsys):
     expected = metrics.nme(crop_to_image(points.numpy(), batch["affine"].double().numpy()),
                            np.stack([r.points for r in records]), None, "inter_ocular", "68")
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    # What is left is at most what the saved offsets differ from this run's: the tolerance above, as their float
-    # rounding differs between CPUs, relative to offsets that reach hundreds for the untrained model
+    # What is left is at most what the saved offsets differ from this run's (the tolerance above)
     residual = np.abs(mean_point_offsets(points, batch["points"], batch["labelled"], fit.similarity)).max()
-    assert residual <= 1e-6 * np.abs(offsets).max() + 2e-6
+    assert residual <= offset_rtol * np.abs(offsets).max() + 2e-6
     without_fit = [a for a in common if a != "--fit"]
     assert main(without_fit + ["--point-offsets", str(tmp_path / "offsets.json")]) == 2
     assert "need --fit" in capsys.readouterr().err
