@@ -92,11 +92,11 @@ Triple affine_cpu(const at::Tensor& weight, const at::Tensor& bias, const at::Te
   at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_relu_dropout_train", [&] {
     for (int64_t c = 0; c < mean.size(0); ++c) {
-      const BnAffine t = bn_train_affine(ptr<scalar_t>(mean)[c], ptr<scalar_t>(var)[c], ptr<scalar_t>(w)[c],
-                                         ptr<scalar_t>(b)[c], eps);
-      out<scalar_t>(invstd)[c] = static_cast<scalar_t>(t.invstd);
-      out<scalar_t>(scale)[c] = static_cast<scalar_t>(t.scale);
-      out<scalar_t>(shift)[c] = static_cast<scalar_t>(t.shift);
+      const BnAffineAs<scalar_t> t = bn_train_affine_as(ptr<scalar_t>(mean)[c], ptr<scalar_t>(var)[c],
+                                                        ptr<scalar_t>(w)[c], ptr<scalar_t>(b)[c], eps);
+      out<scalar_t>(invstd)[c] = t.invstd;
+      out<scalar_t>(scale)[c] = t.scale;
+      out<scalar_t>(shift)[c] = t.shift;
     }
   });
   return {invstd, scale, shift};

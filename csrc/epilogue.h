@@ -109,6 +109,21 @@ LGC_EPILOGUE_HD BnAffine bn_train_affine(double mean, double var, double weight,
   return {invstd, scale, bias - mean * scale};
 }
 
+// bn_train_affine's terms rounded to the accumulation type A, the form the passes store and read: the training
+// backward computes them again from the same statistics and must get the forward's values exactly.
+template <typename A>
+struct BnAffineAs {
+  A invstd;
+  A scale;
+  A shift;
+};
+
+template <typename A>
+LGC_EPILOGUE_HD BnAffineAs<A> bn_train_affine_as(A mean, A var, A weight, A bias, double eps) {
+  const BnAffine t = bn_train_affine(mean, var, weight, bias, eps);
+  return {static_cast<A>(t.invstd), static_cast<A>(t.scale), static_cast<A>(t.shift)};
+}
+
 struct BnGradTerms {
   double k1;
   double k0;

@@ -100,9 +100,9 @@ LGC_HD void load_affine(const Args<T>& a, int64_t c, int step, Acc<T> (&scale)[V
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int64_t at = c + k * step;
-    const BnAffine t = bn_train_affine(a.center[at], a.var[at], a.weight[at], a.bias[at], a.eps);
-    scale[k] = static_cast<A>(t.scale);
-    shift[k] = static_cast<A>(t.shift);
+    const BnAffineAs<A> t = bn_train_affine_as(a.center[at], a.var[at], a.weight[at], a.bias[at], a.eps);
+    scale[k] = t.scale;
+    shift[k] = t.shift;
   }
 }
 
@@ -359,10 +359,10 @@ __global__ void __launch_bounds__(kThreads) grad_sums_kernel(Args<T> a, double* 
 template <typename A>
 LGC_HD void affine_channel(int64_t c, const A* mean, const A* var, const A* weight, const A* bias, double eps,
                            A* invstd, A* scale, A* shift) {
-  const BnAffine t = bn_train_affine(mean[c], var[c], weight[c], bias[c], eps);
-  invstd[c] = static_cast<A>(t.invstd);
-  scale[c] = static_cast<A>(t.scale);
-  shift[c] = static_cast<A>(t.shift);
+  const BnAffineAs<A> t = bn_train_affine_as(mean[c], var[c], weight[c], bias[c], eps);
+  invstd[c] = t.invstd;
+  scale[c] = t.scale;
+  shift[c] = t.shift;
 }
 
 // The training forward's per-channel terms of channel c from its final mean and var (see BnTrainTermsCuda).
@@ -379,16 +379,16 @@ LGC_HD void train_terms_channel(int64_t c, const A* mean, const A* var, const Bn
 }
 
 // The backward's terms of channel c from its final gradient sums (see BnGradTermsCuda): BatchNorm's scale and shift
-// again, then k1, k0, dweight and dbias from them rounded to the accumulation type, as the forward stored them.
+// again, as the forward stored them, then k1, k0, dweight and dbias from those.
 template <typename A>
 LGC_HD void backward_terms_channel(int64_t c, const A* sum_g, const A* sum_g_centered, const BnGradTermsCuda& t) {
   const A* mean = static_cast<const A*>(t.mean);
-  const BnAffine f = bn_train_affine(mean[c], static_cast<const A*>(t.var)[c], static_cast<const A*>(t.weight)[c],
-                                     static_cast<const A*>(t.bias)[c], t.eps);
-  const A invstd = static_cast<A>(f.invstd), scale = static_cast<A>(f.scale);
-  static_cast<A*>(t.scale)[c] = scale;
-  static_cast<A*>(t.shift)[c] = static_cast<A>(f.shift);
-  const BnGradTerms g = bn_train_grad_terms(invstd, scale, mean[c], sum_g[c], sum_g_centered[c], t.count);
+  const A* var = static_cast<const A*>(t.var);
+  const BnAffineAs<A> f = bn_train_affine_as(mean[c], var[c], static_cast<const A*>(t.weight)[c],
+                                             static_cast<const A*>(t.bias)[c], t.eps);
+  static_cast<A*>(t.scale)[c] = f.scale;
+  static_cast<A*>(t.shift)[c] = f.shift;
+  const BnGradTerms g = bn_train_grad_terms(f.invstd, f.scale, mean[c], sum_g[c], sum_g_centered[c], t.count);
   static_cast<A*>(t.k1)[c] = static_cast<A>(g.k1);
   static_cast<A*>(t.k0)[c] = static_cast<A>(g.k0);
   static_cast<A*>(t.dweight)[c] = static_cast<A>(g.dweight);
