@@ -2,8 +2,10 @@
 faces/s, lgc_fast against the plain-torch reference ops in the same run.
 
 Modes on the same batch: lgc_fast (the automatic backends, the network as ``Detector`` runs it: its BatchNorms
-folded into the convolutions, channels_last), lgc_fast-fp16 (on CUDA: the same with Detector(precision="float16");
-its row also gives the largest distance of its points from lgc_fast's, in image pixels), lgc_fast-modules (the same with the network as trained:
+folded into the convolutions, channels_last; float32), lgc_fast-fp16 (on CUDA: the same with
+Detector(precision="float16")) or lgc_fast-bf16 (on a CPU with hardware bfloat16: precision "bfloat16", which the
+Detector's default "auto" picks there; each row also gives the largest distance of its points from lgc_fast's, in
+image pixels), lgc_fast-modules (the same with the network as trained:
 torch's BatchNorm, ReLU, scale and dropout modules, contiguous) and eager-ref (every lgc_fast op on its reference path: LGC_FAST_BACKEND=ref, the
 network's modules; the shape fit is then the per-face NumPy oracle). The faces are the bundled astronaut's,
 with the box jittered per face (up to 5 % of its size), so every crop differs. Timed in interleaved rounds
@@ -33,14 +35,14 @@ sys.path.insert(0, str(ROOT))
 from common import environment, format_table, results_path, time_interleaved, write_results  # noqa: E402
 
 import lgc_fast  # noqa: E402
-from lgc_fast._backend import ENV_VAR  # noqa: E402
+from lgc_fast._backend import ENV_VAR, native_bf16_cpu  # noqa: E402
 from lgc_fast.demo import DEMO_IMAGE, demo_box  # noqa: E402
 from lgc_fast.detect import Detector, load_gray  # noqa: E402
 from lgc_fast.model import LGCN  # noqa: E402
 
 BENCH = "landmarks"
 MODES = ("eager-ref", "lgc_fast-modules", "lgc_fast")
-HALF = "lgc_fast-fp16"
+REDUCED = {"cuda": ("lgc_fast-fp16", "float16"), "cpu": ("lgc_fast-bf16", "bfloat16")}  # mode, Detector precision
 
 
 def jittered_boxes(count: int, seed: int = 0) -> np.ndarray:
@@ -94,14 +96,15 @@ def main(argv=None) -> int:
         model_name = f"random release network, width {args.width}"
     else:
         weights, image_size, model_name = args.weights, None, str(args.weights or "bundled")
-    detector = Detector(weights=weights, device=device, image_size=image_size)
+    detector = Detector(weights=weights, device=device, image_size=image_size, precision="float32")
     with_modules = copy.copy(detector)  # the same settings, the network as trained (not folded)
     with_modules.network = detector.model
     detectors = {"eager-ref": with_modules, "lgc_fast-modules": with_modules, "lgc_fast": detector}
-    if cuda:
-        detectors[HALF] = Detector(weights=detector.model, device=device, image_size=detector.crop,
-                                   decode=detector.decode, fit=detector.fit, fit_threshold=detector.fit_threshold,
-                                   point_offsets=detector.point_offsets, precision="float16")
+    reduced, precision = REDUCED[device.type]
+    if cuda or native_bf16_cpu()[0]:  # emulated bfloat16 is slower than float32 on the CPU
+        detectors[reduced] = Detector(weights=detector.model, device=device, image_size=detector.crop,
+                                      decode=detector.decode, fit=detector.fit, fit_threshold=detector.fit_threshold,
+                                      point_offsets=detector.point_offsets, precision=precision)
     image = load_gray(str(DEMO_IMAGE))
     rows = []
     for batch in args.batch_sizes:
@@ -126,8 +129,8 @@ def main(argv=None) -> int:
             if row["mode"].startswith("lgc_fast") and row["mode"] != "lgc_fast-modules":
                 row["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / row["median_ms"]
                 row["speedup_vs_modules"] = timings["lgc_fast-modules"].median_ms / row["median_ms"]
-            if row["mode"] == HALF:
-                row["max_point_shift_px"] = max_point_shift(calls["lgc_fast"](), calls[HALF]())
+            if row["mode"] == reduced:
+                row["max_point_shift_px"] = max_point_shift(calls["lgc_fast"](), calls[reduced]())
     print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/call"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("runs", "runs"), ("faces_per_s", "faces/s"),
                               ("speedup_vs_eager_ref", "vs eager-ref"), ("speedup_vs_modules", "vs modules"),
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
     payload = {
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},
-        "config": {"model": model_name, "crop": detector.crop, "decode": detector.decode, "fit": detector.fit},
+        "config": {"model": model_name, "crop": detector.crop, "decode": detector.decode, "fit": detector.fit,
+                   "cpu_bfloat16": native_bf16_cpu()[1] if not cuda else None},
         "results": rows,
     }
     print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")

@@ -191,11 +191,12 @@ def rows_landmarks(entry, device):
             if "lgc_fast-modules" in modes:
                 yield _row("landmarks, given boxes, Detector's network (folded, channels_last) vs its modules",
                            size, fast["median_ms"], modes["lgc_fast-modules"]["median_ms"], device)
-            half = modes.get("lgc_fast-fp16")
-            if half is not None:
-                yield _row(f"landmarks, given boxes, precision float16 ({half['faces_per_s']:.0f} faces/s; points "
-                           f"within {half['max_point_shift_px']:.2g} px of float32's) vs eager torch reference", size,
-                           half["median_ms"], modes["eager-ref"]["median_ms"], device)
+            for mode, precision in (("lgc_fast-fp16", "float16"), ("lgc_fast-bf16", "bfloat16")):
+                reduced = modes.get(mode)
+                if reduced is not None:
+                    yield _row(f"landmarks, given boxes, precision {precision} ({reduced['faces_per_s']:.0f} faces/s; "
+                               f"points within {reduced['max_point_shift_px']:.2g} px of float32's) vs float32",
+                               size, reduced["median_ms"], fast["median_ms"], device)
 
 
 def rows_detect(entry, device):

@@ -144,6 +144,27 @@ def choose(op: str, device: torch.device, backend: str | None, supported=BACKEND
     return "ref"
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16_cpu() -> tuple[bool, str]:
+    """(whether this x86 CPU multiplies bfloat16 in hardware, the instruction sets found): AVX512-BF16 or AMX-BF16.
+
+    oneDNN runs bfloat16 convolutions with them at about twice the float32 speed (the bundled network's forward on a
+    Zen 4 EPYC: 2.0x); elsewhere it emulates bfloat16 and is slower than float32. Other architectures answer False
+    (not measured here)."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # missing in older torch: the kernel's flags
+    if get_capabilities is not None:
+        caps = get_capabilities()
+        found = [name for name in ("avx512_bf16", "amx_bf16") if caps.get(name)]
+    else:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        found = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    return bool(found), ", ".join(found) or "no AVX512-BF16 or AMX-BF16"
+
+
 def extension():
     """The compiled extension module, or None."""
     return _extension()[0]

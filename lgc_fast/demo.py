@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint or exported weights (default: the bundled model)")
     parser.add_argument("--shape-model", type=Path, help="shape model .npz (default: the bundled one)")
     parser.add_argument("--detect", action="store_true", help="find the face without its known box (section 4.3)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the network's arithmetic (default auto: bfloat16 on a CPU with hardware bfloat16)")
 
 
 def run(args) -> int:
@@ -41,7 +43,8 @@ def run(args) -> int:
 
     if not DEMO_IMAGE.is_file():
         raise LgcError(f"the demo image {DEMO_IMAGE} is missing from this installation")
-    detector = Detector(weights=args.weights, shape_model=args.shape_model, device="cpu")
+    detector = Detector(weights=args.weights, shape_model=args.shape_model, device="cpu", precision=args.precision)
+    print(f"network in {detector.precision} on the CPU")
     if args.detect:
         faces = detector.detect(str(DEMO_IMAGE))
         if not faces:

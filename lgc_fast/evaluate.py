@@ -27,7 +27,7 @@ from lgc_fast._io import atomic_write_bytes, atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
-from lgc_fast.detect import Detector
+from lgc_fast.detect import PRECISION_CHOICES, PRECISIONS, Detector, resolve_precision
 from lgc_fast.detector_settings import FIT_THRESHOLD, pipeline_settings, read_json_object
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN, mirror_averaged_omega
@@ -64,6 +64,9 @@ def add_arguments(parser) -> None:
                         help="face boxes file (see lgc_fast.data.load_boxes); default: ground-truth box + 17 %%")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="the network's arithmetic, as lgc-fast predict's (default auto: bfloat16 on a CPU with "
+                             "hardware bfloat16, else float32)")
     add_loading_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N faces (in path order)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every Nth face of the split")
@@ -163,19 +166,21 @@ def report_problems(problems: list[str], command: str, shown: int = 10) -> None:
 
 @torch.no_grad()
 def predict(model, loader, device, method: str = "argmax", amp: bool = False, channels_last: bool = False,
-            mirror: bool = False, to_points=None):
+            mirror: bool = False, to_points=None, dtype: torch.dtype = torch.float32):
     """Yield (batch, points (N, C, 2) in crop pixels) for every batch of `loader`; model in eval mode.
 
     The points are decode(omega, method) on the device, or to_points(omega) when given (e.g. a Detector's shape fit);
-    mirror: omega averaged with the mirror images' (``model.mirror_averaged_omega``).
+    mirror: omega averaged with the mirror images' (``model.mirror_averaged_omega``); dtype: the weights' and
+    images' (a Detector's precision; amp instead autocasts a float32 network).
     """
     model.eval()
     if isinstance(model, LGCN):  # the same outputs with fewer passes: BatchNorm folded into the convolutions
         model = model.folded()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+    model = model.to(dtype)
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, dtype, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -195,6 +200,7 @@ def evaluate(args) -> dict:
         raise LgcError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_workers(args.workers)
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     state = load_checkpoint(args.checkpoint)
     model = model_from_state(state, args.checkpoint, device).eval()
     image_size = int(state.get("image_size", DEFAULT_IMAGE_SIZE))
@@ -232,7 +238,7 @@ def evaluate(args) -> dict:
             if offsets is None:
                 raise LgcError(f"{args.point_offsets}: no pipeline.point_offsets")
         detector = Detector(model, args.shape_model, device, args.decode, fit=True, image_size=image_size,
-                            fit_threshold=args.fit_threshold, point_offsets=offsets)
+                            fit_threshold=args.fit_threshold, point_offsets=offsets, precision=precision)
 
         def to_points(omega):
             points, _, alive, shape_fit = detector.points_from_heatmaps(omega)
@@ -245,7 +251,8 @@ def evaluate(args) -> dict:
     predicted, crop_points = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points, 2))
     crop_truth, crop_labelled = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points), bool)
     fit_similarity = np.full((len(records), 4), math.nan)
-    for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points):
+    for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points,
+                                 dtype=PRECISIONS[precision]):
         index = batch["index"].numpy()
         crop_points[index] = points.double().cpu().numpy()
         crop_truth[index], crop_labelled[index] = batch["points"].numpy(), batch["labelled"].numpy()
@@ -264,7 +271,8 @@ def evaluate(args) -> dict:
     labelled = np.stack([r.labelled for r in records])
     errors = metrics.all_errors(predicted, np.nan_to_num(gt), labelled)
     report = {
-        "checkpoint": str(args.checkpoint), "data": str(args.data), "decode": args.decode, "fit": args.fit,
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "precision": precision, "decode": args.decode,
+        "fit": args.fit,
         "fit_threshold": args.fit_threshold if args.fit else None, "mirror": args.mirror,
         "point_offsets": None if args.point_offsets is None else str(args.point_offsets), "every": args.every,
         "image_size": image_size,

@@ -6,6 +6,7 @@ import platform
 import torch
 
 import lgc_fast
+from lgc_fast._backend import native_bf16_cpu
 
 
 def add_arguments(parser) -> None:
@@ -27,4 +28,7 @@ def run(args) -> int:
     print("backends:")
     for name, (ok, why) in lgc_fast.backends().items():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
+    native, found = native_bf16_cpu()
+    print(f"CPU bfloat16 in hardware: {'yes' if native else 'no'} ({found}); the networks' precision \"auto\" runs "
+          f"{'bfloat16' if native else 'float32'} on the CPU")
     return 0

@@ -535,7 +535,7 @@ def test_detect_end_to_end_on_a_composite_image(faces, shape_model):
     canvas, truth = paste_faces(faces[8:11], [(100, (80, 80)), (110, (90, 230)), (200, (290, 180))], height, width)
     gray = D.load_gray(canvas)
     net = PyramidNet(M.build_pyramid(gray), synthetic_levels(height, width, truth))
-    found = D.Detector(weights=net, shape_model=shape_model).detect(canvas)
+    found = D.Detector(weights=net, shape_model=shape_model, precision="float32").detect(canvas)
     assert net.calls == len(M.pyramid_shapes(height, width))  # one forward per level: each fits the memory budget
     _match(found, truth, tolerance=0.03)
 
@@ -545,7 +545,8 @@ def test_detect_runs_the_real_network_class(faces, shape_model):
     """A random network finds no real faces; this checks the plumbing (pyramid, tiling, fitting) end to end."""
     torch.manual_seed(0)
     net = LGCN("release", width=8, local_layers=(3,))
-    det = D.Detector(weights=net, shape_model=shape_model, device="cpu", max_memory_bytes=1 << 27)
+    det = D.Detector(weights=net, shape_model=shape_model, device="cpu", max_memory_bytes=1 << 27,
+                     precision="float32")
     canvas, _ = paste_faces(faces[:2], [(100, (60, 60)), (90, (150, 130))], 180, 220)
     gray = D.load_gray(canvas)
     levels = det.pyramid_heatmaps(gray)  # level 0 needs 2 x 3 tiles within this budget
@@ -619,7 +620,7 @@ def test_detector_runs_the_folded_network():
                 module.running_var.uniform_(0.002, 0.02)
                 module.weight.uniform_(0.5, 1.5)
     net.eval()
-    det = D.Detector(weights=net, fit=False, device="cpu")
+    det = D.Detector(weights=net, fit=False, device="cpu", precision="float32")
     assert det.model is net
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in det.network.modules())
     weight = det.network.global_features[0].conv.weight
@@ -635,5 +636,43 @@ def test_detector_runs_the_folded_network():
     got = half.heatmaps(crops)
     assert got.dtype == torch.float32
     assert (got - want).norm() / want.norm() < 3e-2  # bfloat16 keeps 8 bits of each value
-    with pytest.raises(ValueError, match="precision must be one of float32, float16, bfloat16"):
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, float16, bfloat16"):
         D.Detector(weights=net, fit=False, precision="half")
+
+
+def test_precision_auto_is_bfloat16_only_on_a_cpu_with_hardware_bfloat16(monkeypatch):
+    net = LGCN("release", width=4, n_landmarks=5, local_layers=(3,)).eval()
+    for native, want_cpu in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(D, "native_bf16_cpu", lambda native=native: (native, "patched"))
+        assert D.resolve_precision("auto", torch.device("cpu")) == want_cpu
+        assert D.resolve_precision("auto", "cuda") == "float32"
+        det = D.Detector(weights=net, fit=False, device="cpu")
+        assert det.precision == want_cpu
+        assert det.network.global_features[0].conv.weight.dtype == D.PRECISIONS[want_cpu]
+        for name in D.PRECISIONS:  # a named precision is kept whatever the CPU
+            assert D.resolve_precision(name, "cpu") == name
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, float16, bfloat16, not 'fp8'"):
+        D.resolve_precision("fp8", "cpu")
+
+
+def test_native_bf16_cpu_reads_the_kernels_flags_without_torch_cpu_capabilities(monkeypatch):
+    from lgc_fast import _backend
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags line on this machine (not Linux on x86)")
+    want = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    want = (bool(want), ", ".join(want) or "no AVX512-BF16 or AMX-BF16")
+    _backend.native_bf16_cpu.cache_clear()
+    try:
+        if hasattr(torch.cpu, "get_capabilities"):  # torch's own detection agrees with the kernel's flags
+            assert _backend.native_bf16_cpu() == want
+            _backend.native_bf16_cpu.cache_clear()
+            monkeypatch.delattr(torch.cpu, "get_capabilities")  # as in older torch
+        assert _backend.native_bf16_cpu() == want
+    finally:
+        _backend.native_bf16_cpu.cache_clear()

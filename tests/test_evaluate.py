@@ -114,8 +114,9 @@ def test_eval_outputs_are_consistent(tmp_path):
     model = tiny_checkpoint(tmp_path / "model.pt")
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out),
-                 "--workers", "0", "--batch-size", "2"]) == 0
+                 "--workers", "0", "--batch-size", "2", "--precision", "float32"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["precision"] == "float32"
     with open(out / "errors.csv") as f:
         rows = list(csv.DictReader(f))
     if importlib.util.find_spec("matplotlib") is None:  # an optional extra: eval then says why there is no plot
