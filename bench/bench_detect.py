@@ -33,7 +33,7 @@ from common import environment, format_table, results_path, write_results  # noq
 from lgc_fast.data import face_box, scan_folder, split_by_person, square_to_box  # noqa: E402
 from lgc_fast.data.composite import clutter_background, paste_faces, random_placements  # noqa: E402
 from lgc_fast import multiface  # noqa: E402
-from lgc_fast.detect import Detector, load_gray  # noqa: E402
+from lgc_fast.detect import PRECISION_CHOICES, Detector, load_gray  # noqa: E402
 from lgc_fast.multiface import box_iou, select_faces  # noqa: E402
 from lgc_fast.metrics import nme  # noqa: E402
 
@@ -87,12 +87,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pyramid-step", type=float, default=multiface.PYRAMID_STEP, help="size factor between levels")
     p.add_argument("--quick", action="store_true", help="3 scenes, the default setting only")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="the network's arithmetic (default auto, as Detector's: bfloat16 on a CPU with hardware "
+                        "bfloat16, else float32)")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/<device-slug>.json)")
     args = p.parse_args(argv)
     if not args.data.is_dir():
         print(f"bench_detect: skipped, no data at {args.data}", file=sys.stderr)
         return 0
-    det = Detector(weights=args.weights, shape_model=args.shape_model)
+    det = Detector(weights=args.weights, shape_model=args.shape_model, precision=args.precision)
     records, _ = scan_folder(args.data)
     _, val = split_by_person(records)
     scenes = make_scenes(val, det.crop, 3 if args.quick else args.scenes, args.seed)
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
         "weights": str(args.weights or "bundled"), "crop": det.crop, "scenes": len(scenes), "faces": n_true,
         "image_size": list(scenes[0][0].shape[:2]), "seed": args.seed, "match_iou": MATCH_IOU,
         "pyramid_step": args.pyramid_step,
-        "forward_ms": milliseconds(forward_s), "steps_3_to_6_ms": milliseconds(post_s),
+        "precision": det.precision, "forward_ms": milliseconds(forward_s), "steps_3_to_6_ms": milliseconds(post_s),
         "results": rows,
     }
     key = BENCH if args.pyramid_step == multiface.PYRAMID_STEP else f"{BENCH}_step{args.pyramid_step:.3g}"
