@@ -251,8 +251,9 @@ def evaluate(args) -> dict:
     predicted, crop_points = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points, 2))
     crop_truth, crop_labelled = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points), bool)
     fit_similarity = np.full((len(records), 4), math.nan)
-    for batch, points in predict(model, loader, device, args.decode, mirror=args.mirror, to_points=to_points,
-                                 dtype=PRECISIONS[precision]):
+    # channels_last as the Detector runs the network (oneDNN: 1.2x in bfloat16 on a batch of 32 here)
+    for batch, points in predict(model, loader, device, args.decode, channels_last=True, mirror=args.mirror,
+                                 to_points=to_points, dtype=PRECISIONS[precision]):
         index = batch["index"].numpy()
         crop_points[index] = points.double().cpu().numpy()
         crop_truth[index], crop_labelled[index] = batch["points"].numpy(), batch["labelled"].numpy()
