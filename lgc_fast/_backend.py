@@ -144,6 +144,9 @@ def choose(op: str, device: torch.device, backend: str | None, supported=BACKEND
     return "ref"
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instruction sets that multiply bfloat16
+
+
 @functools.lru_cache(maxsize=None)
 def native_bf16_cpu() -> tuple[bool, str]:
     """(whether this x86 CPU multiplies bfloat16 in hardware, the instruction sets found): AVX512-BF16 or AMX-BF16.
@@ -153,15 +156,14 @@ def native_bf16_cpu() -> tuple[bool, str]:
     (not measured here)."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # missing in older torch: the kernel's flags
     if get_capabilities is not None:
-        caps = get_capabilities()
-        found = [name for name in ("avx512_bf16", "amx_bf16") if caps.get(name)]
+        flags = {name for name, value in get_capabilities().items() if value is True}
     else:
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+                flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
         except OSError:
-            flags = []
-        found = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+            flags = set()
+    found = [name for name in BF16_CPU_FLAGS if name in flags]
     return bool(found), ", ".join(found) or "no AVX512-BF16 or AMX-BF16"
 
 

@@ -142,7 +142,8 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The network's arithmetic for `precision` on `device`: "auto" is bfloat16 on a CPU that multiplies bfloat16 in
-    hardware (``lgc_fast._backend.native_bf16_cpu``: about twice float32's speed there, the same accuracy), else float32 (CUDA included); any other name is itself."""
+    hardware (``lgc_fast._backend.native_bf16_cpu``: about twice float32's speed there, the same accuracy), else
+    float32 (CUDA included); any other name is itself."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
     if precision != "auto":
@@ -200,8 +201,6 @@ class Detector:
             raise ValueError(f"decode must be one of {', '.join(DECODERS)}, not {decode!r}")
         if not 0 <= fit_threshold < 1:
             raise ValueError(f"fit_threshold must be in [0, 1), got {fit_threshold!r}")
-        if precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
         if not max_memory_bytes > 0:
             raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes!r}")
         try:
@@ -211,6 +210,7 @@ class Detector:
             raise LgcError(f"device {device!r} is not a torch device ({exc})") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LgcError(f"device {device!r}: CUDA is not available here")
+        self.precision = resolve_precision(precision, self.device)  # checked before any weights are read
         trained_size = None
         if isinstance(weights, torch.nn.Module):
             model = weights
@@ -225,7 +225,6 @@ class Detector:
         if self.crop < 8:
             raise LgcError(f"image_size must be at least 8 px, got {self.crop}")
         self.model = model.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device)
         self.dtype = PRECISIONS[self.precision]  # the network's weights and inputs
         self.network = _inference_network(self.model, self.dtype)
         self.n_landmarks = int(getattr(model, "n_landmarks", 68))

@@ -28,7 +28,9 @@ def run(args) -> int:
     print("backends:")
     for name, (ok, why) in lgc_fast.backends().items():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
+    from lgc_fast.detect import resolve_precision  # the model and OpenCV: only when asked
+
     native, found = native_bf16_cpu()
     print(f"CPU bfloat16 in hardware: {'yes' if native else 'no'} ({found}); the networks' precision \"auto\" runs "
-          f"{'bfloat16' if native else 'float32'} on the CPU")
+          f"{resolve_precision('auto', 'cpu')} on the CPU")
     return 0

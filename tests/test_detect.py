@@ -665,7 +665,7 @@ def test_native_bf16_cpu_reads_the_kernels_flags_without_torch_cpu_capabilities(
         flags = None
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags line on this machine (not Linux on x86)")
-    want = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    want = [name for name in _backend.BF16_CPU_FLAGS if name in flags]
     want = (bool(want), ", ".join(want) or "no AVX512-BF16 or AMX-BF16")
     _backend.native_bf16_cpu.cache_clear()
     try:
