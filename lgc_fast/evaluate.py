@@ -252,7 +252,9 @@ def evaluate(args) -> dict:
     crop_truth, crop_labelled = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points), bool)
     fit_similarity = np.full((len(records), 4), math.nan)
     # channels_last as the Detector runs the network (oneDNN: 1.2x in bfloat16 on a batch of 32 here)
-    for batch, points in predict(model, loader, device, args.decode, channels_last=True, mirror=args.mirror,
+    # With --fit the Detector has already folded the network and cast it to the precision: run its copy.
+    network = detector.network if args.fit else model
+    for batch, points in predict(network, loader, device, args.decode, channels_last=True, mirror=args.mirror,
                                  to_points=to_points, dtype=PRECISIONS[precision]):
         index = batch["index"].numpy()
         crop_points[index] = points.double().cpu().numpy()

@@ -188,6 +188,8 @@ class LGCN(nn.Module):
     local_layers: kernel sizes (odd) of the local conv layers, default per variant (narrow test/CPU models).
     """
 
+    is_folded = False  # True on the inference copies of ``folded``
+
     def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
                  local_layers=None):
         super().__init__()
@@ -268,7 +270,9 @@ class LGCN(nn.Module):
         scale folded into its convolution (``fold_conv_block``), and the release branch's BatchNorm likewise; dropout
         is gone. It gives this network's eval-mode outputs (to rounding) with two to three fewer passes over each
         block's activations, and is in eval mode. Its state_dict differs (convolution biases, no BatchNorm): save the
-        original, not the copy. This network is left untouched."""
+        original, not the copy. This network is left untouched; a folded network returns itself."""
+        if self.is_folded:
+            return self
         copy = LGCN(**self.config).to(device=self.global_out.weight.device, dtype=self.global_out.weight.dtype)
         copy.load_state_dict(self.state_dict())
         copy.use_planar_heads(self.global_out.planar_output)
@@ -278,6 +282,7 @@ class LGCN(nn.Module):
         if copy.branch is not None:
             conv, bn, _ = copy.branch
             copy.branch = fold_conv_block(conv, bn)
+        copy.is_folded = True
         return copy.eval()
 
     @property

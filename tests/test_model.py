@@ -380,6 +380,7 @@ def test_folded_network_gives_the_eval_outputs(variant):
     with torch.no_grad():  # the ReLU works in place; the copy must not share the original's convolution weights
         folded.local_features[0].conv.weight.zero_()
     assert model.local_features[0].conv.weight.abs().sum() > 0
+    assert folded.is_folded and not model.is_folded and folded.folded() is folded
 
 
 def test_fold_conv_block_errors():
