@@ -11,13 +11,15 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-fused-nhwc-heads: lgc_fast-fused with channels_last output convolutions (LGCN.use_planar_heads(False)):
               kernel_conv and the loss change layout on every call, as before the planar heads (bench_layout.py).
 All modes use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
-ops. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
+ops. --compare-amp adds, for every mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or
+"<mode>+no-amp"), timed in the same rounds: what autocast buys on this machine. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
 are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
 and the peak memory of one step (CUDA: max allocated; CPU: not measured per mode).
 
 Usage:
   python bench/bench_train_step.py                                      # GPU: batches 64 128 256, width 128
   python bench/bench_train_step.py --batch-sizes 2 4 --width 32 --ref-runs 2   # a CPU run
+  python bench/bench_train_step.py --batch-sizes 4 --width 32 --modes lgc_fast-fused --compare-amp   # CPU autocast
   python bench/bench_train_step.py --quick [--out PATH.json]                      # a smoke run
 Results go under the key "train_step" of bench/results/<device>.json (or --out).
 """
@@ -56,8 +58,14 @@ def make_batch(n: int, size: int, device: torch.device, seed: int = 0):
     return images, points, labelled
 
 
-def make_step(mode: str, args, device: torch.device, batch: int):
+def flipped_amp(mode: str, amp: bool) -> str:
+    """The name of `mode` with bfloat16 autocast flipped from `amp` (--compare-amp)."""
+    return f"{mode}+no-amp" if amp else f"{mode}+amp"
+
+
+def make_step(mode: str, args, device: torch.device, batch: int, amp: bool):
     """A zero-argument callable running one training step of `mode` (it sets the backend for its own calls)."""
+    mode = mode.split("+")[0]
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
@@ -73,7 +81,7 @@ def make_step(mode: str, args, device: torch.device, batch: int):
         else:
             os.environ.pop("LGC_FAST_BACKEND", None)
         try:
-            return train_step(model, optimizer, images, points, labelled, args.amp, 100.0, loss_fn)
+            return train_step(model, optimizer, images, points, labelled, amp, 100.0, loss_fn)
         finally:
             os.environ.pop("LGC_FAST_BACKEND", None)
 
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=96, help="crop size in pixels")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=cuda)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=cuda)
+    parser.add_argument("--compare-amp", action="store_true",
+                        help="also time every mode but eager-ref with --amp flipped, in the same rounds")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                         help="add the lgc_fast-compiled mode: the forward pass and loss under torch.compile(mode=MODE) "
                              "as in lgc-fast train --compile MODE (default MODE: default)")
@@ -112,13 +122,16 @@ def main(argv=None) -> int:
     ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
     rows = []
     for batch in args.batch_sizes:
-        steps = {mode: make_step(mode, args, device, batch) for mode in args.modes}
+        amps = {mode: args.amp for mode in args.modes}
+        if args.compare_amp:
+            amps.update({flipped_amp(mode, args.amp): not args.amp for mode in args.modes if mode != "eager-ref"})
+        steps = {mode: make_step(mode, args, device, batch, amp) for mode, amp in amps.items()}
         peak = {}
         for mode, step in steps.items():  # untimed steps: warm-up, compilation (and graph capture), peak memory
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(3 if mode.endswith("-compiled") else 1):  # CUDA graphs are recorded on the 2nd/3rd call
+            for _ in range(3 if mode.split("+")[0].endswith("-compiled") else 1):  # CUDA graphs are recorded on the 2nd/3rd call
                 step()
             if cuda:
                 torch.cuda.synchronize(device)
@@ -126,22 +139,28 @@ def main(argv=None) -> int:
         caps = {"eager-ref": ref_runs} if ref_runs is not None and "eager-ref" in steps else None
         timings = time_interleaved(steps, device, warmup=0, min_runs=3, budget_s=args.budget_s, runs=caps)
         for mode, t in timings.items():
-            rows.append({"batch": batch, "mode": mode, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
+            rows.append({"batch": batch, "mode": mode, "amp": amps[mode], "median_ms": t.median_ms, "p20_ms": t.p20_ms,
                          "p80_ms": t.p80_ms, "runs": t.runs, "samples_per_s": batch / (t.median_ms / 1e3),
                          "peak_memory_mib": peak.get(mode)})
         if "eager-ref" in timings:
             for row in rows[-len(timings):]:
                 if row["mode"] != "eager-ref":
                     row["speedup_vs_eager_ref"] = timings["eager-ref"].median_ms / row["median_ms"]
+        if args.compare_amp:
+            for row in rows[-len(timings):]:
+                if row["mode"] in args.modes and row["mode"] != "eager-ref":
+                    other = timings[flipped_amp(row["mode"], args.amp)].median_ms
+                    row["amp_speedup"] = (other / row["median_ms"]) if args.amp else (row["median_ms"] / other)
         del steps
     print(format_table(rows, [("batch", "batch"), ("mode", "mode"), ("median_ms", "ms/step"), ("p20_ms", "p20"),
                               ("p80_ms", "p80"), ("runs", "runs"), ("samples_per_s", "samples/s"),
-                              ("speedup_vs_eager_ref", "speed-up"), ("peak_memory_mib", "peak MiB")]))
+                              ("speedup_vs_eager_ref", "speed-up"), ("amp_speedup", "amp speed-up"),
+                              ("peak_memory_mib", "peak MiB")]))
     payload = {
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},
         "config": {"variant": args.variant, "width": args.width, "size": args.size, "amp": args.amp,
-                   "channels_last": args.channels_last, "compile": args.compile or False, "loss_scale": LOSS_SCALE,
+                   "channels_last": args.channels_last, "compile": args.compile or False, "compare_amp": args.compare_amp, "loss_scale": LOSS_SCALE,
                    "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
         "results": rows,
     }

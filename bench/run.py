@@ -165,6 +165,12 @@ def rows_train_step(entry, device):
                 yield _row(f"train step ({name}) vs eager torch reference",
                            f"batch {batch}, width {config.get('width')}", modes[mode]["median_ms"],
                            modes["eager-ref"]["median_ms"], device)
+        for mode, r in modes.items():  # --compare-amp: bfloat16 autocast against float32, same mode, same run
+            other = modes.get(f"{mode}+no-amp" if r.get("amp") else f"{mode}+amp")
+            if other is not None:
+                amp, fp32 = (r, other) if r["amp"] else (other, r)
+                yield _row(f"train step ({mode}), bfloat16 autocast vs float32", f"batch {batch}, width "
+                           f"{config.get('width')}", amp["median_ms"], fp32["median_ms"], device)
 
 
 def rows_inference(entry, device):
