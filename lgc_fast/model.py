@@ -17,6 +17,7 @@ square of radius ``receptive_radius`` pixels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
@@ -44,6 +45,22 @@ def default_local_layers(variant: str) -> tuple[int, ...]:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
 
 
+def bf16_dilated_weight_grad_hazard(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether torch's CPU convolution (oneDNN) would get this convolution's weight gradient wrong: in bfloat16
+    (autocast or bfloat16 tensors), dilated, with more than 16 input channels that are not a multiple of 16 (the
+    release's first global layer has 136, the paper's 68) and x or the weight channels_last. On torch 2.13 that
+    gradient comes out 25 % off, NaN, or the process crashes (AVX512-BF16 CPU); the forward pass, x's gradient, float32
+    and float16 are right. ``ConvBlock`` then runs the convolution on planar operands."""
+    c_in = conv.in_channels
+    if x.device.type != "cpu" or conv.dilation == (1, 1) or c_in <= 16 or c_in % 16 == 0:
+        return False
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+        return False
+    bf16 = x.dtype == torch.bfloat16 or conv.weight.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return bf16 and (is_channels_last(x) or is_channels_last(conv.weight))
+
+
 class ConvBlock(nn.Module):
     """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output.
 
@@ -67,7 +84,12 @@ class ConvBlock(nn.Module):
         self.seeded_dropout = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.conv(x)
+        conv = self.conv
+        if bf16_dilated_weight_grad_hazard(conv, x):  # both operands planar: the one layout oneDNN gets right
+            z = F.conv2d(x.contiguous(), conv.weight.contiguous(), conv.bias, conv.stride, conv.padding, conv.dilation,
+                         conv.groups)
+        else:
+            z = conv(x)
         backend = fused_backend(z.device) if self.fused_epilogue else None
         if backend is not None:
             return self._fused_epilogue(z, backend)

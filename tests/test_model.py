@@ -8,7 +8,8 @@ from lgc_fast import _backend
 from lgc_fast.checkpoint import export_weights, load_checkpoint, load_model, save_checkpoint
 from lgc_fast.data import MIRROR_68
 from lgc_fast.errors import LgcError
-from lgc_fast.model import LGCN, ConvBlock, FoldedConvBlock, fold_conv_block, mirror_averaged_omega
+from lgc_fast.model import (LGCN, ConvBlock, FoldedConvBlock, bf16_dilated_weight_grad_hazard, fold_conv_block,
+                             mirror_averaged_omega)
 from lgc_fast.ops import kernel_conv_ref
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -397,3 +398,44 @@ def test_fold_conv_block_errors():
     x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fold_conv_block(conv, bn, 0.1)(x), 0.1 * torch.relu(bn(conv(x))))
+
+
+def test_bf16_dilated_weight_grad_hazard_names_the_broken_cases():
+    conv = torch.nn.Conv2d(136, 8, 3, padding=4, dilation=4, bias=False).to(memory_format=torch.channels_last)
+    x = torch.rand(1, 136, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bf16_dilated_weight_grad_hazard(conv, x)
+        assert bf16_dilated_weight_grad_hazard(conv, x.contiguous())  # the weight alone is channels_last
+        with torch.no_grad():
+            assert not bf16_dilated_weight_grad_hazard(conv, x)
+    assert bf16_dilated_weight_grad_hazard(conv.bfloat16(), x.bfloat16())
+    conv = conv.float()
+    assert not bf16_dilated_weight_grad_hazard(conv, x)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        planar = torch.nn.Conv2d(136, 8, 3, padding=4, dilation=4, bias=False)
+        assert not bf16_dilated_weight_grad_hazard(planar, x.contiguous())
+        for c_in, dilation in ((128, 4), (12, 4), (136, 1)):  # a multiple of 16, <= 16, undilated
+            other = torch.nn.Conv2d(c_in, 8, 3, padding=dilation, dilation=dilation).to(memory_format=torch.channels_last)
+            assert not bf16_dilated_weight_grad_hazard(other, torch.rand(1, c_in, 12, 12).contiguous(
+                memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused"])
+def test_bf16_autocast_channels_last_gradients_equal_the_planar_ones(fused):
+    """The release network's first global layer has 136 input channels: torch's CPU bfloat16 weight gradient of that
+    dilated convolution is wrong for channels_last operands (NaN or 25 % off on an AVX512-BF16 CPU), so ConvBlock runs
+    it planar. The bfloat16 gradients of a channels_last network must equal a planar network's to bfloat16 rounding."""
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        net = LGCN("release", width=8, n_landmarks=68, dropout=0.0, local_layers=(3,)).fuse_epilogues(fused)
+        net = net.to(memory_format=memory_format).train()
+        x = images(2, 32, 32).contiguous(memory_format=memory_format)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            local, omega = net(x)
+        (local.float().square().sum() + omega.float().square().sum()).backward()
+        grads.append(net.global_features[0].conv.weight.grad.float())
+    planar, channels_last = grads
+    assert net.global_features[0].conv.in_channels == 136
+    assert channels_last.isfinite().all()
+    assert ((channels_last - planar).norm() / planar.norm()).item() < 0.02
