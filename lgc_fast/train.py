@@ -71,6 +71,7 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
                 "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
 NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue")
+DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue")  # None: not given, use the default
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -375,6 +376,12 @@ def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
     if "optimizer" not in state:
         raise LgcError(f"--resume {path}: exported weights cannot be resumed (no optimiser state); use a last.pt")
     saved = state.get("settings", {})
+    # Numeric options not given on this command line continue as the run started, on the same kind of device, even
+    # where their defaults have changed since.
+    if str(saved.get("device", "")).split(":")[0] == settings["device"].split(":")[0]:
+        for key in DEFAULTED_NUMERIC_OPTIONS:
+            if getattr(args, key) is None and key in saved:
+                settings[key] = saved[key]
     changed = [k for k in RUN_SETTINGS if saved.get(k) != settings[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)

@@ -2,6 +2,7 @@
 background (non-face) samples and --init."""
 import csv
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -167,6 +168,26 @@ def test_resume_after_interruptions_is_bit_exact(tmp_path, monkeypatch):
     opt_a = load_checkpoint(tmp_path / "a" / "last.pt")["optimizer"]["state"]
     opt_b = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+
+
+def test_resume_keeps_the_numeric_options_it_is_not_given(tmp_path, monkeypatch, one_thread):
+    """A run started with non-default numeric options resumes with them when the command line leaves them out (so a
+    later change of their defaults cannot alter a resumed run); an option given anew replaces the saved one."""
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    common = ["--data", data, "--out", tmp_path / "run", "--epochs", 2, "--val-fraction", 0.2, *TINY]
+    chosen = {"amp": True, "channels_last": True, "fused_epilogue": False}
+    train(parse_args(common + ["--amp", "--channels-last", "--no-fused-epilogue", "--max-steps", 1]))
+    log = io.StringIO()
+    progress = train_module.Progress
+    monkeypatch.setattr(train_module, "Progress", lambda enabled: progress(enabled, log))
+    train(parse_args(common + ["--resume", "--max-steps", 2]))
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert {k: settings[k] for k in chosen} == chosen
+    assert "resumed from" in log.getvalue() and "resuming with different" not in log.getvalue()
+    train(parse_args(common + ["--resume", "--no-amp"]))
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert {k: settings[k] for k in chosen} == {**chosen, "amp": False}
+    assert "note: resuming with different amp;" in log.getvalue()
 
 
 def _free_port() -> int:
