@@ -17,13 +17,12 @@ square of radius ``receptive_radius`` pixels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lgc_fast.data.geometry import MIRROR_68
 from lgc_fast.ops.bn_relu_dropout import SEEDED_LIMIT as DROPOUT_SEED_LIMIT
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn, fused_backend
-from lgc_fast.ops.dilated_block import fold_batchnorm
+from lgc_fast.ops.dilated_block import dilated_conv, fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
 from lgc_fast.ops.layout import channels_last_cat, is_channels_last, layout_backend, pointwise_conv_planar
@@ -46,19 +45,23 @@ def default_local_layers(variant: str) -> tuple[int, ...]:
 
 
 def bf16_dilated_weight_grad_hazard(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether torch's CPU convolution (oneDNN) would get this convolution's weight gradient wrong: in bfloat16
-    (autocast or bfloat16 tensors), dilated, with more than 16 input channels that are not a multiple of 16 (the
-    release's first global layer has 136, the paper's 68) and x or the weight channels_last. On torch 2.13 that
-    gradient comes out 25 % off, NaN, or the process crashes (AVX512-BF16 CPU); the forward pass, x's gradient, float32
-    and float16 are right. ``ConvBlock`` then runs the convolution on planar operands."""
+    """Whether torch's CPU convolution (oneDNN) may get this 3x3 dilated convolution's weight gradient wrong: in
+    bfloat16 (autocast or bfloat16 tensors), with more than 16 input channels that are not a multiple of 16 (the
+    release's first global layer has 136, the paper's 68), and x or the weight channels_last, as torch.compile's
+    layout optimisation makes them even for planar ones. On torch 2.13 that gradient comes out 25 % off, NaN, or the
+    process crashes (AVX512-BF16 CPU); the forward pass, x's gradient, float32 and float16 are right. ``ConvBlock``
+    then runs the convolution as ``lgc_fast.ops.dilated_conv``: in float32 on the CPU, and opaque to torch.compile."""
     c_in = conv.in_channels
-    if x.device.type != "cpu" or conv.dilation == (1, 1) or c_in <= 16 or c_in % 16 == 0:
+    if x.device.type != "cpu" or conv.kernel_size != (3, 3) or conv.dilation[0] == 1 or c_in <= 16 or c_in % 16 == 0:
         return False
+    if conv.padding != conv.dilation or conv.dilation[0] != conv.dilation[1] or conv.stride != (1, 1) or \
+            conv.groups != 1 or conv.bias is not None:
+        return False  # not dilated_conv's form
     if not (torch.is_grad_enabled() and conv.weight.requires_grad):
         return False
     bf16 = x.dtype == torch.bfloat16 or conv.weight.dtype == torch.bfloat16 or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return bf16 and (is_channels_last(x) or is_channels_last(conv.weight))
+    return bf16 and (is_channels_last(x) or is_channels_last(conv.weight) or torch.compiler.is_compiling())
 
 
 class ConvBlock(nn.Module):
@@ -85,9 +88,8 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if bf16_dilated_weight_grad_hazard(conv, x):  # both operands planar: the one layout oneDNN gets right
-            z = F.conv2d(x.contiguous(), conv.weight.contiguous(), conv.bias, conv.stride, conv.padding, conv.dilation,
-                         conv.groups)
+        if bf16_dilated_weight_grad_hazard(conv, x):
+            z = dilated_conv(x, conv.weight.to(x.dtype), conv.dilation[0])
         else:
             z = conv(x)
         backend = fused_backend(z.device) if self.fused_epilogue else None

@@ -414,8 +414,11 @@ def test_bf16_dilated_weight_grad_hazard_names_the_broken_cases():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         planar = torch.nn.Conv2d(136, 8, 3, padding=4, dilation=4, bias=False)
         assert not bf16_dilated_weight_grad_hazard(planar, x.contiguous())
-        for c_in, dilation in ((128, 4), (12, 4), (136, 1)):  # a multiple of 16, <= 16, undilated
-            other = torch.nn.Conv2d(c_in, 8, 3, padding=dilation, dilation=dilation).to(memory_format=torch.channels_last)
+        # a multiple of 16, <= 16, undilated, not dilated_conv's form (5x5, a bias)
+        for c_in, k, dilation, bias in ((128, 3, 4, False), (12, 3, 4, False), (136, 3, 1, False), (136, 5, 4, False),
+                                        (136, 3, 4, True)):
+            other = torch.nn.Conv2d(c_in, 8, k, padding=dilation * (k // 2), dilation=dilation, bias=bias)
+            other = other.to(memory_format=torch.channels_last)
             assert not bf16_dilated_weight_grad_hazard(other, torch.rand(1, c_in, 12, 12).contiguous(
                 memory_format=torch.channels_last))
 
@@ -424,7 +427,8 @@ def test_bf16_dilated_weight_grad_hazard_names_the_broken_cases():
 def test_bf16_autocast_channels_last_gradients_equal_the_planar_ones(fused):
     """The release network's first global layer has 136 input channels: torch's CPU bfloat16 weight gradient of that
     dilated convolution is wrong for channels_last operands (NaN or 25 % off on an AVX512-BF16 CPU), so ConvBlock runs
-    it planar. The bfloat16 gradients of a channels_last network must equal a planar network's to bfloat16 rounding."""
+    it as dilated_conv (in float32). The gradients of a channels_last network must equal a planar network's to
+    bfloat16 rounding (a few per cent apart here; NaN without the fix)."""
     grads = []
     for memory_format in (torch.contiguous_format, torch.channels_last):
         torch.manual_seed(0)
@@ -438,4 +442,4 @@ def test_bf16_autocast_channels_last_gradients_equal_the_planar_ones(fused):
     planar, channels_last = grads
     assert net.global_features[0].conv.in_channels == 136
     assert channels_last.isfinite().all()
-    assert ((channels_last - planar).norm() / planar.norm()).item() < 0.02
+    assert ((channels_last - planar).norm() / planar.norm()).item() < 0.05
