@@ -10,11 +10,13 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
               kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on both).
   lgc_fast-fused-nhwc-heads: lgc_fast-fused with channels_last output convolutions (LGCN.use_planar_heads(False)):
               kernel_conv and the loss change layout on every call, as before the planar heads (bench_layout.py).
-All modes use the same --amp / --channels-last settings (default: on for CUDA, off on the CPU), so the ratio measures the
-ops. --compare-amp adds, for every mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or
-"<mode>+no-amp"), timed in the same rounds: what autocast buys on this machine. The modes are timed in interleaved rounds (bench/common.py), so a changing machine load hits all alike; reported
-are the median and 20/80 % quantiles of the step time, samples/s from the median, the speed-up lgc_fast / eager-ref,
-and the peak memory of one step (CUDA: max allocated; CPU: not measured per mode).
+All modes use the same --amp / --channels-last settings (defaults as `lgc-fast train`'s: autocast on for CUDA and on a
+CPU with hardware bfloat16, channels_last on for CUDA), so the ratio measures the ops. --compare-amp adds, for every
+mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or "<mode>+no-amp"), timed in the same
+rounds: what autocast buys on this machine. The modes are timed in interleaved rounds (bench/common.py), so a
+changing machine load hits all alike; reported are the median and 20/80 % quantiles of the step time, samples/s from
+the median, the speed-up lgc_fast / eager-ref, and the peak memory of one step (CUDA: max allocated; CPU: not measured
+per mode).
 
 Usage:
   python bench/bench_train_step.py                                      # GPU: batches 64 128 256, width 128
@@ -42,7 +44,7 @@ from common import environment, format_table, results_path, time_interleaved, wr
 import lgc_fast  # noqa: E402
 from lgc_fast.model import LGCN  # noqa: E402
 from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled_forward_loss,  # noqa: E402
-                            forward_loss, train_step)
+                            default_amp, forward_loss, train_step)
 
 LANDMARKS = 68
 MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled",
@@ -90,12 +92,13 @@ def make_step(mode: str, args, device: torch.device, batch: int, amp: bool):
 
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256] if cuda else [2, 4])
     parser.add_argument("--width", type=int, default=128 if cuda else 32)
     parser.add_argument("--variant", default="release", choices=("release", "paper"))
     parser.add_argument("--size", type=int, default=96, help="crop size in pixels")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=cuda)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=default_amp(device))
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=cuda)
     parser.add_argument("--compare-amp", action="store_true",
                         help="also time every mode but eager-ref with --amp flipped, in the same rounds")
@@ -117,7 +120,6 @@ def main(argv=None) -> int:
         args.modes = list(MODES[:3]) if args.compile else list(MODES[:2])
     elif any(m.endswith("-compiled") for m in args.modes) and not args.compile:
         args.compile = "default"
-    device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = cuda  # as lgc-fast train does: both modes get the fastest conv algorithms
     ref_runs = args.ref_runs if args.ref_runs is not None else (None if cuda else 3)
     rows = []

@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lgc_fast import metrics
+from lgc_fast._backend import native_bf16_cpu
 from lgc_fast._io import atomic_write_text
 from lgc_fast.checkpoint import load_checkpoint, model_from_state, rng_state, save_checkpoint, set_rng_state
 from lgc_fast.data import (SYNTHETIC, BackgroundDataset, FacesAndBackgrounds, LandmarkDataset, augment_batch,
@@ -117,7 +118,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="use only the first N faces (in path order) of --data")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on for CUDA)")
+                   help="bfloat16 autocast (default: on for CUDA and on a CPU with AVX512-BF16 or AMX-BF16, where it "
+                        "is about 1.6x faster; off on other CPUs, which emulate bfloat16)")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the forward pass and the loss as one graph; MODE is torch.compile's mode "
                         f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")
@@ -239,6 +241,12 @@ def _default_fused_epilogue(device: torch.device, batch_size: int) -> bool:
     return backend == "cpu"
 
 
+def default_amp(device: torch.device) -> bool:
+    """bfloat16 autocast on CUDA and on a CPU that multiplies bfloat16 in hardware (``native_bf16_cpu``); other CPUs
+    emulate it, slower than float32."""
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()[0])
+
+
 def _settings(args, world: int, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
@@ -247,7 +255,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "clip_norm": args.clip_norm, "seed": args.seed, "val_fraction": args.val_fraction, "limit": args.limit,
         "augment": args.augment, "world_size": world, "backgrounds": _background_source(args),
         "background_fraction": _background_fraction(args),
-        "amp": cuda if args.amp is None else bool(args.amp),
+        "amp": default_amp(device) if args.amp is None else bool(args.amp),
         "channels_last": cuda if args.channels_last is None else bool(args.channels_last),
         "device_augment": cuda and args.augment, "compile": args.compile or False,
         "fused_epilogue": _default_fused_epilogue(device, args.batch_size) if args.fused_epilogue is None
