@@ -29,8 +29,10 @@ def run(args) -> int:
     for name, (ok, why) in lgc_fast.backends().items():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
     from lgc_fast.detect import resolve_precision  # the model and OpenCV: only when asked
+    from lgc_fast.train import default_amp
 
     native, found = native_bf16_cpu()
+    training = "bfloat16 autocast" if default_amp(torch.device("cpu")) else "float32"
     print(f"CPU bfloat16 in hardware: {'yes' if native else 'no'} ({found}); the networks' precision \"auto\" runs "
-          f"{resolve_precision('auto', 'cpu')} on the CPU")
+          f"{resolve_precision('auto', 'cpu')} on the CPU, lgc-fast train {training}")
     return 0

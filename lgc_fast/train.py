@@ -72,7 +72,8 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
                 "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
 NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue")
-DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue")  # None: not given, use the default
+# The numeric options whose None means "not given": --resume then keeps the run's own value.
+DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue")
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -118,8 +119,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="use only the first N faces (in path order) of --data")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on for CUDA and on a CPU with AVX512-BF16 or AMX-BF16, where it "
-                        "is about 1.6x faster; off on other CPUs, which emulate bfloat16)")
+                   help="bfloat16 autocast (default: on for CUDA and on a CPU with AVX512-BF16 or AMX-BF16, where a "
+                        "step was 1.5-1.9x faster; off on other CPUs, which emulate bfloat16)")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the forward pass and the loss as one graph; MODE is torch.compile's mode "
                         f"({', '.join(COMPILE_MODES)}; default: default). reduce-overhead adds CUDA graphs")

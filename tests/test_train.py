@@ -46,6 +46,15 @@ def test_learning_rate_steps():
     assert learning_rate(1.0, 0, 1) == 1.0 and learning_rate(1.0, 1, 2) == 0.2
 
 
+def test_autocast_defaults_on_for_cuda_and_for_a_cpu_with_hardware_bfloat16(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "native_bf16_cpu", lambda native=native: (native, "patched"))
+        for argv, device, want in (([], "cpu", native), ([], "cuda", True), (["--no-amp"], "cpu", False),
+                                   (["--no-amp"], "cuda", False), (["--amp"], "cpu", True)):
+            args = parse_args(["--data", "d", "--out", "o", *argv])
+            assert train_module._settings(args, 1, torch.device(device))["amp"] is want, (native, argv, device)
+
+
 def test_compiled_loss_matches_eager(one_thread):
     """--compile: the forward pass and loss under torch.compile (inductor) give eager's loss, gradients and BatchNorm
     running statistics, also after an SGD step has changed the weights. In float64: inductor's BatchNorm backward sums
