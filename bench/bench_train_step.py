@@ -65,9 +65,14 @@ def flipped_amp(mode: str, amp: bool) -> str:
     return f"{mode}+no-amp" if amp else f"{mode}+amp"
 
 
+def base_mode(mode: str) -> str:
+    """`mode` without flipped_amp's suffix."""
+    return mode.split("+")[0]
+
+
 def make_step(mode: str, args, device: torch.device, batch: int, amp: bool):
     """A zero-argument callable running one training step of `mode` (it sets the backend for its own calls)."""
-    mode = mode.split("+")[0]
+    mode = base_mode(mode)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
@@ -133,7 +138,8 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(3 if mode.split("+")[0].endswith("-compiled") else 1):  # CUDA graphs are recorded on the 2nd/3rd call
+            # CUDA graphs are recorded on the 2nd/3rd call
+            for _ in range(3 if base_mode(mode).endswith("-compiled") else 1):
                 step()
             if cuda:
                 torch.cuda.synchronize(device)
@@ -162,7 +168,8 @@ def main(argv=None) -> int:
         "environment": environment(device),
         "backends": {k: v[0] for k, v in lgc_fast.backends().items()},
         "config": {"variant": args.variant, "width": args.width, "size": args.size, "amp": args.amp,
-                   "channels_last": args.channels_last, "compile": args.compile or False, "compare_amp": args.compare_amp, "loss_scale": LOSS_SCALE,
+                   "channels_last": args.channels_last, "compile": args.compile or False,
+                   "compare_amp": args.compare_amp, "loss_scale": LOSS_SCALE,
                    "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
         "results": rows,
     }

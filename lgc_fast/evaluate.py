@@ -251,8 +251,8 @@ def evaluate(args) -> dict:
     predicted, crop_points = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points, 2))
     crop_truth, crop_labelled = np.zeros((len(records), n_points, 2)), np.zeros((len(records), n_points), bool)
     fit_similarity = np.full((len(records), 4), math.nan)
-    # channels_last as the Detector runs the network (oneDNN: 1.2x in bfloat16 on a batch of 32 here)
-    # With --fit the Detector has already folded the network and cast it to the precision: run its copy.
+    # channels_last as the Detector runs the network (oneDNN: 1.2x in bfloat16 on a batch of 32 here); with --fit the
+    # Detector's own copy, already folded, channels_last and in the precision.
     network = detector.network if args.fit else model
     for batch, points in predict(network, loader, device, args.decode, channels_last=True, mirror=args.mirror,
                                  to_points=to_points, dtype=PRECISIONS[precision]):
