@@ -7,7 +7,8 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
               as `lgc-fast train --compile MODE` runs it (reduce-overhead adds CUDA graphs).
   lgc_fast-fused, lgc_fast-fused-compiled: the same two with every conv block's BN + ReLU + scale + dropout as one
               lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; its CUDA C++
-              kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on both).
+              kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on the CPU, and on
+              a GPU from batch 64).
   lgc_fast-fused-nhwc-heads: lgc_fast-fused with channels_last output convolutions (LGCN.use_planar_heads(False)):
               kernel_conv and the loss change layout on every call, as before the planar heads (bench_layout.py).
 All modes use the same --amp / --channels-last settings (defaults as `lgc-fast train`'s: autocast on for CUDA and on a
@@ -108,10 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-amp", action="store_true",
                         help="also time every mode but eager-ref with --amp flipped, in the same rounds")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                        help="add the lgc_fast-compiled mode: the forward pass and loss under torch.compile(mode=MODE) "
+                        help="add the compiled modes: the forward pass and loss under torch.compile(mode=MODE) "
                              "as in lgc-fast train --compile MODE (default MODE: default)")
     parser.add_argument("--modes", nargs="+", choices=MODES,
-                        help="default: eager-ref and lgc_fast, and lgc_fast-compiled with --compile")
+                        help="default: eager-ref, lgc_fast and lgc_fast-fused, and their compiled forms with "
+                             "--compile")
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of timed lgc_fast steps per batch size")
     parser.add_argument("--ref-runs", type=int, default=None,
                         help="cap the timed eager-ref steps (default: as many as lgc_fast on a GPU, 3 on the CPU)")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch_sizes, args.width, args.budget_s, args.ref_runs = [8 if cuda else 2], 8, 2.0, 1
     if args.modes is None:
-        args.modes = list(MODES[:3]) if args.compile else list(MODES[:2])
+        args.modes = list(MODES[:5]) if args.compile else ["eager-ref", "lgc_fast", "lgc_fast-fused"]
     elif any(m.endswith("-compiled") for m in args.modes) and not args.compile:
         args.compile = "default"
     torch.backends.cudnn.benchmark = cuda  # as lgc-fast train does: both modes get the fastest conv algorithms
