@@ -154,6 +154,7 @@ def rows_layout(entry, device):
 
 def rows_train_step(entry, device):
     config = entry.get("config", {})
+    numerics = "bfloat16 autocast" if config.get("amp") else "float32"
     by_batch = {}
     for r in entry.get("results", []):
         by_batch.setdefault(r["batch"], {})[r["mode"]] = r
@@ -163,7 +164,7 @@ def rows_train_step(entry, device):
                 name = mode if not mode.endswith("compiled") else \
                     f"{mode.removesuffix('-compiled')}, torch.compile mode {config.get('compile')}"
                 yield _row(f"train step ({name}) vs eager torch reference",
-                           f"batch {batch}, width {config.get('width')}", modes[mode]["median_ms"],
+                           f"batch {batch}, width {config.get('width')}, {numerics}", modes[mode]["median_ms"],
                            modes["eager-ref"]["median_ms"], device)
         for mode, r in modes.items():  # --compare-amp: bfloat16 autocast against float32, same mode, same run
             other = modes.get(f"{mode}+no-amp" if r.get("amp") else f"{mode}+amp")
