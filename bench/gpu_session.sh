@@ -30,6 +30,16 @@ if ! LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e 
   exit 1
 fi
 lgc-fast info | tee "$LOGS/info.txt"
+# What a cuDNN graph-API route (BatchNorm statistics and apply fused into the convolutions) would build on: the
+# library's version, its headers beside the wheel, the Python frontend.
+python - <<'PROBE' 2>&1 | tee "$LOGS/cudnn_probe.txt"
+import importlib.util, pathlib, torch
+print("cudnn", torch.backends.cudnn.version())
+spec = importlib.util.find_spec("nvidia.cudnn") if importlib.util.find_spec("nvidia") else None
+roots = [pathlib.Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+print("cudnn headers", sorted(str(h) for r in roots for h in r.glob("include/cudnn*.h")) or "none")
+print("cudnn python frontend", "yes" if importlib.util.find_spec("cudnn") else "no")
+PROBE
 status=0
 
 if [[ $what == tests || $what == all ]]; then
