@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from lgc_fast.errors import LgcError
+
 
 def _new_file_mode() -> int:
     """What open() would give a new file (0666 minus the umask); mkstemp's own 0600 would hide outputs from others."""
@@ -33,3 +35,16 @@ def atomic_write_bytes(path, write) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def make_output_folder(path, argument: str) -> Path:
+    """Create the folder `path` (and its parents) for the command-line option `argument`, or raise an LgcError that
+    names both: a CLI makes its output folders before the work, so a bad one costs nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LgcError(f"{argument} {path}: a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LgcError(f"{argument} {path}: cannot make this folder ({exc.strerror or exc})") from None
+    return path

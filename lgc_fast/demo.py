@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lgc_fast._io import make_output_folder
 from lgc_fast.errors import LgcError
 
 DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "astronaut.png"
@@ -43,6 +44,7 @@ def run(args) -> int:
 
     if not DEMO_IMAGE.is_file():
         raise LgcError(f"the demo image {DEMO_IMAGE} is missing from this installation")
+    make_output_folder(args.out, "--out")
     detector = Detector(weights=args.weights, shape_model=args.shape_model, device="cpu", precision=args.precision)
     print(f"network in {detector.precision} on the CPU")
     if args.detect:
@@ -57,7 +59,6 @@ def run(args) -> int:
     print("point      x        y   confidence   (0-based pixels)")
     for index, ((x, y), c) in enumerate(zip(face.points, face.confidence), start=1):
         print(f"{index:5d} {x:8.2f} {y:8.2f}   {c:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
     overlay = args.out / "astronaut_landmarks.png"
     save_image(overlay, draw_faces(cv2.imread(str(DEMO_IMAGE)), [f.to_dict() for f in faces]))
     print(f"wrote {overlay}")

@@ -167,7 +167,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lgc_fast._io import atomic_write_text
+    from lgc_fast._io import atomic_write_text, make_output_folder
     from lgc_fast.data.pts import write_pts
     from lgc_fast.detect import Detector
     from lgc_fast.multiface import check_pyramid_step
@@ -188,7 +188,7 @@ def run(args) -> int:
                         fit_threshold=args.fit_threshold, precision=args.precision)
     if args.shape_model is not None:
         detector.shape_model  # noqa: B018 - loads and checks the file now: one error, before --out is made
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(args.out, "--out")
     done = 0
     for path, stem in zip(paths, stems):
         given = boxes.get(str(path), boxes.get(path.name))

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lgc_fast import metrics
 from lgc_fast._backend import native_bf16_cpu
-from lgc_fast._io import atomic_write_text
+from lgc_fast._io import atomic_write_text, make_output_folder
 from lgc_fast.checkpoint import load_checkpoint, model_from_state, rng_state, save_checkpoint, set_rng_state
 from lgc_fast.data import (SYNTHETIC, BackgroundDataset, FacesAndBackgrounds, LandmarkDataset, augment_batch,
                            background_count, scan_backgrounds, split_by_person)
@@ -487,7 +487,7 @@ def _train(args, dist_: ProcessGroup) -> TrainResult:
     backgrounds, background_problems = _background_set(args, len(train_records), on_error)
     problems += background_problems
     if dist_.main:
-        args.out.mkdir(parents=True, exist_ok=True)
+        make_output_folder(args.out, "--out")
         report_problems(problems, "train")
         if problems:
             atomic_write_text(args.out / "data_problems.txt", "\n".join(problems) + "\n")

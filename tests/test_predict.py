@@ -137,6 +137,18 @@ def test_demo_prints_68_points_and_writes_an_overlay(assets, tmp_path, capsys):
     assert overlay.shape == (512, 512, 3)
 
 
+def test_an_unusable_out_folder_is_one_line_before_any_work(assets, tmp_path, capsys):
+    weights, shape = assets
+    (tmp_path / "taken").write_text("a file")
+    for argv, why in ((("demo", "--out", tmp_path / "taken"), "a file, not a folder"),
+                      (("demo", "--out", tmp_path / "taken" / "sub"), "cannot make this folder"),
+                      (("predict", DEMO_IMAGE, "--out", tmp_path / "taken"), "a file, not a folder")):
+        code, stdout, stderr = _run(capsys, *argv, "--weights", weights, "--shape-model", shape)
+        assert code == 2
+        assert stderr.count("\n") == 1 and f"--out {tmp_path / 'taken'}" in stderr and why in stderr
+        assert "score" not in stdout  # failed before the landmarks were computed
+
+
 def test_demo_box_frames_the_bundled_face():
     """The known box is the training-style box of the astronaut's face: square-ish, about 100 px, inside the image."""
     image = cv2.imread(str(DEMO_IMAGE))
