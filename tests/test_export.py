@@ -67,6 +67,17 @@ def test_export_command(tmp_path, capsys):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name != "m.onnx"]  # no temporary files left
 
 
+def test_export_names_an_unusable_onnx_path_in_one_line(tmp_path, capsys):
+    model = tiny()
+    save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
+    (tmp_path / "taken").write_text("a file")
+    for onnx, why in ((tmp_path / "taken" / "m.onnx", f"--onnx {tmp_path / 'taken'}: a file, not a folder"),
+                      (tmp_path, f"--onnx {tmp_path}: a folder, not a file name")):
+        code = cli.main(["export", "--onnx", str(onnx), "--weights", str(tmp_path / "w.pt")])
+        err = capsys.readouterr().err
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1
+
+
 def test_export_without_onnxruntime_skips_the_check(tmp_path, monkeypatch, capsys):
     model = tiny()
     save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})
