@@ -48,3 +48,13 @@ def make_output_folder(path, argument: str) -> Path:
     except OSError as exc:
         raise LgcError(f"{argument} {path}: cannot make this folder ({exc.strerror or exc})") from None
     return path
+
+
+def make_output_file_folder(path, argument: str) -> Path:
+    """``make_output_folder`` for the folder of the output file `path` of option `argument`, after checking that
+    `path` is not itself a folder; returns `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise LgcError(f"{argument} {path}: a folder, not a file name")
+    make_output_folder(path.parent, argument)
+    return path

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lgc_fast import metrics
-from lgc_fast._io import atomic_write_bytes, atomic_write_text, make_output_folder
+from lgc_fast._io import atomic_write_bytes, atomic_write_text, make_output_file_folder, make_output_folder
 from lgc_fast.checkpoint import load_checkpoint, model_from_state
 from lgc_fast.data import LandmarkDataset, read_gray, scan_folder, split_by_person
 from lgc_fast.decode import DECODERS, decode
@@ -217,9 +217,7 @@ def evaluate(args) -> dict:
     if args.out is not None:
         make_output_folder(args.out, "--out")
     if args.save_point_offsets is not None:
-        if Path(args.save_point_offsets).is_dir():
-            raise LgcError(f"--save-point-offsets {args.save_point_offsets}: a folder, not a file name")
-        make_output_folder(Path(args.save_point_offsets).parent, "--save-point-offsets")
+        make_output_file_folder(args.save_point_offsets, "--save-point-offsets")
     records, problems = load_faces(args.data, args.boxes, args.on_bad_data, args.workers, args.limit)
     report_problems(problems, "eval")
     if args.split != "all":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgc_fast._io import atomic_write_bytes, make_output_folder
+from lgc_fast._io import atomic_write_bytes, make_output_file_folder
 from lgc_fast.errors import LgcError
 from lgc_fast.model import LGCN
 from lgc_fast.ops.kernel_conv import KERNEL_SIZE, RADIUS, WEIGHT, kernel_2d, kernel_taps
@@ -173,9 +173,7 @@ def run(args) -> int:
     if args.weights is None and not weights.is_file():
         raise LgcError(f"bundled weights {weights} not found (this installation ships without trained assets): "
                        "pass --weights PATH")
-    if args.onnx.is_dir():
-        raise LgcError(f"--onnx {args.onnx}: a folder, not a file name")
-    make_output_folder(args.onnx.parent, "--onnx")
+    make_output_file_folder(args.onnx, "--onnx")
     model = load_model(weights)
     face = face_probe()
     # The graph is written beside --onnx and takes its place only once onnxruntime agrees: a graph that fails the
