@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|ops|train|graphs|ncu|all]      (default all)
+#   bash bench/gpu_session.sh [tests|cudnn|ops|train|graphs|ncu|all]      (default all)
 # builds the CUDA extension in place (incrementally after the first call), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
+#   cudnn  whether cuDNN's runtime fusion takes the conv blocks' BN + ReLU (+ dropout mask) into the convolutions
+#          (bench/bench_cudnn_fusion.py): built or not, checked against float64, timed against the plain graphs and
+#          against torch's conv and lgc_fast's epilogue in the same run; the question #5's target turns on. It needs
+#          cuDNN's headers: where torch's nvidia.cudnn package has none, extract them before the device call
+#          (pip download --no-deps -d /tmp/w nvidia-cudnn-cu13 and unzip 'nvidia/cudnn/include/*' from it, then copy
+#          that include folder to .gpu/cudnn/include) and carry .gpu;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
@@ -47,6 +53,13 @@ if [[ $what == tests || $what == all ]]; then
   parallel=$(python -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
   python -m pytest -q -rs $parallel --ignore=tests/test_cuda_glue.py >"$LOGS/gpu_tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -40
+fi
+
+if [[ $what == cudnn || $what == all ]]; then
+  if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] && ! grep -q "include/cudnn.h" "$LOGS/cudnn_probe.txt"; then
+    export CUDNN_ROOT=$PWD/.gpu/cudnn  # carried headers; the library stays torch's
+  fi
+  python bench/bench_cudnn_fusion.py 2>&1 | tee "$LOGS/bench_cudnn_fusion.txt" || status=1
 fi
 
 if [[ $what == ops || $what == all ]]; then

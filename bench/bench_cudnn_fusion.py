@@ -1,0 +1,227 @@
+"""Can cuDNN's runtime fusion take the conv blocks' BatchNorm + ReLU + dropout into the convolutions? Builds
+bench/cudnn_fusion_probe.cpp against the cuDNN that torch loads, runs it for the training step's layer shapes, and
+times in the same run what the step does now at the same shape: torch's convolution (forward; forward + backward)
+and lgc_fast's fused epilogue (``bn_relu_dropout_drawn``, forward; forward + backward).
+
+The probe's cases (see its header): plain fprop / dgrad / wgrad graphs, and the fused forms
+  fprop_sbr_stats[_mask]       previous block's BN-apply + ReLU (+ keep mask) as the prologue, genstats as the epilogue
+  wgrad_sbr[_mask]             the weight gradient with the same prologue (recomputing the activation)
+  dgrad[_mask]_drelu_dbn       dgrad, (mask,) ReLU backward, BN backward weights
+each with: built or not (cuDNN's reason), a small instance against a float64 CPU reference (relative L2 error), and
+the median of its best plan at the full size. A fused form pays where its time over the plain graph's is well under
+the epilogue passes it replaces.
+
+Layer shapes (--layers): global (128 -> 128, 3x3, dilation 4), global_first (136 -> 128, the release's first global
+layer), local3 (128 -> 128, 3x3), local5 (128 -> 128, 5x5); all 96 x 96, NHWC, batch --batch.
+
+cuDNN headers: --cudnn-root, else $CUDNN_ROOT, else the nvidia.cudnn package beside torch (CUDA wheels of torch ship
+it), else /usr; the library from the first of those that has it. Where torch's package has no headers, take them from
+a nvidia-cudnn-cu13 wheel (bench/gpu_session.sh says how). --compile-only builds the probe and stops (no GPU needed; links only where the library is
+there): the CPU test suite uses it as the probe's compile check.
+
+Usage: python bench/bench_cudnn_fusion.py [--batch 128] [--layers global global_first local3 local5]
+           [--dtypes bf16 fp16] [--reps 20] [--max-plans 4] [--out PATH.json] [--compile-only] [--cudnn-root DIR]
+Writes bench/results/<device-slug>.cudnn_fusion.json (key "cudnn_fusion").
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+PROBE_SOURCE = BENCH_DIR / "cudnn_fusion_probe.cpp"
+PROBE_BINARY = ROOT / "build" / "cudnn_fusion_probe"
+
+# name -> (in channels, out channels, kernel, dilation)
+LAYERS = {
+    "global": (128, 128, 3, 4),
+    "global_first": (136, 128, 3, 4),
+    "local3": (128, 128, 3, 1),
+    "local5": (128, 128, 5, 1),
+}
+
+
+class ProbeError(Exception):
+    """A one-line reason the probe cannot be built or run."""
+
+
+def cudnn_paths(explicit: str | None) -> tuple[Path, Path | None]:
+    """(the folder with cudnn.h, the folder with libcudnn.so.9 or None). Headers come from --cudnn-root, else
+    $CUDNN_ROOT, else the nvidia.cudnn package beside torch, else /usr; the library from the first of those that has
+    it, the package always among them (its headers can be missing where its library is not)."""
+    roots = [Path(explicit)] if explicit else [Path(os.environ["CUDNN_ROOT"])] if os.environ.get("CUDNN_ROOT") else []
+    spec = importlib.util.find_spec("nvidia.cudnn") if importlib.util.find_spec("nvidia") else None
+    package = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    header_roots = roots or package + [Path("/usr")]
+    include = next((r / "include" for r in header_roots if (r / "include" / "cudnn.h").is_file()), None)
+    if include is None:
+        where = ", ".join(str(r) for r in header_roots) or "(none)"
+        raise ProbeError(f"no cuDNN headers (include/cudnn.h) under {where}; pass --cudnn-root DIR or set CUDNN_ROOT")
+    lib = next((d for r in roots + package + [Path("/usr")]
+                for d in (r / "lib", r / "lib64", r / "lib" / "x86_64-linux-gnu") if (d / "libcudnn.so.9").exists()),
+               None)
+    return include, lib
+
+
+def cuda_root() -> Path:
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root)
+    raise ProbeError("no CUDA toolkit headers (include/cuda_runtime.h); set CUDA_HOME")
+
+
+def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool) -> Path:
+    """Compiles (and, unless compile_only, links) the probe; returns the binary or object file."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise ProbeError("no C++ compiler (g++ or $CXX) on PATH")
+    cuda = cuda_root()
+    # -Wno-deprecated-declarations: the plan's and graph's handle attributes, deprecated in late cuDNN 9 releases
+    # and required by early ones
+    cmd = [compiler, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Wno-deprecated-declarations", str(PROBE_SOURCE),
+           f"-I{include}", f"-I{cuda / 'include'}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if compile_only:
+        cmd += ["-c", "-o", str(out.with_suffix(".o"))]
+    else:
+        if lib is None:
+            raise ProbeError(f"no libcudnn.so.9 beside {include.parent} or torch's nvidia.cudnn package")
+        cuda_lib = cuda / "lib64" if (cuda / "lib64").is_dir() else cuda / "lib"
+        cmd += [f"-L{lib}", f"-L{cuda_lib}", "-l:libcudnn.so.9", "-lcudart", f"-Wl,-rpath,{lib}",
+                f"-Wl,-rpath,{cuda_lib}", "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ProbeError(f"building {PROBE_SOURCE.name} failed:\n{done.stderr.strip()}")
+    return out.with_suffix(".o") if compile_only else out
+
+
+def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_plans: int) -> list[dict]:
+    c, k, r, dil = LAYERS[layer]
+    cmd = [str(binary), "--batch", str(batch), "--in", str(c), "--out", str(k), "--size", "96", "--kernel", str(r),
+           "--dilation", str(dil), "--dtype", dtype, "--reps", str(reps), "--max-plans", str(max_plans)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode not in (0, 3):  # 3: some case missed its error bound (reported in its line)
+        raise ProbeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        row["layer"] = layer
+    return rows
+
+
+def torch_baselines(batch: int, layer: str, dtype: str, reps: int) -> dict:
+    """Median ms of what the training step runs at this layer now: torch's conv (cuDNN through aten) forward and
+    forward + backward, and lgc_fast's fused BN + ReLU + dropout epilogue forward and forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(BENCH_DIR))
+    sys.path.insert(0, str(ROOT))
+    from common import time_reps
+    from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout_drawn, fused_backend
+
+    c, k, r, dil = LAYERS[layer]
+    dev = torch.device("cuda")
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cl = torch.channels_last
+    x = torch.randn(batch, c, 96, 96, device=dev, dtype=dt).contiguous(memory_format=cl).requires_grad_()
+    w = (torch.randn(k, c, r, r, device=dev, dtype=dt) / (c * r * r) ** 0.5).contiguous(memory_format=cl)
+    w.requires_grad_()
+    gy = torch.randn(batch, k, 96, 96, device=dev, dtype=dt).contiguous(memory_format=cl)
+    pad = dil * (r // 2)
+    z = torch.randn(batch, k, 96, 96, device=dev, dtype=dt).contiguous(memory_format=cl).requires_grad_()
+    gamma = torch.ones(k, device=dev, requires_grad=True)
+    beta = torch.zeros(k, device=dev, requires_grad=True)
+    running = (torch.zeros(k, device=dev), torch.ones(k, device=dev))
+    backend = fused_backend(dev)
+
+    def conv_fwd():
+        with torch.no_grad():
+            F.conv2d(x, w, padding=pad, dilation=dil)
+
+    def conv_fwd_bwd():
+        torch.autograd.grad(F.conv2d(x, w, padding=pad, dilation=dil), (x, w), gy)
+
+    def epilogue_fwd():
+        with torch.no_grad():
+            bn_relu_dropout_drawn(z, *running, gamma, beta, backend=backend)
+
+    def epilogue_fwd_bwd():
+        y = bn_relu_dropout_drawn(z, *running, gamma, beta, backend=backend)[0]
+        torch.autograd.grad(y, (z, gamma, beta), gy)
+
+    out = {"epilogue_backend": backend}
+    for name, fn in (("torch_conv_fwd", conv_fwd), ("torch_conv_fwd_bwd", conv_fwd_bwd),
+                     ("lgc_fast_epilogue_fwd", epilogue_fwd), ("lgc_fast_epilogue_fwd_bwd", epilogue_fwd_bwd)):
+        out[name] = time_reps(fn, dev, warmup=3, reps=reps).as_dict()
+    return out
+
+
+def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> str:
+    best = {row["case"]: row.get("best_ms") for row in rows if row.get("supported")}
+    checks = {row["case"]: row.get("check_passed") for row in rows if row.get("supported")}
+    parts = []
+    for case, base in (("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"), ("wgrad_sbr", "wgrad"),
+                       ("wgrad_sbr_mask", "wgrad"), ("dgrad_drelu_dbn", "dgrad"), ("dgrad_mask_drelu_dbn", "dgrad")):
+        if best.get(case) is None:
+            parts.append(f"{case} unsupported")
+        else:
+            over = f" (+{best[case] - best[base]:.3f} over {base})" if best.get(base) is not None else ""
+            parts.append(f"{case} {best[case]:.3f} ms{over}{'' if checks.get(case) else ' CHECK FAILED'}")
+    epi = torch_side.get("lgc_fast_epilogue_fwd_bwd", {}).get("median_ms")
+    epi_text = f"; lgc_fast epilogue fwd+bwd {epi:.3f} ms" if epi is not None else ""
+    return f"{layer} {dtype}: " + "; ".join(parts) + epi_text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=list(LAYERS))
+    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=["bf16", "fp16"])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--max-plans", type=int, default=4)
+    parser.add_argument("--cudnn-root", help="folder with include/cudnn.h and lib/libcudnn.so.9")
+    parser.add_argument("--compile-only", action="store_true", help="build the probe (no GPU needed) and stop")
+    parser.add_argument("--binary", type=Path, default=PROBE_BINARY, help="where to build the probe")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<device>.cudnn_fusion.json)")
+    args = parser.parse_args(argv)
+    try:
+        include, lib = cudnn_paths(args.cudnn_root)
+        built = build_probe(include, lib, args.binary, args.compile_only)
+        print(f"built {built} against {include}" + (f" and {lib}" if lib and not args.compile_only else ""))
+        if args.compile_only:
+            return 0
+        import torch
+        if not torch.cuda.is_available():
+            raise ProbeError("needs a CUDA GPU (the probe compiled; nothing was measured)")
+        sys.path.insert(0, str(BENCH_DIR))
+        from common import RESULTS_DIR, device_slug, environment, write_results
+
+        env = environment("cuda")
+        env["cudnn_torch"] = torch.backends.cudnn.version()
+        entries, summary = [], []
+        for dtype in args.dtypes:
+            for layer in args.layers:
+                rows = run_probe(built, args.batch, layer, dtype, args.reps, args.max_plans)
+                torch_side = torch_baselines(args.batch, layer, dtype, args.reps)
+                entries.append({"layer": layer, "dtype": dtype, "batch": args.batch, "probe": rows,
+                                "same_run_torch": torch_side})
+                summary.append(summary_line(layer, dtype, rows, torch_side))
+                print(summary[-1], flush=True)
+        out = args.out or RESULTS_DIR / f"{device_slug('cuda')}.cudnn_fusion.json"
+        write_results(out, "cudnn_fusion", {"environment": env, "entries": entries, "summary": summary})
+        print(f"wrote {out}")
+        return 0
+    except ProbeError as exc:
+        print(f"bench_cudnn_fusion: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

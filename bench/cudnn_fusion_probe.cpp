@@ -1,0 +1,682 @@
+// Whether cuDNN's graph API (runtime fusion) can take a conv block's BatchNorm + ReLU + dropout into its convolutions,
+// and at what cost: the question issue #5's training-step target turns on (see bench/bench_cudnn_fusion.py, which
+// builds and runs this program and records its figures).
+//
+// Each case is one cuDNN operation graph over NHWC tensors, for a layer of n x c x h x w in, k x r x r filters:
+//   fprop                plain convolution (the baseline the fused forms are compared with)
+//   fprop_sbr_stats      relu(x * s + b) -> conv -> y, with y's per-channel sum and sum of squares (genstats): the
+//                        previous block's BN-apply + ReLU as the prologue, this block's BN statistics as the epilogue
+//   fprop_sbr_mask_stats the same with the dropout keep mask (a full tensor, 0 or 1/(1-p)) multiplied in the prologue
+//   wgrad / wgrad_sbr / wgrad_sbr_mask        weight gradient, plain and with the same prologues
+//   dgrad                plain data gradient
+//   dgrad_drelu_dbn      dgrad -> ReLU backward against the recomputed pre-activation -> BN backward weights
+//                        (dgamma, dbeta and the per-channel coefficients of dz = a*g + b*z + c)
+//   dgrad_mask_drelu_dbn the same with the keep mask applied to the gradient first
+// For every case: whether any engine builds it (else cuDNN's message), the error of a small instance against a
+// float64 CPU reference on the same rounded inputs, and the median device time of its best plan (of up to
+// --max-plans that build) at the requested size, L2 flushed before each repeat. One JSON object a line on stdout.
+//
+// Build (bench/bench_cudnn_fusion.py does):
+//   g++ -O2 -std=c++17 cudnn_fusion_probe.cpp -I<cudnn include> -I<cuda include> -L... -l:libcudnn.so.9 -lcudart
+#include "cudnn_fusion_graph.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using namespace cudnn_probe;
+
+// ---- the cases ----
+
+enum class Kind { fprop, fprop_sbr_stats, fprop_sbr_mask_stats, wgrad, wgrad_sbr, wgrad_sbr_mask, dgrad,
+                  dgrad_drelu_dbn, dgrad_mask_drelu_dbn };
+
+struct CaseInfo {
+    Kind kind;
+    const char* name;
+};
+
+const CaseInfo kCases[] = {
+    {Kind::fprop, "fprop"},
+    {Kind::fprop_sbr_stats, "fprop_sbr_stats"},
+    {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats"},
+    {Kind::wgrad, "wgrad"},
+    {Kind::wgrad_sbr, "wgrad_sbr"},
+    {Kind::wgrad_sbr_mask, "wgrad_sbr_mask"},
+    {Kind::dgrad, "dgrad"},
+    {Kind::dgrad_drelu_dbn, "dgrad_drelu_dbn"},
+    {Kind::dgrad_mask_drelu_dbn, "dgrad_mask_drelu_dbn"},
+};
+
+bool has_prologue(Kind k) {
+    return k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats || k == Kind::wgrad_sbr ||
+           k == Kind::wgrad_sbr_mask;
+}
+bool has_mask(Kind k) {
+    return k == Kind::fprop_sbr_mask_stats || k == Kind::wgrad_sbr_mask || k == Kind::dgrad_mask_drelu_dbn;
+}
+bool is_dbn(Kind k) { return k == Kind::dgrad_drelu_dbn || k == Kind::dgrad_mask_drelu_dbn; }
+
+// One named tensor of a case: its graph uid, host values and device copy; `output` ones are checked.
+struct Role {
+    std::string name;
+    int64_t uid;
+    Buffer buffer;
+    bool output;
+};
+
+struct Instance {
+    Shape shape;
+    std::vector<Role> roles;
+    Role& operator[](const std::string& name) {
+        for (auto& r : roles)
+            if (r.name == name) return r;
+        throw Failure("no tensor " + name);
+    }
+};
+
+// Builds the case's graph on `graph` and returns its tensors (host values not yet filled). io_params: the prologue's
+// scale and bias (s, b) in the io type instead of float32.
+Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = false) {
+    Instance inst{s, {}};
+    auto add = [&](const std::string& name, Tensor t, size_t count, bool half, bool output) {
+        Buffer b;
+        b.count = count;
+        b.half_bits = half;
+        inst.roles.push_back({name, t.uid, std::move(b), output});
+    };
+    const size_t in_count = s.n * s.c * s.h * s.w, out_count = s.n * s.k * s.h * s.w, w_count = s.k * s.c * s.r * s.r;
+    Tensor w = graph.tensor({s.k, s.c, s.r, s.r}, {s.r * s.r * s.c, 1, s.r * s.c, s.c}, graph.io_type(), false);
+    add("w", w, w_count, true, kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask);
+    if (kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask ||
+        kind == Kind::fprop || kind == Kind::fprop_sbr_stats || kind == Kind::fprop_sbr_mask_stats) {
+        Tensor x = graph.nhwc(s.n, s.c, s.h, s.w);
+        add("x", x, in_count, true, false);
+        Tensor a = x;
+        if (has_prologue(kind)) {
+            Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
+            add("s", scale, s.c, io_params, false);
+            add("b", bias, s.c, io_params, false);
+            Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), t2 = graph.nhwc(s.n, s.c, s.h, s.w, true);
+            Tensor t3 = graph.nhwc(s.n, s.c, s.h, s.w, true);
+            graph.pointwise(CUDNN_POINTWISE_MUL, x, &scale, t1);
+            graph.pointwise(CUDNN_POINTWISE_ADD, t1, &bias, t2);
+            graph.pointwise(CUDNN_POINTWISE_RELU_FWD, t2, nullptr, t3);
+            a = t3;
+            if (has_mask(kind)) {
+                Tensor m = graph.nhwc(s.n, s.c, s.h, s.w), t4 = graph.nhwc(s.n, s.c, s.h, s.w, true);
+                add("m", m, in_count, true, false);
+                graph.pointwise(CUDNN_POINTWISE_MUL, t3, &m, t4);
+                a = t4;
+            }
+        }
+        if (kind == Kind::fprop || kind == Kind::fprop_sbr_stats || kind == Kind::fprop_sbr_mask_stats) {
+            Tensor y = graph.nhwc(s.n, s.k, s.h, s.w);
+            graph.conv_fprop(s, a, w, y);
+            add("y", y, out_count, true, true);
+            if (kind != Kind::fprop) {
+                Tensor sum = graph.per_channel(s.k), sq_sum = graph.per_channel(s.k);
+                graph.genstats(y, sum, sq_sum);
+                add("sum", sum, s.k, false, true);
+                add("sq_sum", sq_sum, s.k, false, true);
+            }
+        } else {
+            Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
+            add("dy", dy, out_count, true, false);
+            graph.conv_wgrad(s, a, dy, w);
+        }
+        return inst;
+    }
+    Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
+    add("dy", dy, out_count, true, false);
+    if (kind == Kind::dgrad) {
+        Tensor dx = graph.nhwc(s.n, s.c, s.h, s.w);
+        graph.conv_dgrad(s, dy, w, dx);
+        add("dx", dx, in_count, true, true);
+        return inst;
+    }
+    // dgrad -> (mask) -> ReLU backward against z * s + b -> BN backward weights
+    Tensor da = graph.nhwc(s.n, s.c, s.h, s.w, true);
+    graph.conv_dgrad(s, dy, w, da);
+    if (has_mask(kind)) {
+        Tensor m = graph.nhwc(s.n, s.c, s.h, s.w), masked = graph.nhwc(s.n, s.c, s.h, s.w, true);
+        add("m", m, in_count, true, false);
+        graph.pointwise(CUDNN_POINTWISE_MUL, da, &m, masked);
+        da = masked;
+    }
+    Tensor z = graph.nhwc(s.n, s.c, s.h, s.w);
+    add("z", z, in_count, true, false);
+    Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
+    add("s", scale, s.c, io_params, false);
+    add("b", bias, s.c, io_params, false);
+    Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), pre = graph.nhwc(s.n, s.c, s.h, s.w, true);
+    graph.pointwise(CUDNN_POINTWISE_MUL, z, &scale, t1);
+    graph.pointwise(CUDNN_POINTWISE_ADD, t1, &bias, pre);
+    Tensor g = graph.nhwc(s.n, s.c, s.h, s.w);
+    graph.relu_backward(da, pre, g);
+    add("g", g, in_count, true, true);
+    const char* channel_names[] = {"mean", "invstd", "gamma", "dgamma", "dbeta", "eq_dy", "eq_x", "eq_b"};
+    std::vector<Tensor> ch;
+    for (int i = 0; i < 8; ++i) {
+        ch.push_back(graph.per_channel(s.c));
+        add(channel_names[i], ch.back(), s.c, false, i >= 3);
+    }
+    graph.bn_backward_weights(g, z, ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]);
+    return inst;
+}
+
+// ---- values, references, checks ----
+
+struct Values {
+    cudnnDataType_t io;
+    std::mt19937_64 rng{20261124};
+    float round(float v) const { return io == CUDNN_DATA_BFLOAT16 ? from_bf16(to_bf16(v)) : from_fp16(to_fp16(v)); }
+    uint16_t bits(float v) const { return io == CUDNN_DATA_BFLOAT16 ? to_bf16(v) : to_fp16(v); }
+    float normal(float sd) { return std::normal_distribution<float>(0.f, sd)(rng); }
+    float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+};
+
+constexpr float kDropout = 0.1f;
+
+// BatchNorm parameters and statistics of a case's input channels; s and b follow from them (s = gamma * invstd,
+// b = beta - mean * s), as the forward pass folds them.
+struct BnParams {
+    std::vector<float> gamma, beta, mean, invstd;
+    BnParams(int64_t channels, Values& v) {
+        for (int64_t i = 0; i < channels; ++i) {
+            gamma.push_back(v.uniform(0.5f, 1.5f));
+            beta.push_back(v.normal(0.3f));
+            mean.push_back(v.normal(0.3f));
+            invstd.push_back(v.uniform(0.7f, 1.4f));
+        }
+    }
+};
+
+// One value of the tensor `name` at (input) channel `ch`, rounded to the tensor's storage type.
+float draw(const Role& role, size_t ch, const Shape& s, Values& v, const BnParams& p) {
+    const std::string& n = role.name;
+    float value = 0.f;
+    if (n == "w") value = v.normal(1.f / std::sqrt(static_cast<float>(s.c * s.r * s.r)));
+    else if (n == "x" || n == "z" || n == "dy") value = v.normal(1.f);
+    else if (n == "m") value = v.uniform(0.f, 1.f) < kDropout ? 0.f : 1.f / (1.f - kDropout);
+    else if (n == "s") value = p.gamma[ch] * p.invstd[ch];
+    else if (n == "b") value = p.beta[ch] - p.mean[ch] * p.gamma[ch] * p.invstd[ch];
+    else if (n == "mean") value = p.mean[ch];
+    else if (n == "invstd") value = p.invstd[ch];
+    else if (n == "gamma") value = p.gamma[ch];
+    return role.buffer.half_bits ? v.round(value) : value;
+}
+
+// Host values for every tensor of a checked instance (outputs too: they are poisoned on the device before a run).
+void fill_inputs(Instance& inst, Values& v) {
+    BnParams p(inst.shape.c, v);
+    for (auto& role : inst.roles) {
+        role.buffer.host.resize(role.buffer.count);
+        for (size_t i = 0; i < role.buffer.count; ++i)
+            role.buffer.host[i] = draw(role, i % static_cast<size_t>(inst.shape.c), inst.shape, v, p);
+    }
+}
+
+void upload(Buffer& b, const Values& v) {
+    if (b.half_bits) {
+        std::vector<uint16_t> bits(b.count);
+        for (size_t i = 0; i < b.count; ++i) bits[i] = v.bits(b.host[i]);
+        check_cuda(cudaMemcpy(b.device, bits.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
+    } else {
+        check_cuda(cudaMemcpy(b.device, b.host.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
+    }
+}
+
+std::vector<double> download(const Buffer& b, cudnnDataType_t io) {
+    std::vector<double> out(b.count);
+    if (b.half_bits) {
+        std::vector<uint16_t> bits(b.count);
+        check_cuda(cudaMemcpy(bits.data(), b.device, b.bytes(), cudaMemcpyDeviceToHost), "download");
+        for (size_t i = 0; i < b.count; ++i)
+            out[i] = io == CUDNN_DATA_BFLOAT16 ? from_bf16(bits[i]) : from_fp16(bits[i]);
+    } else {
+        std::vector<float> f(b.count);
+        check_cuda(cudaMemcpy(f.data(), b.device, b.bytes(), cudaMemcpyDeviceToHost), "download");
+        out.assign(f.begin(), f.end());
+    }
+    return out;
+}
+
+// NHWC activations, KRSC filters; stride 1, "same" zero padding.
+struct Reference {
+    Shape s;
+    size_t at(int64_t n, int64_t y, int64_t x, int64_t c, int64_t channels) const {
+        return static_cast<size_t>(((n * s.h + y) * s.w + x) * channels + c);
+    }
+    size_t wat(int64_t k, int64_t i, int64_t j, int64_t c) const {
+        return static_cast<size_t>(((k * s.r + i) * s.r + j) * s.c + c);
+    }
+    // Calls f(n, oy, ox, iy, ix, i, j) for every output pixel and in-bounds filter tap.
+    template <typename F>
+    void taps(F f) const {
+        for (int64_t n = 0; n < s.n; ++n)
+            for (int64_t oy = 0; oy < s.h; ++oy)
+                for (int64_t ox = 0; ox < s.w; ++ox)
+                    for (int64_t i = 0; i < s.r; ++i) {
+                        int64_t iy = oy - s.pad() + i * s.dil;
+                        if (iy < 0 || iy >= s.h) continue;
+                        for (int64_t j = 0; j < s.r; ++j) {
+                            int64_t ix = ox - s.pad() + j * s.dil;
+                            if (ix >= 0 && ix < s.w) f(n, oy, ox, iy, ix, i, j);
+                        }
+                    }
+    }
+    std::vector<double> fprop(const std::vector<double>& a, const std::vector<float>& w) const {
+        std::vector<double> y(static_cast<size_t>(s.n * s.h * s.w * s.k), 0.0);
+        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
+            for (int64_t k = 0; k < s.k; ++k) {
+                double acc = 0.0;
+                for (int64_t c = 0; c < s.c; ++c) acc += a[at(n, iy, ix, c, s.c)] * w[wat(k, i, j, c)];
+                y[at(n, oy, ox, k, s.k)] += acc;
+            }
+        });
+        return y;
+    }
+    std::vector<double> dgrad(const std::vector<float>& dy, const std::vector<float>& w) const {
+        std::vector<double> dx(static_cast<size_t>(s.n * s.h * s.w * s.c), 0.0);
+        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
+            for (int64_t k = 0; k < s.k; ++k) {
+                double g = dy[at(n, oy, ox, k, s.k)];
+                for (int64_t c = 0; c < s.c; ++c) dx[at(n, iy, ix, c, s.c)] += g * w[wat(k, i, j, c)];
+            }
+        });
+        return dx;
+    }
+    std::vector<double> wgrad(const std::vector<double>& a, const std::vector<float>& dy) const {
+        std::vector<double> dw(static_cast<size_t>(s.k * s.r * s.r * s.c), 0.0);
+        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
+            for (int64_t k = 0; k < s.k; ++k) {
+                double g = dy[at(n, oy, ox, k, s.k)];
+                for (int64_t c = 0; c < s.c; ++c) dw[wat(k, i, j, c)] += a[at(n, iy, ix, c, s.c)] * g;
+            }
+        });
+        return dw;
+    }
+};
+
+double relative_error(const std::vector<double>& out, const std::vector<double>& ref) {
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        diff += (out[i] - ref[i]) * (out[i] - ref[i]);  // NaN (an unwritten, poisoned value) stays NaN
+        norm += ref[i] * ref[i];
+    }
+    return std::sqrt(diff / std::max(norm, 1e-300));
+}
+
+// The float64 reference of every checked output of the case, from the instance's host inputs.
+std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, Instance& inst) {
+    const Shape& s = inst.shape;
+    Reference ref{s};
+    std::vector<std::pair<std::string, std::vector<double>>> out;
+    auto channel_sums = [&](const std::vector<double>& t, bool squares) {
+        std::vector<double> sums(static_cast<size_t>(s.k), 0.0);
+        for (size_t i = 0; i < t.size(); ++i) sums[i % s.k] += squares ? t[i] * t[i] : t[i];
+        return sums;
+    };
+    if (!is_dbn(kind) && kind != Kind::dgrad) {
+        const auto& x = inst["x"].buffer.host;
+        std::vector<double> a(x.begin(), x.end());
+        if (has_prologue(kind)) {
+            const auto& sc = inst["s"].buffer.host;
+            const auto& bi = inst["b"].buffer.host;
+            for (size_t i = 0; i < a.size(); ++i) {
+                size_t c = i % s.c;
+                a[i] = std::max(0.0, a[i] * sc[c] + bi[c]);
+                if (has_mask(kind)) a[i] *= inst["m"].buffer.host[i];
+            }
+        }
+        if (kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask) {
+            out.push_back({"w", ref.wgrad(a, inst["dy"].buffer.host)});
+            return out;
+        }
+        auto y = ref.fprop(a, inst["w"].buffer.host);
+        if (kind != Kind::fprop) {
+            out.push_back({"sum", channel_sums(y, false)});
+            out.push_back({"sq_sum", channel_sums(y, true)});
+        }
+        out.push_back({"y", std::move(y)});
+        return out;
+    }
+    auto da = ref.dgrad(inst["dy"].buffer.host, inst["w"].buffer.host);
+    if (kind == Kind::dgrad) {
+        out.push_back({"dx", std::move(da)});
+        return out;
+    }
+    const auto& z = inst["z"].buffer.host;
+    const auto &sc = inst["s"].buffer.host, &bi = inst["b"].buffer.host;
+    const auto &mean = inst["mean"].buffer.host, &invstd = inst["invstd"].buffer.host;
+    std::vector<double> g(da.size()), dgamma(s.c, 0.0), dbeta(s.c, 0.0);
+    for (size_t i = 0; i < g.size(); ++i) {
+        size_t c = i % s.c;
+        double d = has_mask(kind) ? da[i] * inst["m"].buffer.host[i] : da[i];
+        g[i] = static_cast<double>(z[i]) * sc[c] + bi[c] > 0.0 ? d : 0.0;
+        dgamma[c] += g[i] * (z[i] - mean[c]) * invstd[c];
+        dbeta[c] += g[i];
+    }
+    const double count = static_cast<double>(s.n * s.h * s.w);
+    std::vector<double> dz(g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+        size_t c = i % s.c;
+        double xhat = (z[i] - mean[c]) * invstd[c];
+        dz[i] = inst["gamma"].buffer.host[c] * invstd[c] * (g[i] - dbeta[c] / count - xhat * dgamma[c] / count);
+    }
+    out.push_back({"g", std::move(g)});
+    out.push_back({"dgamma", std::move(dgamma)});
+    out.push_back({"dbeta", std::move(dbeta)});
+    out.push_back({"dz", std::move(dz)});  // from the case's eq_dy * g + eq_x * z + eq_b
+    return out;
+}
+
+std::string json_text(const std::string& text) {
+    std::string out = "\"";
+    for (char ch : text) {
+        if (ch == '"' || ch == '\\') out += '\\';
+        out += (ch == '\n' || ch == '\r' || ch == '\t') ? ' ' : ch;
+    }
+    return out + "\"";
+}
+
+std::string json_number(double v) {
+    if (!std::isfinite(v)) return "null";
+    char text[64];
+    std::snprintf(text, sizeof(text), "%.6g", v);
+    return text;
+}
+
+void allocate(Instance& inst) {
+    for (auto& role : inst.roles) check_cuda(cudaMalloc(&role.buffer.device, role.buffer.bytes()), "allocate");
+}
+
+void release(Instance& inst) {
+    for (auto& role : inst.roles) cudaFree(role.buffer.device);
+}
+
+cudnnBackendDescriptor_t pack_for(Graph& graph, Instance& inst, void* workspace) {
+    std::vector<int64_t> uids;
+    std::vector<void*> pointers;
+    for (auto& role : inst.roles) {
+        uids.push_back(role.uid);
+        pointers.push_back(role.buffer.device);
+    }
+    return graph.pack(uids, pointers, workspace);
+}
+
+// Fills a timed instance's device tensors with real values: a random block of up to 2^20 values a tensor, repeated
+// (no zeros: they can run faster than real data).
+void fill_device(Instance& inst, Values& v) {
+    BnParams p(inst.shape.c, v);
+    for (auto& role : inst.roles) {
+        Buffer& b = role.buffer;
+        Buffer block = b;
+        block.count = std::min<size_t>(b.count, size_t{1} << 20);
+        block.host.resize(block.count);
+        for (size_t i = 0; i < block.count; ++i)
+            block.host[i] = draw(role, i % static_cast<size_t>(inst.shape.c), inst.shape, v, p);
+        upload(block, v);
+        const size_t element = b.half_bits ? 2 : 4;
+        for (size_t done = block.count; done < b.count; done *= 2) {
+            size_t n = std::min(done, b.count - done);
+            check_cuda(cudaMemcpy(static_cast<char*>(b.device) + done * element, b.device, n * element,
+                                  cudaMemcpyDeviceToDevice), "fill");
+        }
+    }
+}
+
+std::string shape_json(const Shape& s) {
+    char text[160];
+    std::snprintf(text, sizeof(text),
+                  "{\"n\": %lld, \"c\": %lld, \"k\": %lld, \"h\": %lld, \"w\": %lld, \"r\": %lld, \"dilation\": %lld}",
+                  (long long)s.n, (long long)s.c, (long long)s.k, (long long)s.h, (long long)s.w, (long long)s.r,
+                  (long long)s.dil);
+    return text;
+}
+
+// Runs every plan that builds on a small instance and compares each output with the float64 reference; poisoned
+// (NaN) outputs first, so an unwritten value fails. Returns the "check" JSON object.
+std::string check_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, const Shape& s, bool io_params,
+                       int max_plans, double& worst) {
+    Graph graph(handle, io);
+    Instance inst = build_case(graph, kind, s, io_params);
+    graph.build_plans(max_plans);
+    Values v{io};
+    fill_inputs(inst, v);
+    allocate(inst);
+    for (auto& role : inst.roles)
+        if (!role.output) upload(role.buffer, v);
+    auto refs = reference(kind, inst);
+    worst = 0.0;
+    std::string errors;
+    for (const auto& plan : graph.plans()) {
+        void* workspace = nullptr;
+        if (plan.workspace > 0) check_cuda(cudaMalloc(&workspace, plan.workspace), "workspace");
+        // full tensors poisoned (NaN); per-channel sums zeroed in case an engine accumulates into them (an unwritten
+        // one then reads 0, which fails too)
+        for (auto& role : inst.roles) {
+            bool per_channel = role.buffer.count <= static_cast<size_t>(std::max(s.c, s.k));
+            if (role.output)
+                check_cuda(cudaMemset(role.buffer.device, per_channel ? 0 : 0xff, role.buffer.bytes()), "poison");
+        }
+        graph.execute(plan, pack_for(graph, inst, workspace));
+        check_cuda(cudaDeviceSynchronize(), "run");
+        errors = "{";
+        for (const auto& [name, expected] : refs) {
+            std::vector<double> got;
+            if (name == "dz") {
+                auto g = download(inst["g"].buffer, io), eq_dy = download(inst["eq_dy"].buffer, io);
+                auto eq_x = download(inst["eq_x"].buffer, io), eq_b = download(inst["eq_b"].buffer, io);
+                const auto& z = inst["z"].buffer.host;
+                got.resize(g.size());
+                for (size_t i = 0; i < g.size(); ++i) {
+                    size_t c = i % s.c;
+                    got[i] = eq_dy[c] * g[i] + eq_x[c] * z[i] + eq_b[c];
+                }
+            } else {
+                got = download(inst[name].buffer, io);
+            }
+            double err = relative_error(got, expected);
+            worst = std::isfinite(err) ? std::max(worst, err) : INFINITY;
+            errors += (errors.size() > 1 ? ", " : "") + json_text(name) + ": " + json_number(err);
+        }
+        errors += "}";
+        cudaFree(workspace);
+    }
+    release(inst);
+    return "{\"shape\": " + shape_json(s) + ", \"plans\": " + std::to_string(graph.plans().size()) +
+           ", \"rel_err\": " + errors + ", \"max_rel_err\": " + json_number(worst) + "}";
+}
+
+double quantile(std::vector<double> sorted, double q) {
+    std::sort(sorted.begin(), sorted.end());
+    double pos = q * (sorted.size() - 1);
+    size_t lo = static_cast<size_t>(pos);
+    size_t hi = std::min(lo + 1, sorted.size() - 1);
+    return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
+}
+
+// Times every plan that builds (at most max_plans) at the full size. Each repeat: a 256 MiB memset to flush L2, then
+// three back-to-back runs between two events (so host-side launch cost does not open gaps in the measured span).
+std::string time_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, const Shape& s, bool io_params,
+                      int max_plans, int reps, double& best_ms) {
+    Graph graph(handle, io);
+    Instance inst = build_case(graph, kind, s, io_params);
+    graph.build_plans(max_plans);
+    Values v{io};
+    allocate(inst);
+    fill_device(inst, v);
+    void* flush = nullptr;
+    const size_t flush_bytes = size_t{256} << 20;
+    check_cuda(cudaMalloc(&flush, flush_bytes), "flush buffer");
+    cudaEvent_t start, stop;
+    check_cuda(cudaEventCreate(&start), "event");
+    check_cuda(cudaEventCreate(&stop), "event");
+    constexpr int kRunsPerRepeat = 3;
+    best_ms = INFINITY;
+    std::string plans = "[";
+    for (const auto& plan : graph.plans()) {
+        void* workspace = nullptr;
+        if (plan.workspace > 0) check_cuda(cudaMalloc(&workspace, plan.workspace), "workspace");
+        cudnnBackendDescriptor_t pack = pack_for(graph, inst, workspace);
+        for (int i = 0; i < 2; ++i) graph.execute(plan, pack);  // warm-up
+        std::vector<double> times;
+        for (int rep = 0; rep < reps; ++rep) {
+            check_cuda(cudaMemsetAsync(flush, rep & 0xff, flush_bytes), "flush");
+            check_cuda(cudaEventRecord(start), "event");
+            for (int i = 0; i < kRunsPerRepeat; ++i) graph.execute(plan, pack);
+            check_cuda(cudaEventRecord(stop), "event");
+            check_cuda(cudaEventSynchronize(stop), "run");
+            float ms = 0.f;
+            check_cuda(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+            times.push_back(ms / kRunsPerRepeat);
+        }
+        check_cuda(cudaGetLastError(), "run");
+        double median = quantile(times, 0.5);
+        best_ms = std::min(best_ms, median);
+        plans += (plans.size() > 1 ? ", " : "") + std::string("{\"name\": ") + json_text(plan.name) +
+                 ", \"workspace_bytes\": " + std::to_string(plan.workspace) +
+                 ", \"median_ms\": " + json_number(median) +
+                 ", \"q10_ms\": " + json_number(quantile(times, 0.1)) + ", \"q90_ms\": " +
+                 json_number(quantile(times, 0.9)) + ", \"reps\": " + std::to_string(reps) + "}";
+        cudaFree(workspace);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    cudaFree(flush);
+    release(inst);
+    return plans + "]";
+}
+
+struct Options {
+    Shape shape{128, 128, 128, 96, 96, 3, 4};
+    cudnnDataType_t io = CUDNN_DATA_BFLOAT16;
+    int reps = 20, max_plans = 4;
+    std::vector<std::string> cases;
+};
+
+[[noreturn]] void usage(const char* problem) {
+    std::fprintf(stderr,
+                 "cudnn_fusion_probe: %s\nusage: cudnn_fusion_probe [--batch N] [--in C] [--out K] [--size H] "
+                 "[--kernel R] [--dilation D] [--dtype bf16|fp16] [--reps N] [--max-plans N] [--cases a,b,...]\n",
+                 problem);
+    std::exit(2);
+}
+
+Options parse(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; ++i) {
+        std::string flag = argv[i];
+        if (i + 1 >= argc) usage(("missing value after " + flag).c_str());
+        std::string value = argv[++i];
+        auto number = [&](int64_t lo) {
+            char* end = nullptr;
+            long long v = std::strtoll(value.c_str(), &end, 10);
+            if (*end != '\0' || v < lo)
+                usage((flag + " must be an integer >= " + std::to_string(lo) + ", not " + value).c_str());
+            return static_cast<int64_t>(v);
+        };
+        if (flag == "--batch") o.shape.n = number(1);
+        else if (flag == "--in") o.shape.c = number(1);
+        else if (flag == "--out") o.shape.k = number(1);
+        else if (flag == "--size") o.shape.h = o.shape.w = number(1);
+        else if (flag == "--kernel") o.shape.r = number(1);
+        else if (flag == "--dilation") o.shape.dil = number(1);
+        else if (flag == "--reps") o.reps = static_cast<int>(number(1));
+        else if (flag == "--max-plans") o.max_plans = static_cast<int>(number(1));
+        else if (flag == "--dtype") {
+            if (value == "bf16") o.io = CUDNN_DATA_BFLOAT16;
+            else if (value == "fp16") o.io = CUDNN_DATA_HALF;
+            else usage(("--dtype must be bf16 or fp16, not " + value).c_str());
+        } else if (flag == "--cases") {
+            size_t begin = 0;
+            while (begin <= value.size()) {
+                size_t end = value.find(',', begin);
+                std::string name = value.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+                bool known = false;
+                for (const auto& c : kCases) known = known || name == c.name;
+                if (!known) usage(("unknown case " + name).c_str());
+                o.cases.push_back(name);
+                if (end == std::string::npos) break;
+                begin = end + 1;
+            }
+        } else {
+            usage(("unknown option " + flag).c_str());
+        }
+    }
+    if (o.shape.r % 2 == 0) usage("--kernel must be odd");
+    return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options options = parse(argc, argv);
+    const char* dtype = options.io == CUDNN_DATA_BFLOAT16 ? "bf16" : "fp16";
+    cudnnHandle_t handle = nullptr;
+    try {
+        check_cuda(cudaSetDevice(0), "no usable CUDA device");
+        cudaDeviceProp prop{};
+        check_cuda(cudaGetDeviceProperties(&prop, 0), "device properties");
+        check_cudnn(cudnnCreate(&handle), "cuDNN handle");
+        std::printf("{\"probe\": \"cudnn_fusion\", \"device\": %s, \"cudnn_version\": %zu, \"dtype\": \"%s\", "
+                    "\"shape\": %s}\n",
+                    json_text(prop.name).c_str(), cudnnGetVersion(), dtype, shape_json(options.shape).c_str());
+    } catch (const Failure& e) {
+        std::fprintf(stderr, "cudnn_fusion_probe: %s\n", e.what());
+        return 1;
+    }
+    const Shape check_shape{2, options.shape.c, options.shape.k, 16, 16, options.shape.r, options.shape.dil};
+    const double flops = 2.0 * options.shape.n * options.shape.h * options.shape.w * options.shape.k * options.shape.c *
+                         options.shape.r * options.shape.r;
+    int failures = 0;
+    for (const auto& info : kCases) {
+        if (!options.cases.empty() &&
+            std::find(options.cases.begin(), options.cases.end(), info.name) == options.cases.end())
+            continue;
+        std::string line = std::string("{\"case\": \"") + info.name + "\", \"dtype\": \"" + dtype + "\"";
+        double worst = 0.0, best_ms = 0.0;
+        std::string check, errors;
+        bool io_params = false, built = false;
+        for (bool io_typed : {false, true}) {  // the prologue's scale and bias in float32, else in the io type
+            if (io_typed && !has_prologue(info.kind) && !is_dbn(info.kind)) break;
+            try {
+                check = check_case(handle, options.io, info.kind, check_shape, io_typed, options.max_plans, worst);
+                io_params = io_typed;
+                built = true;
+                break;
+            } catch (const Failure& e) {
+                errors += (errors.empty() ? "" : " | ") + std::string(io_typed ? "io-typed s, b: " : "") + e.what();
+            }
+        }
+        if (!built) {
+            line += ", \"supported\": false, \"error\": " + json_text(errors);
+        } else {
+            bool passed = worst < 2e-2;  // bfloat16 operands: 1e-3 to 1e-2 expected
+            failures += passed ? 0 : 1;
+            line += std::string(", \"supported\": true, \"prologue_params\": \"") + (io_params ? dtype : "float32") +
+                    "\", \"check\": " + check + ", \"check_passed\": " + (passed ? "true" : "false");
+            try {
+                std::string plans = time_case(handle, options.io, info.kind, options.shape, io_params,
+                                              options.max_plans, options.reps, best_ms);
+                line += ", \"plans\": " + plans + ", \"best_ms\": " + json_number(best_ms) +
+                        ", \"tflops\": " + json_number(flops / (best_ms * 1e-3) / 1e12);
+            } catch (const Failure& e) {
+                line += ", \"time_error\": " + json_text(e.what());
+            }
+        }
+        std::printf("%s}\n", line.c_str());
+        std::fflush(stdout);
+    }
+    cudnnDestroy(handle);
+    return failures == 0 ? 0 : 3;
+}

@@ -1,0 +1,42 @@
+// Writes, for every case of bench/cudnn_fusion_probe.cpp on a small shape (3x3 dilation 4 and 5x5), the host inputs
+// the probe draws and the float64 references it checks cuDNN's outputs against, for
+// tests/test_bench_cudnn_fusion.py to recompute with torch: the probe's oracle must be right before a GPU run trusts
+// it. Builds each case's cuDNN graph too (descriptors finalize on the host; no GPU, no handle).
+//   cudnn_fusion_reference_dump OUT_DIR   ->   OUT_DIR/<case>_r<k>.txt, <case>_r<k>_{in,ref}_<tensor>.bin
+#define main probe_main
+#include "../../bench/cudnn_fusion_probe.cpp"
+#undef main
+
+#include <fstream>
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: cudnn_fusion_reference_dump OUT_DIR\n");
+        return 2;
+    }
+    const std::string dir = argv[1];
+    for (const auto& info : kCases) {
+        for (int r : {3, 5}) {
+            // in != out channels, so a swapped index shows
+            Shape shape{2, 24, 16, 16, 16, r, r == 3 ? 4 : 1};
+            Graph graph(nullptr, CUDNN_DATA_BFLOAT16);
+            Instance inst = build_case(graph, info.kind, shape);
+            Values values{CUDNN_DATA_BFLOAT16};
+            fill_inputs(inst, values);
+            auto refs = reference(info.kind, inst);
+            const std::string base = dir + "/" + info.name + "_r" + std::to_string(r);
+            std::ofstream index(base + ".txt");
+            for (const auto& role : inst.roles) {
+                index << "in " << role.name << "\n";
+                std::ofstream(base + "_in_" + role.name + ".bin", std::ios::binary)
+                    .write(reinterpret_cast<const char*>(role.buffer.host.data()), role.buffer.count * sizeof(float));
+            }
+            for (const auto& [name, values_ref] : refs) {
+                index << "ref " << name << "\n";
+                std::ofstream(base + "_ref_" + name + ".bin", std::ios::binary)
+                    .write(reinterpret_cast<const char*>(values_ref.data()), values_ref.size() * sizeof(double));
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,122 @@
+"""bench/cudnn_fusion_probe.cpp, the cuDNN runtime-fusion probe of bench/bench_cudnn_fusion.py, without a GPU: it
+compiles against cuDNN's headers, every case's graph builds on the host (cuDNN finalizes each tensor and operation
+descriptor), and the float64 references it judges cuDNN's outputs by agree with torch's convolution, its gradients
+and BatchNorm's backward on the same inputs. Needs cuDNN's headers (torch's CUDA wheels ship them with the nvidia.cudnn
+package; .ci/run takes them from the nvidia-cudnn-cu13 wheel, or $CUDNN_ROOT) and, for the references, its library."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_cudnn_fusion as probe  # noqa: E402
+
+N, C_IN, C_OUT, SIZE = 2, 24, 16, 16  # the dump's shape (tests/cpp/cudnn_fusion_reference_dump.cpp)
+
+
+def _cudnn():
+    try:
+        return probe.cudnn_paths(None)
+    except probe.ProbeError as exc:
+        pytest.skip(str(exc))
+
+
+def _cuda_root():
+    try:
+        return probe.cuda_root()
+    except probe.ProbeError as exc:
+        pytest.skip(str(exc))
+
+
+def test_probe_compiles(tmp_path):
+    include, _ = _cudnn()
+    _cuda_root()
+    built = probe.build_probe(include, None, tmp_path / "probe", compile_only=True)
+    assert built.is_file() and built.stat().st_size > 0
+
+
+def _references(base: Path, r: int) -> dict[str, torch.Tensor]:
+    """torch's float64 answers for one dumped case, from its dumped inputs (NHWC / KRSC as the probe stores them)."""
+    name = base.name.rsplit("_r", 1)[0]
+    roles = [line.split()[1] for line in base.with_suffix(".txt").read_text().splitlines() if line.startswith("in ")]
+    ins = {role: torch.from_numpy(np.fromfile(f"{base}_in_{role}.bin", dtype=np.float32).astype(np.float64))
+           for role in roles}
+    dil = 4 if r == 3 else 1
+    pad = dil * (r // 2)
+
+    def nchw(t, c):
+        return t.view(N, SIZE, SIZE, c).permute(0, 3, 1, 2)
+
+    def flat(t):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+
+    def channel(role):
+        return ins[role].view(1, -1, 1, 1)
+
+    w = ins["w"].view(C_OUT, r, r, C_IN).permute(0, 3, 1, 2)
+    if name.startswith(("fprop", "wgrad")):
+        a = nchw(ins["x"], C_IN)
+        if "sbr" in name:
+            a = torch.relu(a * channel("s") + channel("b"))
+            if "mask" in name:
+                a = a * nchw(ins["m"], C_IN)
+        if name.startswith("wgrad"):
+            dw = torch.nn.grad.conv2d_weight(a, w.shape, nchw(ins["dy"], C_OUT), padding=pad, dilation=dil)
+            return {"w": dw.permute(0, 2, 3, 1).reshape(-1)}
+        y = F.conv2d(a, w, padding=pad, dilation=dil)
+        if name == "fprop":
+            return {"y": flat(y)}
+        return {"y": flat(y), "sum": y.sum((0, 2, 3)), "sq_sum": (y * y).sum((0, 2, 3))}
+    da = torch.nn.grad.conv2d_input((N, C_IN, SIZE, SIZE), w, nchw(ins["dy"], C_OUT), padding=pad, dilation=dil)
+    if name == "dgrad":
+        return {"dx": flat(da)}
+    if "mask" in name:
+        da = da * nchw(ins["m"], C_IN)
+    # BatchNorm with the given statistics, differentiated as torch's training BatchNorm is: mean and invstd are the
+    # batch's, so dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))
+    z = nchw(ins["z"], C_IN)
+    g = da * ((z * channel("s") + channel("b")) > 0)
+    xhat = (z - channel("mean")) * channel("invstd")
+    dgamma, dbeta = (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
+    count = N * SIZE * SIZE
+    dz = channel("gamma") * channel("invstd") * (g - dbeta.view(1, -1, 1, 1) / count
+                                                 - xhat * dgamma.view(1, -1, 1, 1) / count)
+    return {"g": flat(g), "dgamma": dgamma, "dbeta": dbeta, "dz": flat(dz)}
+
+
+def test_probe_references_agree_with_torch(tmp_path):
+    include, lib = _cudnn()
+    cuda = _cuda_root()
+    if lib is None:
+        pytest.skip(f"cuDNN's library (libcudnn.so.9) is not beside {include.parent}: the graphs cannot be built")
+    compiler = shutil.which("g++") or pytest.skip("no g++")
+    cuda_lib = cuda / "lib64" if (cuda / "lib64").is_dir() else cuda / "lib"
+    binary = tmp_path / "dump"
+    subprocess.run([compiler, "-O2", "-std=c++17", "-Wno-deprecated-declarations",
+                    str(ROOT / "tests" / "cpp" / "cudnn_fusion_reference_dump.cpp"), f"-I{include}",
+                    f"-I{cuda / 'include'}", f"-L{lib}", f"-L{cuda_lib}", "-l:libcudnn.so.9", "-lcudart",
+                    f"-Wl,-rpath,{lib}", f"-Wl,-rpath,{cuda_lib}", "-o", str(binary)], check=True)
+    out = tmp_path / "dump_out"
+    out.mkdir()
+    subprocess.run([str(binary), str(out)], check=True)
+    cases = sorted(out.glob("*.txt"))
+    assert len(cases) == 2 * 9
+    for index in cases:
+        base = index.with_suffix("")
+        r = int(base.name.rsplit("_r", 1)[1])
+        expected = _references(base, r)
+        refs = [line.split()[1] for line in index.read_text().splitlines() if line.startswith("ref ")]
+        assert sorted(refs) == sorted(expected), base.name
+        for name in refs:
+            got = torch.from_numpy(np.fromfile(f"{base}_ref_{name}.bin", dtype=np.float64))
+            want = expected[name].reshape(-1)
+            assert torch.linalg.norm(got - want) <= 1e-6 * torch.linalg.norm(want), f"{base.name} {name}"
