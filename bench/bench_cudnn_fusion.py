@@ -20,7 +20,7 @@ a nvidia-cudnn-cu13 wheel (bench/gpu_session.sh says how). --compile-only builds
 there): the CPU test suite uses it as the probe's compile check.
 
 Usage: python bench/bench_cudnn_fusion.py [--batch 128] [--layers global global_first local3 local5]
-           [--dtypes bf16 fp16] [--reps 20] [--max-plans 4] [--out PATH.json] [--compile-only] [--cudnn-root DIR]
+           [--dtypes bf16 fp16] [--reps 20] [--max-plans 3] [--out PATH.json] [--compile-only] [--cudnn-root DIR]
 Writes bench/results/<device-slug>.cudnn_fusion.json (key "cudnn_fusion").
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -102,11 +103,15 @@ def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool) 
     return out.with_suffix(".o") if compile_only else out
 
 
-def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_plans: int) -> list[dict]:
+def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_plans: int,
+              timeout_s: float = 300) -> list[dict]:
     c, k, r, dil = LAYERS[layer]
     cmd = [str(binary), "--batch", str(batch), "--in", str(c), "--out", str(k), "--size", "96", "--kernel", str(r),
            "--dilation", str(dil), "--dtype", dtype, "--reps", str(reps), "--max-plans", str(max_plans)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return [{"layer": layer, "error": f"the probe ran past {timeout_s} s (plan builds that compile kernels?)"}]
     if done.returncode not in (0, 3):  # 3: some case missed its error bound (reported in its line)
         raise ProbeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -183,9 +188,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=list(LAYERS))
-    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=["bf16", "fp16"])
+    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=["bf16"],
+                        help="bf16: the training step's autocast dtype; fp16 where a fused engine takes only it")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--max-plans", type=int, default=4)
+    parser.add_argument("--max-plans", type=int, default=3,
+                        help="plans built and timed per case (runtime-fusion plans compile when built)")
     parser.add_argument("--cudnn-root", help="folder with include/cudnn.h and lib/libcudnn.so.9")
     parser.add_argument("--compile-only", action="store_true", help="build the probe (no GPU needed) and stop")
     parser.add_argument("--binary", type=Path, default=PROBE_BINARY, help="where to build the probe")
@@ -205,17 +212,19 @@ def main(argv=None) -> int:
 
         env = environment("cuda")
         env["cudnn_torch"] = torch.backends.cudnn.version()
+        out = args.out or RESULTS_DIR / f"{device_slug('cuda')}.cudnn_fusion.json"
         entries, summary = [], []
         for dtype in args.dtypes:
             for layer in args.layers:
+                start = time.perf_counter()
                 rows = run_probe(built, args.batch, layer, dtype, args.reps, args.max_plans)
                 torch_side = torch_baselines(args.batch, layer, dtype, args.reps)
                 entries.append({"layer": layer, "dtype": dtype, "batch": args.batch, "probe": rows,
                                 "same_run_torch": torch_side})
                 summary.append(summary_line(layer, dtype, rows, torch_side))
-                print(summary[-1], flush=True)
-        out = args.out or RESULTS_DIR / f"{device_slug('cuda')}.cudnn_fusion.json"
-        write_results(out, "cudnn_fusion", {"environment": env, "entries": entries, "summary": summary})
+                # after every layer, so a run cut short by the device call's time limit keeps what it measured
+                write_results(out, "cudnn_fusion", {"environment": env, "entries": entries, "summary": summary})
+                print(f"{summary[-1]} [{time.perf_counter() - start:.0f} s]", flush=True)
         print(f"wrote {out}")
         return 0
     except ProbeError as exc:
