@@ -242,18 +242,19 @@ class Graph {
         add_op(op, "bn backward weights");
     }
 
-    // Finalizes the graph and every plan (of heuristics mode A, then the fallback list) that builds, at most `limit`.
-    // Throws with cuDNN's message when none does.
+    // Finalizes the graph and every plan that builds, at most `limit`: heuristics mode A's configurations, then the
+    // fallback list's, then (as cuDNN's frontend does when both come up empty) every engine by its global index with
+    // default knobs. Throws with cuDNN's last message when none builds.
     void build_plans(int limit) {
         auto& graph = keep(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
         graph.set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, &handle_)
             .set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, ops_.data(),
                  static_cast<int64_t>(ops_.size()));
         graph.finalize("operation graph");
+        cudnnBackendDescriptor_t g = graph.get();
         std::string last_error = "no engine configuration offered";
         for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
             auto& heur = keep(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
-            cudnnBackendDescriptor_t g = graph.get();
             heur.set(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, &g)
                 .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &mode);
             try {
@@ -269,24 +270,29 @@ class Graph {
             check_cudnn(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                                  CUDNN_TYPE_BACKEND_DESCRIPTOR, kMaxConfigs, &returned, configs.data()),
                         "heuristics results");
-            for (int64_t i = 0; i < returned && static_cast<int>(plans_.size()) < limit; ++i) {
-                auto& plan = keep(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-                plan.set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, &handle_)
-                    .set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, &configs[i]);
-                try {
-                    plan.finalize("execution plan");
-                } catch (const Failure& e) {
-                    last_error = e.what();
-                    continue;
-                }
-                int64_t workspace = 0, got = 0;
-                check_cudnn(cudnnBackendGetAttribute(plan.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                                     CUDNN_TYPE_INT64, 1, &got, &workspace), "workspace size");
-                plans_.push_back({plan.get(), workspace, plan_name(plan.get())});
-            }
+            for (int64_t i = 0; i < returned && static_cast<int>(plans_.size()) < limit; ++i)
+                try_plan(configs[i], last_error);
             if (!plans_.empty()) return;
         }
-        throw Failure(last_error);
+        int64_t engines = 0, got = 0;
+        check_cudnn(cudnnBackendGetAttribute(g, CUDNN_ATTR_OPERATIONGRAPH_ENGINE_GLOBAL_COUNT, CUDNN_TYPE_INT64, 1,
+                                             &got, &engines), "engine count");
+        for (int64_t index = 0; index < engines && static_cast<int>(plans_.size()) < limit; ++index) {
+            auto& engine = keep(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
+            engine.set(CUDNN_ATTR_ENGINE_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, &g)
+                .set(CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, &index);
+            try {
+                engine.finalize("engine");
+                auto& config = keep(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+                cudnnBackendDescriptor_t e = engine.get();
+                config.set(CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, &e);
+                config.finalize("engine configuration");
+                try_plan(config.get(), last_error);
+            } catch (const Failure& e) {
+                last_error = e.what();
+            }
+        }
+        if (plans_.empty()) throw Failure(last_error);
     }
 
     struct Plan {
@@ -312,6 +318,23 @@ class Graph {
     }
 
   private:
+    // Keeps the plan of `config` if it finalizes; else records cuDNN's message.
+    void try_plan(cudnnBackendDescriptor_t config, std::string& last_error) {
+        auto& plan = keep(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+        plan.set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, &handle_)
+            .set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, &config);
+        try {
+            plan.finalize("execution plan");
+        } catch (const Failure& e) {
+            last_error = e.what();
+            return;
+        }
+        int64_t workspace = 0, got = 0;
+        check_cudnn(cudnnBackendGetAttribute(plan.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1,
+                                             &got, &workspace), "workspace size");
+        plans_.push_back({plan.get(), workspace, plan_name(plan.get())});
+    }
+
     Descriptor& keep(cudnnBackendDescriptorType_t type) {
         descriptors_.push_back(std::make_unique<Descriptor>(type));
         return *descriptors_.back();
