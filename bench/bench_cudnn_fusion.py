@@ -103,13 +103,23 @@ def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool) 
     return out.with_suffix(".o") if compile_only else out
 
 
+def nvidia_library_dirs() -> list[str]:
+    """The lib folders of the nvidia.* wheels beside torch (cuDNN, NVRTC, ...): the probe runs outside torch's process,
+    and cuDNN's runtime-fusion engines open NVRTC by name, so these go on its LD_LIBRARY_PATH."""
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return [str(d) for root in roots for d in sorted(root.glob("*/lib")) if d.is_dir()]
+
+
 def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_plans: int,
               timeout_s: float = 300) -> list[dict]:
     c, k, r, dil = LAYERS[layer]
     cmd = [str(binary), "--batch", str(batch), "--in", str(c), "--out", str(k), "--size", "96", "--kernel", str(r),
            "--dilation", str(dil), "--dtype", dtype, "--reps", str(reps), "--max-plans", str(max_plans)]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(nvidia_library_dirs() + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return [{"layer": layer, "error": f"the probe ran past {timeout_s} s (plan builds that compile kernels?)"}]
     if done.returncode not in (0, 3):  # 3: some case missed its error bound (reported in its line)
