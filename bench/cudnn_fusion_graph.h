@@ -173,42 +173,28 @@ class Graph {
     }
 
     void conv_fprop(const Shape& s, Tensor x, Tensor w, Tensor y) {
-        auto& op = keep(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR);
-        cudnnBackendDescriptor_t conv = conv_desc(s);
-        float alpha = 1.f, beta = 0.f;
-        op.set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, CUDNN_TYPE_BACKEND_DESCRIPTOR, &x.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, CUDNN_TYPE_BACKEND_DESCRIPTOR, &w.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, CUDNN_TYPE_BACKEND_DESCRIPTOR, &y.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &conv)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT, &alpha)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT, &beta);
-        add_op(op, "conv fprop");
+        conv_op({CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, "conv fprop"},
+                s, x, w, y);
     }
 
     void conv_dgrad(const Shape& s, Tensor dy, Tensor w, Tensor dx) {
-        auto& op = keep(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR);
-        cudnnBackendDescriptor_t conv = conv_desc(s);
-        float alpha = 1.f, beta = 0.f;
-        op.set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dy.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W, CUDNN_TYPE_BACKEND_DESCRIPTOR, &w.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dx.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &conv)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA, CUDNN_TYPE_FLOAT, &alpha)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA, CUDNN_TYPE_FLOAT, &beta);
-        add_op(op, "conv dgrad");
+        conv_op({CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA, "conv dgrad"},
+                s, dy, w, dx);
     }
 
     void conv_wgrad(const Shape& s, Tensor x, Tensor dy, Tensor dw) {
-        auto& op = keep(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR);
-        cudnnBackendDescriptor_t conv = conv_desc(s);
-        float alpha = 1.f, beta = 0.f;
-        op.set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_TYPE_BACKEND_DESCRIPTOR, &x.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dy.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dw.desc)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &conv)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA, CUDNN_TYPE_FLOAT, &alpha)
-            .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA, CUDNN_TYPE_FLOAT, &beta);
-        add_op(op, "conv wgrad");
+        conv_op({CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
+                 CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
+                 "conv wgrad"},
+                s, x, dy, dw);
     }
 
     void genstats(Tensor x, Tensor sum, Tensor sq_sum) {
@@ -333,6 +319,25 @@ class Graph {
         check_cudnn(cudnnBackendGetAttribute(plan.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1,
                                              &got, &workspace), "workspace size");
         plans_.push_back({plan.get(), workspace, plan_name(plan.get())});
+    }
+
+    // The three convolution operations differ only in their attribute names: two inputs, one output.
+    struct ConvOp {
+        cudnnBackendDescriptorType_t type;
+        cudnnBackendAttributeName_t first, second, output, conv, alpha, beta;
+        const char* what;
+    };
+    void conv_op(const ConvOp& kind, const Shape& s, Tensor first, Tensor second, Tensor output) {
+        auto& op = keep(kind.type);
+        cudnnBackendDescriptor_t conv = conv_desc(s);
+        float alpha = 1.f, beta = 0.f;
+        op.set(kind.first, CUDNN_TYPE_BACKEND_DESCRIPTOR, &first.desc)
+            .set(kind.second, CUDNN_TYPE_BACKEND_DESCRIPTOR, &second.desc)
+            .set(kind.output, CUDNN_TYPE_BACKEND_DESCRIPTOR, &output.desc)
+            .set(kind.conv, CUDNN_TYPE_BACKEND_DESCRIPTOR, &conv)
+            .set(kind.alpha, CUDNN_TYPE_FLOAT, &alpha)
+            .set(kind.beta, CUDNN_TYPE_FLOAT, &beta);
+        add_op(op, kind.what);
     }
 
     Descriptor& keep(cudnnBackendDescriptorType_t type) {
