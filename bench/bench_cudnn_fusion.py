@@ -4,6 +4,7 @@ times in the same run what the step does now at the same shape: torch's convolut
 and lgc_fast's fused epilogue (``bn_relu_dropout_drawn``, forward; forward + backward).
 
 The probe's cases (see its header): plain fprop / dgrad / wgrad graphs, and the fused forms
+  fprop_stats                  this block's BN statistics (genstats) as the convolution's epilogue
   fprop_sbr_stats[_mask]       previous block's BN-apply + ReLU (+ keep mask) as the prologue, genstats as the epilogue
   wgrad_sbr[_mask]             the weight gradient with the same prologue (recomputing the activation)
   dgrad[_mask]_drelu_dbn       dgrad, (mask,) ReLU backward, BN backward weights
@@ -16,8 +17,8 @@ layer), local3 (128 -> 128, 3x3), local5 (128 -> 128, 5x5); all 96 x 96, NHWC, b
 
 cuDNN headers: --cudnn-root, else $CUDNN_ROOT, else the nvidia.cudnn package beside torch (CUDA wheels of torch ship
 it), else /usr; the library from the first of those that has it. Where torch's package has no headers, take them from
-a nvidia-cudnn-cu13 wheel (bench/gpu_session.sh says how). --compile-only builds the probe and stops (no GPU needed; links only where the library is
-there): the CPU test suite uses it as the probe's compile check.
+a nvidia-cudnn-cu13 wheel (bench/gpu_session.sh says how). --compile-only compiles the probe and stops (no GPU or
+cuDNN library needed): the CPU test suite uses it as the probe's compile check.
 
 Usage: python bench/bench_cudnn_fusion.py [--batch 128] [--layers global global_first local3 local5]
            [--dtypes bf16 fp16] [--reps 20] [--max-plans 3] [--out PATH.json] [--compile-only] [--cudnn-root DIR]
@@ -182,8 +183,9 @@ def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> 
     best = {row["case"]: row.get("best_ms") for row in rows if row.get("supported")}
     checks = {row["case"]: row.get("check_passed") for row in rows if row.get("supported")}
     parts = []
-    for case, base in (("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"), ("wgrad_sbr", "wgrad"),
-                       ("wgrad_sbr_mask", "wgrad"), ("dgrad_drelu_dbn", "dgrad"), ("dgrad_mask_drelu_dbn", "dgrad")):
+    for case, base in (("fprop_stats", "fprop"), ("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"),
+                       ("wgrad_sbr", "wgrad"), ("wgrad_sbr_mask", "wgrad"), ("dgrad_drelu_dbn", "dgrad"),
+                       ("dgrad_mask_drelu_dbn", "dgrad")):
         if best.get(case) is None:
             parts.append(f"{case} unsupported")
         else:

@@ -4,6 +4,8 @@
 //
 // Each case is one cuDNN operation graph over NHWC tensors, for a layer of n x c x h x w in, k x r x r filters:
 //   fprop                plain convolution (the baseline the fused forms are compared with)
+//   fprop_stats          conv -> y with y's per-channel sum and sum of squares (genstats) as the epilogue: this
+//                        block's BN statistics without a pass of their own, the prologue left to the epilogue kernel
 //   fprop_sbr_stats      relu(x * s + b) -> conv -> y, with y's per-channel sum and sum of squares (genstats): the
 //                        previous block's BN-apply + ReLU as the prologue, this block's BN statistics as the epilogue
 //   fprop_sbr_mask_stats the same with the dropout keep mask (a full tensor, 0 or 1/(1-p)) multiplied in the prologue
@@ -36,7 +38,7 @@ using namespace cudnn_probe;
 
 // ---- the cases ----
 
-enum class Kind { fprop, fprop_sbr_stats, fprop_sbr_mask_stats, wgrad, wgrad_sbr, wgrad_sbr_mask, dgrad,
+enum class Kind { fprop, fprop_stats, fprop_sbr_stats, fprop_sbr_mask_stats, wgrad, wgrad_sbr, wgrad_sbr_mask, dgrad,
                   dgrad_drelu_dbn, dgrad_mask_drelu_dbn };
 
 struct CaseInfo {
@@ -46,6 +48,7 @@ struct CaseInfo {
 
 const CaseInfo kCases[] = {
     {Kind::fprop, "fprop"},
+    {Kind::fprop_stats, "fprop_stats"},
     {Kind::fprop_sbr_stats, "fprop_sbr_stats"},
     {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats"},
     {Kind::wgrad, "wgrad"},
@@ -64,6 +67,10 @@ bool has_mask(Kind k) {
     return k == Kind::fprop_sbr_mask_stats || k == Kind::wgrad_sbr_mask || k == Kind::dgrad_mask_drelu_dbn;
 }
 bool is_dbn(Kind k) { return k == Kind::dgrad_drelu_dbn || k == Kind::dgrad_mask_drelu_dbn; }
+bool is_fprop(Kind k) {
+    return k == Kind::fprop || k == Kind::fprop_stats || k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats;
+}
+bool is_wgrad(Kind k) { return k == Kind::wgrad || k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask; }
 bool is_plain(Kind k) { return k == Kind::fprop || k == Kind::wgrad || k == Kind::dgrad; }
 
 // One named tensor of a case: its graph uid, host values and device copy; `output` ones are checked.
@@ -96,9 +103,8 @@ Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = fa
     };
     const size_t in_count = s.n * s.c * s.h * s.w, out_count = s.n * s.k * s.h * s.w, w_count = s.k * s.c * s.r * s.r;
     Tensor w = graph.tensor({s.k, s.c, s.r, s.r}, {s.r * s.r * s.c, 1, s.r * s.c, s.c}, graph.io_type(), false);
-    add("w", w, w_count, true, kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask);
-    if (kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask ||
-        kind == Kind::fprop || kind == Kind::fprop_sbr_stats || kind == Kind::fprop_sbr_mask_stats) {
+    add("w", w, w_count, true, is_wgrad(kind));
+    if (kind != Kind::dgrad && !is_dbn(kind)) {  // fprop and wgrad forms: x (through a prologue) is an input
         Tensor x = graph.nhwc(s.n, s.c, s.h, s.w);
         add("x", x, in_count, true, false);
         Tensor a = x;
@@ -119,7 +125,7 @@ Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = fa
                 a = t4;
             }
         }
-        if (kind == Kind::fprop || kind == Kind::fprop_sbr_stats || kind == Kind::fprop_sbr_mask_stats) {
+        if (is_fprop(kind)) {
             Tensor y = graph.nhwc(s.n, s.k, s.h, s.w);
             graph.conv_fprop(s, a, w, y);
             add("y", y, out_count, true, true);
@@ -339,7 +345,7 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
                 if (has_mask(kind)) a[i] *= inst["m"].buffer.host[i];
             }
         }
-        if (kind == Kind::wgrad || kind == Kind::wgrad_sbr || kind == Kind::wgrad_sbr_mask) {
+        if (is_wgrad(kind)) {
             out.push_back({"w", ref.wgrad(a, inst["dy"].buffer.host)});
             return out;
         }
