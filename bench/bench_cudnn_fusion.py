@@ -5,7 +5,8 @@ and lgc_fast's fused epilogue (``bn_relu_dropout_drawn``, forward; forward + bac
 
 The probe's cases (see its header): plain fprop / dgrad / wgrad graphs, and the fused forms
   fprop_stats                  this block's BN statistics (genstats) as the convolution's epilogue
-  fprop_sbr_stats[_mask]       previous block's BN-apply + ReLU (+ keep mask) as the prologue, genstats as the epilogue
+  fprop_sbr_stats[_mask|_mask8] previous block's BN-apply + ReLU (+ keep mask, io-typed or uint8) as the prologue,
+                               genstats as the epilogue
   wgrad_sbr[_mask]             the weight gradient with the same prologue (recomputing the activation)
   dgrad[_mask]_drelu_dbn       dgrad, (mask,) ReLU backward, BN backward weights
 each with: built or not (cuDNN's reason), a small instance against a float64 CPU reference (relative L2 error), and
@@ -184,8 +185,8 @@ def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> 
     checks = {row["case"]: row.get("check_passed") for row in rows if row.get("supported")}
     parts = []
     for case, base in (("fprop_stats", "fprop"), ("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"),
-                       ("wgrad_sbr", "wgrad"), ("wgrad_sbr_mask", "wgrad"), ("dgrad_drelu_dbn", "dgrad"),
-                       ("dgrad_mask_drelu_dbn", "dgrad")):
+                       ("fprop_sbr_mask8_stats", "fprop"), ("wgrad_sbr", "wgrad"), ("wgrad_sbr_mask", "wgrad"),
+                       ("dgrad_drelu_dbn", "dgrad"), ("dgrad_mask_drelu_dbn", "dgrad")):
         if best.get(case) is None:
             parts.append(f"{case} unsupported")
         else:

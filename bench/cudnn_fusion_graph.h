@@ -73,12 +73,15 @@ inline float from_fp16(uint16_t h) {
 }
 
 // A tensor's device copy and, for the checked instance, its host values (float, already rounded to its dtype).
+enum class Storage { f32, io16, u8 };  // float32, the 16-bit io type (bfloat16 or float16), uint8
+
 struct Buffer {
     size_t count = 0;
-    bool half_bits = false;  // stored as 16-bit io values, else float32
+    Storage storage = Storage::f32;
     std::vector<float> host;
     void* device = nullptr;
-    size_t bytes() const { return count * (half_bits ? 2 : 4); }
+    size_t element_bytes() const { return storage == Storage::f32 ? 4 : storage == Storage::io16 ? 2 : 1; }
+    size_t bytes() const { return count * element_bytes(); }
 };
 
 struct Shape {

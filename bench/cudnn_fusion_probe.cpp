@@ -9,6 +9,7 @@
 //   fprop_sbr_stats      relu(x * s + b) -> conv -> y, with y's per-channel sum and sum of squares (genstats): the
 //                        previous block's BN-apply + ReLU as the prologue, this block's BN statistics as the epilogue
 //   fprop_sbr_mask_stats the same with the dropout keep mask (a full tensor, 0 or 1/(1-p)) multiplied in the prologue
+//   fprop_sbr_mask8_stats the same with the mask as uint8 0 / 1 (half the bytes; 1/(1-p) folds into s and b)
 //   wgrad / wgrad_sbr / wgrad_sbr_mask        weight gradient, plain and with the same prologues
 //   dgrad                plain data gradient
 //   dgrad_drelu_dbn      dgrad -> ReLU backward against the recomputed pre-activation -> BN backward weights
@@ -19,9 +20,11 @@
 // --max-plans that build; at least 8 for the plain graphs) at the requested size, L2 flushed before each repeat. One
 // JSON object a line on stdout.
 //
+// Beside it: cudnn_fusion_graph.h (the graph API layer), cudnn_fusion_reference.h (the float64 convolutions).
 // Build (bench/bench_cudnn_fusion.py does):
 //   g++ -O2 -std=c++17 cudnn_fusion_probe.cpp -I<cudnn include> -I<cuda include> -L... -l:libcudnn.so.9 -lcudart
 #include "cudnn_fusion_graph.h"
+#include "cudnn_fusion_reference.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,8 +41,8 @@ using namespace cudnn_probe;
 
 // ---- the cases ----
 
-enum class Kind { fprop, fprop_stats, fprop_sbr_stats, fprop_sbr_mask_stats, wgrad, wgrad_sbr, wgrad_sbr_mask, dgrad,
-                  dgrad_drelu_dbn, dgrad_mask_drelu_dbn };
+enum class Kind { fprop, fprop_stats, fprop_sbr_stats, fprop_sbr_mask_stats, fprop_sbr_mask8_stats, wgrad, wgrad_sbr,
+                  wgrad_sbr_mask, dgrad, dgrad_drelu_dbn, dgrad_mask_drelu_dbn };
 
 struct CaseInfo {
     Kind kind;
@@ -51,6 +54,7 @@ const CaseInfo kCases[] = {
     {Kind::fprop_stats, "fprop_stats"},
     {Kind::fprop_sbr_stats, "fprop_sbr_stats"},
     {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats"},
+    {Kind::fprop_sbr_mask8_stats, "fprop_sbr_mask8_stats"},
     {Kind::wgrad, "wgrad"},
     {Kind::wgrad_sbr, "wgrad_sbr"},
     {Kind::wgrad_sbr_mask, "wgrad_sbr_mask"},
@@ -60,15 +64,20 @@ const CaseInfo kCases[] = {
 };
 
 bool has_prologue(Kind k) {
-    return k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats || k == Kind::wgrad_sbr ||
-           k == Kind::wgrad_sbr_mask;
+    return k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats ||
+           k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask;
 }
 bool has_mask(Kind k) {
-    return k == Kind::fprop_sbr_mask_stats || k == Kind::wgrad_sbr_mask || k == Kind::dgrad_mask_drelu_dbn;
+    return k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats || k == Kind::wgrad_sbr_mask ||
+           k == Kind::dgrad_mask_drelu_dbn;
 }
+// The keep mask as uint8 0 / 1 (the 1 / (1 - p) then folds into s and b, as relu is positively homogeneous): half
+// the io type's bytes, where an engine takes a byte operand.
+bool byte_mask(Kind k) { return k == Kind::fprop_sbr_mask8_stats; }
 bool is_dbn(Kind k) { return k == Kind::dgrad_drelu_dbn || k == Kind::dgrad_mask_drelu_dbn; }
 bool is_fprop(Kind k) {
-    return k == Kind::fprop || k == Kind::fprop_stats || k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats;
+    return k == Kind::fprop || k == Kind::fprop_stats || k == Kind::fprop_sbr_stats ||
+           k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats;
 }
 bool is_wgrad(Kind k) { return k == Kind::wgrad || k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask; }
 bool is_plain(Kind k) { return k == Kind::fprop || k == Kind::wgrad || k == Kind::dgrad; }
@@ -95,23 +104,23 @@ struct Instance {
 // scale and bias (s, b) in the io type instead of float32.
 Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = false) {
     Instance inst{s, {}};
-    auto add = [&](const std::string& name, Tensor t, size_t count, bool half, bool output) {
+    auto add = [&](const std::string& name, Tensor t, size_t count, Storage storage, bool output) {
         Buffer b;
         b.count = count;
-        b.half_bits = half;
+        b.storage = storage;
         inst.roles.push_back({name, t.uid, std::move(b), output});
     };
     const size_t in_count = s.n * s.c * s.h * s.w, out_count = s.n * s.k * s.h * s.w, w_count = s.k * s.c * s.r * s.r;
     Tensor w = graph.tensor({s.k, s.c, s.r, s.r}, {s.r * s.r * s.c, 1, s.r * s.c, s.c}, graph.io_type(), false);
-    add("w", w, w_count, true, is_wgrad(kind));
+    add("w", w, w_count, Storage::io16, is_wgrad(kind));
     if (kind != Kind::dgrad && !is_dbn(kind)) {  // fprop and wgrad forms: x (through a prologue) is an input
         Tensor x = graph.nhwc(s.n, s.c, s.h, s.w);
-        add("x", x, in_count, true, false);
+        add("x", x, in_count, Storage::io16, false);
         Tensor a = x;
         if (has_prologue(kind)) {
             Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
-            add("s", scale, s.c, io_params, false);
-            add("b", bias, s.c, io_params, false);
+            add("s", scale, s.c, io_params ? Storage::io16 : Storage::f32, false);
+            add("b", bias, s.c, io_params ? Storage::io16 : Storage::f32, false);
             Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), t2 = graph.nhwc(s.n, s.c, s.h, s.w, true);
             Tensor t3 = graph.nhwc(s.n, s.c, s.h, s.w, true);
             graph.pointwise(CUDNN_POINTWISE_MUL, x, &scale, t1);
@@ -119,8 +128,11 @@ Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = fa
             graph.pointwise(CUDNN_POINTWISE_RELU_FWD, t2, nullptr, t3);
             a = t3;
             if (has_mask(kind)) {
-                Tensor m = graph.nhwc(s.n, s.c, s.h, s.w), t4 = graph.nhwc(s.n, s.c, s.h, s.w, true);
-                add("m", m, in_count, true, false);
+                Tensor m = byte_mask(kind) ? graph.tensor({s.n, s.c, s.h, s.w}, {s.c * s.h * s.w, 1, s.w * s.c, s.c},
+                                                          CUDNN_DATA_UINT8, false)
+                                           : graph.nhwc(s.n, s.c, s.h, s.w);
+                Tensor t4 = graph.nhwc(s.n, s.c, s.h, s.w, true);
+                add("m", m, in_count, byte_mask(kind) ? Storage::u8 : Storage::io16, false);
                 graph.pointwise(CUDNN_POINTWISE_MUL, t3, &m, t4);
                 a = t4;
             }
@@ -128,26 +140,26 @@ Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = fa
         if (is_fprop(kind)) {
             Tensor y = graph.nhwc(s.n, s.k, s.h, s.w);
             graph.conv_fprop(s, a, w, y);
-            add("y", y, out_count, true, true);
+            add("y", y, out_count, Storage::io16, true);
             if (kind != Kind::fprop) {
                 Tensor sum = graph.per_channel(s.k), sq_sum = graph.per_channel(s.k);
                 graph.genstats(y, sum, sq_sum);
-                add("sum", sum, s.k, false, true);
-                add("sq_sum", sq_sum, s.k, false, true);
+                add("sum", sum, s.k, Storage::f32, true);
+                add("sq_sum", sq_sum, s.k, Storage::f32, true);
             }
         } else {
             Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-            add("dy", dy, out_count, true, false);
+            add("dy", dy, out_count, Storage::io16, false);
             graph.conv_wgrad(s, a, dy, w);
         }
         return inst;
     }
     Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-    add("dy", dy, out_count, true, false);
+    add("dy", dy, out_count, Storage::io16, false);
     if (kind == Kind::dgrad) {
         Tensor dx = graph.nhwc(s.n, s.c, s.h, s.w);
         graph.conv_dgrad(s, dy, w, dx);
-        add("dx", dx, in_count, true, true);
+        add("dx", dx, in_count, Storage::io16, true);
         return inst;
     }
     // dgrad -> (mask) -> ReLU backward against z * s + b -> BN backward weights
@@ -155,26 +167,26 @@ Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = fa
     graph.conv_dgrad(s, dy, w, da);
     if (has_mask(kind)) {
         Tensor m = graph.nhwc(s.n, s.c, s.h, s.w), masked = graph.nhwc(s.n, s.c, s.h, s.w, true);
-        add("m", m, in_count, true, false);
+        add("m", m, in_count, Storage::io16, false);
         graph.pointwise(CUDNN_POINTWISE_MUL, da, &m, masked);
         da = masked;
     }
     Tensor z = graph.nhwc(s.n, s.c, s.h, s.w);
-    add("z", z, in_count, true, false);
+    add("z", z, in_count, Storage::io16, false);
     Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
-    add("s", scale, s.c, io_params, false);
-    add("b", bias, s.c, io_params, false);
+    add("s", scale, s.c, io_params ? Storage::io16 : Storage::f32, false);
+    add("b", bias, s.c, io_params ? Storage::io16 : Storage::f32, false);
     Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), pre = graph.nhwc(s.n, s.c, s.h, s.w, true);
     graph.pointwise(CUDNN_POINTWISE_MUL, z, &scale, t1);
     graph.pointwise(CUDNN_POINTWISE_ADD, t1, &bias, pre);
     Tensor g = graph.nhwc(s.n, s.c, s.h, s.w);
     graph.relu_backward(da, pre, g);
-    add("g", g, in_count, true, true);
+    add("g", g, in_count, Storage::io16, true);
     const char* channel_names[] = {"mean", "invstd", "gamma", "dgamma", "dbeta", "eq_dy", "eq_x", "eq_b"};
     std::vector<Tensor> ch;
     for (int i = 0; i < 8; ++i) {
         ch.push_back(graph.per_channel(s.c));
-        add(channel_names[i], ch.back(), s.c, false, i >= 3);
+        add(channel_names[i], ch.back(), s.c, Storage::f32, i >= 3);
     }
     graph.bn_backward_weights(g, z, ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]);
     return inst;
@@ -213,13 +225,16 @@ float draw(const Role& role, size_t ch, const Shape& s, Values& v, const BnParam
     float value = 0.f;
     if (n == "w") value = v.normal(1.f / std::sqrt(static_cast<float>(s.c * s.r * s.r)));
     else if (n == "x" || n == "z" || n == "dy") value = v.normal(1.f);
-    else if (n == "m") value = v.uniform(0.f, 1.f) < kDropout ? 0.f : 1.f / (1.f - kDropout);
+    else if (n == "m")
+        value = v.uniform(0.f, 1.f) < kDropout              ? 0.f
+                : role.buffer.storage == Storage::u8 ? 1.f
+                                                     : 1.f / (1.f - kDropout);
     else if (n == "s") value = p.gamma[ch] * p.invstd[ch];
     else if (n == "b") value = p.beta[ch] - p.mean[ch] * p.gamma[ch] * p.invstd[ch];
     else if (n == "mean") value = p.mean[ch];
     else if (n == "invstd") value = p.invstd[ch];
     else if (n == "gamma") value = p.gamma[ch];
-    return role.buffer.half_bits ? v.round(value) : value;
+    return role.buffer.storage == Storage::io16 ? v.round(value) : value;
 }
 
 // Host values for every tensor of a checked instance (outputs too: they are poisoned on the device before a run).
@@ -233,18 +248,22 @@ void fill_inputs(Instance& inst, Values& v) {
 }
 
 void upload(Buffer& b, const Values& v) {
-    if (b.half_bits) {
+    if (b.storage == Storage::io16) {
         std::vector<uint16_t> bits(b.count);
         for (size_t i = 0; i < b.count; ++i) bits[i] = v.bits(b.host[i]);
         check_cuda(cudaMemcpy(b.device, bits.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
+    } else if (b.storage == Storage::u8) {
+        std::vector<uint8_t> bytes(b.host.begin(), b.host.end());
+        check_cuda(cudaMemcpy(b.device, bytes.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
     } else {
         check_cuda(cudaMemcpy(b.device, b.host.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
     }
 }
 
+// Outputs only: the io type or float32.
 std::vector<double> download(const Buffer& b, cudnnDataType_t io) {
     std::vector<double> out(b.count);
-    if (b.half_bits) {
+    if (b.storage == Storage::io16) {
         std::vector<uint16_t> bits(b.count);
         check_cuda(cudaMemcpy(bits.data(), b.device, b.bytes(), cudaMemcpyDeviceToHost), "download");
         for (size_t i = 0; i < b.count; ++i)
@@ -256,63 +275,6 @@ std::vector<double> download(const Buffer& b, cudnnDataType_t io) {
     }
     return out;
 }
-
-// NHWC activations, KRSC filters; stride 1, "same" zero padding.
-struct Reference {
-    Shape s;
-    size_t at(int64_t n, int64_t y, int64_t x, int64_t c, int64_t channels) const {
-        return static_cast<size_t>(((n * s.h + y) * s.w + x) * channels + c);
-    }
-    size_t wat(int64_t k, int64_t i, int64_t j, int64_t c) const {
-        return static_cast<size_t>(((k * s.r + i) * s.r + j) * s.c + c);
-    }
-    // Calls f(n, oy, ox, iy, ix, i, j) for every output pixel and in-bounds filter tap.
-    template <typename F>
-    void taps(F f) const {
-        for (int64_t n = 0; n < s.n; ++n)
-            for (int64_t oy = 0; oy < s.h; ++oy)
-                for (int64_t ox = 0; ox < s.w; ++ox)
-                    for (int64_t i = 0; i < s.r; ++i) {
-                        int64_t iy = oy - s.pad() + i * s.dil;
-                        if (iy < 0 || iy >= s.h) continue;
-                        for (int64_t j = 0; j < s.r; ++j) {
-                            int64_t ix = ox - s.pad() + j * s.dil;
-                            if (ix >= 0 && ix < s.w) f(n, oy, ox, iy, ix, i, j);
-                        }
-                    }
-    }
-    std::vector<double> fprop(const std::vector<double>& a, const std::vector<float>& w) const {
-        std::vector<double> y(static_cast<size_t>(s.n * s.h * s.w * s.k), 0.0);
-        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
-            for (int64_t k = 0; k < s.k; ++k) {
-                double acc = 0.0;
-                for (int64_t c = 0; c < s.c; ++c) acc += a[at(n, iy, ix, c, s.c)] * w[wat(k, i, j, c)];
-                y[at(n, oy, ox, k, s.k)] += acc;
-            }
-        });
-        return y;
-    }
-    std::vector<double> dgrad(const std::vector<float>& dy, const std::vector<float>& w) const {
-        std::vector<double> dx(static_cast<size_t>(s.n * s.h * s.w * s.c), 0.0);
-        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
-            for (int64_t k = 0; k < s.k; ++k) {
-                double g = dy[at(n, oy, ox, k, s.k)];
-                for (int64_t c = 0; c < s.c; ++c) dx[at(n, iy, ix, c, s.c)] += g * w[wat(k, i, j, c)];
-            }
-        });
-        return dx;
-    }
-    std::vector<double> wgrad(const std::vector<double>& a, const std::vector<float>& dy) const {
-        std::vector<double> dw(static_cast<size_t>(s.k * s.r * s.r * s.c), 0.0);
-        taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
-            for (int64_t k = 0; k < s.k; ++k) {
-                double g = dy[at(n, oy, ox, k, s.k)];
-                for (int64_t c = 0; c < s.c; ++c) dw[wat(k, i, j, c)] += a[at(n, iy, ix, c, s.c)] * g;
-            }
-        });
-        return dw;
-    }
-};
 
 double relative_error(const std::vector<double>& out, const std::vector<double>& ref) {
     double diff = 0.0, norm = 0.0;
@@ -433,7 +395,7 @@ void fill_device(Instance& inst, Values& v) {
         for (size_t i = 0; i < block.count; ++i)
             block.host[i] = draw(role, i % static_cast<size_t>(inst.shape.c), inst.shape, v, p);
         upload(block, v);
-        const size_t element = b.half_bits ? 2 : 4;
+        const size_t element = b.element_bytes();
         for (size_t done = block.count; done < b.count; done *= 2) {
             size_t n = std::min(done, b.count - done);
             check_cuda(cudaMemcpy(static_cast<char*>(b.device) + done * element, b.device, n * element,

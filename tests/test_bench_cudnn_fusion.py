@@ -109,7 +109,7 @@ def test_probe_references_agree_with_torch(tmp_path):
     out.mkdir()
     subprocess.run([str(binary), str(out)], check=True)
     cases = sorted(out.glob("*.txt"))
-    assert len(cases) == 2 * 10  # 10 cases, 2 kernel sizes
+    assert len(cases) == 2 * 11  # 11 cases, 2 kernel sizes
     for index in cases:
         base = index.with_suffix("")
         r = int(base.name.rsplit("_r", 1)[1])
