@@ -144,15 +144,8 @@ class Graph {
     }
 
     void pointwise(cudnnPointwiseMode_t mode, Tensor x, const Tensor* b, Tensor y) {
-        auto& pw = keep(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
-        cudnnDataType_t prec = CUDNN_DATA_FLOAT;
-        pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, &mode)
-            .set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, &prec);
-        pw.finalize("pointwise descriptor");
-        auto& op = keep(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-        cudnnBackendDescriptor_t pwd = pw.get();
-        op.set(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, &pwd)
-            .set(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &x.desc)
+        auto& op = pointwise_op(mode);
+        op.set(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &x.desc)
             .set(CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &y.desc);
         if (b) op.set(CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &b->desc);
         add_op(op, "pointwise");
@@ -160,16 +153,8 @@ class Graph {
 
     // dx = dy where x > 0, else 0
     void relu_backward(Tensor dy, Tensor x, Tensor dx) {
-        auto& pw = keep(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
-        cudnnPointwiseMode_t mode = CUDNN_POINTWISE_RELU_BWD;
-        cudnnDataType_t prec = CUDNN_DATA_FLOAT;
-        pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, &mode)
-            .set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, &prec);
-        pw.finalize("relu backward descriptor");
-        auto& op = keep(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-        cudnnBackendDescriptor_t pwd = pw.get();
-        op.set(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, &pwd)
-            .set(CUDNN_ATTR_OPERATION_POINTWISE_DYDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dy.desc)
+        auto& op = pointwise_op(CUDNN_POINTWISE_RELU_BWD);
+        op.set(CUDNN_ATTR_OPERATION_POINTWISE_DYDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dy.desc)
             .set(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &x.desc)
             .set(CUDNN_ATTR_OPERATION_POINTWISE_DXDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &dx.desc);
         add_op(op, "relu backward");
@@ -323,6 +308,19 @@ class Graph {
         check_cudnn(cudnnBackendGetAttribute(plan.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1,
                                              &got, &workspace), "workspace size");
         plans_.push_back({plan.get(), workspace, plan_name(plan.get())});
+    }
+
+    // A pointwise operation of `mode` in float32 arithmetic, its tensors still to be set.
+    Descriptor& pointwise_op(cudnnPointwiseMode_t mode) {
+        auto& pw = keep(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+        cudnnDataType_t prec = CUDNN_DATA_FLOAT;
+        pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, &mode)
+            .set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, &prec);
+        pw.finalize("pointwise descriptor");
+        auto& op = keep(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+        cudnnBackendDescriptor_t pwd = pw.get();
+        op.set(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, &pwd);
+        return op;
     }
 
     // The three convolution operations differ only in their attribute names: two inputs, one output.
