@@ -39,6 +39,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(ROOT))
+
+from common import RESULTS_DIR, device_slug, environment, time_reps, write_results  # noqa: E402
 PROBE_SOURCE = BENCH_DIR / "cudnn_fusion_probe.cpp"
 PROBE_BINARY = ROOT / "build" / "cudnn_fusion_probe"
 
@@ -80,15 +84,16 @@ def cuda_root() -> Path:
     raise ProbeError("no CUDA toolkit headers (include/cuda_runtime.h); set CUDA_HOME")
 
 
-def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool) -> Path:
-    """Compiles (and, unless compile_only, links) the probe; returns the binary or object file."""
+def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool, source: Path = PROBE_SOURCE) -> Path:
+    """Compiles (and, unless compile_only, links) the probe, or another program built on its headers (`source`: the
+    tests' reference dump); returns the binary or object file."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise ProbeError("no C++ compiler (g++ or $CXX) on PATH")
     cuda = cuda_root()
     # -Wno-deprecated-declarations: the plan's and graph's handle attributes, deprecated in late cuDNN 9 releases
     # and required by early ones
-    cmd = [compiler, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Wno-deprecated-declarations", str(PROBE_SOURCE),
+    cmd = [compiler, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Wno-deprecated-declarations", str(source),
            f"-I{include}", f"-I{cuda / 'include'}"]
     out.parent.mkdir(parents=True, exist_ok=True)
     if compile_only:
@@ -101,7 +106,7 @@ def build_probe(include: Path, lib: Path | None, out: Path, compile_only: bool) 
                 f"-Wl,-rpath,{cuda_lib}", "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ProbeError(f"building {PROBE_SOURCE.name} failed:\n{done.stderr.strip()}")
+        raise ProbeError(f"building {source.name} failed:\n{done.stderr.strip()}")
     return out.with_suffix(".o") if compile_only else out
 
 
@@ -138,9 +143,6 @@ def torch_baselines(batch: int, layer: str, dtype: str, reps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(BENCH_DIR))
-    sys.path.insert(0, str(ROOT))
-    from common import time_reps
     from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout_drawn, fused_backend
 
     c, k, r, dil = LAYERS[layer]
@@ -220,9 +222,6 @@ def main(argv=None) -> int:
         import torch
         if not torch.cuda.is_available():
             raise ProbeError("needs a CUDA GPU (the probe compiled; nothing was measured)")
-        sys.path.insert(0, str(BENCH_DIR))
-        from common import RESULTS_DIR, device_slug, environment, write_results
-
         env = environment("cuda")
         env["cudnn_torch"] = torch.backends.cudnn.version()
         out = args.out or RESULTS_DIR / f"{device_slug('cuda')}.cudnn_fusion.json"

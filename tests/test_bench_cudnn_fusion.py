@@ -5,7 +5,6 @@ and BatchNorm's backward on the same inputs. Needs cuDNN's headers (torch's CUDA
 package; .ci/run takes them from the nvidia-cudnn-cu13 wheel, or $CUDNN_ROOT) and, for the references, its library."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,16 +94,11 @@ def _references(base: Path, r: int) -> dict[str, torch.Tensor]:
 
 def test_probe_references_agree_with_torch(tmp_path):
     include, lib = _cudnn()
-    cuda = _cuda_root()
+    _cuda_root()
     if lib is None:
         pytest.skip(f"cuDNN's library (libcudnn.so.9) is not beside {include.parent}: the graphs cannot be built")
-    compiler = shutil.which("g++") or pytest.skip("no g++")
-    cuda_lib = cuda / "lib64" if (cuda / "lib64").is_dir() else cuda / "lib"
-    binary = tmp_path / "dump"
-    subprocess.run([compiler, "-O2", "-std=c++17", "-Wno-deprecated-declarations",
-                    str(ROOT / "tests" / "cpp" / "cudnn_fusion_reference_dump.cpp"), f"-I{include}",
-                    f"-I{cuda / 'include'}", f"-L{lib}", f"-L{cuda_lib}", "-l:libcudnn.so.9", "-lcudart",
-                    f"-Wl,-rpath,{lib}", f"-Wl,-rpath,{cuda_lib}", "-o", str(binary)], check=True)
+    binary = probe.build_probe(include, lib, tmp_path / "dump", compile_only=False,
+                               source=ROOT / "tests" / "cpp" / "cudnn_fusion_reference_dump.cpp")
     out = tmp_path / "dump_out"
     out.mkdir()
     subprocess.run([str(binary), str(out)], check=True)
