@@ -5,12 +5,14 @@ and lgc_fast's fused epilogue (``bn_relu_dropout_drawn``, forward; forward + bac
 
 The probe's cases (see its header): plain fprop / dgrad / wgrad graphs, and the fused forms
   fprop_stats                  this block's BN statistics (genstats) as the convolution's epilogue
-  fprop_sbr_stats[_mask|_mask8] previous block's BN-apply + ReLU (+ keep mask, io-typed or uint8) as the prologue,
-                               genstats as the epilogue
-  wgrad_sbr[_mask]             the weight gradient with the same prologue (recomputing the activation)
-  dgrad[_mask]_drelu_dbn       dgrad, (mask,) ReLU backward, BN backward weights
+  fprop_sbr_stats[_mask|_mask8|_rng] previous block's BN-apply + ReLU (+ keep mask: io-typed, uint8, or drawn in
+                               the graph by cuDNN's RNG op) as the prologue, genstats as the epilogue
+  wgrad_sbr[_mask|_rng]        the weight gradient with the same prologue (recomputing the activation)
+  dgrad[_mask|_rng]_drelu_dbn  dgrad, (mask,) ReLU backward, BN backward weights
 each with: built or not (cuDNN's reason), a small instance against a float64 CPU reference (relative L2 error), and
-the median of its best plan at the full size. A fused form pays where its time over the plain graph's is well under
+the median of its best plan at the full size. The RNG cases are judged on the mask the fprop graph draws, read back
+first ("keep_fraction" in their check; "keep_error" where it cannot be), so they pass only where all three graphs
+draw the same mask from the same seed and offset, the condition for dropout without any mask bytes. A fused form pays where its time over the plain graph's is well under
 the epilogue passes it replaces.
 
 Layer shapes (--layers): global (128 -> 128, 3x3, dilation 4), global_first (136 -> 128, the release's first global
@@ -127,13 +129,25 @@ def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_p
     env["LD_LIBRARY_PATH"] = os.pathsep.join(nvidia_library_dirs() + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return [{"layer": layer, "error": f"the probe ran past {timeout_s} s (plan builds that compile kernels?)"}]
+    except subprocess.TimeoutExpired as exc:  # the cases it finished still count (one line each, flushed)
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return _rows(partial, layer) + [
+            {"layer": layer, "error": f"the probe ran past {timeout_s} s (plan builds that compile kernels?)"}]
     if done.returncode not in (0, 3):  # 3: some case missed its error bound (reported in its line)
         raise ProbeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}")
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    for row in rows:
-        row["layer"] = layer
+    return _rows(done.stdout, layer)
+
+
+def _rows(stdout: str, layer: str) -> list[dict]:
+    """The probe's complete JSON lines (a line cut off by a timeout is dropped), each tagged with its layer."""
+    rows = []
+    for line in stdout.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append({**row, "layer": layer})
     return rows
 
 
@@ -187,8 +201,9 @@ def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> 
     checks = {row["case"]: row.get("check_passed") for row in rows if row.get("supported")}
     parts = []
     for case, base in (("fprop_stats", "fprop"), ("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"),
-                       ("fprop_sbr_mask8_stats", "fprop"), ("wgrad_sbr", "wgrad"), ("wgrad_sbr_mask", "wgrad"),
-                       ("dgrad_drelu_dbn", "dgrad"), ("dgrad_mask_drelu_dbn", "dgrad")):
+                       ("fprop_sbr_mask8_stats", "fprop"), ("fprop_sbr_rng_stats", "fprop"), ("wgrad_sbr", "wgrad"),
+                       ("wgrad_sbr_mask", "wgrad"), ("wgrad_sbr_rng", "wgrad"), ("dgrad_drelu_dbn", "dgrad"),
+                       ("dgrad_mask_drelu_dbn", "dgrad"), ("dgrad_rng_drelu_dbn", "dgrad")):
         if best.get(case) is None:
             parts.append(f"{case} unsupported")
         else:

@@ -73,14 +73,22 @@ inline float from_fp16(uint16_t h) {
 }
 
 // A tensor's device copy and, for the checked instance, its host values (float, already rounded to its dtype).
-enum class Storage { f32, io16, u8 };  // float32, the 16-bit io type (bfloat16 or float16), uint8
+enum class Storage { f32, io16, u8, i64 };  // float32, the 16-bit io type (bfloat16 or float16), uint8, int64
 
 struct Buffer {
     size_t count = 0;
     Storage storage = Storage::f32;
     std::vector<float> host;
     void* device = nullptr;
-    size_t element_bytes() const { return storage == Storage::f32 ? 4 : storage == Storage::io16 ? 2 : 1; }
+    size_t element_bytes() const {
+        switch (storage) {
+            case Storage::f32: return 4;
+            case Storage::io16: return 2;
+            case Storage::u8: return 1;
+            case Storage::i64: return 8;
+        }
+        return 0;
+    }
     size_t bytes() const { return count * element_bytes(); }
 };
 
@@ -141,6 +149,25 @@ class Graph {
     // float32 unless io_typed (some fused engines may want a prologue's scale and bias in the io type)
     Tensor per_channel(int64_t c, bool io_typed = false) {
         return tensor({1, c, 1, 1}, {c, 1, c, c}, io_typed ? io_type_ : CUDNN_DATA_FLOAT, false);
+    }
+
+    // one int64 on the device (the RNG's seed and offset)
+    Tensor device_scalar() { return tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_INT64, false); }
+
+    // y = 1 with probability keep_probability, else 0: Philox draws from the device seed and offset, one an element
+    void bernoulli(Tensor seed, Tensor offset, double keep_probability, Tensor y) {
+        auto& dist = keep(CUDNN_BACKEND_RNG_DESCRIPTOR);
+        cudnnRngDistribution_t kind = CUDNN_RNG_DISTRIBUTION_BERNOULLI;
+        dist.set(CUDNN_ATTR_RNG_DISTRIBUTION, CUDNN_TYPE_RNG_DISTRIBUTION, &kind)
+            .set(CUDNN_ATTR_RNG_BERNOULLI_DIST_PROBABILITY, CUDNN_TYPE_DOUBLE, &keep_probability);
+        dist.finalize("rng descriptor");
+        auto& op = keep(CUDNN_BACKEND_OPERATION_RNG_DESCRIPTOR);
+        cudnnBackendDescriptor_t d = dist.get();
+        op.set(CUDNN_ATTR_OPERATION_RNG_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &d)
+            .set(CUDNN_ATTR_OPERATION_RNG_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &y.desc)
+            .set(CUDNN_ATTR_OPERATION_RNG_SEED, CUDNN_TYPE_BACKEND_DESCRIPTOR, &seed.desc)
+            .set(CUDNN_ATTR_OPERATION_RNG_OFFSET_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, &offset.desc);
+        add_op(op, "rng");
     }
 
     void pointwise(cudnnPointwiseMode_t mode, Tensor x, const Tensor* b, Tensor y) {

@@ -10,19 +10,26 @@
 //                        previous block's BN-apply + ReLU as the prologue, this block's BN statistics as the epilogue
 //   fprop_sbr_mask_stats the same with the dropout keep mask (a full tensor, 0 or 1/(1-p)) multiplied in the prologue
 //   fprop_sbr_mask8_stats the same with the mask as uint8 0 / 1 (half the bytes; 1/(1-p) folds into s and b)
-//   wgrad / wgrad_sbr / wgrad_sbr_mask        weight gradient, plain and with the same prologues
+//   fprop_sbr_rng_stats  the same with the mask drawn inside the graph (cuDNN's RNG op, Bernoulli from a device seed
+//                        and offset): no mask bytes at all
+//   wgrad / wgrad_sbr / wgrad_sbr_mask / wgrad_sbr_rng        weight gradient, plain and with the same prologues
 //   dgrad                plain data gradient
 //   dgrad_drelu_dbn      dgrad -> ReLU backward against the recomputed pre-activation -> BN backward weights
 //                        (dgamma, dbeta and the per-channel coefficients of dz = a*g + b*z + c)
-//   dgrad_mask_drelu_dbn the same with the keep mask applied to the gradient first
+//   dgrad_mask_drelu_dbn / dgrad_rng_drelu_dbn   the same with the keep mask (a tensor / drawn) applied first
+// The RNG cases need the same mask in all three graphs from the same seed and offset. Their check reads the mask
+// back first (reveal_keep: the fprop graph with an identity filter and x = 1 outputs it) and judges every RNG case
+// against the reference on that mask, so a graph that draws another mask fails its check.
 // For every case: whether any engine builds it (else cuDNN's message), the error of a small instance against a
 // float64 CPU reference on the same rounded inputs, and the median device time of its best plan (of up to
 // --max-plans that build; at least 8 for the plain graphs) at the requested size, L2 flushed before each repeat. One
 // JSON object a line on stdout.
 //
-// Beside it: cudnn_fusion_graph.h (the graph API layer), cudnn_fusion_reference.h (the float64 convolutions).
+// Beside it: cudnn_fusion_cases.h (each case's graph), cudnn_fusion_graph.h (the graph API layer),
+// cudnn_fusion_reference.h (the float64 convolutions).
 // Build (bench/bench_cudnn_fusion.py does):
 //   g++ -O2 -std=c++17 cudnn_fusion_probe.cpp -I<cudnn include> -I<cuda include> -L... -l:libcudnn.so.9 -lcudart
+#include "cudnn_fusion_cases.h"
 #include "cudnn_fusion_graph.h"
 #include "cudnn_fusion_reference.h"
 
@@ -39,159 +46,6 @@ namespace {
 
 using namespace cudnn_probe;
 
-// ---- the cases ----
-
-enum class Kind { fprop, fprop_stats, fprop_sbr_stats, fprop_sbr_mask_stats, fprop_sbr_mask8_stats, wgrad, wgrad_sbr,
-                  wgrad_sbr_mask, dgrad, dgrad_drelu_dbn, dgrad_mask_drelu_dbn };
-
-struct CaseInfo {
-    Kind kind;
-    const char* name;
-};
-
-const CaseInfo kCases[] = {
-    {Kind::fprop, "fprop"},
-    {Kind::fprop_stats, "fprop_stats"},
-    {Kind::fprop_sbr_stats, "fprop_sbr_stats"},
-    {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats"},
-    {Kind::fprop_sbr_mask8_stats, "fprop_sbr_mask8_stats"},
-    {Kind::wgrad, "wgrad"},
-    {Kind::wgrad_sbr, "wgrad_sbr"},
-    {Kind::wgrad_sbr_mask, "wgrad_sbr_mask"},
-    {Kind::dgrad, "dgrad"},
-    {Kind::dgrad_drelu_dbn, "dgrad_drelu_dbn"},
-    {Kind::dgrad_mask_drelu_dbn, "dgrad_mask_drelu_dbn"},
-};
-
-bool has_prologue(Kind k) {
-    return k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats ||
-           k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask;
-}
-bool has_mask(Kind k) {
-    return k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats || k == Kind::wgrad_sbr_mask ||
-           k == Kind::dgrad_mask_drelu_dbn;
-}
-// The keep mask as uint8 0 / 1 (the 1 / (1 - p) then folds into s and b, as relu is positively homogeneous): half
-// the io type's bytes, where an engine takes a byte operand.
-bool byte_mask(Kind k) { return k == Kind::fprop_sbr_mask8_stats; }
-bool is_dbn(Kind k) { return k == Kind::dgrad_drelu_dbn || k == Kind::dgrad_mask_drelu_dbn; }
-bool is_fprop(Kind k) {
-    return k == Kind::fprop || k == Kind::fprop_stats || k == Kind::fprop_sbr_stats ||
-           k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats;
-}
-bool is_wgrad(Kind k) { return k == Kind::wgrad || k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask; }
-bool is_plain(Kind k) { return k == Kind::fprop || k == Kind::wgrad || k == Kind::dgrad; }
-
-// One named tensor of a case: its graph uid, host values and device copy; `output` ones are checked.
-struct Role {
-    std::string name;
-    int64_t uid;
-    Buffer buffer;
-    bool output;
-};
-
-struct Instance {
-    Shape shape;
-    std::vector<Role> roles;
-    Role& operator[](const std::string& name) {
-        for (auto& r : roles)
-            if (r.name == name) return r;
-        throw Failure("no tensor " + name);
-    }
-};
-
-// Builds the case's graph on `graph` and returns its tensors (host values not yet filled). io_params: the prologue's
-// scale and bias (s, b) in the io type instead of float32.
-Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_params = false) {
-    Instance inst{s, {}};
-    auto add = [&](const std::string& name, Tensor t, size_t count, Storage storage, bool output) {
-        Buffer b;
-        b.count = count;
-        b.storage = storage;
-        inst.roles.push_back({name, t.uid, std::move(b), output});
-    };
-    const size_t in_count = s.n * s.c * s.h * s.w, out_count = s.n * s.k * s.h * s.w, w_count = s.k * s.c * s.r * s.r;
-    Tensor w = graph.tensor({s.k, s.c, s.r, s.r}, {s.r * s.r * s.c, 1, s.r * s.c, s.c}, graph.io_type(), false);
-    add("w", w, w_count, Storage::io16, is_wgrad(kind));
-    if (kind != Kind::dgrad && !is_dbn(kind)) {  // fprop and wgrad forms: x (through a prologue) is an input
-        Tensor x = graph.nhwc(s.n, s.c, s.h, s.w);
-        add("x", x, in_count, Storage::io16, false);
-        Tensor a = x;
-        if (has_prologue(kind)) {
-            Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
-            add("s", scale, s.c, io_params ? Storage::io16 : Storage::f32, false);
-            add("b", bias, s.c, io_params ? Storage::io16 : Storage::f32, false);
-            Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), t2 = graph.nhwc(s.n, s.c, s.h, s.w, true);
-            Tensor t3 = graph.nhwc(s.n, s.c, s.h, s.w, true);
-            graph.pointwise(CUDNN_POINTWISE_MUL, x, &scale, t1);
-            graph.pointwise(CUDNN_POINTWISE_ADD, t1, &bias, t2);
-            graph.pointwise(CUDNN_POINTWISE_RELU_FWD, t2, nullptr, t3);
-            a = t3;
-            if (has_mask(kind)) {
-                Tensor m = byte_mask(kind) ? graph.tensor({s.n, s.c, s.h, s.w}, {s.c * s.h * s.w, 1, s.w * s.c, s.c},
-                                                          CUDNN_DATA_UINT8, false)
-                                           : graph.nhwc(s.n, s.c, s.h, s.w);
-                Tensor t4 = graph.nhwc(s.n, s.c, s.h, s.w, true);
-                add("m", m, in_count, byte_mask(kind) ? Storage::u8 : Storage::io16, false);
-                graph.pointwise(CUDNN_POINTWISE_MUL, t3, &m, t4);
-                a = t4;
-            }
-        }
-        if (is_fprop(kind)) {
-            Tensor y = graph.nhwc(s.n, s.k, s.h, s.w);
-            graph.conv_fprop(s, a, w, y);
-            add("y", y, out_count, Storage::io16, true);
-            if (kind != Kind::fprop) {
-                Tensor sum = graph.per_channel(s.k), sq_sum = graph.per_channel(s.k);
-                graph.genstats(y, sum, sq_sum);
-                add("sum", sum, s.k, Storage::f32, true);
-                add("sq_sum", sq_sum, s.k, Storage::f32, true);
-            }
-        } else {
-            Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-            add("dy", dy, out_count, Storage::io16, false);
-            graph.conv_wgrad(s, a, dy, w);
-        }
-        return inst;
-    }
-    Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-    add("dy", dy, out_count, Storage::io16, false);
-    if (kind == Kind::dgrad) {
-        Tensor dx = graph.nhwc(s.n, s.c, s.h, s.w);
-        graph.conv_dgrad(s, dy, w, dx);
-        add("dx", dx, in_count, Storage::io16, true);
-        return inst;
-    }
-    // dgrad -> (mask) -> ReLU backward against z * s + b -> BN backward weights
-    Tensor da = graph.nhwc(s.n, s.c, s.h, s.w, true);
-    graph.conv_dgrad(s, dy, w, da);
-    if (has_mask(kind)) {
-        Tensor m = graph.nhwc(s.n, s.c, s.h, s.w), masked = graph.nhwc(s.n, s.c, s.h, s.w, true);
-        add("m", m, in_count, Storage::io16, false);
-        graph.pointwise(CUDNN_POINTWISE_MUL, da, &m, masked);
-        da = masked;
-    }
-    Tensor z = graph.nhwc(s.n, s.c, s.h, s.w);
-    add("z", z, in_count, Storage::io16, false);
-    Tensor scale = graph.per_channel(s.c, io_params), bias = graph.per_channel(s.c, io_params);
-    add("s", scale, s.c, io_params ? Storage::io16 : Storage::f32, false);
-    add("b", bias, s.c, io_params ? Storage::io16 : Storage::f32, false);
-    Tensor t1 = graph.nhwc(s.n, s.c, s.h, s.w, true), pre = graph.nhwc(s.n, s.c, s.h, s.w, true);
-    graph.pointwise(CUDNN_POINTWISE_MUL, z, &scale, t1);
-    graph.pointwise(CUDNN_POINTWISE_ADD, t1, &bias, pre);
-    Tensor g = graph.nhwc(s.n, s.c, s.h, s.w);
-    graph.relu_backward(da, pre, g);
-    add("g", g, in_count, Storage::io16, true);
-    const char* channel_names[] = {"mean", "invstd", "gamma", "dgamma", "dbeta", "eq_dy", "eq_x", "eq_b"};
-    std::vector<Tensor> ch;
-    for (int i = 0; i < 8; ++i) {
-        ch.push_back(graph.per_channel(s.c));
-        add(channel_names[i], ch.back(), s.c, Storage::f32, i >= 3);
-    }
-    graph.bn_backward_weights(g, z, ch[0], ch[1], ch[2], ch[3], ch[4], ch[5], ch[6], ch[7]);
-    return inst;
-}
-
 // ---- values, references, checks ----
 
 struct Values {
@@ -202,8 +56,6 @@ struct Values {
     float normal(float sd) { return std::normal_distribution<float>(0.f, sd)(rng); }
     float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
 };
-
-constexpr float kDropout = 0.1f;
 
 // BatchNorm parameters and statistics of a case's input channels; s and b follow from them (s = gamma * invstd,
 // b = beta - mean * s), as the forward pass folds them.
@@ -225,10 +77,12 @@ float draw(const Role& role, size_t ch, const Shape& s, Values& v, const BnParam
     float value = 0.f;
     if (n == "w") value = v.normal(1.f / std::sqrt(static_cast<float>(s.c * s.r * s.r)));
     else if (n == "x" || n == "z" || n == "dy") value = v.normal(1.f);
-    else if (n == "m")
+    else if (n == "m" || n == "keep")
         value = v.uniform(0.f, 1.f) < kDropout              ? 0.f
                 : role.buffer.storage == Storage::u8 ? 1.f
                                                      : 1.f / (1.f - kDropout);
+    else if (n == "seed") value = static_cast<float>(kSeed);
+    else if (n == "offset") value = static_cast<float>(kOffset);
     else if (n == "s") value = p.gamma[ch] * p.invstd[ch];
     else if (n == "b") value = p.beta[ch] - p.mean[ch] * p.gamma[ch] * p.invstd[ch];
     else if (n == "mean") value = p.mean[ch];
@@ -255,6 +109,9 @@ void upload(Buffer& b, const Values& v) {
     } else if (b.storage == Storage::u8) {
         std::vector<uint8_t> bytes(b.host.begin(), b.host.end());
         check_cuda(cudaMemcpy(b.device, bytes.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
+    } else if (b.storage == Storage::i64) {
+        std::vector<int64_t> values(b.host.begin(), b.host.end());
+        check_cuda(cudaMemcpy(b.device, values.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
     } else {
         check_cuda(cudaMemcpy(b.device, b.host.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
     }
@@ -290,6 +147,8 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
     const Shape& s = inst.shape;
     Reference ref{s};
     std::vector<std::pair<std::string, std::vector<double>>> out;
+    const std::vector<float> no_mask;
+    const std::vector<float>& mask = !has_mask(kind) ? no_mask : inst[uses_rng(kind) ? "keep" : "m"].buffer.host;
     auto channel_sums = [&](const std::vector<double>& t, bool squares) {
         std::vector<double> sums(static_cast<size_t>(s.k), 0.0);
         for (size_t i = 0; i < t.size(); ++i) sums[i % s.k] += squares ? t[i] * t[i] : t[i];
@@ -304,7 +163,7 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
             for (size_t i = 0; i < a.size(); ++i) {
                 size_t c = i % s.c;
                 a[i] = std::max(0.0, a[i] * sc[c] + bi[c]);
-                if (has_mask(kind)) a[i] *= inst["m"].buffer.host[i];
+                if (has_mask(kind)) a[i] *= mask[i];
             }
         }
         if (is_wgrad(kind)) {
@@ -330,7 +189,7 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
     std::vector<double> g(da.size()), dgamma(s.c, 0.0), dbeta(s.c, 0.0);
     for (size_t i = 0; i < g.size(); ++i) {
         size_t c = i % s.c;
-        double d = has_mask(kind) ? da[i] * inst["m"].buffer.host[i] : da[i];
+        double d = has_mask(kind) ? da[i] * mask[i] : da[i];
         g[i] = static_cast<double>(z[i]) * sc[c] + bi[c] > 0.0 ? d : 0.0;
         dgamma[c] += g[i] * (z[i] - mean[c]) * invstd[c];
         dbeta[c] += g[i];
@@ -366,7 +225,8 @@ std::string json_number(double v) {
 }
 
 void allocate(Instance& inst) {
-    for (auto& role : inst.roles) check_cuda(cudaMalloc(&role.buffer.device, role.buffer.bytes()), "allocate");
+    for (auto& role : inst.roles)
+        if (role.uid != 0) check_cuda(cudaMalloc(&role.buffer.device, role.buffer.bytes()), "allocate");
 }
 
 void release(Instance& inst) {
@@ -377,6 +237,7 @@ cudnnBackendDescriptor_t pack_for(Graph& graph, Instance& inst, void* workspace)
     std::vector<int64_t> uids;
     std::vector<void*> pointers;
     for (auto& role : inst.roles) {
+        if (role.uid == 0) continue;
         uids.push_back(role.uid);
         pointers.push_back(role.buffer.device);
     }
@@ -388,6 +249,7 @@ cudnnBackendDescriptor_t pack_for(Graph& graph, Instance& inst, void* workspace)
 void fill_device(Instance& inst, Values& v) {
     BnParams p(inst.shape.c, v);
     for (auto& role : inst.roles) {
+        if (role.uid == 0) continue;
         Buffer& b = role.buffer;
         Buffer block = b;
         block.count = std::min<size_t>(b.count, size_t{1} << 20);
@@ -413,6 +275,57 @@ std::string shape_json(const Shape& s) {
     return text;
 }
 
+// Sets a reveal instance's inputs: x = 1, s = 1, b = 0 and the identity filter (out channel k takes in channel k at
+// the centre tap), so the fprop RNG graph's y is its keep mask.
+void fill_reveal(Instance& inst) {
+    const Shape& s = inst.shape;
+    for (const char* name : {"x", "s"}) std::fill(inst[name].buffer.host.begin(), inst[name].buffer.host.end(), 1.f);
+    std::fill(inst["b"].buffer.host.begin(), inst["b"].buffer.host.end(), 0.f);
+    auto& w = inst["w"].buffer.host;
+    std::fill(w.begin(), w.end(), 0.f);
+    for (int64_t k = 0; k < s.k; ++k) w[((k * s.r + s.r / 2) * s.r + s.r / 2) * s.c + k] = 1.f;
+}
+
+// The keep mask from a reveal instance's y; throws unless every value is 0 or 1. keep_fraction: the share of ones.
+std::vector<float> keep_from_identity_output(const std::vector<double>& y, double& keep_fraction) {
+    std::vector<float> keep(y.size());
+    double ones = 0.0;
+    for (size_t i = 0; i < y.size(); ++i) {
+        if (y[i] != 0.0 && y[i] != 1.0)
+            throw Failure("the RNG mask read back holds " + json_number(y[i]) + " at element " + std::to_string(i) +
+                          ", not 0 or 1");
+        keep[i] = static_cast<float>(y[i]);
+        ones += y[i];
+    }
+    keep_fraction = ones / static_cast<double>(std::max<size_t>(y.size(), 1));
+    return keep;
+}
+
+// The keep mask the RNG cases' graphs draw from kSeed and kOffset over an n x c x h x w tensor, read back through the
+// fprop RNG case's own graph (first plan) on a reveal instance (c -> c channels).
+std::vector<float> reveal_keep(cudnnHandle_t handle, cudnnDataType_t io, const Shape& s, bool io_params,
+                               double& keep_fraction) {
+    Graph graph(handle, io);
+    Instance inst = build_case(graph, Kind::fprop_sbr_rng_stats, Shape{s.n, s.c, s.c, s.h, s.w, s.r, s.dil}, io_params);
+    graph.build_plans(1);
+    Values v{io};
+    fill_inputs(inst, v);
+    fill_reveal(inst);
+    allocate(inst);
+    for (auto& role : inst.roles)
+        if (!role.output && role.uid != 0) upload(role.buffer, v);
+    const auto& plan = graph.plans().front();
+    void* workspace = nullptr;
+    if (plan.workspace > 0) check_cuda(cudaMalloc(&workspace, plan.workspace), "workspace");
+    check_cuda(cudaMemset(inst["y"].buffer.device, 0xff, inst["y"].buffer.bytes()), "poison");
+    graph.execute(plan, pack_for(graph, inst, workspace));
+    check_cuda(cudaDeviceSynchronize(), "run");
+    auto y = download(inst["y"].buffer, io);
+    cudaFree(workspace);
+    release(inst);
+    return keep_from_identity_output(y, keep_fraction);
+}
+
 // Runs every plan that builds on a small instance and compares each output with the float64 reference; poisoned
 // (NaN) outputs first, so an unwritten value fails. Returns the "check" JSON object.
 std::string check_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, const Shape& s, bool io_params,
@@ -424,10 +337,26 @@ std::string check_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, cons
     fill_inputs(inst, v);
     allocate(inst);
     for (auto& role : inst.roles)
-        if (!role.output) upload(role.buffer, v);
+        if (!role.output && role.uid != 0) upload(role.buffer, v);
+    // An RNG case is judged on the mask its fprop graph draws. Where that cannot be read back, or is not a Bernoulli
+    // mask of the asked keep probability, the case still runs (and is timed) but its check fails, with the reason.
+    std::string keep_note;
+    bool keep_known = true;
+    if (uses_rng(kind)) {
+        try {
+            double fraction = 0.0;
+            inst["keep"].buffer.host = reveal_keep(handle, io, s, io_params, fraction);
+            keep_note = ", \"keep_fraction\": " + json_number(fraction);
+            const double sigma = std::sqrt(kDropout * (1.0 - kDropout) / static_cast<double>(inst["keep"].buffer.count));
+            keep_known = std::fabs(fraction - (1.0 - kDropout)) <= 6.0 * sigma;
+        } catch (const Failure& e) {
+            keep_note = ", \"keep_error\": " + json_text(e.what());
+            keep_known = false;
+        }
+    }
     auto refs = reference(kind, inst);
-    worst = 0.0;
-    std::string errors;
+    worst = keep_known ? 0.0 : INFINITY;
+    std::string errors = "{}";
     for (const auto& plan : graph.plans()) {
         void* workspace = nullptr;
         if (plan.workspace > 0) check_cuda(cudaMalloc(&workspace, plan.workspace), "workspace");
@@ -464,7 +393,7 @@ std::string check_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, cons
     }
     release(inst);
     return "{\"shape\": " + shape_json(s) + ", \"plans\": " + std::to_string(graph.plans().size()) +
-           ", \"rel_err\": " + errors + ", \"max_rel_err\": " + json_number(worst) + "}";
+           ", \"rel_err\": " + errors + ", \"max_rel_err\": " + json_number(worst) + keep_note + "}";
 }
 
 double quantile(std::vector<double> sorted, double q) {

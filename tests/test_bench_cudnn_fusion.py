@@ -62,12 +62,14 @@ def _references(base: Path, r: int) -> dict[str, torch.Tensor]:
         return ins[role].view(1, -1, 1, 1)
 
     w = ins["w"].view(C_OUT, r, r, C_IN).permute(0, 3, 1, 2)
+    # the keep mask: a tensor of the graph ("m"), or drawn by the graph's RNG op ("keep", read back on a GPU)
+    mask = "m" if "mask" in name else "keep" if "rng" in name else None
     if name.startswith(("fprop", "wgrad")):
         a = nchw(ins["x"], C_IN)
         if "sbr" in name:
             a = torch.relu(a * channel("s") + channel("b"))
-            if "mask" in name:
-                a = a * nchw(ins["m"], C_IN)
+            if mask is not None:
+                a = a * nchw(ins[mask], C_IN)
         if name.startswith("wgrad"):
             dw = torch.nn.grad.conv2d_weight(a, w.shape, nchw(ins["dy"], C_OUT), padding=pad, dilation=dil)
             return {"w": dw.permute(0, 2, 3, 1).reshape(-1)}
@@ -78,8 +80,8 @@ def _references(base: Path, r: int) -> dict[str, torch.Tensor]:
     da = torch.nn.grad.conv2d_input((N, C_IN, SIZE, SIZE), w, nchw(ins["dy"], C_OUT), padding=pad, dilation=dil)
     if name == "dgrad":
         return {"dx": flat(da)}
-    if "mask" in name:
-        da = da * nchw(ins["m"], C_IN)
+    if mask is not None:
+        da = da * nchw(ins[mask], C_IN)
     # BatchNorm with the given statistics, differentiated as torch's training BatchNorm is: mean and invstd are the
     # batch's, so dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))
     z = nchw(ins["z"], C_IN)
@@ -103,7 +105,10 @@ def test_probe_references_agree_with_torch(tmp_path):
     out.mkdir()
     subprocess.run([str(binary), str(out)], check=True)
     cases = sorted(out.glob("*.txt"))
-    assert len(cases) == 2 * 11  # 11 cases, 2 kernel sizes
+    assert len(cases) == 2 * 14  # 14 cases, 2 kernel sizes
+    for r in (3, 5):  # the read-back of a random 0/1 mask (the dump exits 1 unless it is the mask given)
+        fraction = float((out / f"reveal_r{r}.frac").read_text())
+        assert abs(fraction - 0.9) < 0.02, fraction
     for index in cases:
         base = index.with_suffix("")
         r = int(base.name.rsplit("_r", 1)[1])
@@ -114,3 +119,16 @@ def test_probe_references_agree_with_torch(tmp_path):
             got = torch.from_numpy(np.fromfile(f"{base}_ref_{name}.bin", dtype=np.float64))
             want = expected[name].reshape(-1)
             assert torch.linalg.norm(got - want) <= 1e-6 * torch.linalg.norm(want), f"{base.name} {name}"
+
+
+def test_probe_timeout_keeps_finished_cases(tmp_path):
+    """A probe run cut off by its time limit keeps the cases it printed; a half-written line is dropped."""
+    fake = tmp_path / "probe"
+    fake.write_text("#!/bin/sh\n"
+                    "echo '{\"case\": \"fprop\", \"supported\": true, \"best_ms\": 1.5}'\n"
+                    "printf '{\"case\": \"fprop_st'\n"
+                    "exec sleep 30\n")
+    fake.chmod(0o755)
+    rows = probe.run_probe(fake, 2, "global", "bf16", reps=1, max_plans=1, timeout_s=1)
+    assert rows[0] == {"case": "fprop", "supported": True, "best_ms": 1.5, "layer": "global"}
+    assert len(rows) == 2 and "ran past 1 s" in rows[1]["error"]

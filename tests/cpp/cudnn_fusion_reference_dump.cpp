@@ -1,8 +1,10 @@
 // Writes, for every case of bench/cudnn_fusion_probe.cpp on a small shape (3x3 dilation 4 and 5x5), the host inputs
 // the probe draws and the float64 references it checks cuDNN's outputs against, for
 // tests/test_bench_cudnn_fusion.py to recompute with torch: the probe's oracle must be right before a GPU run trusts
-// it. Builds each case's cuDNN graph too (descriptors finalize on the host; no GPU, no handle).
-//   cudnn_fusion_reference_dump OUT_DIR   ->   OUT_DIR/<case>_r<k>.txt, <case>_r<k>_{in,ref}_<tensor>.bin
+// it. Builds each case's cuDNN graph too (descriptors finalize on the host; no GPU, no handle), and checks that the
+// RNG cases' mask read-back (fill_reveal, keep_from_identity_output) returns the mask it is given (exit 1 if not).
+//   cudnn_fusion_reference_dump OUT_DIR   ->   OUT_DIR/<case>_r<k>.txt, <case>_r<k>_{in,ref}_<tensor>.bin,
+//                                              reveal_r<k>.frac (the read-back mask's share of ones)
 #define main probe_main
 #include "../../bench/cudnn_fusion_probe.cpp"
 #undef main
@@ -15,6 +17,23 @@ int main(int argc, char** argv) {
         return 2;
     }
     const std::string dir = argv[1];
+    for (int r : {3, 5}) {  // the RNG cases' mask read-back: an identity filter's output is the keep mask again
+        Shape square{2, 24, 24, 16, 16, r, r == 3 ? 4 : 1};
+        Graph graph(nullptr, CUDNN_DATA_BFLOAT16);
+        Instance inst = build_case(graph, Kind::fprop_sbr_rng_stats, square);
+        Values values{CUDNN_DATA_BFLOAT16};
+        fill_inputs(inst, values);
+        fill_reveal(inst);
+        std::vector<double> y;
+        for (auto& [name, out] : reference(Kind::fprop_sbr_rng_stats, inst))
+            if (name == "y") y = out;
+        double fraction = 0.0;
+        if (keep_from_identity_output(y, fraction) != inst["keep"].buffer.host) {
+            std::fprintf(stderr, "r=%d: the identity filter's output is not the keep mask\n", r);
+            return 1;
+        }
+        std::ofstream(dir + "/reveal_r" + std::to_string(r) + ".frac") << fraction << "\n";
+    }
     for (const auto& info : kCases) {
         for (int r : {3, 5}) {
             // in != out channels, so a swapped index shows
