@@ -3,17 +3,23 @@ bench/cudnn_fusion_probe.cpp against the cuDNN that torch loads, runs it for the
 times in the same run what the step does now at the same shape: torch's convolution (forward; forward + backward)
 and lgc_fast's fused epilogue (``bn_relu_dropout_drawn``, forward; forward + backward).
 
-The probe's cases (see its header): plain fprop / dgrad / wgrad graphs, and the fused forms
+The probe's cases (see its header; the table is bench/cudnn_fusion_cases.h): plain fprop / dgrad / wgrad graphs, and
+the fused forms
   fprop_stats                  this block's BN statistics (genstats) as the convolution's epilogue
   fprop_sbr_stats[_mask|_mask8|_rng] previous block's BN-apply + ReLU (+ keep mask: io-typed, uint8, or drawn in
                                the graph by cuDNN's RNG op) as the prologue, genstats as the epilogue
   wgrad_sbr[_mask|_rng]        the weight gradient with the same prologue (recomputing the activation)
+  wgrad_dbnapply, dgrad_dbnapply   dy made in the prologue from the next block's gated gradient and activation (its
+                               BN backward's apply pass, fused)
   dgrad[_mask|_rng]_drelu_dbn  dgrad, (mask,) ReLU backward, BN backward weights
+  wgrad_sbr_rng_dbnapply, dgrad_dbnapply_rng_drelu_dbn   both at once: what a fully fused block runs
 each with: built or not (cuDNN's reason), a small instance against a float64 CPU reference (relative L2 error), and
-the median of its best plan at the full size. The RNG cases are judged on the mask the fprop graph draws, read back
-first ("keep_fraction" in their check; "keep_error" where it cannot be), so they pass only where all three graphs
-draw the same mask from the same seed and offset, the condition for dropout without any mask bytes. A fused form pays where its time over the plain graph's is well under
-the epilogue passes it replaces.
+the median of its best plan at the full size. A fused form pays where its time over the plain graph's is well under
+the epilogue passes it replaces. The RNG cases are judged on the mask the fprop graph draws, read back first
+("keep_fraction" in their check; "keep_error" where it cannot be), so they pass only where all three graphs draw the
+same mask from the same seed and offset, the condition for dropout without any mask bytes. Per layer, "block" sums the
+three graphs a fully fused block would run (fprop_sbr_rng_stats, wgrad_sbr_rng_dbnapply,
+dgrad_dbnapply_rng_drelu_dbn) against torch's conv + lgc_fast's epilogue forward + backward, both from this run.
 
 Layer shapes (--layers): global (128 -> 128, 3x3, dilation 4), global_first (136 -> 128, the release's first global
 layer), local3 (128 -> 128, 3x3), local5 (128 -> 128, 5x5); all 96 x 96, NHWC, batch --batch.
@@ -196,14 +202,41 @@ def torch_baselines(batch: int, layer: str, dtype: str, reps: int) -> dict:
     return out
 
 
+# The graphs a fully fused conv block would run in the training step, one of each: forward (previous block's apply +
+# ReLU + drawn mask in, this block's statistics out), weight gradient (the same prologue, and the next block's BN
+# apply making dy), data gradient (that dy prologue; mask, ReLU and BN backward weights of the previous block out).
+FUSED_BLOCK = ("fprop_sbr_rng_stats", "wgrad_sbr_rng_dbnapply", "dgrad_dbnapply_rng_drelu_dbn")
+
+
+def block_comparison(rows: list[dict], torch_side: dict) -> dict:
+    """One conv block forward + backward, fused (the sum of FUSED_BLOCK's best plans; the per-channel finalize
+    kernels and the dgrad's scaled filter copy, all O(channels), not counted) against what the step runs now (torch's
+    conv forward + backward plus lgc_fast's epilogue forward + backward), both measured in this run. A case that did
+    not build or failed its check leaves fused_ms None, with the reason."""
+    by_case = {row.get("case"): row for row in rows}
+    now = [torch_side.get(k, {}).get("median_ms") for k in ("torch_conv_fwd_bwd", "lgc_fast_epilogue_fwd_bwd")]
+    out = {"now_ms": sum(now) if None not in now else None, "fused_ms": None, "fused_cases": list(FUSED_BLOCK)}
+    missing = [c for c in FUSED_BLOCK if not (by_case.get(c, {}).get("supported")
+                                              and by_case[c].get("check_passed") and by_case[c].get("best_ms"))]
+    if missing:
+        out["fused_missing"] = missing  # unsupported, failed its check, or not timed
+        return out
+    out["fused_ms"] = sum(by_case[c]["best_ms"] for c in FUSED_BLOCK)
+    if out["now_ms"]:
+        out["speedup"] = out["now_ms"] / out["fused_ms"]
+    return out
+
+
 def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> str:
     best = {row["case"]: row.get("best_ms") for row in rows if row.get("supported")}
     checks = {row["case"]: row.get("check_passed") for row in rows if row.get("supported")}
     parts = []
     for case, base in (("fprop_stats", "fprop"), ("fprop_sbr_stats", "fprop"), ("fprop_sbr_mask_stats", "fprop"),
                        ("fprop_sbr_mask8_stats", "fprop"), ("fprop_sbr_rng_stats", "fprop"), ("wgrad_sbr", "wgrad"),
-                       ("wgrad_sbr_mask", "wgrad"), ("wgrad_sbr_rng", "wgrad"), ("dgrad_drelu_dbn", "dgrad"),
-                       ("dgrad_mask_drelu_dbn", "dgrad"), ("dgrad_rng_drelu_dbn", "dgrad")):
+                       ("wgrad_sbr_mask", "wgrad"), ("wgrad_sbr_rng", "wgrad"), ("wgrad_dbnapply", "wgrad"),
+                       ("wgrad_sbr_rng_dbnapply", "wgrad"), ("dgrad_dbnapply", "dgrad"), ("dgrad_drelu_dbn", "dgrad"),
+                       ("dgrad_mask_drelu_dbn", "dgrad"), ("dgrad_rng_drelu_dbn", "dgrad"),
+                       ("dgrad_dbnapply_rng_drelu_dbn", "dgrad")):
         if best.get(case) is None:
             parts.append(f"{case} unsupported")
         else:
@@ -211,7 +244,13 @@ def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> 
             parts.append(f"{case} {best[case]:.3f} ms{over}{'' if checks.get(case) else ' CHECK FAILED'}")
     epi = torch_side.get("lgc_fast_epilogue_fwd_bwd", {}).get("median_ms")
     epi_text = f"; lgc_fast epilogue fwd+bwd {epi:.3f} ms" if epi is not None else ""
-    return f"{layer} {dtype}: " + "; ".join(parts) + epi_text
+    block = block_comparison(rows, torch_side)
+    if block["fused_ms"] is None:
+        block_text = f"; fused block unavailable ({', '.join(block.get('fused_missing', []))})"
+    else:
+        now = f" against {block['now_ms']:.3f} now ({block['speedup']:.2f}x)" if block.get("speedup") else ""
+        block_text = f"; fused block fwd+bwd {block['fused_ms']:.3f} ms{now}"
+    return f"{layer} {dtype}: " + "; ".join(parts) + epi_text + block_text
 
 
 def main(argv=None) -> int:
@@ -247,7 +286,7 @@ def main(argv=None) -> int:
                 rows = run_probe(built, args.batch, layer, dtype, args.reps, args.max_plans)
                 torch_side = torch_baselines(args.batch, layer, dtype, args.reps)
                 entries.append({"layer": layer, "dtype": dtype, "batch": args.batch, "probe": rows,
-                                "same_run_torch": torch_side})
+                                "same_run_torch": torch_side, "block": block_comparison(rows, torch_side)})
                 summary.append(summary_line(layer, dtype, rows, torch_side))
                 # after every layer, so a run cut short by the device call's time limit keeps what it measured
                 write_results(out, "cudnn_fusion", {"environment": env, "entries": entries, "summary": summary})

@@ -15,59 +15,73 @@ constexpr float kDropout = 0.1f;
 constexpr int64_t kSeed = 20261124, kOffset = 0;  // an RNG case's Philox seed and offset (the same in every graph)
 
 enum class Kind { fprop, fprop_stats, fprop_sbr_stats, fprop_sbr_mask_stats, fprop_sbr_mask8_stats, fprop_sbr_rng_stats,
-                  wgrad, wgrad_sbr, wgrad_sbr_mask, wgrad_sbr_rng, dgrad, dgrad_drelu_dbn, dgrad_mask_drelu_dbn,
-                  dgrad_rng_drelu_dbn };
+                  wgrad, wgrad_sbr, wgrad_sbr_mask, wgrad_sbr_rng, wgrad_dbnapply, wgrad_sbr_rng_dbnapply, dgrad,
+                  dgrad_dbnapply, dgrad_drelu_dbn, dgrad_mask_drelu_dbn, dgrad_rng_drelu_dbn,
+                  dgrad_dbnapply_rng_drelu_dbn };
 
+enum class Conv { fprop, wgrad, dgrad };
+// The dropout keep mask: none; a tensor in the io type (0 or 1/(1-p)); uint8 0 / 1; or drawn in the graph by cuDNN's
+// RNG op, 0 / 1. For the 0 / 1 forms the 1 / (1 - p) folds into s and b (relu is positively homogeneous), or into the
+// dgrad's copy of the filter.
+enum class Mask { none, io, byte, rng };
+
+// What a case's graph holds besides its convolution:
+//   sbr        relu(x * s + b) on x (fprop, wgrad): the previous block's BN-apply + ReLU as the prologue
+//   mask       the keep mask, on that activation (fprop, wgrad) or on dgrad's output (dbn cases)
+//   stats      fprop: per-channel sum and sum of squares of y (genstats) as the epilogue
+//   dbn        dgrad: ReLU backward against the recomputed pre-activation z * s + b, then BN backward weights
+//   dbn_apply  wgrad, dgrad: dy = eq_dy * g + eq_x * z + eq_b computed in the prologue from the next block's gated
+//              gradient g and pre-BN activation z (its BN backward's apply, without a pass of its own)
 struct CaseInfo {
     Kind kind;
     const char* name;
+    Conv conv;
+    bool sbr;
+    Mask mask;
+    bool stats, dbn, dbn_apply;
 };
 
 inline const CaseInfo kCases[] = {
-    {Kind::fprop, "fprop"},
-    {Kind::fprop_stats, "fprop_stats"},
-    {Kind::fprop_sbr_stats, "fprop_sbr_stats"},
-    {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats"},
-    {Kind::fprop_sbr_mask8_stats, "fprop_sbr_mask8_stats"},
-    {Kind::fprop_sbr_rng_stats, "fprop_sbr_rng_stats"},
-    {Kind::wgrad, "wgrad"},
-    {Kind::wgrad_sbr, "wgrad_sbr"},
-    {Kind::wgrad_sbr_mask, "wgrad_sbr_mask"},
-    {Kind::wgrad_sbr_rng, "wgrad_sbr_rng"},
-    {Kind::dgrad, "dgrad"},
-    {Kind::dgrad_drelu_dbn, "dgrad_drelu_dbn"},
-    {Kind::dgrad_mask_drelu_dbn, "dgrad_mask_drelu_dbn"},
-    {Kind::dgrad_rng_drelu_dbn, "dgrad_rng_drelu_dbn"},
+    {Kind::fprop, "fprop", Conv::fprop, false, Mask::none, false, false, false},
+    {Kind::fprop_stats, "fprop_stats", Conv::fprop, false, Mask::none, true, false, false},
+    {Kind::fprop_sbr_stats, "fprop_sbr_stats", Conv::fprop, true, Mask::none, true, false, false},
+    {Kind::fprop_sbr_mask_stats, "fprop_sbr_mask_stats", Conv::fprop, true, Mask::io, true, false, false},
+    {Kind::fprop_sbr_mask8_stats, "fprop_sbr_mask8_stats", Conv::fprop, true, Mask::byte, true, false, false},
+    {Kind::fprop_sbr_rng_stats, "fprop_sbr_rng_stats", Conv::fprop, true, Mask::rng, true, false, false},
+    {Kind::wgrad, "wgrad", Conv::wgrad, false, Mask::none, false, false, false},
+    {Kind::wgrad_sbr, "wgrad_sbr", Conv::wgrad, true, Mask::none, false, false, false},
+    {Kind::wgrad_sbr_mask, "wgrad_sbr_mask", Conv::wgrad, true, Mask::io, false, false, false},
+    {Kind::wgrad_sbr_rng, "wgrad_sbr_rng", Conv::wgrad, true, Mask::rng, false, false, false},
+    {Kind::wgrad_dbnapply, "wgrad_dbnapply", Conv::wgrad, false, Mask::none, false, false, true},
+    {Kind::wgrad_sbr_rng_dbnapply, "wgrad_sbr_rng_dbnapply", Conv::wgrad, true, Mask::rng, false, false, true},
+    {Kind::dgrad, "dgrad", Conv::dgrad, false, Mask::none, false, false, false},
+    {Kind::dgrad_dbnapply, "dgrad_dbnapply", Conv::dgrad, false, Mask::none, false, false, true},
+    {Kind::dgrad_drelu_dbn, "dgrad_drelu_dbn", Conv::dgrad, false, Mask::none, false, true, false},
+    {Kind::dgrad_mask_drelu_dbn, "dgrad_mask_drelu_dbn", Conv::dgrad, false, Mask::io, false, true, false},
+    {Kind::dgrad_rng_drelu_dbn, "dgrad_rng_drelu_dbn", Conv::dgrad, false, Mask::rng, false, true, false},
+    {Kind::dgrad_dbnapply_rng_drelu_dbn, "dgrad_dbnapply_rng_drelu_dbn", Conv::dgrad, false, Mask::rng, false, true,
+     true},
 };
 
-// The keep mask drawn in the graph by cuDNN's RNG op (0 / 1; the 1 / (1 - p) folds into s and b, or into the dgrad's
-// filter copy, as for the byte mask).
-inline bool uses_rng(Kind k) {
-    return k == Kind::fprop_sbr_rng_stats || k == Kind::wgrad_sbr_rng || k == Kind::dgrad_rng_drelu_dbn;
+inline const CaseInfo& traits(Kind k) {
+    for (const auto& c : kCases)
+        if (c.kind == k) return c;
+    throw Failure("unknown case");
 }
-inline bool has_prologue(Kind k) {
-    return k == Kind::fprop_sbr_stats || k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats ||
-           k == Kind::fprop_sbr_rng_stats || k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask ||
-           k == Kind::wgrad_sbr_rng;
+inline bool uses_rng(Kind k) { return traits(k).mask == Mask::rng; }
+inline bool has_prologue(Kind k) { return traits(k).sbr; }
+inline bool has_mask(Kind k) { return traits(k).mask != Mask::none; }
+inline bool byte_mask(Kind k) { return traits(k).mask == Mask::byte; }
+inline bool is_dbn(Kind k) { return traits(k).dbn; }
+inline bool has_stats(Kind k) { return traits(k).stats; }
+inline bool dbn_apply(Kind k) { return traits(k).dbn_apply; }
+inline bool is_fprop(Kind k) { return traits(k).conv == Conv::fprop; }
+inline bool is_wgrad(Kind k) { return traits(k).conv == Conv::wgrad; }
+inline bool is_dgrad(Kind k) { return traits(k).conv == Conv::dgrad; }
+inline bool is_plain(Kind k) {
+    const CaseInfo& c = traits(k);
+    return !c.sbr && c.mask == Mask::none && !c.stats && !c.dbn && !c.dbn_apply;
 }
-inline bool has_mask(Kind k) {
-    return k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats || k == Kind::wgrad_sbr_mask ||
-           k == Kind::dgrad_mask_drelu_dbn || uses_rng(k);
-}
-// The keep mask as uint8 0 / 1 (the 1 / (1 - p) then folds into s and b, as relu is positively homogeneous): half
-// the io type's bytes, where an engine takes a byte operand.
-inline bool byte_mask(Kind k) { return k == Kind::fprop_sbr_mask8_stats; }
-inline bool is_dbn(Kind k) {
-    return k == Kind::dgrad_drelu_dbn || k == Kind::dgrad_mask_drelu_dbn || k == Kind::dgrad_rng_drelu_dbn;
-}
-inline bool is_fprop(Kind k) {
-    return k == Kind::fprop || k == Kind::fprop_stats || k == Kind::fprop_sbr_stats ||
-           k == Kind::fprop_sbr_mask_stats || k == Kind::fprop_sbr_mask8_stats || k == Kind::fprop_sbr_rng_stats;
-}
-inline bool is_wgrad(Kind k) {
-    return k == Kind::wgrad || k == Kind::wgrad_sbr || k == Kind::wgrad_sbr_mask || k == Kind::wgrad_sbr_rng;
-}
-inline bool is_plain(Kind k) { return k == Kind::fprop || k == Kind::wgrad || k == Kind::dgrad; }
 
 // One named tensor of a case: its graph uid, host values and device copy; `output` ones are checked. uid 0: host
 // values only, in no graph (an RNG case's keep mask, for its reference).
@@ -116,9 +130,31 @@ inline Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_para
         add("m", m, in_count, byte_mask(kind) ? Storage::u8 : Storage::io16, false);
         return m;
     };
+    // wgrad's and dgrad's dy: a tensor, or (dbn_apply) made in the prologue from the next block's g, z and terms
+    auto grad_operand = [&]() {
+        if (!dbn_apply(kind)) {
+            Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
+            add("dy", dy, out_count, Storage::io16, false);
+            return dy;
+        }
+        Tensor g = graph.nhwc(s.n, s.k, s.h, s.w), z = graph.nhwc(s.n, s.k, s.h, s.w);
+        add("dy_g", g, out_count, Storage::io16, false);
+        add("dy_z", z, out_count, Storage::io16, false);
+        Tensor eq_dy = graph.per_channel(s.k), eq_x = graph.per_channel(s.k), eq_b = graph.per_channel(s.k);
+        add("dy_eq_dy", eq_dy, s.k, Storage::f32, false);
+        add("dy_eq_x", eq_x, s.k, Storage::f32, false);
+        add("dy_eq_b", eq_b, s.k, Storage::f32, false);
+        Tensor t1 = graph.nhwc(s.n, s.k, s.h, s.w, true), t2 = graph.nhwc(s.n, s.k, s.h, s.w, true);
+        Tensor t3 = graph.nhwc(s.n, s.k, s.h, s.w, true), dy = graph.nhwc(s.n, s.k, s.h, s.w, true);
+        graph.pointwise(CUDNN_POINTWISE_MUL, g, &eq_dy, t1);
+        graph.pointwise(CUDNN_POINTWISE_MUL, z, &eq_x, t2);
+        graph.pointwise(CUDNN_POINTWISE_ADD, t1, &t2, t3);
+        graph.pointwise(CUDNN_POINTWISE_ADD, t3, &eq_b, dy);
+        return dy;
+    };
     Tensor w = graph.tensor({s.k, s.c, s.r, s.r}, {s.r * s.r * s.c, 1, s.r * s.c, s.c}, graph.io_type(), false);
     add("w", w, w_count, Storage::io16, is_wgrad(kind));
-    if (kind != Kind::dgrad && !is_dbn(kind)) {  // fprop and wgrad forms: x (through a prologue) is an input
+    if (!is_dgrad(kind)) {  // fprop and wgrad forms: x (through a prologue) is an input
         Tensor x = graph.nhwc(s.n, s.c, s.h, s.w);
         add("x", x, in_count, Storage::io16, false);
         Tensor a = x;
@@ -142,22 +178,19 @@ inline Instance build_case(Graph& graph, Kind kind, const Shape& s, bool io_para
             Tensor y = graph.nhwc(s.n, s.k, s.h, s.w);
             graph.conv_fprop(s, a, w, y);
             add("y", y, out_count, Storage::io16, true);
-            if (kind != Kind::fprop) {
+            if (has_stats(kind)) {
                 Tensor sum = graph.per_channel(s.k), sq_sum = graph.per_channel(s.k);
                 graph.genstats(y, sum, sq_sum);
                 add("sum", sum, s.k, Storage::f32, true);
                 add("sq_sum", sq_sum, s.k, Storage::f32, true);
             }
         } else {
-            Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-            add("dy", dy, out_count, Storage::io16, false);
-            graph.conv_wgrad(s, a, dy, w);
+            graph.conv_wgrad(s, a, grad_operand(), w);
         }
         return inst;
     }
-    Tensor dy = graph.nhwc(s.n, s.k, s.h, s.w);
-    add("dy", dy, out_count, Storage::io16, false);
-    if (kind == Kind::dgrad) {
+    Tensor dy = grad_operand();
+    if (!is_dbn(kind)) {
         Tensor dx = graph.nhwc(s.n, s.c, s.h, s.w);
         graph.conv_dgrad(s, dy, w, dx);
         add("dx", dx, in_count, Storage::io16, true);

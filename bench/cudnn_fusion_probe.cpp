@@ -13,10 +13,17 @@
 //   fprop_sbr_rng_stats  the same with the mask drawn inside the graph (cuDNN's RNG op, Bernoulli from a device seed
 //                        and offset): no mask bytes at all
 //   wgrad / wgrad_sbr / wgrad_sbr_mask / wgrad_sbr_rng        weight gradient, plain and with the same prologues
+//   wgrad_dbnapply       wgrad with dy made in the prologue: dy = eq_dy*g + eq_x*z + eq_b from the next block's gated
+//                        gradient g, pre-BN activation z and per-channel terms (its BN backward's apply pass, fused)
+//   wgrad_sbr_rng_dbnapply  both prologues: the weight gradient the training step would run
 //   dgrad                plain data gradient
+//   dgrad_dbnapply       dgrad with the same dy prologue
 //   dgrad_drelu_dbn      dgrad -> ReLU backward against the recomputed pre-activation -> BN backward weights
 //                        (dgamma, dbeta and the per-channel coefficients of dz = a*g + b*z + c)
 //   dgrad_mask_drelu_dbn / dgrad_rng_drelu_dbn   the same with the keep mask (a tensor / drawn) applied first
+//   dgrad_dbnapply_rng_drelu_dbn  the dy prologue and the RNG mask + ReLU + BN epilogue: the data gradient the
+//                        training step would run
+// (The case table, with what each graph holds: cudnn_fusion_cases.h.)
 // The RNG cases need the same mask in all three graphs from the same seed and offset. Their check reads the mask
 // back first (reveal_keep: the fprop graph with an identity filter and x = 1 outputs it) and judges every RNG case
 // against the reference on that mask, so a graph that draws another mask fails its check.
@@ -76,7 +83,9 @@ float draw(const Role& role, size_t ch, const Shape& s, Values& v, const BnParam
     const std::string& n = role.name;
     float value = 0.f;
     if (n == "w") value = v.normal(1.f / std::sqrt(static_cast<float>(s.c * s.r * s.r)));
-    else if (n == "x" || n == "z" || n == "dy") value = v.normal(1.f);
+    else if (n == "x" || n == "z" || n == "dy" || n == "dy_g" || n == "dy_z") value = v.normal(1.f);
+    else if (n == "dy_eq_dy") value = v.uniform(0.5f, 1.5f);
+    else if (n == "dy_eq_x" || n == "dy_eq_b") value = v.normal(0.3f);
     else if (n == "m" || n == "keep")
         value = v.uniform(0.f, 1.f) < kDropout              ? 0.f
                 : role.buffer.storage == Storage::u8 ? 1.f
@@ -154,7 +163,23 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
         for (size_t i = 0; i < t.size(); ++i) sums[i % s.k] += squares ? t[i] * t[i] : t[i];
         return sums;
     };
-    if (!is_dbn(kind) && kind != Kind::dgrad) {
+    // wgrad's and dgrad's dy, as given or as the prologue makes it: eq_dy * g + eq_x * z + eq_b
+    auto dy = [&]() {
+        if (!dbn_apply(kind)) {
+            const auto& given = inst["dy"].buffer.host;
+            return std::vector<double>(given.begin(), given.end());
+        }
+        const auto &g = inst["dy_g"].buffer.host, &z = inst["dy_z"].buffer.host;
+        const auto &eq_dy = inst["dy_eq_dy"].buffer.host, &eq_x = inst["dy_eq_x"].buffer.host;
+        const auto& eq_b = inst["dy_eq_b"].buffer.host;
+        std::vector<double> made(g.size());
+        for (size_t i = 0; i < g.size(); ++i) {
+            size_t k = i % s.k;
+            made[i] = static_cast<double>(eq_dy[k]) * g[i] + static_cast<double>(eq_x[k]) * z[i] + eq_b[k];
+        }
+        return made;
+    };
+    if (!is_dgrad(kind)) {
         const auto& x = inst["x"].buffer.host;
         std::vector<double> a(x.begin(), x.end());
         if (has_prologue(kind)) {
@@ -167,19 +192,19 @@ std::vector<std::pair<std::string, std::vector<double>>> reference(Kind kind, In
             }
         }
         if (is_wgrad(kind)) {
-            out.push_back({"w", ref.wgrad(a, inst["dy"].buffer.host)});
+            out.push_back({"w", ref.wgrad(a, dy())});
             return out;
         }
         auto y = ref.fprop(a, inst["w"].buffer.host);
-        if (kind != Kind::fprop) {
+        if (has_stats(kind)) {
             out.push_back({"sum", channel_sums(y, false)});
             out.push_back({"sq_sum", channel_sums(y, true)});
         }
         out.push_back({"y", std::move(y)});
         return out;
     }
-    auto da = ref.dgrad(inst["dy"].buffer.host, inst["w"].buffer.host);
-    if (kind == Kind::dgrad) {
+    auto da = ref.dgrad(dy(), inst["w"].buffer.host);
+    if (!is_dbn(kind)) {
         out.push_back({"dx", std::move(da)});
         return out;
     }
@@ -286,31 +311,57 @@ void fill_reveal(Instance& inst) {
     for (int64_t k = 0; k < s.k; ++k) w[((k * s.r + s.r / 2) * s.r + s.r / 2) * s.c + k] = 1.f;
 }
 
-// The keep mask from a reveal instance's y; throws unless every value is 0 or 1. keep_fraction: the share of ones.
-std::vector<float> keep_from_identity_output(const std::vector<double>& y, double& keep_fraction) {
+// The keep mask from a reveal instance's y; throws unless every value is 0 or 1.
+std::vector<float> keep_from_identity_output(const std::vector<double>& y) {
     std::vector<float> keep(y.size());
-    double ones = 0.0;
     for (size_t i = 0; i < y.size(); ++i) {
         if (y[i] != 0.0 && y[i] != 1.0)
             throw Failure("the RNG mask read back holds " + json_number(y[i]) + " at element " + std::to_string(i) +
                           ", not 0 or 1");
         keep[i] = static_cast<float>(y[i]);
-        ones += y[i];
     }
-    keep_fraction = ones / static_cast<double>(std::max<size_t>(y.size(), 1));
     return keep;
 }
 
-// The keep mask the RNG cases' graphs draw from kSeed and kOffset over an n x c x h x w tensor, read back through the
-// fprop RNG case's own graph (first plan) on a reveal instance (c -> c channels).
+// Whether two read-back masks (NHWC, `channels` innermost; the second from another offset) behave as dropout needs:
+// keep probability 1 - p each, and fresh draws for another offset (the next step) and for every channel, so that the
+// share of equal values between the two masks, and between neighbouring channels, is p^2 + (1-p)^2, not 1. Each
+// within 6 standard deviations. Returns the figures as JSON members (", name: value", ...).
+std::string judge_keep(const std::vector<float>& keep, const std::vector<float>& other, int64_t channels,
+                       bool& usable) {
+    double ones = 0.0, other_ones = 0.0, same_offset = 0.0, same_channel = 0.0, pairs = 0.0;
+    for (size_t i = 0; i < keep.size(); ++i) {
+        ones += keep[i];
+        other_ones += other[i];
+        same_offset += keep[i] == other[i];
+        if (static_cast<int64_t>(i % channels) + 1 < channels) {
+            same_channel += keep[i] == keep[i + 1];
+            pairs += 1.0;
+        }
+    }
+    const double count = static_cast<double>(std::max<size_t>(keep.size(), 1)), p = kDropout;
+    const double q = p * p + (1 - p) * (1 - p);
+    auto near = [](double value, double expected, double n) {
+        return std::fabs(value - expected) <= 6.0 * std::sqrt(expected * (1.0 - expected) / std::max(n, 1.0));
+    };
+    usable = near(ones / count, 1 - p, count) && near(other_ones / count, 1 - p, count) &&
+             near(same_offset / count, q, count) && near(same_channel / std::max(pairs, 1.0), q, pairs);
+    return ", \"keep_fraction\": " + json_number(ones / count) + ", \"keep_other_offset_fraction\": " +
+           json_number(other_ones / count) + ", \"keep_other_offset_equal\": " + json_number(same_offset / count) +
+           ", \"keep_next_channel_equal\": " + json_number(same_channel / std::max(pairs, 1.0));
+}
+
+// The keep mask the RNG cases' graphs draw from kSeed and `offset` over an n x c x h x w tensor, read back through
+// the fprop RNG case's own graph (first plan) on a reveal instance (c -> c channels).
 std::vector<float> reveal_keep(cudnnHandle_t handle, cudnnDataType_t io, const Shape& s, bool io_params,
-                               double& keep_fraction) {
+                               int64_t offset) {
     Graph graph(handle, io);
     Instance inst = build_case(graph, Kind::fprop_sbr_rng_stats, Shape{s.n, s.c, s.c, s.h, s.w, s.r, s.dil}, io_params);
     graph.build_plans(1);
     Values v{io};
     fill_inputs(inst, v);
     fill_reveal(inst);
+    inst["offset"].buffer.host[0] = static_cast<float>(offset);
     allocate(inst);
     for (auto& role : inst.roles)
         if (!role.output && role.uid != 0) upload(role.buffer, v);
@@ -323,7 +374,7 @@ std::vector<float> reveal_keep(cudnnHandle_t handle, cudnnDataType_t io, const S
     auto y = download(inst["y"].buffer, io);
     cudaFree(workspace);
     release(inst);
-    return keep_from_identity_output(y, keep_fraction);
+    return keep_from_identity_output(y);
 }
 
 // Runs every plan that builds on a small instance and compares each output with the float64 reference; poisoned
@@ -344,11 +395,10 @@ std::string check_case(cudnnHandle_t handle, cudnnDataType_t io, Kind kind, cons
     bool keep_known = true;
     if (uses_rng(kind)) {
         try {
-            double fraction = 0.0;
-            inst["keep"].buffer.host = reveal_keep(handle, io, s, io_params, fraction);
-            keep_note = ", \"keep_fraction\": " + json_number(fraction);
-            const double sigma = std::sqrt(kDropout * (1.0 - kDropout) / static_cast<double>(inst["keep"].buffer.count));
-            keep_known = std::fabs(fraction - (1.0 - kDropout)) <= 6.0 * sigma;
+            auto& keep = inst["keep"].buffer.host;
+            keep = reveal_keep(handle, io, s, io_params, kOffset);
+            auto other = reveal_keep(handle, io, s, io_params, kOffset + (int64_t{1} << 20));
+            keep_note = judge_keep(keep, other, s.c, keep_known);
         } catch (const Failure& e) {
             keep_note = ", \"keep_error\": " + json_text(e.what());
             keep_known = false;

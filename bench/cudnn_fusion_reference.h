@@ -45,7 +45,7 @@ struct Reference {
         });
         return y;
     }
-    std::vector<double> dgrad(const std::vector<float>& dy, const std::vector<float>& w) const {
+    std::vector<double> dgrad(const std::vector<double>& dy, const std::vector<float>& w) const {
         std::vector<double> dx(static_cast<size_t>(s.n * s.h * s.w * s.c), 0.0);
         taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
             for (int64_t k = 0; k < s.k; ++k) {
@@ -55,7 +55,7 @@ struct Reference {
         });
         return dx;
     }
-    std::vector<double> wgrad(const std::vector<double>& a, const std::vector<float>& dy) const {
+    std::vector<double> wgrad(const std::vector<double>& a, const std::vector<double>& dy) const {
         std::vector<double> dw(static_cast<size_t>(s.k * s.r * s.r * s.c), 0.0);
         taps([&](int64_t n, int64_t oy, int64_t ox, int64_t iy, int64_t ix, int64_t i, int64_t j) {
             for (int64_t k = 0; k < s.k; ++k) {
