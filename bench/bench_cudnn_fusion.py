@@ -253,6 +253,24 @@ def summary_line(layer: str, dtype: str, rows: list[dict], torch_side: dict) -> 
     return f"{layer} {dtype}: " + "; ".join(parts) + epi_text + block_text
 
 
+def earlier_entries(path: Path) -> list[dict]:
+    """The layers an earlier run recorded in `path` (each with its own environment): a run of other layers, as the
+    device calls split them, adds to them instead of replacing them."""
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text()).get("cudnn_fusion", {}).get("entries", [])
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ProbeError(f"{path}: not a results file this bench wrote ({exc}); move it away to start anew")
+    return [e for e in entries if isinstance(e, dict) and "environment" in e]  # older entries name no commit
+
+
+def merge_entry(entries: list[dict], entry: dict) -> list[dict]:
+    """entries with `entry` in place of an earlier one of the same layer, dtype and batch."""
+    key = (entry["layer"], entry["dtype"], entry["batch"])
+    return [e for e in entries if (e.get("layer"), e.get("dtype"), e.get("batch")) != key] + [entry]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
@@ -279,18 +297,19 @@ def main(argv=None) -> int:
         env = environment("cuda")
         env["cudnn_torch"] = torch.backends.cudnn.version()
         out = args.out or RESULTS_DIR / f"{device_slug('cuda')}.cudnn_fusion.json"
-        entries, summary = [], []
+        entries = earlier_entries(out)
         for dtype in args.dtypes:
             for layer in args.layers:
                 start = time.perf_counter()
                 rows = run_probe(built, args.batch, layer, dtype, args.reps, args.max_plans)
                 torch_side = torch_baselines(args.batch, layer, dtype, args.reps)
-                entries.append({"layer": layer, "dtype": dtype, "batch": args.batch, "probe": rows,
-                                "same_run_torch": torch_side, "block": block_comparison(rows, torch_side)})
-                summary.append(summary_line(layer, dtype, rows, torch_side))
+                entry = {"layer": layer, "dtype": dtype, "batch": args.batch, "environment": env, "probe": rows,
+                         "same_run_torch": torch_side, "block": block_comparison(rows, torch_side),
+                         "summary": summary_line(layer, dtype, rows, torch_side)}
+                entries = merge_entry(entries, entry)
                 # after every layer, so a run cut short by the device call's time limit keeps what it measured
-                write_results(out, "cudnn_fusion", {"environment": env, "entries": entries, "summary": summary})
-                print(f"{summary[-1]} [{time.perf_counter() - start:.0f} s]", flush=True)
+                write_results(out, "cudnn_fusion", {"environment": env, "entries": entries})
+                print(f"{entry['summary']} [{time.perf_counter() - start:.0f} s]", flush=True)
         print(f"wrote {out}")
         return 0
     except ProbeError as exc:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|cudnn|ops|train|graphs|ncu|all]      (default all)
+#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|ops|train|graphs|ncu|all]      (default all)
 # builds the CUDA extension in place (incrementally after the first call), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
 #   cudnn  whether cuDNN's runtime fusion takes the conv blocks' BN + ReLU (+ dropout mask) into the convolutions
@@ -8,7 +8,10 @@
 #          against torch's conv and lgc_fast's epilogue in the same run; the question #5's target turns on. It needs
 #          cuDNN's headers: where torch's nvidia.cudnn package has none, extract them before the device call
 #          (pip download --no-deps -d /tmp/w nvidia-cudnn-cu13 and unzip 'nvidia/cudnn/include/*' from it, then copy
-#          that include folder to .gpu/cudnn/include) and carry .gpu;
+#          that include folder to .gpu/cudnn/include) and carry .gpu. The global subnet's two layer shapes; each
+#          layer's probe stops at 5 minutes, keeping the cases it finished;
+#   cudnn_local  the same for the local subnet's 3x3 and 5x5 layers (a device call of its own; its layers are added
+#          to the results file beside the global ones);
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
@@ -55,11 +58,16 @@ if [[ $what == tests || $what == all ]]; then
   grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -40
 fi
 
-if [[ $what == cudnn || $what == all ]]; then
+if [[ $what == cudnn || $what == cudnn_local || $what == all ]]; then
   if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] && ! grep -q "include/cudnn.h" "$LOGS/cudnn_probe.txt"; then
     export CUDNN_ROOT=$PWD/.gpu/cudnn  # carried headers; the library stays torch's
   fi
-  python bench/bench_cudnn_fusion.py 2>&1 | tee "$LOGS/bench_cudnn_fusion.txt" || status=1
+  if [[ $what != cudnn_local ]]; then
+    python bench/bench_cudnn_fusion.py --layers global global_first 2>&1 | tee "$LOGS/bench_cudnn_fusion.txt" || status=1
+  fi
+  if [[ $what != cudnn ]]; then
+    python bench/bench_cudnn_fusion.py --layers local3 local5 2>&1 | tee "$LOGS/bench_cudnn_fusion_local.txt" || status=1
+  fi
 fi
 
 if [[ $what == ops || $what == all ]]; then

@@ -150,3 +150,20 @@ def test_block_comparison_needs_all_three_fused_graphs_checked():
     block = probe.block_comparison(rows, torch_side)
     assert block["fused_ms"] is None and block["fused_missing"] == [probe.FUSED_BLOCK[1]]
     assert "fused block unavailable (wgrad_sbr_rng_dbnapply)" in probe.summary_line("global", "bf16", rows, torch_side)
+
+
+def test_a_run_of_other_layers_adds_to_the_results_file(tmp_path):
+    out = tmp_path / "dev.cudnn_fusion.json"
+    assert probe.earlier_entries(out) == []
+    env = {"commit": "a"}
+    first = [{"layer": "global", "dtype": "bf16", "batch": 128, "environment": env, "probe": []}]
+    probe.write_results(out, "cudnn_fusion", {"environment": env, "entries": first})
+    entries = probe.earlier_entries(out)
+    assert entries == first
+    local = {"layer": "local3", "dtype": "bf16", "batch": 128, "environment": {"commit": "b"}, "probe": []}
+    rerun = {**first[0], "environment": {"commit": "c"}}
+    merged = probe.merge_entry(probe.merge_entry(entries, local), rerun)
+    assert [(e["layer"], e["environment"]["commit"]) for e in merged] == [("local3", "b"), ("global", "c")]
+    out.write_text("[1, 2]")
+    with pytest.raises(probe.ProbeError, match="not a results file"):
+        probe.earlier_entries(out)
