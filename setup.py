@@ -2,9 +2,13 @@
 
 Environment switches:
   LGC_FAST_CUDA=auto|1|0   build the CUDA kernels when torch has CUDA and nvcc is found (auto), always (1), never (0)
+  LGC_FAST_CUDNN_GRAPHS=auto|1|0  in a CUDA build, the cuDNN conv graphs of conv_stack (csrc/cuda/cudnn_conv_graphs.cpp)
+                           when cuDNN's headers and libcudnn.so.9 are found ($CUDNN_ROOT, else torch's nvidia.cudnn
+                           package, else /usr), always (1), never (0)
   LGC_FAST_NO_EXT=1        skip the native extension entirely (pure Python install; the ops fall back)
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -25,6 +29,30 @@ def _cuda_wanted():
     return mode == "1" or (mode == "auto" and possible)
 
 
+def _cudnn_graphs():
+    """(include dir, lib dir) of cuDNN for the conv graphs, or None where they are not built."""
+    mode = os.environ.get("LGC_FAST_CUDNN_GRAPHS", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        raise SystemExit(f"LGC_FAST_CUDNN_GRAPHS must be auto, 1 or 0, not {mode!r}")
+    if mode == "0":
+        return None
+    # lgc_fast/cudnn_location.py by path: importing the package here would import what is being built
+    spec = importlib.util.spec_from_file_location("cudnn_location", os.path.join(ROOT, "lgc_fast", "cudnn_location.py"))
+    location = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(location)
+    try:
+        include, lib = location.cudnn_paths()
+    except location.CudnnNotFound as exc:
+        if mode == "1":
+            raise SystemExit(f"LGC_FAST_CUDNN_GRAPHS=1 but {exc}")
+        return None
+    if lib is None:
+        if mode == "1":
+            raise SystemExit(f"LGC_FAST_CUDNN_GRAPHS=1 but no libcudnn.so.9 beside {include.parent} or torch's package")
+        return None
+    return str(include), str(lib)
+
+
 def ext_modules():
     if os.environ.get("LGC_FAST_NO_EXT") == "1":
         return [], {}
@@ -41,10 +69,19 @@ def ext_modules():
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         if arch is None:
             nvcc += ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"]
+        macros = [("LGC_WITH_CUDA", "1")]
+        cudnn = _cudnn_graphs()
+        if cudnn is not None:
+            include, lib = cudnn
+            sources.append("csrc/cuda/cudnn_conv_graphs.cpp")
+            macros.append(("LGC_WITH_CUDNN_GRAPHS", "1"))
+            kwargs["include_dirs"].append(include)
+            # torch has loaded this libcudnn.so.9 already when lgc_fast._C is imported: the soname resolves to it
+            kwargs["extra_link_args"] += [f"-L{lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{lib}"]
         ext = CUDAExtension(
             "lgc_fast._C",
             sources,
-            define_macros=[("LGC_WITH_CUDA", "1")],
+            define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **kwargs,
         )

@@ -51,6 +51,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
 from common import RESULTS_DIR, device_slug, environment, time_reps, write_results  # noqa: E402
+from lgc_fast import cudnn_location  # noqa: E402
 PROBE_SOURCE = BENCH_DIR / "cudnn_fusion_probe.cpp"
 PROBE_BINARY = ROOT / "build" / "cudnn_fusion_probe"
 
@@ -68,21 +69,11 @@ class ProbeError(Exception):
 
 
 def cudnn_paths(explicit: str | None) -> tuple[Path, Path | None]:
-    """(the folder with cudnn.h, the folder with libcudnn.so.9 or None). Headers come from --cudnn-root, else
-    $CUDNN_ROOT, else the nvidia.cudnn package beside torch, else /usr; the library from the first of those that has
-    it, the package always among them (its headers can be missing where its library is not)."""
-    roots = [Path(explicit)] if explicit else [Path(os.environ["CUDNN_ROOT"])] if os.environ.get("CUDNN_ROOT") else []
-    spec = importlib.util.find_spec("nvidia.cudnn") if importlib.util.find_spec("nvidia") else None
-    package = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    header_roots = roots or package + [Path("/usr")]
-    include = next((r / "include" for r in header_roots if (r / "include" / "cudnn.h").is_file()), None)
-    if include is None:
-        where = ", ".join(str(r) for r in header_roots) or "(none)"
-        raise ProbeError(f"no cuDNN headers (include/cudnn.h) under {where}; pass --cudnn-root DIR or set CUDNN_ROOT")
-    lib = next((d for r in roots + package + [Path("/usr")]
-                for d in (r / "lib", r / "lib64", r / "lib" / "x86_64-linux-gnu") if (d / "libcudnn.so.9").exists()),
-               None)
-    return include, lib
+    """lgc_fast.cudnn_location.cudnn_paths (the extension's build finds cuDNN the same way), its error a ProbeError."""
+    try:
+        return cudnn_location.cudnn_paths(explicit)
+    except cudnn_location.CudnnNotFound as exc:
+        raise ProbeError(f"{exc}, or pass --cudnn-root DIR") from None
 
 
 def cuda_root() -> Path:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lgc_fast.model import ConvBlock
-from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_keep_mask
+from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref
+from lgc_fast.ops.conv_stack_graphs import stack_keep_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -105,7 +106,7 @@ def test_keep_masks():
     first = stack_keep_mask(9, 0, shape, 0.1, "cpu")
     assert set(first.unique().tolist()) <= {0.0, 1.0} and abs(first.mean().item() - 0.9) < 0.02
     assert torch.equal(first, stack_keep_mask(9, 0, shape, 0.1, "cpu"))  # drawn again, the same
-    assert not torch.equal(first, stack_keep_mask(9, 1, shape, 0.1, "cpu"))  # another block
+    assert not torch.equal(first, stack_keep_mask(9, first.numel(), shape, 0.1, "cpu"))  # another block's offset
     assert not torch.equal(first, stack_keep_mask(10, 0, shape, 0.1, "cpu"))  # another step's seed
 
 

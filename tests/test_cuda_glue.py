@@ -118,3 +118,37 @@ def test_cuda_glue_links(glue, tmp_path):
     assert needed, "nm found no lgc:: function that the glue calls"
     missing = sorted(needed - defined)
     assert not missing, "the glue calls lgc:: functions that no kernel or glue object defines:\n" + "\n".join(missing)
+
+
+def test_cudnn_graph_glue_compiles_and_links(tmp_path):
+    """The cuDNN conv graphs (LGC_WITH_CUDNN_GRAPHS: csrc/cudnn_conv_graphs.cpp, module.cpp's registration, the
+    executor csrc/cuda/cudnn_conv_graphs.cpp) compile with cuDNN's headers, and the executor defines every lgc::
+    function the glue calls. cuDNN's headers as bench/bench_cudnn_fusion.py finds them ($CUDNN_ROOT in CI)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_cudnn_fusion
+
+    compiler = shutil.which("g++")
+    cuda_include = _cuda_include()
+    if compiler is None or cuda_include is None or shutil.which("nm") is None:
+        pytest.skip("needs g++, nm and the CUDA headers")
+    try:
+        cudnn_include, _ = bench_cudnn_fusion.cudnn_paths(None)
+    except bench_cudnn_fusion.ProbeError as exc:
+        pytest.skip(str(exc))
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    system = [*include_paths(), str(cuda_include), str(cudnn_include), sysconfig.get_paths()["include"], str(tmp_path)]
+    command = [compiler, "-std=c++17", "-c", "-O0", "-Wall", "-Wextra", "-Werror", "-DLGC_WITH_CUDA",
+               "-DLGC_WITH_CUDNN_GRAPHS", f"-I{ROOT / 'csrc'}", *[arg for path in system for arg in ("-isystem", path)]]
+    sources = {"glue": ROOT / "csrc" / "cudnn_conv_graphs.cpp", "module": ROOT / "csrc" / "module.cpp",
+               "executor": ROOT / "csrc" / "cuda" / "cudnn_conv_graphs.cpp"}
+    failed = _compile_all({name: [*command, str(src), "-o", str(tmp_path / f"{name}.o")]
+                           for name, src in sources.items()})
+    assert not failed, _report(failed)
+    needed = _symbols([tmp_path / "glue.o", tmp_path / "module.o"], "--undefined-only")
+    defined = _symbols([tmp_path / f"{name}.o" for name in sources], "--defined-only")
+    assert {"lgc::register_cudnn_conv_graphs(pybind11::module_&)"} <= needed and needed
+    missing = sorted(needed - defined)
+    assert not missing, "the cuDNN graph glue calls undefined lgc:: functions:\n" + "\n".join(missing)

@@ -170,6 +170,10 @@ struct Binding {
   void* pointer;
 };
 
+// The tensors the graph binds (building it and its plan on first use, as conv_graph_workspace).
+const std::vector<RoleInfo>& conv_graph_roles(const GraphSpec& spec, const Shape& s, cudnnDataType_t io,
+                                              double keep_probability);
+
 // The workspace bytes of the graph's plan on the current device, building the graph and its plan on first use (one
 // cache entry per spec, shape, io type, keep probability and device). Throws Failure when no engine builds it.
 int64_t conv_graph_workspace(const GraphSpec& spec, const Shape& s, cudnnDataType_t io, double keep_probability);

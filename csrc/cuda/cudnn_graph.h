@@ -264,6 +264,19 @@ class Graph {
   void execute(const Plan& plan, cudnnBackendDescriptor_t pack) {
     check_cudnn(cudnnBackendExecute(handle_, plan.desc, pack), "execute");
   }
+  // Runs `plan` on `stream` through a variant pack made for this call and freed after it (a library's calls bind new
+  // pointers each time; pack() keeps its packs for the graph's lifetime).
+  void run(const Plan& plan, const std::vector<int64_t>& uids, std::vector<void*> pointers, void* workspace,
+           cudaStream_t stream) {
+    Descriptor pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+    pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids.data(), static_cast<int64_t>(uids.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, pointers.data(),
+             static_cast<int64_t>(pointers.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, &workspace);
+    pack.finalize("variant pack");
+    check_cudnn(cudnnSetStream(handle_, stream), "set stream");
+    check_cudnn(cudnnBackendExecute(handle_, plan.desc, pack.get()), "execute");
+  }
 
  private:
   // Keeps the plan of `config` if it finalizes; else records cuDNN's message.

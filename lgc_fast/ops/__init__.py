@@ -8,7 +8,8 @@ from lgc_fast.ops.bn_relu_dropout import (
     random_keep_bits,
     unpack_keep_bits,
 )
-from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_keep_mask
+from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_graphs
+from lgc_fast.ops.conv_stack_graphs import stack_keep_mask
 from lgc_fast.ops.dilated_block import (
     dilated_block,
     dilated_block_ref,
@@ -33,7 +34,7 @@ from lgc_fast.ops.lgc_loss import lgc_loss, lgc_loss_ref, loss_weights, splat_he
 __all__ = [
     "bn_relu_dropout", "bn_relu_dropout_drawn", "bn_relu_dropout_ref", "dropout_keep_mask", "pack_keep_mask", "random_keep_bits",
     "unpack_keep_bits",
-    "conv_stack", "conv_stack_ref", "stack_keep_mask",
+    "conv_stack", "conv_stack_ref", "stack_graphs", "stack_keep_mask",
     "dilated_block", "dilated_block_ref", "dilated_block_train", "dilated_conv", "dilated_conv_ref",
     "draw_dropout_mask", "fold_batchnorm",
     "ShapeFit", "fit_shape", "fit_shape_ref", "fit_shape_stats", "fit_shape_stats_ref",

@@ -31,28 +31,18 @@ dilation * (r // 2); gammas[i], betas[i], running_means[i], running_vars[i]: (C_
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import warnings
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
+from lgc_fast.ops.conv_stack_graphs import (
+    BnTerms, CudnnGraphs, KeepSpec, TorchGraphs, apply_prologue, bn_backward_terms, keep_tensor,
+)
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
-
-_SUM_DIMS = (0, 2, 3)
-
-
-def _per_channel(v: torch.Tensor) -> torch.Tensor:
-    return v[:, None, None]
-
-
-def stack_keep_mask(seed: int, block: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
-    """Block `block`'s keep mask, 1 with probability 1 - p else 0, of `shape` (N, C, H, W): a function of (seed,
-    block) alone, so the backward draws it again instead of storing it (as cuDNN's RNG op does from a seed and an
-    offset). Drawn on the CPU, so every device gets the same mask."""
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(block)) % 2**63)
-    keep = torch.rand(tuple(shape), generator=generator, dtype=torch.float64) >= p
-    return keep.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,76 +63,12 @@ def conv_stack_ref(x, weights, gammas, betas, running_means=None, running_vars=N
         a = torch.relu(F.batch_norm(z, rm, rv, gammas[i].to(z.dtype), betas[i].to(z.dtype), training or rm is None,
                                     momentum, eps)) * activation_scale
         if training and dropout_p > 0:
-            a = a * stack_keep_mask(dropout_seed, i, a.shape, dropout_p, a.device, a.dtype) / (1 - dropout_p)
+            a = a * keep_tensor(_keep_spec(dropout_seed, i, a.shape, dropout_p), a) / (1 - dropout_p)
     return a
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The graphs, as torch functions
-
-class BnTerms(NamedTuple):
-    """A block's BatchNorm as its prologue applies it: pre = z * s + b, from mean and invstd (the batch's in training,
-    else the running ones) and gamma_eff = gamma * activation_scale / (1 - p) (beta likewise)."""
-    mean: torch.Tensor
-    invstd: torch.Tensor
-    gamma_eff: torch.Tensor
-    s: torch.Tensor
-    b: torch.Tensor
-
-
-def _prologue(z, terms: BnTerms, keep):
-    a = torch.relu(z * _per_channel(terms.s) + _per_channel(terms.b))
-    return a if keep is None else a * keep
-
-
-def _grad_operand(dy):
-    """dy as a tensor, or as BatchNorm backward's apply on the next block: (g, z, eq_dy, eq_x, eq_b)."""
-    if isinstance(dy, torch.Tensor):
-        return dy
-    g, z, eq_dy, eq_x, eq_b = dy
-    return g * _per_channel(eq_dy) + z * _per_channel(eq_x) + _per_channel(eq_b)
-
-
-def fprop_graph(inp, w, dilation, prologue=None):
-    """z = conv(inp or prologue(inp), w) with z's per-channel sum and sum of squares -> (z, sum, sq_sum).
-    prologue: None or (BnTerms, keep or None)."""
-    a = inp if prologue is None else _prologue(inp, *prologue)
-    z = F.conv2d(a, w, padding=dilation * (w.shape[-1] // 2), dilation=dilation)
-    return z, z.sum(_SUM_DIMS), (z * z).sum(_SUM_DIMS)
-
-
-def wgrad_graph(inp, w_shape, dy, dilation, prologue=None):
-    """The filter gradient of conv(inp or prologue(inp)) for dy (a tensor, or the next block's (g, z, eq_*))."""
-    a = inp if prologue is None else _prologue(inp, *prologue)
-    return torch.nn.grad.conv2d_weight(a, w_shape, _grad_operand(dy), padding=dilation * (w_shape[-1] // 2),
-                                       dilation=dilation)
-
-
-def dgrad_graph(dy, w, in_shape, dilation, epilogue=None):
-    """The input gradient of the conv for dy; with epilogue (z_prev, BnTerms, keep, batch_stats) it goes on through
-    the previous block's dropout, ReLU and BatchNorm: -> ``bn_backward_terms``'s (g, dgamma_eff, dbeta_eff, eq)."""
-    da = torch.nn.grad.conv2d_input(in_shape, w, _grad_operand(dy), padding=dilation * (w.shape[-1] // 2),
-                                    dilation=dilation)
-    return da if epilogue is None else bn_backward_terms(da, *epilogue)
-
-
-def bn_backward_terms(da, z, terms: BnTerms, keep, batch_stats: bool):
-    """From the gradient of a block's output a: g = the gradient at BatchNorm's output (through dropout and ReLU), the
-    per-channel dgamma_eff = sum(g * xhat), dbeta_eff = sum(g), and (eq_dy, eq_x, eq_b) with the gradient at z equal
-    to eq_dy * g + eq_x * z + eq_b (with batch statistics their own gradient is in eq_x and eq_b)."""
-    g = da if keep is None else da * keep
-    g = torch.where(z * _per_channel(terms.s) + _per_channel(terms.b) > 0, g, torch.zeros((), dtype=g.dtype))
-    xhat = (z - _per_channel(terms.mean)) * _per_channel(terms.invstd)
-    dgamma, dbeta = (g * xhat).sum(_SUM_DIMS), g.sum(_SUM_DIMS)
-    eq_dy = terms.gamma_eff * terms.invstd
-    if not batch_stats:
-        zero = torch.zeros_like(eq_dy)
-        return g, dgamma, dbeta, (eq_dy, zero, zero)
-    count = z.numel() // z.shape[1]
-    eq_x = -eq_dy * terms.invstd * dgamma / count
-    eq_b = -eq_dy * dbeta / count - eq_x * terms.mean
-    return g, dgamma, dbeta, (eq_dy, eq_x, eq_b)
-
+# The composition
 
 def bn_finalize(total, sq_total, count, gamma, beta, running_mean, running_var, *, batch_stats: bool,
                 update_running: bool, momentum: float, eps: float, factor: float) -> BnTerms:
@@ -166,35 +92,43 @@ def bn_finalize(total, sq_total, count, gamma, beta, running_mean, running_var, 
     return BnTerms(mean, invstd, gamma_eff, s, beta_eff - mean * s)
 
 
-TORCH_GRAPHS = {"fprop": fprop_graph, "wgrad": wgrad_graph, "dgrad": dgrad_graph, "bn_backward": bn_backward_terms}
+def _keep_spec(seed, block: int, z_shape, p: float) -> Optional[KeepSpec]:
+    """Block `block`'s mask (None without dropout): offsets a block's map size apart (conv_stack_graphs says why)."""
+    if seed is None:
+        return None
+    n, c, h, w = z_shape
+    return KeepSpec(int(seed), block * n * c * h * w, p)
 
 
 class _ConvStack(torch.autograd.Function):
-    """Forward and backward of ``conv_stack`` from the graphs in `graphs` (see the module docstring)."""
+    """Forward and backward of ``conv_stack`` from the pieces of `graphs` (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, config, graphs, x, *params):
         n_blocks = len(params) // 3
         weights, gammas, betas = params[:n_blocks], params[n_blocks:2 * n_blocks], params[2 * n_blocks:]
-        ct = x.dtype if x.dtype == torch.float64 else torch.float32
+        ct = graphs.compute_dtype(x.dtype)
         dil, training, p = config["dilation"], config["training"], config["dropout_p"]
-        dropping = training and p > 0
-        factor = config["activation_scale"] / (1 - p) if dropping else config["activation_scale"]
-        keep = _Keeps(config["dropout_seed"] if dropping else None, p, x.device, ct)
-        inp, zs, terms = x.to(ct), [], []
+        seed = config["dropout_seed"] if training and p > 0 else None
+        factor = config["activation_scale"] / (1 - p) if seed is not None else config["activation_scale"]
+        inp, zs, terms, keeps = x.to(ct), [], [], []
         for i in range(n_blocks):
-            prologue = None if i == 0 else (terms[-1], keep(i - 1, inp.shape))
-            z, total, sq_total = graphs["fprop"](inp, weights[i].to(ct), dil, prologue)
+            prologue = None if i == 0 else (terms[-1], keeps[-1])
+            z, total, sq_total = graphs.fprop(inp, weights[i], dil, prologue)
             rm, rv = config["running"][i]
             batch_stats = training or rm is None
             terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
                                      batch_stats=batch_stats, update_running=training and rm is not None,
                                      momentum=config["momentum"], eps=config["eps"], factor=factor))
             zs.append(z)
+            keeps.append(_keep_spec(seed, i, z.shape, p))
             inp = z
-        out = _prologue(zs[-1], terms[-1], keep(n_blocks - 1, zs[-1].shape)).to(x.dtype)
+        # the top block's mask is applied outside any graph (here and in the backward): drawn once, kept
+        top = zs[-1].to(terms[-1].s.dtype)
+        top_keep = keep_tensor(keeps[-1], top)
+        out = apply_prologue(top, terms[-1], top_keep).to(x.dtype)
         ctx.save_for_backward(x, *weights, *zs)
-        ctx.graphs, ctx.terms, ctx.keep, ctx.factor = graphs, terms, keep, factor
+        ctx.graphs, ctx.terms, ctx.keeps, ctx.top_keep, ctx.factor = graphs, terms, keeps, top_keep, factor
         ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
         ctx.dilation, ctx.n_blocks, ctx.param_dtypes = dil, n_blocks, [t.dtype for t in params]
         return out
@@ -202,31 +136,27 @@ class _ConvStack(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        n_blocks, graphs, terms, keep, dil = ctx.n_blocks, ctx.graphs, ctx.terms, ctx.keep, ctx.dilation
+        n_blocks, graphs, terms, keeps, dil = ctx.n_blocks, ctx.graphs, ctx.terms, ctx.keeps, ctx.dilation
         saved = ctx.saved_tensors
         x, weights, zs = saved[0], saved[1:1 + n_blocks], saved[1 + n_blocks:]
-        ct = zs[0].dtype
         top = n_blocks - 1
-        g, dgamma, dbeta, eq = graphs["bn_backward"](grad_out.to(ct), zs[top], terms[top], keep(top, zs[top].shape),
-                                                     ctx.batch_stats[top])
+        g, dgamma, dbeta, eq = bn_backward_terms(grad_out, zs[top], terms[top], ctx.top_keep, ctx.batch_stats[top])
         d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * n_blocks, [None] * n_blocks
         d_gammas[top], d_betas[top] = dgamma, dbeta
         dx = None
         for i in range(top, -1, -1):
             dy = (g, zs[i], *eq)
-            w = weights[i].to(ct)
             if i == 0:
-                inp, prologue = x.to(ct), None
+                inp, prologue = x.to(zs[0].dtype), None
             else:
-                inp = zs[i - 1]
-                prologue = (terms[i - 1], keep(i - 1, inp.shape))
+                inp, prologue = zs[i - 1], (terms[i - 1], keeps[i - 1])
             if ctx.needs_input_grad[3 + i]:
-                d_weights[i] = graphs["wgrad"](inp, w.shape, dy, dil, prologue)
+                d_weights[i] = graphs.wgrad(inp, weights[i].shape, dy, dil, prologue)
             if i > 0:
-                g, d_gammas[i - 1], d_betas[i - 1], eq = graphs["dgrad"](
-                    dy, w, inp.shape, dil, (inp, terms[i - 1], prologue[1], ctx.batch_stats[i - 1]))
+                g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
+                    dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]))
             elif ctx.needs_input_grad[2]:
-                dx = graphs["dgrad"](dy, w, x.shape, dil).to(x.dtype)
+                dx = graphs.dgrad(dy, weights[0], x.shape, dil).to(x.dtype)
         # gamma_eff = gamma * factor: the chain rule's factor, then each parameter's own dtype
         d_gammas = [None if d is None else d * ctx.factor for d in d_gammas]
         d_betas = [None if d is None else d * ctx.factor for d in d_betas]
@@ -234,37 +164,70 @@ class _ConvStack(torch.autograd.Function):
         return (None, None, dx, *grads)
 
 
-class _Keeps:
-    """Block i's keep mask from (seed, i), drawn again at every use; None without dropout."""
+GRAPHS = ("torch", "cudnn")
+_warned: set = set()
 
-    def __init__(self, seed, p, device, dtype):
-        self.seed, self.p, self.device, self.dtype = seed, p, device, dtype
 
-    def __call__(self, block, shape):
-        if self.seed is None:
-            return None
-        return stack_keep_mask(self.seed, block, shape, self.p, self.device, self.dtype)
+def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
+                 graphs: Optional[str] = None, backward: bool = True):
+    """The pieces conv_stack runs for this stack: "cudnn" where lgc_fast._C has the cuDNN conv graphs, x is a
+    bfloat16 / float16 CUDA tensor and every graph the stack needs (the backward's too where `backward`) builds; else
+    "torch". graphs="cudnn" insists (a ValueError with the reason where it cannot); None chooses, warning once a shape
+    with the reason it keeps torch."""
+    if graphs not in (None, *GRAPHS):
+        raise ValueError(f"graphs must be one of {', '.join(GRAPHS)} or None, not {graphs!r}")
+    if graphs == "torch":
+        return TorchGraphs()
+    reasons = _cudnn_unusable(x)
+    if not reasons:
+        cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
+        reasons = cudnn.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p,
+                                    training, backward)
+        if not reasons:
+            return cudnn
+    if graphs == "cudnn":
+        raise ValueError("conv_stack: graphs='cudnn' is not usable here: " + "; ".join(reasons))
+    key = (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(w.shape) for w in weights))
+    if x.is_cuda and key not in _warned:
+        _warned.add(key)
+        warnings.warn("conv_stack: torch pieces, not cuDNN graphs: " + "; ".join(reasons), RuntimeWarning,
+                      stacklevel=3)
+    return TorchGraphs()
+
+
+def _cudnn_unusable(x: torch.Tensor) -> list[str]:
+    ext = _backend.extension()
+    if ext is None or not getattr(ext, "with_cudnn_graphs", False):
+        return ["lgc_fast._C was built without the cuDNN conv graphs (a CUDA build finds cuDNN's headers; setup.py)"]
+    if not x.is_cuda:
+        return ["x is not on a CUDA device"]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return [f"x is {x.dtype}; the graphs take bfloat16 or float16"]
+    return []
 
 
 def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None, *, training: bool = True,
                momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
                activation_scale: float = ACTIVATION_SCALE, dilation: int = 1,
-               dropout_seed: Optional[int] = None) -> torch.Tensor:
+               dropout_seed: Optional[int] = None, graphs: Optional[str] = None) -> torch.Tensor:
     """The stack's output a_L (N, C_L, H, W), computed from the fused graphs' pieces (module docstring); equal to
-    ``conv_stack_ref`` with the same arguments. In training with dropout_p > 0, `dropout_seed` (an int) picks the
-    masks; None draws one from torch's generator. running_means / running_vars (lists, or None for none) are updated
-    in place in training, as nn.BatchNorm2d updates its buffers."""
+    ``conv_stack_ref`` with the same arguments where the pieces are torch's (cuDNN's draw other dropout masks). In
+    training with dropout_p > 0, `dropout_seed` (an int) picks the masks; None draws one from torch's (CPU)
+    generator. running_means / running_vars (lists, or None for none) are updated in place in training, as
+    nn.BatchNorm2d updates its buffers. graphs: "torch", "cudnn" or None (``stack_graphs`` chooses)."""
     if training and dropout_p > 0 and dropout_seed is None:
         dropout_seed = int(torch.randint(2**62, (1,)))
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
            dilation, dropout_seed, training)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *gammas, *betas))
+    pieces = stack_graphs(x, weights, dilation, dropout_p, training, graphs, backward)
     n_blocks = len(weights)
     running = [(None if running_means is None else running_means[i], None if running_vars is None else
                 running_vars[i]) for i in range(n_blocks)]
     config = {"dilation": int(dilation), "training": bool(training), "dropout_p": float(dropout_p),
               "activation_scale": float(activation_scale), "momentum": float(momentum), "eps": float(eps),
               "dropout_seed": dropout_seed, "running": running}
-    return _ConvStack.apply(config, TORCH_GRAPHS, x, *weights, *gammas, *betas)
+    return _ConvStack.apply(config, pieces, x, *weights, *gammas, *betas)
 
 
 def _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,

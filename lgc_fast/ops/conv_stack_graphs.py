@@ -1,0 +1,257 @@
+"""The pieces ``conv_stack`` computes a stack of conv blocks from (lgc_fast/ops/conv_stack.py says how they chain):
+one class a backend, with the same methods.
+
+``TorchGraphs``: each piece as torch functions, in float32 (float64 for float64): the oracle of each cuDNN graph.
+``CudnnGraphs``: each piece as one cuDNN graph (csrc/cuda/cudnn_conv_graphs.h, through lgc_fast._C.cudnn_conv_graph),
+in the io dtype (bfloat16 or float16, channels_last) with float32 per-channel terms; the interior blocks' keep masks
+drawn inside the graphs by cuDNN's RNG op from (seed, offset) device scalars, so a mask is never written. A graph that
+cuDNN cannot build is found before a stack runs (``CudnnGraphs.unbuildable``), and the stack then keeps TorchGraphs.
+
+A keep mask is named by a ``KeepSpec`` (seed, offset, p): 1 with probability 1 - p, else 0. The torch pieces draw it
+with ``stack_keep_mask``; cuDNN's RNG draws another mask from the same spec (its own Philox stream), the same one in
+every graph. Offsets are block * (values in the block's map), so no two blocks' streams overlap however the RNG
+numbers its draws.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+_SUM_DIMS = (0, 2, 3)
+
+
+class KeepSpec(NamedTuple):
+    seed: int
+    offset: int
+    p: float
+
+
+class BnTerms(NamedTuple):
+    """A block's BatchNorm as its prologue applies it: pre = z * s + b, from mean and invstd (the batch's in training,
+    else the running ones) and gamma_eff = gamma * activation_scale / (1 - p) (beta likewise); float32 (float64)."""
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    gamma_eff: torch.Tensor
+    s: torch.Tensor
+    b: torch.Tensor
+
+
+def stack_keep_mask(seed: int, offset: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
+    """The keep mask of (seed, offset), 1 with probability 1 - p else 0, of `shape` (N, C, H, W), drawn on `device`
+    by a generator seeded from them: the backward draws it again instead of storing it. The same on every run of one
+    device type."""
+    generator = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + int(offset)) % 2**63)
+    keep = torch.rand(tuple(shape), generator=generator, device=device) >= p
+    return keep.to(dtype)
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, None]
+
+
+def keep_tensor(keep, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A mask for `like` from a KeepSpec (drawn), a tensor (as it is) or None."""
+    if keep is None or isinstance(keep, torch.Tensor):
+        return keep
+    return stack_keep_mask(keep.seed, keep.offset, like.shape, keep.p, like.device, like.dtype)
+
+
+def apply_prologue(z, terms: BnTerms, keep):
+    """relu(z * s + b) * keep: a block's BatchNorm, ReLU, scale and dropout (keep: KeepSpec, tensor or None)."""
+    a = torch.relu(z * _per_channel(terms.s) + _per_channel(terms.b))
+    mask = keep_tensor(keep, a)
+    return a if mask is None else a * mask
+
+
+def bn_backward_terms(da, z, terms: BnTerms, keep, batch_stats: bool):
+    """From the gradient of a block's output a: g = the gradient at BatchNorm's output (through dropout and ReLU), the
+    per-channel dgamma_eff = sum(g * xhat), dbeta_eff = sum(g), and (eq_dy, eq_x, eq_b) with the gradient at z equal
+    to eq_dy * g + eq_x * z + eq_b (with batch statistics, their own gradient is in eq_x and eq_b). Computed in the
+    terms' dtype."""
+    ct = terms.s.dtype
+    da, z = da.to(ct), z.to(ct)
+    mask = keep_tensor(keep, da)
+    g = da if mask is None else da * mask
+    g = torch.where(z * _per_channel(terms.s) + _per_channel(terms.b) > 0, g, torch.zeros((), dtype=ct))
+    xhat = (z - _per_channel(terms.mean)) * _per_channel(terms.invstd)
+    dgamma, dbeta = (g * xhat).sum(_SUM_DIMS), g.sum(_SUM_DIMS)
+    eq_dy = terms.gamma_eff * terms.invstd
+    if not batch_stats:
+        zero = torch.zeros_like(eq_dy)
+        return g, dgamma, dbeta, (eq_dy, zero, zero)
+    count = z.numel() // z.shape[1]
+    eq_x = -eq_dy * terms.invstd * dgamma / count
+    eq_b = -eq_dy * dbeta / count - eq_x * terms.mean
+    return g, dgamma, dbeta, (eq_dy, eq_x, eq_b)
+
+
+def _padding(dilation: int, r: int) -> int:
+    return dilation * (r // 2)
+
+
+class TorchGraphs:
+    """The pieces as torch functions. prologue: None or (BnTerms, keep); dy: a tensor, or the next block's
+    (g, z, eq_dy, eq_x, eq_b), from which BatchNorm backward's apply makes it; epilogue: (z_prev, BnTerms, keep,
+    batch_stats)."""
+
+    name = "torch"
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def fprop(self, inp, w, dilation, prologue=None):
+        """z = conv(inp or prologue(inp), w) with z's per-channel sum and sum of squares -> (z, sum, sq_sum)."""
+        a = inp if prologue is None else apply_prologue(inp, *prologue)
+        z = F.conv2d(a, w.to(a.dtype), padding=_padding(dilation, w.shape[-1]), dilation=dilation)
+        return z, z.sum(_SUM_DIMS), (z * z).sum(_SUM_DIMS)
+
+    def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
+        """The filter gradient of conv(inp or prologue(inp)) for dy."""
+        a = inp if prologue is None else apply_prologue(inp, *prologue)
+        return torch.nn.grad.conv2d_weight(a, w_shape, self._grad_operand(dy, a.dtype),
+                                           padding=_padding(dilation, w_shape[-1]), dilation=dilation)
+
+    def dgrad(self, dy, w, in_shape, dilation, epilogue=None):
+        """The input gradient of the conv for dy; with an epilogue it goes on through the previous block's dropout,
+        ReLU and BatchNorm: -> ``bn_backward_terms``'s (g, dgamma_eff, dbeta_eff, eq)."""
+        grad = self._grad_operand(dy, self.compute_dtype(w.dtype))
+        da = torch.nn.grad.conv2d_input(in_shape, w.to(grad.dtype), grad, padding=_padding(dilation, w.shape[-1]),
+                                        dilation=dilation)
+        return da if epilogue is None else bn_backward_terms(da, *epilogue)
+
+    @staticmethod
+    def _grad_operand(dy, dtype):
+        if isinstance(dy, torch.Tensor):
+            return dy.to(dtype)
+        g, z, eq_dy, eq_x, eq_b = dy
+        return (g.to(dtype) * _per_channel(eq_dy) + z.to(dtype) * _per_channel(eq_x) + _per_channel(eq_b)).to(dtype)
+
+
+class CudnnGraphs:
+    """The pieces as cuDNN graphs on `device` in `io_dtype`; `extension`: lgc_fast._C (or a stand-in with its
+    cudnn_conv_graph / cudnn_conv_graph_check). Same methods as TorchGraphs."""
+
+    name = "cudnn"
+
+    def __init__(self, extension, device: torch.device, io_dtype: torch.dtype):
+        self.ext, self.device, self.io = extension, torch.device(device), io_dtype
+        self.io_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[io_dtype]
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.io
+
+    def _act(self, t):
+        return t.to(self.io).contiguous(memory_format=torch.channels_last)
+
+    def _empty(self, shape, dtype=None, channels_last=True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=dtype or self.io, device=self.device, memory_format=fmt)
+
+    def _channels(self, v):
+        return v.to(device=self.device, dtype=torch.float32).contiguous()
+
+    def _zeros(self, c):  # sums are zeroed in case an engine accumulates into its outputs
+        return torch.zeros(c, dtype=torch.float32, device=self.device)
+
+    def _scalar(self, value: int):
+        return torch.tensor([int(value)], dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _prologue_tensors(self, tensors, prologue):
+        """Adds s, b (and the RNG's seed and offset) of a prologue; returns (sbr, mask, keep probability)."""
+        if prologue is None:
+            return False, "none", 1.0
+        terms, keep = prologue
+        tensors["s"], tensors["b"] = self._channels(terms.s), self._channels(terms.b)
+        return (True,) + self._mask_tensors(tensors, keep)
+
+    def _mask_tensors(self, tensors, keep):
+        if keep is None:
+            return "none", 1.0
+        tensors["seed"], tensors["offset"] = self._scalar(keep.seed), self._scalar(keep.offset)
+        return "rng", 1.0 - keep.p
+
+    def _dy_tensors(self, tensors, dy) -> bool:
+        if isinstance(dy, torch.Tensor):
+            tensors["dy"] = self._act(dy)
+            return False
+        g, z, eq_dy, eq_x, eq_b = dy
+        tensors.update(dy_g=self._act(g), dy_z=self._act(z), dy_eq_dy=self._channels(eq_dy),
+                       dy_eq_x=self._channels(eq_x), dy_eq_b=self._channels(eq_b))
+        return True
+
+    def fprop(self, inp, w, dilation, prologue=None):
+        n, c, h, width = inp.shape
+        k, r = w.shape[0], w.shape[-1]
+        y, total, sq_total = self._empty((n, k, h, width)), self._zeros(k), self._zeros(k)
+        tensors = {"x": self._act(inp), "w": self._act(w), "y": y, "sum": total, "sq_sum": sq_total}
+        sbr, mask, keep_probability = self._prologue_tensors(tensors, prologue)
+        self.ext.cudnn_conv_graph("fprop", sbr, mask, True, False, False, [n, c, k, h, width, r, dilation],
+                                  keep_probability, tensors)
+        return y, total, sq_total
+
+    def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
+        n, c, h, width = inp.shape
+        k, r = w_shape[0], w_shape[-1]
+        dw = self._empty(tuple(w_shape))
+        tensors = {"x": self._act(inp), "w": dw}
+        sbr, mask, keep_probability = self._prologue_tensors(tensors, prologue)
+        dbn_apply = self._dy_tensors(tensors, dy)
+        self.ext.cudnn_conv_graph("wgrad", sbr, mask, False, False, dbn_apply, [n, c, k, h, width, r, dilation],
+                                  keep_probability, tensors)
+        return dw
+
+    def dgrad(self, dy, w, in_shape, dilation, epilogue=None):
+        n, c, h, width = in_shape
+        k, r = w.shape[0], w.shape[-1]
+        tensors = {"w": self._act(w)}
+        dbn_apply = self._dy_tensors(tensors, dy)
+        shape = [n, c, k, h, width, r, dilation]
+        if epilogue is None:
+            tensors["dx"] = dx = self._empty((n, c, h, width))
+            self.ext.cudnn_conv_graph("dgrad", False, "none", False, False, dbn_apply, shape, 1.0, tensors)
+            return dx
+        z_prev, terms, keep, batch_stats = epilogue
+        mask, keep_probability = self._mask_tensors(tensors, keep)
+        out = {"g": self._empty((n, c, h, width)), **{name: self._zeros(c) for name in
+                                                      ("dgamma", "dbeta", "eq_dy", "eq_x", "eq_b")}}
+        tensors.update(z=self._act(z_prev), s=self._channels(terms.s), b=self._channels(terms.b),
+                       mean=self._channels(terms.mean), invstd=self._channels(terms.invstd),
+                       gamma=self._channels(terms.gamma_eff), **out)
+        self.ext.cudnn_conv_graph("dgrad", False, mask, False, True, dbn_apply, shape, keep_probability, tensors)
+        if not batch_stats:  # running statistics: BatchNorm is affine, the batch terms of dz vanish
+            out["eq_x"].zero_()
+            out["eq_b"].zero_()
+        return out["g"], out["dgamma"], out["dbeta"], (out["eq_dy"], out["eq_x"], out["eq_b"])
+
+    def unbuildable(self, x_shape, weight_shapes, dilation: int, dropout_p: float, training: bool,
+                    backward: bool) -> list[str]:
+        """cuDNN's reasons for every graph of such a stack that does not build (none: the stack can run here), the
+        backward's too where `backward`; builds and caches those that do, so the step's first run compiles nothing
+        more."""
+        n, c, h, width = x_shape
+        dropping = training and dropout_p > 0
+        mask, keep_probability = ("rng", 1.0 - dropout_p) if dropping else ("none", 1.0)
+        needed = []
+        for i, w_shape in enumerate(weight_shapes):
+            k, r = w_shape[0], w_shape[-1]
+            shape = [n, c, k, h, width, r, dilation]
+            first = i == 0
+            needed.append(("fprop", not first, "none" if first else mask, True, False, False, shape))
+            if backward:
+                needed.append(("wgrad", not first, "none" if first else mask, False, False, True, shape))
+                if first:
+                    needed.append(("dgrad", False, "none", False, False, True, shape))
+                else:
+                    needed.append(("dgrad", False, mask, False, True, True, shape))
+            c = k
+        reasons = []
+        for conv, sbr, m, stats, dbn, dbn_apply, shape in needed:
+            prob = keep_probability if m == "rng" else 1.0
+            why = self.ext.cudnn_conv_graph_check(conv, sbr, m, stats, dbn, dbn_apply, shape, prob, self.io_name,
+                                                  self.device.index or 0)
+            if why:
+                reasons.append(f"{conv} (prologue {sbr}, mask {m}, stats {stats}, dbn {dbn}, dbn_apply {dbn_apply}, "
+                               f"shape {shape}): {why}")
+        return reasons

@@ -1,0 +1,183 @@
+"""conv_stack's cuDNN pieces (CudnnGraphs, lgc_fast/ops/conv_stack_graphs.py) without a GPU, through a stand-in for
+lgc_fast._C's cudnn_conv_graph / cudnn_conv_graph_check. The stand-in checks that every call binds exactly the tensors
+the library's C++ graph has (names, value counts, dtypes, channels_last; listed by tests/cpp/cudnn_conv_graph_roles.cpp
+from build_conv_graph against cuDNN's headers) and that every graph run was checked first, then computes the graph's
+outputs in torch from the bound tensors alone, by what the graph means (its RNG mask drawn as stack_keep_mask from the
+bound seed and offset). The stack through it must equal conv_stack_ref. Needs cuDNN's headers and library, as the
+probe's tests (tests/test_bench_cudnn_fusion.py); skips without them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_graphs
+from lgc_fast.ops.conv_stack_graphs import CudnnGraphs, stack_keep_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_cudnn_fusion as probe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+IO = torch.float64  # the stand-in's io dtype (the real graphs take bfloat16 / float16)
+STORAGE = {"io16": IO, "f32": torch.float32, "i64": torch.int64, "u8": torch.uint8}
+
+
+@pytest.fixture(scope="module")
+def roles_program(tmp_path_factory):
+    try:
+        include, lib = probe.cudnn_paths(None)
+        probe.cuda_root()
+    except probe.ProbeError as exc:
+        pytest.skip(str(exc))
+    if lib is None:
+        pytest.skip(f"cuDNN's library (libcudnn.so.9) is not beside {include.parent}")
+    out = tmp_path_factory.mktemp("roles") / "roles"
+    return probe.build_probe(include, lib, out, compile_only=False,
+                             source=ROOT / "tests" / "cpp" / "cudnn_conv_graph_roles.cpp")
+
+
+class StandIn:
+    with_cudnn_graphs = True
+
+    def __init__(self, program):
+        self.program, self.checked, self.ran, self._roles = program, set(), [], {}
+
+    def roles(self, key):
+        if key not in self._roles:
+            conv, sbr, mask, stats, dbn, dbn_apply, shape, keep = key
+            line = " ".join(map(str, [conv, int(sbr), mask, int(stats), int(dbn), int(dbn_apply), *shape, keep]))
+            out = subprocess.run([str(self.program)], input=line + "\n", capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            assert not out.startswith("error"), out
+            self._roles[key] = {name: (int(count), storage, output == "1")
+                                for name, count, storage, output in (r.split(":") for r in out.split())}
+        return self._roles[key]
+
+    def cudnn_conv_graph_check(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, io, device):
+        assert io in ("bfloat16", "float16") and device == 0
+        key = (conv, sbr, mask, stats, dbn, dbn_apply, tuple(shape), keep)
+        self.roles(key)
+        self.checked.add(key)
+        return ""
+
+    def cudnn_conv_graph(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, tensors):
+        key = (conv, sbr, mask, stats, dbn, dbn_apply, tuple(shape), keep)
+        assert key in self.checked, f"{key} ran without a check first"
+        roles = self.roles(key)
+        assert set(tensors) == set(roles), (conv, sorted(tensors), sorted(roles))
+        for name, t in tensors.items():
+            count, storage, _ = roles[name]
+            assert t.numel() == count and t.dtype == STORAGE[storage], (name, t.shape, t.dtype, storage)
+            assert t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.is_contiguous(), name
+        self.ran.append(key)
+        _compute(conv, sbr, mask, dbn, dbn_apply, shape, keep, tensors)
+
+
+def _ch(v):
+    return v.double()[:, None, None]
+
+
+def _compute(conv, sbr, mask, dbn, dbn_apply, shape, keep, t):
+    """The graph's outputs from its bound tensors, in float64, written into the output tensors."""
+    n, c, k, h, w, r, dil = shape
+    pad = dil * (r // 2)
+
+    def rng_mask(like):
+        return stack_keep_mask(int(t["seed"]), int(t["offset"]), like.shape, 1 - keep, "cpu", torch.float64)
+
+    if dbn_apply:
+        dy = t["dy_g"].double() * _ch(t["dy_eq_dy"]) + t["dy_z"].double() * _ch(t["dy_eq_x"]) + _ch(t["dy_eq_b"])
+    elif "dy" in t:
+        dy = t["dy"].double()
+    if conv in ("fprop", "wgrad"):
+        a = t["x"].double()
+        if sbr:
+            a = torch.relu(a * _ch(t["s"]) + _ch(t["b"]))
+            if mask == "rng":
+                a = a * rng_mask(a)
+        if conv == "fprop":
+            y = F.conv2d(a, t["w"].double(), padding=pad, dilation=dil)
+            t["y"].copy_(y)
+            t["sum"].copy_(y.sum((0, 2, 3)))
+            t["sq_sum"].copy_((y * y).sum((0, 2, 3)))
+        else:
+            t["w"].copy_(torch.nn.grad.conv2d_weight(a, t["w"].shape, dy, padding=pad, dilation=dil))
+        return
+    da = torch.nn.grad.conv2d_input((n, c, h, w), t["w"].double(), dy, padding=pad, dilation=dil)
+    if not dbn:
+        t["dx"].copy_(da)
+        return
+    if mask == "rng":
+        da = da * rng_mask(da)
+    z = t["z"].double()
+    g = torch.where(z * _ch(t["s"]) + _ch(t["b"]) > 0, da, torch.zeros((), dtype=da.dtype))
+    mean, invstd, gamma = t["mean"].double(), t["invstd"].double(), t["gamma"].double()
+    dgamma = (g * (z - mean[:, None, None]) * invstd[:, None, None]).sum((0, 2, 3))
+    dbeta = g.sum((0, 2, 3))
+    m = n * h * w  # cuDNN's BN backward weights: batch statistics
+    t["g"].copy_(g)
+    t["dgamma"].copy_(dgamma)
+    t["dbeta"].copy_(dbeta)
+    t["eq_dy"].copy_(gamma * invstd)
+    t["eq_x"].copy_(-gamma * invstd * invstd * dgamma / m)
+    t["eq_b"].copy_(-gamma * invstd * dbeta / m + gamma * invstd * invstd * mean * dgamma / m)
+
+
+def _params(channels, r):
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(co, ci, r, r, generator=g, dtype=torch.float64) / (r * ci**0.5)
+               for ci, co in zip(channels[:-1], channels[1:])]
+    gammas = [torch.rand(c, generator=g, dtype=torch.float64) + 0.5 for c in channels[1:]]
+    betas = [torch.randn(c, generator=g, dtype=torch.float64) * 0.3 for c in channels[1:]]
+    return weights, gammas, betas
+
+
+def _grads(fn, x, weights, gammas, betas, running, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in [x, *weights, *gammas, *betas]]
+    n = len(weights)
+    means, variances = [m.clone() for m in running[0]], [v.clone() for v in running[1]]
+    out = fn(leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], leaves[1 + 2 * n:], means, variances, **kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [out, *torch.autograd.grad(out, leaves, grad_out), *means, *variances]
+
+
+@pytest.mark.parametrize("training, dropout_p", [(True, 0.3), (True, 0.0), (False, 0.3)])
+def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch, training, dropout_p):
+    stand_in = StandIn(roles_program)
+    pieces = CudnnGraphs(stand_in, torch.device("cpu"), torch.bfloat16)
+    pieces.io = IO  # float64 maps, which the stand-in computes exactly; the checks still name bfloat16
+    channels, r, dil = [3, 4, 5, 4], 3, 2
+    weights, gammas, betas = _params(channels, r)
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    running = ([torch.zeros(c, dtype=torch.float64) for c in channels[1:]],
+               [torch.ones(c, dtype=torch.float64) for c in channels[1:]])
+    kwargs = dict(training=training, dropout_p=dropout_p, dilation=dil, dropout_seed=7)
+    assert not pieces.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], dil, dropout_p, training, True)
+    # lgc_fast.ops.conv_stack the module (the package's attribute of that name is the function)
+    monkeypatch.setattr(sys.modules["lgc_fast.ops.conv_stack"], "stack_graphs", lambda *args: pieces)
+    got = _grads(conv_stack, x, weights, gammas, betas, running, **kwargs)
+    want = _grads(conv_stack_ref, x, weights, gammas, betas, running, **kwargs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    kinds = {(key[0], key[1], key[2], key[4], key[5]) for key in stand_in.ran}
+    mask = "rng" if training and dropout_p > 0 else "none"
+    expected = {("fprop", False, "none", False, False), ("fprop", True, mask, False, False)}
+    expected |= {("wgrad", False, "none", False, True), ("wgrad", True, mask, False, True),
+                 ("dgrad", False, "none", False, True), ("dgrad", False, mask, True, True)}
+    assert kinds == expected
+
+
+def test_graph_choice_on_the_cpu():
+    weights, _, _ = _params([2, 3], 3)
+    x = torch.zeros(1, 2, 6, 6)
+    assert stack_graphs(x, weights, 1, 0.1, True).name == "torch"
+    with pytest.raises(ValueError, match="graphs='cudnn' is not usable here"):
+        stack_graphs(x, weights, 1, 0.1, True, "cudnn")
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        stack_graphs(x, weights, 1, 0.1, True, "fast")
