@@ -126,6 +126,60 @@ class ConvBlock(nn.Module):
                                dropout_seed=seed, backend=backend)
 
 
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, conv_stacks: bool = False) -> torch.Tensor:
+    """blocks(x). With `conv_stacks` in training, each run of like ConvBlocks (one kernel size and dilation, the same
+    dropout, scale and BatchNorm settings) is one ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where those run
+    here (a CUDA map in bfloat16 / float16, or under such an autocast, and lgc_fast._C built with the graphs); other
+    runs, and blocks that are no ConvBlock, run as modules. Parameters, buffers and their updates stay the blocks'."""
+    if not conv_stacks or not blocks.training:
+        return blocks(x)
+    run: list = []
+    for block in blocks:
+        if run and not (isinstance(block, ConvBlock) and _stack_key(block) == _stack_key(run[0])):
+            x = _stack_or_modules(run, x)
+            run = []
+        if isinstance(block, ConvBlock) and _stack_key(block) is not None:
+            run.append(block)
+        else:
+            x = block(x)
+    return _stack_or_modules(run, x) if run else x
+
+
+def _stack_key(block: "ConvBlock"):
+    conv, bn = block.conv, block.bn
+    r, dil = conv.kernel_size[0], conv.dilation[0]
+    if (conv.kernel_size != (r, r) or conv.dilation != (dil, dil) or conv.padding != (dil * (r // 2),) * 2
+            or conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None or not bn.affine):
+        return None
+    p = block.drop.p if isinstance(block.drop, nn.Dropout) else 0.0
+    return r, dil, p, block.act_scale, bn.eps, bn.momentum, bn.track_running_stats
+
+
+def _stack_or_modules(run: list, x: torch.Tensor) -> torch.Tensor:
+    """The ConvBlocks of `run` on x as one conv_stack where its cuDNN graphs run, else as modules (a run whose first
+    block's graphs do not build, as for a 1-channel input, tries again without it)."""
+    from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable
+
+    xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda and torch.is_autocast_enabled("cuda") else x
+    r, dil, p, act_scale, eps, momentum, track = _stack_key(run[0])
+    weights = [b.conv.weight for b in run]
+    if cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled()):
+        if len(run) > 1:
+            return _stack_or_modules(run[1:], run[0](x))
+        return run[0](x)
+    if track:
+        for b in run:
+            b.bn.num_batches_tracked.add_(1)
+        if momentum is None:  # nn.BatchNorm2d's cumulative average; the blocks of a run count alike
+            momentum = 1.0 / float(run[0].bn.num_batches_tracked)
+    bns = [b.bn for b in run]
+    return conv_stack(xin, weights, [bn.weight for bn in bns], [bn.bias for bn in bns],
+                      [bn.running_mean for bn in bns] if track else None,
+                      [bn.running_var for bn in bns] if track else None, training=True,
+                      momentum=0.0 if momentum is None else momentum, eps=eps, dropout_p=p,
+                      activation_scale=act_scale, dilation=dil, graphs="cudnn")
+
+
 class FoldedConvBlock(nn.Module):
     """A ConvBlock for inference: its BatchNorm (running statistics) and activation scale folded into the convolution's
     weights and bias, so it runs as relu(conv(x)) with the ReLU in place; dropout is gone (eval mode). Made by
@@ -213,6 +267,7 @@ class LGCN(nn.Module):
     """
 
     is_folded = False  # True on the inference copies of ``folded``
+    conv_stacks = False  # ``use_conv_stacks``
 
     def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
                  local_layers=None):
@@ -279,6 +334,13 @@ class LGCN(nn.Module):
                 module.seeded_dropout = bool(seeded_dropout)
         return self
 
+    def use_conv_stacks(self, enabled: bool = True) -> "LGCN":
+        """In training, run each subnet's conv blocks as ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where
+        those run (``run_blocks``; BatchNorm, ReLU and dropout inside the convolutions), else as before. The weights,
+        buffers and state_dict keys do not change; dropout draws other masks. Returns self."""
+        self.conv_stacks = bool(enabled)
+        return self
+
     def use_planar_heads(self, enabled: bool = True) -> "LGCN":
         """With channels_last activations: whether the 1x1 output convolutions write planar maps (``PointwiseConv``)
         that kernel_conv and the loss read as they are, the global subnet's input then joined channels_last by
@@ -323,7 +385,7 @@ class LGCN(nn.Module):
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
         h = (x / 128.0 - 1.0) * INPUT_SCALE
-        feats = self.local_features(h)
+        feats = run_blocks(self.local_features, h, self.conv_stacks)
         o_local = self.local_out(feats)
         local = self.kernel(o_local)
         # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
@@ -335,7 +397,7 @@ class LGCN(nn.Module):
             global_in = channels_last_cat(maps, backend=layout_backend(local.device))
         else:
             global_in = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
-        omega = local + self.global_out(self.global_features(global_in))
+        omega = local + self.global_out(run_blocks(self.global_features, global_in, self.conv_stacks))
         return local, omega
 
 

@@ -136,3 +136,41 @@ def test_errors_name_the_argument(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         conv_stack(**args)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_model_runs_like_blocks_as_one_stack(monkeypatch, momentum):
+    """LGCN.use_conv_stacks: runs of like ConvBlocks go through conv_stack (here on torch pieces, where a GPU would
+    have cuDNN's), a run whose graphs cannot build (a 1-channel first layer here) sheds that block to its module;
+    outputs, gradients, running statistics and batch counts as the modules give them."""
+    import sys
+
+    from lgc_fast.model import run_blocks
+    from lgc_fast.ops.conv_stack_graphs import TorchGraphs
+
+    module = sys.modules["lgc_fast.ops.conv_stack"]
+    stacks = []
+    monkeypatch.setattr(module, "cudnn_unusable",
+                        lambda x, weights, *args: ["one channel"] if weights[0].shape[1] == 1 else [])
+    monkeypatch.setattr(module, "stack_graphs", lambda x, weights, *args: stacks.append(len(weights)) or TorchGraphs())
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(ConvBlock(1, 4, 5, dropout=0.0), ConvBlock(4, 4, 5, dropout=0.0),
+                                 ConvBlock(4, 4, 5, dropout=0.0), ConvBlock(4, 4, 3, dropout=0.0),
+                                 ConvBlock(4, 4, 3, dropout=0.0)).double()
+    for block in blocks:
+        block.bn.momentum = momentum
+        torch.nn.init.uniform_(block.bn.weight, 0.5, 1.5)
+        torch.nn.init.normal_(block.bn.bias, std=0.3)
+    twin = __import__("copy").deepcopy(blocks)
+    x = torch.randn(2, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):  # the second step sees the first one's running statistics and counts
+        out = run_blocks(blocks, x, conv_stacks=True)
+        want = twin(x)
+        torch.testing.assert_close(out, want)
+        grads = torch.autograd.grad(out.sum(), [x, *blocks.parameters()])
+        want_grads = torch.autograd.grad(want.sum(), [x, *twin.parameters()])
+        for got, expected in zip(grads, want_grads):
+            torch.testing.assert_close(got, expected)
+    assert stacks == [2, 2, 2, 2]  # per step: the 5x5 run without its first block, the 3x3 run
+    for got, expected in zip(blocks.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(got, expected)

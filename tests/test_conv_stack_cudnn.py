@@ -143,7 +143,7 @@ def _grads(fn, x, weights, gammas, betas, running, **kwargs):
     n = len(weights)
     means, variances = [m.clone() for m in running[0]], [v.clone() for v in running[1]]
     out = fn(leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], leaves[1 + 2 * n:], means, variances, **kwargs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
     return [out, *torch.autograd.grad(out, leaves, grad_out), *means, *variances]
 
 
@@ -181,3 +181,72 @@ def test_graph_choice_on_the_cpu():
         stack_graphs(x, weights, 1, 0.1, True, "cudnn")
     with pytest.raises(ValueError, match="graphs must be one of"):
         stack_graphs(x, weights, 1, 0.1, True, "fast")
+
+
+def _cudnn_graphs_built() -> bool:
+    from lgc_fast import _backend
+    return torch.cuda.is_available() and bool(getattr(_backend.extension(), "with_cudnn_graphs", False))
+
+
+gpu_graphs = pytest.mark.skipif(not _cudnn_graphs_built(),
+                                reason="needs a CUDA GPU and lgc_fast._C built with the cuDNN conv graphs")
+
+
+def _relative(a, b):
+    return (torch.linalg.norm((a.float() - b.float()).flatten()) / torch.linalg.norm(b.float().flatten())).item()
+
+
+def _gpu_stack(channels=(16, 16, 16, 16), r=3):
+    weights, gammas, betas = _params(list(channels), r)
+    to = dict(device="cuda", dtype=torch.float32)
+    x = torch.randn(2, channels[0], 12, 12, generator=torch.Generator().manual_seed(3))
+    x = x.to("cuda", torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    running = ([torch.zeros(c, **to) for c in channels[1:]], [torch.ones(c, **to) for c in channels[1:]])
+    return x, [w.to(**to) for w in weights], [g.to(**to) for g in gammas], [b.to(**to) for b in betas], running
+
+
+@gpu_graphs
+@pytest.mark.parametrize("training", [True, False])
+def test_cudnn_graphs_match_the_torch_pieces_on_the_gpu(training):
+    """Without dropout (the only thing the two draw differently): output, every gradient and the running statistics
+    of the cuDNN graphs against the torch pieces on the same bfloat16 maps."""
+    x, weights, gammas, betas, running = _gpu_stack()
+    kwargs = dict(training=training, dropout_p=0.0, dilation=4)
+    got = _grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", **k), x, weights, gammas, betas, running, **kwargs)
+    want = _grads(lambda *a, **k: conv_stack(*a, graphs="torch", **k), x, weights, gammas, betas, running, **kwargs)
+    for a, b in zip(got, want):
+        assert _relative(a, b) < 3e-2
+
+
+@gpu_graphs
+def test_cudnn_dropout_is_a_function_of_the_seed_on_the_gpu():
+    """The graphs draw every interior mask again from (seed, offset) in the forward and both backward graphs: the same
+    seed gives the same output and gradients twice (to summation order), another seed other ones."""
+    x, weights, gammas, betas, running = _gpu_stack()
+    runs = [_grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", **k), x, weights, gammas, betas, running,
+                   dropout_p=0.3, dilation=4, dropout_seed=seed) for seed in (5, 5, 6)]
+    for a, b in zip(runs[0], runs[1]):
+        assert _relative(a, b) < 1e-3  # a weight gradient's engine may sum in another order
+    assert _relative(runs[2][0], runs[0][0]) > 0.1
+
+
+@gpu_graphs
+def test_model_with_conv_stacks_on_the_gpu():
+    """A narrow LGCN without dropout: the loss and every gradient of a training step under bfloat16 autocast with the
+    conv stacks on cuDNN's graphs as without them."""
+    from lgc_fast.model import LGCN
+    from lgc_fast.train import forward_loss
+
+    results = []
+    for stacks in (False, True):
+        torch.manual_seed(0)
+        model = LGCN(width=16, dropout=0.0).cuda().to(memory_format=torch.channels_last).train()
+        model.use_conv_stacks(stacks)
+        images = torch.rand(2, 1, 96, 96, device="cuda") * 255
+        points = torch.rand(2, 68, 2, device="cuda") * 60 + 18
+        labelled = torch.ones(2, 68, dtype=torch.bool, device="cuda")
+        loss = forward_loss(model, images, points, labelled, amp=True)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append([loss, *grads])
+    for a, b in zip(*results):
+        assert _relative(a, b) < 5e-2

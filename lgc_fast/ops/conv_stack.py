@@ -170,21 +170,16 @@ _warned: set = set()
 
 def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
                  graphs: Optional[str] = None, backward: bool = True):
-    """The pieces conv_stack runs for this stack: "cudnn" where lgc_fast._C has the cuDNN conv graphs, x is a
-    bfloat16 / float16 CUDA tensor and every graph the stack needs (the backward's too where `backward`) builds; else
-    "torch". graphs="cudnn" insists (a ValueError with the reason where it cannot); None chooses, warning once a shape
-    with the reason it keeps torch."""
+    """The pieces conv_stack runs for this stack: "cudnn" where ``cudnn_unusable`` finds no reason against it; else
+    "torch". graphs="cudnn" insists (a ValueError with the reasons where it cannot); None chooses, warning once a
+    shape with the reasons it keeps torch."""
     if graphs not in (None, *GRAPHS):
         raise ValueError(f"graphs must be one of {', '.join(GRAPHS)} or None, not {graphs!r}")
     if graphs == "torch":
         return TorchGraphs()
-    reasons = _cudnn_unusable(x)
+    reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward)
     if not reasons:
-        cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
-        reasons = cudnn.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p,
-                                    training, backward)
-        if not reasons:
-            return cudnn
+        return CudnnGraphs(_backend.extension(), x.device, x.dtype)
     if graphs == "cudnn":
         raise ValueError("conv_stack: graphs='cudnn' is not usable here: " + "; ".join(reasons))
     key = (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(w.shape) for w in weights))
@@ -193,6 +188,19 @@ def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, trai
         warnings.warn("conv_stack: torch pieces, not cuDNN graphs: " + "; ".join(reasons), RuntimeWarning,
                       stacklevel=3)
     return TorchGraphs()
+
+
+def cudnn_unusable(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
+                   backward: bool = True) -> list[str]:
+    """Why conv_stack cannot run this stack on cuDNN graphs (none: it can): lgc_fast._C built without them, x not a
+    bfloat16 / float16 CUDA tensor, or a graph it needs (the backward's too where `backward`) that cuDNN does not
+    build (checked once per shape; the graphs that build are then built and cached)."""
+    reasons = _cudnn_unusable(x)
+    if reasons:
+        return reasons
+    cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
+    return cudnn.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p, training,
+                             backward)
 
 
 def _cudnn_unusable(x: torch.Tensor) -> list[str]:
