@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|ops|train|graphs|ncu|all]      (default all)
-# builds the CUDA extension in place (incrementally after the first call), then
+#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|stacks|ops|train|graphs|ncu|all]      (default all)
+# builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
+# from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
 #   cudnn  whether cuDNN's runtime fusion takes the conv blocks' BN + ReLU (+ dropout mask) into the convolutions
 #          (bench/bench_cudnn_fusion.py): built or not, checked against float64, timed against the plain graphs and
@@ -12,6 +13,9 @@
 #          layer's probe stops at 5 minutes, keeping the cases it finished;
 #   cudnn_local  the same for the local subnet's 3x3 and 5x5 layers (a device call of its own; its layers are added
 #          to the results file beside the global ones);
+#   stacks conv_stack on cuDNN's fused graphs (bench/bench_conv_stack.py: the global subnet's seven blocks against
+#          the modules with fused epilogues, same run) and the training step with them (lgc_fast-stacks) against
+#          lgc_fast-fused at batch 64, 128 and 256;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
@@ -34,6 +38,13 @@ what=${1:-all}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the CUDA sources take about a minute each per architecture
+if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] && ! python -c "
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec('nvidia.cudnn') if importlib.util.find_spec('nvidia') else None
+sys.exit(not any((pathlib.Path(p) / 'include' / 'cudnn.h').is_file() for p in (spec.submodule_search_locations or [])))
+" 2>/dev/null; then
+  export CUDNN_ROOT=$PWD/.gpu/cudnn  # carried headers; the library stays torch's
+fi
 if ! LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
   tail -60 "$LOGS/build.log"
   exit 1
@@ -59,15 +70,18 @@ if [[ $what == tests || $what == all ]]; then
 fi
 
 if [[ $what == cudnn || $what == cudnn_local || $what == all ]]; then
-  if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] && ! grep -q "include/cudnn.h" "$LOGS/cudnn_probe.txt"; then
-    export CUDNN_ROOT=$PWD/.gpu/cudnn  # carried headers; the library stays torch's
-  fi
   if [[ $what != cudnn_local ]]; then
     python bench/bench_cudnn_fusion.py --layers global global_first 2>&1 | tee "$LOGS/bench_cudnn_fusion.txt" || status=1
   fi
   if [[ $what != cudnn ]]; then
     python bench/bench_cudnn_fusion.py --layers local3 local5 2>&1 | tee "$LOGS/bench_cudnn_fusion_local.txt" || status=1
   fi
+fi
+
+if [[ $what == stacks || $what == all ]]; then
+  python bench/bench_conv_stack.py 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
+  python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 1 \
+    --modes lgc_fast-fused lgc_fast-stacks 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
 fi
 
 if [[ $what == ops || $what == all ]]; then

@@ -67,7 +67,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     elif not cuda_dev:
         report["cuda"] = (False, "no CUDA device visible")
     else:
-        report["cuda"] = (True, "compiled CUDA kernels")
+        graphs = "with" if getattr(ext, "with_cudnn_graphs", False) else "without"
+        report["cuda"] = (True, f"compiled CUDA kernels, {graphs} the cuDNN conv graphs of conv_stack")
     if not has_triton:
         report["triton"] = (False, triton_reason)
     elif cuda_dev:
