@@ -11,20 +11,22 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
                       epilogue (fprop_sbr_rng_stats; block 1: conv(x) + sums, fprop_stats). prologue_j(z) =
                       relu(z * s_j + b_j) * keep_j: block j's BatchNorm, ReLU, scale and dropout, with the scale
                       activation_scale / (1 - p) folded into s_j and b_j (relu is positively homogeneous) and keep_j
-                      0 / 1 drawn from (seed, j) again wherever it is needed, never stored
+                      0 / 1 drawn from (seed, offset_j) again wherever it is needed, never stored
   finalize            per channel: batch mean and variance -> s_i, b_i; the running statistics' update
-  output              a_L = prologue_L(z_L), the only activation written
-  backward, top       g_L = relu'(pre_L) * keep_L * da_L, BatchNorm's backward terms of block L
+  top block           a_L = bn_relu_dropout(z_L), lgc_fast's epilogue op (its own kernels, keep bits), the only
+                      activation written; its backward gives dz_L, the top convolution's plain dy
   backward, block i   dW_i = wgrad(prologue_{i-1}(z_{i-1}), dz_i) and da_{i-1} = dgrad(dz_i, W_i), where
                       dz_i = eq_dy_i * g_i + eq_x_i * z_i + eq_b_i is made in both prologues (BatchNorm backward's
                       apply, fused: wgrad_sbr_rng_dbnapply, dgrad_dbnapply_rng_drelu_dbn), and dgrad's epilogue
                       gates da_{i-1} into g_{i-1} and sums BatchNorm's backward terms of block i-1
   dgamma_i, dbeta_i   from those sums; dx = dgrad(dz_1, W_1)
 
-The forward keeps x, every z_i and the per-channel terms; no a_i and no mask. ``conv_stack`` runs these pieces as the
-torch functions below (``TORCH_GRAPHS``): they are the oracle of each cuDNN graph, and their composition is checked
-against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu, dropout on the same masks), values,
-gradients and running statistics. Compute in float32 (float64 for float64 inputs); a_L in x's dtype.
+The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i and
+no other mask. The pieces run as torch functions (``TorchGraphs``, lgc_fast/ops/conv_stack_graphs.py: the oracle of
+each cuDNN graph, in float32, float64 for float64 inputs) or as cuDNN graphs (``CudnnGraphs``: bfloat16 / float16
+maps, masks from cuDNN's RNG); ``stack_graphs`` chooses. The composition is checked against ``conv_stack_ref``, the
+plain definition (F.conv2d, F.batch_norm, relu, dropout on the same masks): values, gradients and running statistics.
+a_L in x's dtype.
 
 x: (N, C_0, H, W); weights[i]: (C_{i+1}, C_i, r, r), one odd r and one dilation for the stack, zero padding
 dilation * (r // 2); gammas[i], betas[i], running_means[i], running_vars[i]: (C_{i+1},).
@@ -39,9 +41,8 @@ import torch.nn.functional as F
 
 from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
-from lgc_fast.ops.conv_stack_graphs import (
-    BnTerms, CudnnGraphs, KeepSpec, TorchGraphs, apply_prologue, bn_backward_terms, keep_tensor,
-)
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn
+from lgc_fast.ops.conv_stack_graphs import BnTerms, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
 
 
@@ -101,12 +102,14 @@ def _keep_spec(seed, block: int, z_shape, p: float) -> Optional[KeepSpec]:
 
 
 class _ConvStack(torch.autograd.Function):
-    """Forward and backward of ``conv_stack`` from the pieces of `graphs` (see the module docstring)."""
+    """The stack up to the top block's convolution, z_L (its BatchNorm, ReLU and dropout are ``bn_relu_dropout``'s,
+    after this), from the pieces of `graphs` (module docstring). params: the L weights, then gamma and beta of the
+    first L - 1 blocks."""
 
     @staticmethod
     def forward(ctx, config, graphs, x, *params):
-        n_blocks = len(params) // 3
-        weights, gammas, betas = params[:n_blocks], params[n_blocks:2 * n_blocks], params[2 * n_blocks:]
+        n_blocks = (len(params) + 2) // 3
+        weights, gammas, betas = params[:n_blocks], params[n_blocks:2 * n_blocks - 1], params[2 * n_blocks - 1:]
         ct = graphs.compute_dtype(x.dtype)
         dil, training, p = config["dilation"], config["training"], config["dropout_p"]
         seed = config["dropout_seed"] if training and p > 0 else None
@@ -115,39 +118,32 @@ class _ConvStack(torch.autograd.Function):
         for i in range(n_blocks):
             prologue = None if i == 0 else (terms[-1], keeps[-1])
             z, total, sq_total = graphs.fprop(inp, weights[i], dil, prologue)
-            rm, rv = config["running"][i]
-            batch_stats = training or rm is None
-            terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
-                                     batch_stats=batch_stats, update_running=training and rm is not None,
-                                     momentum=config["momentum"], eps=config["eps"], factor=factor))
             zs.append(z)
-            keeps.append(_keep_spec(seed, i, z.shape, p))
             inp = z
-        # the top block's mask is applied outside any graph (here and in the backward): drawn once, kept
-        top = zs[-1].to(terms[-1].s.dtype)
-        top_keep = keep_tensor(keeps[-1], top)
-        out = apply_prologue(top, terms[-1], top_keep).to(x.dtype)
-        ctx.save_for_backward(x, *weights, *zs)
-        ctx.graphs, ctx.terms, ctx.keeps, ctx.top_keep, ctx.factor = graphs, terms, keeps, top_keep, factor
+            if i == n_blocks - 1:
+                break
+            rm, rv = config["running"][i]
+            terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
+                                     batch_stats=training or rm is None, update_running=training and rm is not None,
+                                     momentum=config["momentum"], eps=config["eps"], factor=factor))
+            keeps.append(_keep_spec(seed, i, z.shape, p))
+        ctx.save_for_backward(x, *weights, *zs[:-1])
+        ctx.graphs, ctx.terms, ctx.keeps, ctx.factor = graphs, terms, keeps, factor
         ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
         ctx.dilation, ctx.n_blocks, ctx.param_dtypes = dil, n_blocks, [t.dtype for t in params]
-        return out
+        return zs[-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_z):
         n_blocks, graphs, terms, keeps, dil = ctx.n_blocks, ctx.graphs, ctx.terms, ctx.keeps, ctx.dilation
         saved = ctx.saved_tensors
         x, weights, zs = saved[0], saved[1:1 + n_blocks], saved[1 + n_blocks:]
-        top = n_blocks - 1
-        g, dgamma, dbeta, eq = bn_backward_terms(grad_out, zs[top], terms[top], ctx.top_keep, ctx.batch_stats[top])
-        d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * n_blocks, [None] * n_blocks
-        d_gammas[top], d_betas[top] = dgamma, dbeta
-        dx = None
-        for i in range(top, -1, -1):
-            dy = (g, zs[i], *eq)
+        d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * (n_blocks - 1), [None] * (n_blocks - 1)
+        dy, dx = grad_z, None  # the top block's dz, then each block's (g, z, eq) for BatchNorm backward's apply
+        for i in range(n_blocks - 1, -1, -1):
             if i == 0:
-                inp, prologue = x.to(zs[0].dtype), None
+                inp, prologue = x.to(graphs.compute_dtype(x.dtype)), None
             else:
                 inp, prologue = zs[i - 1], (terms[i - 1], keeps[i - 1])
             if ctx.needs_input_grad[3 + i]:
@@ -155,6 +151,7 @@ class _ConvStack(torch.autograd.Function):
             if i > 0:
                 g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
                     dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]))
+                dy = (g, inp, *eq)
             elif ctx.needs_input_grad[2]:
                 dx = graphs.dgrad(dy, weights[0], x.shape, dil).to(x.dtype)
         # gamma_eff = gamma * factor: the chain rule's factor, then each parameter's own dtype
@@ -162,6 +159,22 @@ class _ConvStack(torch.autograd.Function):
         d_betas = [None if d is None else d * ctx.factor for d in d_betas]
         grads = [None if d is None else d.to(dt) for d, dt in zip(d_weights + d_gammas + d_betas, ctx.param_dtypes)]
         return (None, None, dx, *grads)
+
+
+def _top_epilogue(z, config, gamma, beta, pieces):
+    """The top block's BatchNorm, ReLU, scale and dropout on z_L as lgc_fast's ``bn_relu_dropout`` (its fastest
+    backend here): with freshly drawn keep bits (``bn_relu_dropout_drawn``) where the pieces allow it (cuDNN's), else
+    with the mask of (seed, offset), as conv_stack_ref draws it."""
+    rm, rv = config["running"][-1]
+    training, p = config["training"], config["dropout_p"]
+    common = dict(momentum=config["momentum"], eps=config["eps"], dropout_p=p,
+                  activation_scale=config["activation_scale"])
+    if training and p > 0 and pieces.fresh_top_mask:
+        return bn_relu_dropout_drawn(z, rm, rv, gamma, beta, **common)[0]
+    keep = None
+    if training and p > 0:
+        keep = keep_tensor(_keep_spec(config["dropout_seed"], len(config["running"]) - 1, z.shape, p), z).bool()
+    return bn_relu_dropout(z, rm, rv, gamma, beta, keep, training=training or rm is None, **common)
 
 
 GRAPHS = ("torch", "cudnn")
@@ -235,7 +248,8 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
     config = {"dilation": int(dilation), "training": bool(training), "dropout_p": float(dropout_p),
               "activation_scale": float(activation_scale), "momentum": float(momentum), "eps": float(eps),
               "dropout_seed": dropout_seed, "running": running}
-    return _ConvStack.apply(config, pieces, x, *weights, *gammas, *betas)
+    z_top = _ConvStack.apply(config, pieces, x, *weights, *gammas[:-1], *betas[:-1])
+    return _top_epilogue(z_top, config, gammas[-1], betas[-1], pieces).to(x.dtype)
 
 
 def _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,

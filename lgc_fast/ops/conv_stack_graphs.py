@@ -97,6 +97,9 @@ class TorchGraphs:
     batch_stats)."""
 
     name = "torch"
+    # whether the top block's mask may be drawn afresh (bn_relu_dropout_drawn's keep bits, the fastest) rather than
+    # as the (seed, offset) mask the torch pieces and conv_stack_ref draw
+    fresh_top_mask = False
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -134,6 +137,7 @@ class CudnnGraphs:
     cudnn_conv_graph / cudnn_conv_graph_check). Same methods as TorchGraphs."""
 
     name = "cudnn"
+    fresh_top_mask = True  # its interior masks are cuDNN's own anyway
 
     def __init__(self, extension, device: torch.device, io_dtype: torch.dtype):
         self.ext, self.device, self.io = extension, torch.device(device), io_dtype
@@ -237,14 +241,15 @@ class CudnnGraphs:
         for i, w_shape in enumerate(weight_shapes):
             k, r = w_shape[0], w_shape[-1]
             shape = [n, c, k, h, width, r, dilation]
-            first = i == 0
+            # the first block's input is plain; the top block's dy is bn_relu_dropout's gradient, a plain tensor
+            first, top = i == 0, i == len(weight_shapes) - 1
             needed.append(("fprop", not first, "none" if first else mask, True, False, False, shape))
             if backward:
-                needed.append(("wgrad", not first, "none" if first else mask, False, False, True, shape))
+                needed.append(("wgrad", not first, "none" if first else mask, False, False, not top, shape))
                 if first:
-                    needed.append(("dgrad", False, "none", False, False, True, shape))
+                    needed.append(("dgrad", False, "none", False, False, not top, shape))
                 else:
-                    needed.append(("dgrad", False, mask, False, True, True, shape))
+                    needed.append(("dgrad", False, mask, False, True, not top, shape))
             c = k
         reasons = []
         for conv, sbr, m, stats, dbn, dbn_apply, shape in needed:
