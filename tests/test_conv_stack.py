@@ -1,9 +1,12 @@
 """conv_stack: the fused graphs' decomposition of a conv-block stack (lgc_fast/ops/conv_stack.py) against the plain
 definition conv_stack_ref and the model's own ConvBlocks: outputs, every gradient, running statistics; gradcheck."""
+import copy
+import sys
+
 import pytest
 import torch
 
-from lgc_fast.model import ConvBlock
+from lgc_fast.model import ConvBlock, run_blocks
 from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref
 from lgc_fast.ops.conv_stack_graphs import stack_keep_mask
 
@@ -143,9 +146,6 @@ def test_model_runs_like_blocks_as_one_stack(monkeypatch, momentum):
     """LGCN.use_conv_stacks: runs of like ConvBlocks go through conv_stack (here on torch pieces, where a GPU would
     have cuDNN's), a run whose graphs cannot build (a 1-channel first layer here) sheds that block to its module;
     outputs, gradients, running statistics and batch counts as the modules give them."""
-    import sys
-
-    from lgc_fast.model import run_blocks
     from lgc_fast.ops.conv_stack_graphs import TorchGraphs
 
     module = sys.modules["lgc_fast.ops.conv_stack"]
@@ -161,7 +161,7 @@ def test_model_runs_like_blocks_as_one_stack(monkeypatch, momentum):
         block.bn.momentum = momentum
         torch.nn.init.uniform_(block.bn.weight, 0.5, 1.5)
         torch.nn.init.normal_(block.bn.bias, std=0.3)
-    twin = __import__("copy").deepcopy(blocks)
+    twin = copy.deepcopy(blocks)
     x = torch.randn(2, 1, 9, 9, dtype=torch.float64, requires_grad=True)
     for _ in range(2):  # the second step sees the first one's running statistics and counts
         out = run_blocks(blocks, x, conv_stacks=True)
