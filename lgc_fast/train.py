@@ -71,9 +71,11 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
                 "clip_norm", "seed", "val_fraction", "limit", "augment", "world_size", "backgrounds",
                 "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
-NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue")
+NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue", "conv_stacks")
 # The numeric options whose None means "not given": --resume then keeps the run's own value.
-DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue")
+DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue", "conv_stacks")
+# What a run recorded before a setting existed ran with.
+NUMERIC_SETTING_BEFORE = {"conv_stacks": False}
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -130,6 +132,10 @@ def add_arguments(p) -> None:
                         "torch's modules (default: where its compiled kernels were measured faster than the modules: "
                         f"C++ on the CPU, CUDA C++ on a GPU at --batch-size {FUSED_EPILOGUE_MIN_CUDA_BATCH} or more; "
                         "off where only Triton's would run: see the README's performance table)")
+    p.add_argument("--conv-stacks", action=argparse.BooleanOptionalAction, default=None,
+                   help="in training, run each run of like conv blocks as lgc_fast.ops.conv_stack on cuDNN's fused "
+                        "graphs (BatchNorm, ReLU and dropout inside the convolutions) where a CUDA build has them and "
+                        "they build, else as before (default: off; not yet measured on a GPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -261,6 +267,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "device_augment": cuda and args.augment, "compile": args.compile or False,
         "fused_epilogue": _default_fused_epilogue(device, args.batch_size) if args.fused_epilogue is None
         else bool(args.fused_epilogue),
+        "conv_stacks": bool(args.conv_stacks),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }
@@ -395,7 +402,7 @@ def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
         raise LgcError(f"--resume {path}: the run was started with other settings ({diffs})")
-    numeric = [k for k in NUMERIC_SETTINGS if saved.get(k) != settings[k]]
+    numeric = [k for k in NUMERIC_SETTINGS if saved.get(k, NUMERIC_SETTING_BEFORE.get(k)) != settings[k]]
     if numeric:
         progress.line(f"note: resuming with different {', '.join(numeric)}; the result will not be bit-identical "
                       f"to an uninterrupted run")
@@ -513,6 +520,7 @@ def _train(args, dist_: ProcessGroup) -> TrainResult:
         model.load_state_dict(init)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).fuse_epilogues(settings["fused_epilogue"])
+    model.use_conv_stacks(settings["conv_stacks"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop and batch shapes: pick each conv's fastest algorithm once
     optimizer = _make_optimizer(model.parameters(), args.lr, args.momentum)

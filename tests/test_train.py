@@ -506,3 +506,25 @@ def test_negative_workers_are_refused_before_the_run_folder_is_made(tmp_path, ca
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--workers", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--workers must be >= 0, got -1" in err and not (tmp_path / "run").exists()
+
+
+def test_conv_stacks_option_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
+    """--conv-stacks: the model runs its conv blocks through run_blocks with stacks on (on the CPU they find no cuDNN
+    graphs and run as modules); the setting is recorded, and a run that never had it resumes without a note."""
+    import lgc_fast.model as model_module
+    seen = []
+    real = model_module.run_blocks
+    monkeypatch.setattr(model_module, "run_blocks", lambda blocks, x, stacks=False: seen.append(stacks) or
+                        real(blocks, x, stacks))
+    assert parse_args(["--data", "d", "--out", "o"]).conv_stacks is None
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    common = ["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2, "--device", "cpu",
+              *TINY]
+    result = train(parse_args(common + ["--max-steps", 1, "--conv-stacks"]))
+    # the training step's local and global subnets (validation runs a folded copy, which has no stacks)
+    assert result.step == 1 and result.model.conv_stacks and seen[:2] == [True, True]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["settings"]["conv_stacks"] is True
+    seen.clear()
+    resumed = train(parse_args(common + ["--max-steps", 2, "--resume"]))  # not given: the run's own setting
+    assert resumed.step == 2 and resumed.model.conv_stacks and seen[:2] == [True, True]
