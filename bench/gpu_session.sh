@@ -38,11 +38,9 @@ what=${1:-all}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the CUDA sources take about a minute each per architecture
-if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] && ! python -c "
-import importlib.util, pathlib, sys
-spec = importlib.util.find_spec('nvidia.cudnn') if importlib.util.find_spec('nvidia') else None
-sys.exit(not any((pathlib.Path(p) / 'include' / 'cudnn.h').is_file() for p in (spec.submodule_search_locations or [])))
-" 2>/dev/null; then
+# where setup.py's lookup (lgc_fast/cudnn_location.py) finds no cuDNN headers beside torch, the carried ones
+if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] &&
+   ! python -c "import runpy; runpy.run_path('lgc_fast/cudnn_location.py')['cudnn_paths']()" 2>/dev/null; then
   export CUDNN_ROOT=$PWD/.gpu/cudnn  # carried headers; the library stays torch's
 fi
 if ! LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then

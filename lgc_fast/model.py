@@ -64,6 +64,18 @@ def bf16_dilated_weight_grad_hazard(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return bf16 and (is_channels_last(x) or is_channels_last(conv.weight) or torch.compiler.is_compiling())
 
 
+def count_training_batch(bn: nn.BatchNorm2d) -> float:
+    """nn.BatchNorm2d's bookkeeping of one training batch, for the ops that update its running statistics: counts the
+    batch where it tracks them, and returns the momentum of this update (1 / count, the cumulative average, where its
+    momentum is None; 0 where nothing is tracked)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
 class ConvBlock(nn.Module):
     """conv (no bias: BN follows) + BN + ReLU, scaled by `act_scale`, + dropout. Same-size output.
 
@@ -106,11 +118,7 @@ class ConvBlock(nn.Module):
         # nn.BatchNorm2d's rules: batch statistics in training or without running statistics; the running ones are
         # updated in training (with the cumulative average when momentum is None).
         batch_stats = self.training or bn.running_mean is None
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = count_training_batch(bn) if self.training else 0.0 if bn.momentum is None else bn.momentum
         update = not self.training or bn.track_running_stats
         running_mean, running_var = (bn.running_mean, bn.running_var) if update else (None, None)
         seed = None
@@ -161,22 +169,18 @@ def _stack_or_modules(run: list, x: torch.Tensor) -> torch.Tensor:
     from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable
 
     xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda and torch.is_autocast_enabled("cuda") else x
-    r, dil, p, act_scale, eps, momentum, track = _stack_key(run[0])
+    r, dil, p, act_scale, eps, _, track = _stack_key(run[0])
     weights = [b.conv.weight for b in run]
     if cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled()):
         if len(run) > 1:
             return _stack_or_modules(run[1:], run[0](x))
         return run[0](x)
-    if track:
-        for b in run:
-            b.bn.num_batches_tracked.add_(1)
-        if momentum is None:  # nn.BatchNorm2d's cumulative average; the blocks of a run count alike
-            momentum = 1.0 / float(run[0].bn.num_batches_tracked)
     bns = [b.bn for b in run]
+    momentum = [count_training_batch(bn) for bn in bns][0]  # the blocks of a run share settings and counts
     return conv_stack(xin, weights, [bn.weight for bn in bns], [bn.bias for bn in bns],
                       [bn.running_mean for bn in bns] if track else None,
                       [bn.running_var for bn in bns] if track else None, training=True,
-                      momentum=0.0 if momentum is None else momentum, eps=eps, dropout_p=p,
+                      momentum=momentum, eps=eps, dropout_p=p,
                       activation_scale=act_scale, dilation=dil, graphs="cudnn")
 
 

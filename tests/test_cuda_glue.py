@@ -123,18 +123,16 @@ def test_cuda_glue_links(glue, tmp_path):
 def test_cudnn_graph_glue_compiles_and_links(tmp_path):
     """The cuDNN conv graphs (LGC_WITH_CUDNN_GRAPHS: csrc/cudnn_conv_graphs.cpp, module.cpp's registration, the
     executor csrc/cuda/cudnn_conv_graphs.cpp) compile with cuDNN's headers, and the executor defines every lgc::
-    function the glue calls. cuDNN's headers as bench/bench_cudnn_fusion.py finds them ($CUDNN_ROOT in CI)."""
-    import sys
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_cudnn_fusion
+    function the glue calls. cuDNN's headers as setup.py finds them ($CUDNN_ROOT in CI)."""
+    from lgc_fast.cudnn_location import CudnnNotFound, cudnn_paths
 
     compiler = shutil.which("g++")
     cuda_include = _cuda_include()
     if compiler is None or cuda_include is None or shutil.which("nm") is None:
         pytest.skip("needs g++, nm and the CUDA headers")
     try:
-        cudnn_include, _ = bench_cudnn_fusion.cudnn_paths(None)
-    except bench_cudnn_fusion.ProbeError as exc:
+        cudnn_include, _ = cudnn_paths()
+    except CudnnNotFound as exc:
         pytest.skip(str(exc))
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)

@@ -203,17 +203,24 @@ def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, trai
     return TorchGraphs()
 
 
+_unusable: dict = {}  # cudnn_unusable's answers: a graph that built (or did not) once does again
+
+
 def cudnn_unusable(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
                    backward: bool = True) -> list[str]:
     """Why conv_stack cannot run this stack on cuDNN graphs (none: it can): lgc_fast._C built without them, x not a
     bfloat16 / float16 CUDA tensor, or a graph it needs (the backward's too where `backward`) that cuDNN does not
-    build (checked once per shape; the graphs that build are then built and cached)."""
-    reasons = _cudnn_unusable(x)
-    if reasons:
-        return reasons
-    cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
-    return cudnn.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p, training,
-                             backward)
+    build. Asked once per shape (the graphs that build are then built and cached); later calls, one a training step,
+    are a lookup."""
+    key = (x.device, x.dtype, tuple(x.shape), tuple(tuple(w.shape) for w in weights), dilation, dropout_p, training,
+           backward)
+    if key not in _unusable:
+        reasons = _cudnn_unusable(x)
+        if not reasons:
+            cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
+            reasons = cudnn.unbuildable(key[2], list(key[3]), dilation, dropout_p, training, backward)
+        _unusable[key] = reasons
+    return _unusable[key]
 
 
 def _cudnn_unusable(x: torch.Tensor) -> list[str]:
