@@ -6,7 +6,11 @@ Methods (each a fresh copy of the same blocks, training mode, dropout 0.1):
                              lgc_fast's bn_relu_dropout per block: LGCN.fuse_epilogues);
   modules                  : the ConvBlocks with torch's BatchNorm, ReLU and dropout;
   conv_stack (cudnn)       : conv_stack on cuDNN's fused graphs (LGCN.use_conv_stacks), where lgc_fast._C has them and
-                             every graph builds (else the row says why it is missing);
+                             every graph builds (else the row says why it is missing), each graph on the first plan
+                             cuDNN's heuristics offer;
+  conv_stack (cudnn, N plans timed): the same with each graph's first N plans timed once and the fastest running
+                             (conv_stack's cudnn_plans=N, --cudnn-plans; 4); the results keep every graph's plans and
+                             times (cudnn_plan_report);
   conv_stack (torch)       : the same pieces as torch functions (the oracle; slower than the modules by design).
 Timed in interleaved rounds (bench/common.py): medians, 20/80 % quantiles, the speed-up over "modules + fused
 epilogue", and (GPU) TFLOP/s of the stack's convolutions (forward + both backward convolutions: 3x the forward FLOPs).
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, format_table, op_bench_parser, results_path, time_interleaved, write_results  # noqa
 
 from lgc_fast.model import ConvBlock, run_blocks  # noqa: E402
-from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable  # noqa: E402
+from lgc_fast.ops.conv_stack import conv_stack, cudnn_plan_report, cudnn_unusable  # noqa: E402
 
 BENCH = "conv_stack"
 SIZE = 96
@@ -59,13 +63,13 @@ def step_of(forward, blocks: torch.nn.Sequential, x: torch.Tensor, dtype: torch.
     return step
 
 
-def stack_forward(graphs: str):
+def stack_forward(graphs: str, cudnn_plans: int = 1):
     def forward(blocks, x):
         bns = [b.bn for b in blocks]
         xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda else x
         return conv_stack(xin, [b.conv.weight for b in blocks], [bn.weight for bn in bns], [bn.bias for bn in bns],
                           [bn.running_mean for bn in bns], [bn.running_var for bn in bns], dilation=DILATION,
-                          graphs=graphs)
+                          graphs=graphs, cudnn_plans=cudnn_plans)
     return forward
 
 
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=7)
     parser.add_argument("--in-channels", type=int, default=136, help="the first block's input channels (136)")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timed calls per method (5)")
+    parser.add_argument("--cudnn-plans", type=int, default=4,
+                        help="plans each graph times once in the tuned cuDNN row (4; 1 leaves the row out)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -100,10 +106,18 @@ def main(argv=None) -> int:
     }
     weights = [b.conv.weight for b in base]
     why = cudnn_unusable(x.to(dtype), weights, DILATION, 0.1, True) if gpu else ["not a CUDA device"]
+    plan_reports, tuned_why = {}, []
     if not why:
         methods["conv_stack (cudnn)"] = step_of(stack_forward("cudnn"), copy.deepcopy(base), x, dtype)
         methods["LGCN.use_conv_stacks path"] = step_of(lambda b, v: run_blocks(b, v, conv_stacks=True),
                                                        copy.deepcopy(base), x, dtype)
+        plan_reports["1"] = cudnn_plan_report(x.to(dtype), weights, DILATION, 0.1, True)
+        tuned_why = cudnn_unusable(x.to(dtype), weights, DILATION, 0.1, True, cudnn_plans=args.cudnn_plans)
+        if args.cudnn_plans > 1 and not tuned_why:  # building the tuned graphs times their plans, before any round
+            methods[f"conv_stack (cudnn, {args.cudnn_plans} plans timed)"] = step_of(
+                stack_forward("cudnn", args.cudnn_plans), copy.deepcopy(base), x, dtype)
+            plan_reports[str(args.cudnn_plans)] = cudnn_plan_report(x.to(dtype), weights, DILATION, 0.1, True,
+                                                                    cudnn_plans=args.cudnn_plans)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget,
                                runs={"conv_stack (torch)": 3 if gpu else 5})
     flops = 3 * sum(2 * n * SIZE * SIZE * w.shape[0] * w.shape[1] * 9 for w in weights)
@@ -112,12 +126,15 @@ def main(argv=None) -> int:
              "conv_tflop_per_s": flops / (t.median_ms / 1e3) / 1e12 if gpu else None} for name, t in timings.items()]
     if why:
         rows.append({"method": "conv_stack (cudnn)", "missing": "; ".join(why)})
+    if tuned_why:
+        rows.append({"method": f"conv_stack (cudnn, {args.cudnn_plans} plans timed)", "missing": "; ".join(tuned_why)})
     print(format_table(rows, [("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"), ("p80_ms", "p80"),
                               ("speedup_vs_step", "speed-up"), ("conv_tflop_per_s", "TFLOP/s")]))
     if why:
         print(f"conv_stack (cudnn) not timed: {'; '.join(why)}")
     payload = {"environment": env, "batch": n, "width": width, "layers": layers, "in_channels": c_in, "size": SIZE,
-               "dilation": DILATION, "dtype": str(dtype).replace("torch.", ""), "results": rows}
+               "dilation": DILATION, "dtype": str(dtype).replace("torch.", ""), "results": rows,
+               "cudnn_plans": plan_reports}
     print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")
     return 0
 

@@ -14,7 +14,8 @@
 #   cudnn_local  the same for the local subnet's 3x3 and 5x5 layers (a device call of its own; its layers are added
 #          to the results file beside the global ones);
 #   stacks conv_stack on cuDNN's fused graphs (bench/bench_conv_stack.py: the global subnet's seven blocks against
-#          the modules with fused epilogues, same run) and the training step with them (lgc_fast-stacks) against
+#          the modules with fused epilogues, same run; each graph on heuristics' first plan and on the fastest of
+#          four timed) and the training step with them (lgc_fast-stacks, lgc_fast-stacks-tuned) against
 #          lgc_fast-fused at batch 64, 128 and 256;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
@@ -79,7 +80,7 @@ fi
 if [[ $what == stacks || $what == all ]]; then
   python bench/bench_conv_stack.py 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 1 \
-    --modes lgc_fast-fused lgc_fast-stacks 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
+    --modes lgc_fast-fused lgc_fast-stacks lgc_fast-stacks-tuned 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
 fi
 
 if [[ $what == ops || $what == all ]]; then

@@ -134,23 +134,25 @@ class ConvBlock(nn.Module):
                                dropout_seed=seed, backend=backend)
 
 
-def run_blocks(blocks: nn.Sequential, x: torch.Tensor, conv_stacks: bool = False) -> torch.Tensor:
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, conv_stacks: bool = False,
+               cudnn_plans: int = 1) -> torch.Tensor:
     """blocks(x). With `conv_stacks` in training, each run of like ConvBlocks (one kernel size and dilation, the same
     dropout, scale and BatchNorm settings) is one ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where those run
     here (a CUDA map in bfloat16 / float16, or under such an autocast, and lgc_fast._C built with the graphs); other
-    runs, and blocks that are no ConvBlock, run as modules. Parameters, buffers and their updates stay the blocks'."""
+    runs, and blocks that are no ConvBlock, run as modules. Parameters, buffers and their updates stay the blocks'.
+    cudnn_plans: conv_stack's (plans each graph builds and times once, the fastest running)."""
     if not conv_stacks or not blocks.training:
         return blocks(x)
     run: list = []
     for block in blocks:
         if run and not (isinstance(block, ConvBlock) and _stack_key(block) == _stack_key(run[0])):
-            x = _stack_or_modules(run, x)
+            x = _stack_or_modules(run, x, cudnn_plans)
             run = []
         if isinstance(block, ConvBlock) and _stack_key(block) is not None:
             run.append(block)
         else:
             x = block(x)
-    return _stack_or_modules(run, x) if run else x
+    return _stack_or_modules(run, x, cudnn_plans) if run else x
 
 
 def _stack_key(block: "ConvBlock"):
@@ -163,7 +165,7 @@ def _stack_key(block: "ConvBlock"):
     return r, dil, p, block.act_scale, bn.eps, bn.momentum, bn.track_running_stats
 
 
-def _stack_or_modules(run: list, x: torch.Tensor) -> torch.Tensor:
+def _stack_or_modules(run: list, x: torch.Tensor, cudnn_plans: int) -> torch.Tensor:
     """The ConvBlocks of `run` on x as one conv_stack where its cuDNN graphs run, else as modules (a run whose first
     block's graphs do not build, as for a 1-channel input, tries again without it)."""
     from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable
@@ -171,9 +173,9 @@ def _stack_or_modules(run: list, x: torch.Tensor) -> torch.Tensor:
     xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda and torch.is_autocast_enabled("cuda") else x
     r, dil, p, act_scale, eps, _, track = _stack_key(run[0])
     weights = [b.conv.weight for b in run]
-    if cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled()):
+    if cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled(), cudnn_plans):
         if len(run) > 1:
-            return _stack_or_modules(run[1:], run[0](x))
+            return _stack_or_modules(run[1:], run[0](x), cudnn_plans)
         return run[0](x)
     bns = [b.bn for b in run]
     momentum = [count_training_batch(bn) for bn in bns][0]  # the blocks of a run share settings and counts
@@ -181,7 +183,7 @@ def _stack_or_modules(run: list, x: torch.Tensor) -> torch.Tensor:
                       [bn.running_mean for bn in bns] if track else None,
                       [bn.running_var for bn in bns] if track else None, training=True,
                       momentum=momentum, eps=eps, dropout_p=p,
-                      activation_scale=act_scale, dilation=dil, graphs="cudnn")
+                      activation_scale=act_scale, dilation=dil, graphs="cudnn", cudnn_plans=cudnn_plans)
 
 
 class FoldedConvBlock(nn.Module):
@@ -272,6 +274,7 @@ class LGCN(nn.Module):
 
     is_folded = False  # True on the inference copies of ``folded``
     conv_stacks = False  # ``use_conv_stacks``
+    cudnn_plans = 1
 
     def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
                  local_layers=None):
@@ -338,11 +341,15 @@ class LGCN(nn.Module):
                 module.seeded_dropout = bool(seeded_dropout)
         return self
 
-    def use_conv_stacks(self, enabled: bool = True) -> "LGCN":
+    def use_conv_stacks(self, enabled: bool = True, cudnn_plans: int = 1) -> "LGCN":
         """In training, run each subnet's conv blocks as ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where
         those run (``run_blocks``; BatchNorm, ReLU and dropout inside the convolutions), else as before. The weights,
-        buffers and state_dict keys do not change; dropout draws other masks. Returns self."""
-        self.conv_stacks = bool(enabled)
+        buffers and state_dict keys do not change; dropout draws other masks. cudnn_plans: how many of cuDNN's plans
+        each graph builds and times once (the fastest then runs; 1: the first that builds). Returns self."""
+        from lgc_fast.ops.conv_stack import check_cudnn_plans
+
+        check_cudnn_plans(cudnn_plans)
+        self.conv_stacks, self.cudnn_plans = bool(enabled), cudnn_plans
         return self
 
     def use_planar_heads(self, enabled: bool = True) -> "LGCN":
@@ -389,7 +396,7 @@ class LGCN(nn.Module):
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
         h = (x / 128.0 - 1.0) * INPUT_SCALE
-        feats = run_blocks(self.local_features, h, self.conv_stacks)
+        feats = run_blocks(self.local_features, h, self.conv_stacks, self.cudnn_plans)
         o_local = self.local_out(feats)
         local = self.kernel(o_local)
         # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
@@ -401,7 +408,8 @@ class LGCN(nn.Module):
             global_in = channels_last_cat(maps, backend=layout_backend(local.device))
         else:
             global_in = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
-        omega = local + self.global_out(run_blocks(self.global_features, global_in, self.conv_stacks))
+        omega = local + self.global_out(run_blocks(self.global_features, global_in, self.conv_stacks,
+                                                   self.cudnn_plans))
         return local, omega
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lgc_fast.model import ConvBlock, run_blocks
+from lgc_fast.model import LGCN, ConvBlock, run_blocks
 from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref
 from lgc_fast.ops.conv_stack_graphs import stack_keep_mask
 
@@ -131,6 +131,9 @@ def test_seed_from_torchs_generator():
     (lambda a: a.update(dropout_p=1.0), "dropout_p must be in"),
     (lambda a: a.update(dilation=0), "dilation must be an int"),
     (lambda a: a.update(dropout_seed=1.5), "dropout_seed must be an int"),
+    (lambda a: a.update(cudnn_plans=0), r"cudnn_plans must be an int in \[1, 16\], got 0"),
+    (lambda a: a.update(cudnn_plans=17), "cudnn_plans must be an int"),
+    (lambda a: a.update(cudnn_plans=True), "cudnn_plans must be an int"),
 ])
 def test_errors_name_the_argument(change, match):
     weights, gammas, betas, means, variances = _stack([2, 3, 3], 3, torch.float64)
@@ -139,6 +142,19 @@ def test_errors_name_the_argument(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         conv_stack(**args)
+
+
+def test_model_passes_cudnn_plans_to_its_stacks(monkeypatch):
+    """LGCN.use_conv_stacks(cudnn_plans=n): every stack of the training step asks for n plans (checked first)."""
+    module = sys.modules["lgc_fast.ops.conv_stack"]
+    asked = []
+    monkeypatch.setattr(module, "cudnn_unusable", lambda x, weights, *args: asked.append(args[-1]) or ["no cuDNN"])
+    model = LGCN(width=4, local_layers=(3, 3)).use_conv_stacks(cudnn_plans=3).train()
+    assert model.conv_stacks and model.cudnn_plans == 3
+    model(torch.rand(1, 1, 20, 20) * 255)
+    assert asked and set(asked) == {3}
+    with pytest.raises(ValueError, match="cudnn_plans must be an int"):
+        model.use_conv_stacks(cudnn_plans=0)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

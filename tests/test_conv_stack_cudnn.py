@@ -46,7 +46,7 @@ class StandIn:
     with_cudnn_graphs = True
 
     def __init__(self, program):
-        self.program, self.checked, self.ran, self._roles = program, set(), [], {}
+        self.program, self.checked, self.ran, self._roles, self.plans = program, set(), [], {}, set()
 
     def roles(self, key):
         if key not in self._roles:
@@ -59,16 +59,24 @@ class StandIn:
                                 for name, count, storage, output in (r.split(":") for r in out.split())}
         return self._roles[key]
 
-    def cudnn_conv_graph_check(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, io, device):
+    def cudnn_conv_graph_check(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, io, device, plans):
         assert io in ("bfloat16", "float16") and device == 0
         key = (conv, sbr, mask, stats, dbn, dbn_apply, tuple(shape), keep)
         self.roles(key)
         self.checked.add(key)
+        self.plans.add(plans)
         return ""
 
-    def cudnn_conv_graph(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, tensors):
+    def cudnn_conv_graph_plans(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, io, device, plans):
+        """As the executor reports them: plan i timed at i + 1 ms where more than one was asked for, the first
+        chosen."""
+        assert (conv, sbr, mask, stats, dbn, dbn_apply, tuple(shape), keep) in self.checked
+        return [(f"plan{i}", float(i + 1) if plans > 1 else -1.0, i == 0) for i in range(plans)]
+
+    def cudnn_conv_graph(self, conv, sbr, mask, stats, dbn, dbn_apply, shape, keep, tensors, plans):
         key = (conv, sbr, mask, stats, dbn, dbn_apply, tuple(shape), keep)
         assert key in self.checked, f"{key} ran without a check first"
+        self.plans.add(plans)
         roles = self.roles(key)
         assert set(tensors) == set(roles), (conv, sorted(tensors), sorted(roles))
         for name, t in tensors.items():
@@ -147,10 +155,10 @@ def _grads(fn, x, weights, gammas, betas, running, **kwargs):
     return [out, *torch.autograd.grad(out, leaves, grad_out), *means, *variances]
 
 
-@pytest.mark.parametrize("training, dropout_p", [(True, 0.3), (True, 0.0), (False, 0.3)])
-def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch, training, dropout_p):
+@pytest.mark.parametrize("training, dropout_p, plans", [(True, 0.3, 1), (True, 0.0, 1), (False, 0.3, 3)])
+def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch, training, dropout_p, plans):
     stand_in = StandIn(roles_program)
-    pieces = CudnnGraphs(stand_in, torch.device("cpu"), torch.bfloat16)
+    pieces = CudnnGraphs(stand_in, torch.device("cpu"), torch.bfloat16, plans)
     pieces.io = IO  # float64 maps, which the stand-in computes exactly; the checks still name bfloat16
     pieces.fresh_top_mask = False  # the top block's mask as conv_stack_ref draws it
     channels, r, dil = [3, 4, 5, 4], 3, 2
@@ -174,6 +182,15 @@ def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch
                  ("wgrad", True, mask, False, False), ("dgrad", False, "none", False, True),
                  ("dgrad", False, mask, True, True), ("dgrad", False, mask, True, False)}
     assert kinds == expected
+    assert stand_in.plans == {plans}  # every check and run asked for the same plans
+    # the plan report names exactly the graphs that ran, each with the plans built for it
+    report = pieces.plan_report(tuple(x.shape), [tuple(w.shape) for w in weights], dil, dropout_p, training, True)
+    ran = {pieces_key[:7] for pieces_key in stand_in.ran}
+    assert len(report) == len(ran) == len({entry["graph"] for entry in report})
+    for entry in report:
+        assert [p["name"] for p in entry["plans"]] == [f"plan{i}" for i in range(plans)]
+        assert [p["median_ms"] for p in entry["plans"]] == ([None] if plans == 1 else [1.0, 2.0, 3.0])
+        assert [p["chosen"] for p in entry["plans"]] == [i == 0 for i in range(plans)]
 
 
 def test_graph_choice_on_the_cpu():
@@ -184,6 +201,9 @@ def test_graph_choice_on_the_cpu():
         stack_graphs(x, weights, 1, 0.1, True, "cudnn")
     with pytest.raises(ValueError, match="graphs must be one of"):
         stack_graphs(x, weights, 1, 0.1, True, "fast")
+    from lgc_fast.ops.conv_stack import cudnn_plan_report
+    with pytest.raises(ValueError, match="no cuDNN graphs here: .*CUDA"):
+        cudnn_plan_report(x, weights, 1, 0.1, True)
 
 
 def _cudnn_graphs_built() -> bool:
@@ -217,6 +237,28 @@ def test_cudnn_graphs_match_the_torch_pieces_on_the_gpu(training):
     kwargs = dict(training=training, dropout_p=0.0, dilation=4)
     got = _grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", **k), x, weights, gammas, betas, running, **kwargs)
     want = _grads(lambda *a, **k: conv_stack(*a, graphs="torch", **k), x, weights, gammas, betas, running, **kwargs)
+    for a, b in zip(got, want):
+        assert _relative(a, b) < 3e-2
+
+
+@gpu_graphs
+def test_timed_plans_on_the_gpu():
+    """cudnn_plans=3: each graph's plans are timed once when it is built, the fastest runs (the report says which),
+    and the stack computes what it computes on the first plan."""
+    from lgc_fast.ops.conv_stack import cudnn_plan_report
+
+    x, weights, gammas, betas, running = _gpu_stack()
+    kwargs = dict(training=True, dropout_p=0.0, dilation=4)
+    for entry in cudnn_plan_report(x, weights, 4, 0.0, True, cudnn_plans=3):
+        plans = entry["plans"]
+        assert 1 <= len(plans) <= 3 and sum(p["chosen"] for p in plans) == 1, entry
+        if len(plans) > 1:
+            times = [p["median_ms"] for p in plans]
+            assert all(t is not None and t > 0 for t in times), entry
+            assert plans[times.index(min(times))]["chosen"], entry
+    got = _grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", cudnn_plans=3, **k), x, weights, gammas, betas,
+                 running, **kwargs)
+    want = _grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", **k), x, weights, gammas, betas, running, **kwargs)
     for a, b in zip(got, want):
         assert _relative(a, b) < 3e-2
 

@@ -514,8 +514,8 @@ def test_conv_stacks_option_trains_and_is_recorded(tmp_path, monkeypatch, one_th
     import lgc_fast.model as model_module
     seen = []
     real = model_module.run_blocks
-    monkeypatch.setattr(model_module, "run_blocks", lambda blocks, x, stacks=False: seen.append(stacks) or
-                        real(blocks, x, stacks))
+    monkeypatch.setattr(model_module, "run_blocks", lambda blocks, x, stacks=False, *rest: seen.append(stacks) or
+                        real(blocks, x, stacks, *rest))
     assert parse_args(["--data", "d", "--out", "o"]).conv_stacks is None
     data = synthetic_faces(tmp_path / "faces", n=10)
     common = ["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2, "--device", "cpu",

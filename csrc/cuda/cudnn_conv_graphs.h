@@ -165,23 +165,44 @@ inline std::vector<RoleInfo> build_conv_graph(Graph& graph, const GraphSpec& spe
 
 // ---- the executor (cudnn_conv_graphs.cpp) ----
 
+// One graph as the executor caches it (one entry per request and device). plans: how many of the heuristics' plans
+// to build and time when the graph is built, the fastest then running every call; 1 takes the first that builds and
+// times nothing.
+struct GraphRequest {
+  GraphSpec spec;
+  Shape shape;
+  cudnnDataType_t io;
+  double keep_probability;
+  int plans;
+};
+
 struct Binding {
   std::string role;
   void* pointer;
 };
 
-// The tensors the graph binds (building it and its plan on first use, as conv_graph_workspace).
-const std::vector<RoleInfo>& conv_graph_roles(const GraphSpec& spec, const Shape& s, cudnnDataType_t io,
-                                              double keep_probability);
+// A plan the executor built for a graph: cuDNN's name for it, its median time in ms where plans were timed (else
+// negative), and whether it is the one that runs.
+struct PlanChoice {
+  std::string name;
+  double median_ms;
+  bool chosen;
+};
 
-// The workspace bytes of the graph's plan on the current device, building the graph and its plan on first use (one
-// cache entry per spec, shape, io type, keep probability and device). Throws Failure when no engine builds it.
-int64_t conv_graph_workspace(const GraphSpec& spec, const Shape& s, cudnnDataType_t io, double keep_probability);
+// The tensors the graph binds (building the graph and its plans on first use, as conv_graph_workspace).
+const std::vector<RoleInfo>& conv_graph_roles(const GraphRequest& request);
 
-// Runs the graph on `stream` with every role bound to a device pointer (and `workspace` of at least
+// The workspace bytes of the chosen plan on the current device, building the graph and its plans on first use.
+// Throws Failure when no engine builds it.
+int64_t conv_graph_workspace(const GraphRequest& request);
+
+// The plans built for the graph (building them on first use).
+std::vector<PlanChoice> conv_graph_plans(const GraphRequest& request);
+
+// Runs the chosen plan on `stream` with every role bound to a device pointer (and `workspace` of at least
 // conv_graph_workspace bytes). Throws Failure naming a role left unbound, or with cuDNN's error.
-void run_conv_graph(const GraphSpec& spec, const Shape& s, cudnnDataType_t io, double keep_probability,
-                    const std::vector<Binding>& bindings, void* workspace, cudaStream_t stream);
+void run_conv_graph(const GraphRequest& request, const std::vector<Binding>& bindings, void* workspace,
+                    cudaStream_t stream);
 
 }  // namespace cudnn_graph
 }  // namespace lgc

@@ -178,21 +178,22 @@ def _top_epilogue(z, config, gamma, beta, pieces):
 
 
 GRAPHS = ("torch", "cudnn")
+MAX_CUDNN_PLANS = 16  # the glue's limit: heuristics return at most 16 configurations
 _warned: set = set()
 
 
 def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
-                 graphs: Optional[str] = None, backward: bool = True):
+                 graphs: Optional[str] = None, backward: bool = True, cudnn_plans: int = 1):
     """The pieces conv_stack runs for this stack: "cudnn" where ``cudnn_unusable`` finds no reason against it; else
     "torch". graphs="cudnn" insists (a ValueError with the reasons where it cannot); None chooses, warning once a
-    shape with the reasons it keeps torch."""
+    shape with the reasons it keeps torch. cudnn_plans: as conv_stack's."""
     if graphs not in (None, *GRAPHS):
         raise ValueError(f"graphs must be one of {', '.join(GRAPHS)} or None, not {graphs!r}")
     if graphs == "torch":
         return TorchGraphs()
-    reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward)
+    reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
     if not reasons:
-        return CudnnGraphs(_backend.extension(), x.device, x.dtype)
+        return CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
     if graphs == "cudnn":
         raise ValueError("conv_stack: graphs='cudnn' is not usable here: " + "; ".join(reasons))
     key = (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(w.shape) for w in weights))
@@ -207,20 +208,34 @@ _unusable: dict = {}  # cudnn_unusable's answers: a graph that built (or did not
 
 
 def cudnn_unusable(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
-                   backward: bool = True) -> list[str]:
+                   backward: bool = True, cudnn_plans: int = 1) -> list[str]:
     """Why conv_stack cannot run this stack on cuDNN graphs (none: it can): lgc_fast._C built without them, x not a
     bfloat16 / float16 CUDA tensor, or a graph it needs (the backward's too where `backward`) that cuDNN does not
-    build. Asked once per shape (the graphs that build are then built and cached); later calls, one a training step,
-    are a lookup."""
+    build. Asked once per shape and cudnn_plans (the graphs that build are then built, their plans timed where
+    cudnn_plans > 1, and cached); later calls, one a training step, are a lookup."""
     key = (x.device, x.dtype, tuple(x.shape), tuple(tuple(w.shape) for w in weights), dilation, dropout_p, training,
-           backward)
+           backward, cudnn_plans)
     if key not in _unusable:
         reasons = _cudnn_unusable(x)
         if not reasons:
-            cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype)
+            cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
             reasons = cudnn.unbuildable(key[2], list(key[3]), dilation, dropout_p, training, backward)
         _unusable[key] = reasons
     return _unusable[key]
+
+
+def cudnn_plan_report(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
+                      backward: bool = True, cudnn_plans: int = 1) -> list[dict]:
+    """The plans conv_stack's cuDNN graphs run for this stack (``CudnnGraphs.plan_report``: per graph, the plans
+    built, their times where cudnn_plans > 1, and which one runs), for a benchmark's record; a ValueError with
+    ``cudnn_unusable``'s reasons where the stack cannot run on cuDNN graphs."""
+    check_cudnn_plans(cudnn_plans)
+    reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
+    if reasons:
+        raise ValueError("conv_stack: no cuDNN graphs here: " + "; ".join(reasons))
+    cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
+    return cudnn.plan_report(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p, training,
+                             backward)
 
 
 def _cudnn_unusable(x: torch.Tensor) -> list[str]:
@@ -237,18 +252,22 @@ def _cudnn_unusable(x: torch.Tensor) -> list[str]:
 def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None, *, training: bool = True,
                momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
                activation_scale: float = ACTIVATION_SCALE, dilation: int = 1,
-               dropout_seed: Optional[int] = None, graphs: Optional[str] = None) -> torch.Tensor:
+               dropout_seed: Optional[int] = None, graphs: Optional[str] = None,
+               cudnn_plans: int = 1) -> torch.Tensor:
     """The stack's output a_L (N, C_L, H, W), computed from the fused graphs' pieces (module docstring); equal to
     ``conv_stack_ref`` with the same arguments where the pieces are torch's (cuDNN's draw other dropout masks). In
     training with dropout_p > 0, `dropout_seed` (an int) picks the masks; None draws one from torch's (CPU)
     generator. running_means / running_vars (lists, or None for none) are updated in place in training, as
-    nn.BatchNorm2d updates its buffers. graphs: "torch", "cudnn" or None (``stack_graphs`` chooses)."""
+    nn.BatchNorm2d updates its buffers. graphs: "torch", "cudnn" or None (``stack_graphs`` chooses). cudnn_plans
+    (1 to 16): how many of cuDNN's heuristic plans each graph builds and times, once per shape, the fastest then
+    running; 1 takes the first that builds, untimed."""
     if training and dropout_p > 0 and dropout_seed is None:
         dropout_seed = int(torch.randint(2**62, (1,)))
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
            dilation, dropout_seed, training)
+    check_cudnn_plans(cudnn_plans)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *gammas, *betas))
-    pieces = stack_graphs(x, weights, dilation, dropout_p, training, graphs, backward)
+    pieces = stack_graphs(x, weights, dilation, dropout_p, training, graphs, backward, cudnn_plans)
     n_blocks = len(weights)
     running = [(None if running_means is None else running_means[i], None if running_vars is None else
                 running_vars[i]) for i in range(n_blocks)]
@@ -257,6 +276,11 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
               "dropout_seed": dropout_seed, "running": running}
     z_top = _ConvStack.apply(config, pieces, x, *weights, *gammas[:-1], *betas[:-1])
     return _top_epilogue(z_top, config, gammas[-1], betas[-1], pieces).to(x.dtype)
+
+
+def check_cudnn_plans(cudnn_plans) -> None:
+    if isinstance(cudnn_plans, bool) or not isinstance(cudnn_plans, int) or not 1 <= cudnn_plans <= MAX_CUDNN_PLANS:
+        raise ValueError(f"cudnn_plans must be an int in [1, {MAX_CUDNN_PLANS}], got {cudnn_plans!r}")
 
 
 def _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,

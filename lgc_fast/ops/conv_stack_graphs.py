@@ -134,13 +134,15 @@ class TorchGraphs:
 
 class CudnnGraphs:
     """The pieces as cuDNN graphs on `device` in `io_dtype`; `extension`: lgc_fast._C (or a stand-in with its
-    cudnn_conv_graph / cudnn_conv_graph_check). Same methods as TorchGraphs."""
+    cudnn_conv_graph / cudnn_conv_graph_check / cudnn_conv_graph_plans). `plans`: how many of cuDNN's heuristic plans
+    each graph builds and times once, when it is built, the fastest then running (1: the first that builds, untimed).
+    Same methods as TorchGraphs."""
 
     name = "cudnn"
     fresh_top_mask = True  # its interior masks are cuDNN's own anyway
 
-    def __init__(self, extension, device: torch.device, io_dtype: torch.dtype):
-        self.ext, self.device, self.io = extension, torch.device(device), io_dtype
+    def __init__(self, extension, device: torch.device, io_dtype: torch.dtype, plans: int = 1):
+        self.ext, self.device, self.io, self.plans = extension, torch.device(device), io_dtype, int(plans)
         self.io_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[io_dtype]
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -160,7 +162,9 @@ class CudnnGraphs:
         return torch.zeros(c, dtype=torch.float32, device=self.device)
 
     def _scalar(self, value: int):
-        return torch.tensor([int(value)], dtype=torch.int64).to(self.device, non_blocking=True)
+        # a fill kernel with the value as its argument: no copy from pageable host memory, which may wait for the
+        # stream, and nothing a CUDA graph capture refuses
+        return torch.full((1,), int(value), dtype=torch.int64, device=self.device)
 
     def _prologue_tensors(self, tensors, prologue):
         """Adds s, b (and the RNG's seed and offset) of a prologue; returns (sbr, mask, keep probability)."""
@@ -192,7 +196,7 @@ class CudnnGraphs:
         tensors = {"x": self._act(inp), "w": self._act(w), "y": y, "sum": total, "sq_sum": sq_total}
         sbr, mask, keep_probability = self._prologue_tensors(tensors, prologue)
         self.ext.cudnn_conv_graph("fprop", sbr, mask, True, False, False, [n, c, k, h, width, r, dilation],
-                                  keep_probability, tensors)
+                                  keep_probability, tensors, self.plans)
         return y, total, sq_total
 
     def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
@@ -203,7 +207,7 @@ class CudnnGraphs:
         sbr, mask, keep_probability = self._prologue_tensors(tensors, prologue)
         dbn_apply = self._dy_tensors(tensors, dy)
         self.ext.cudnn_conv_graph("wgrad", sbr, mask, False, False, dbn_apply, [n, c, k, h, width, r, dilation],
-                                  keep_probability, tensors)
+                                  keep_probability, tensors, self.plans)
         return dw
 
     def dgrad(self, dy, w, in_shape, dilation, epilogue=None):
@@ -214,7 +218,8 @@ class CudnnGraphs:
         shape = [n, c, k, h, width, r, dilation]
         if epilogue is None:
             tensors["dx"] = dx = self._empty((n, c, h, width))
-            self.ext.cudnn_conv_graph("dgrad", False, "none", False, False, dbn_apply, shape, 1.0, tensors)
+            self.ext.cudnn_conv_graph("dgrad", False, "none", False, False, dbn_apply, shape, 1.0, tensors,
+                                      self.plans)
             return dx
         z_prev, terms, keep, batch_stats = epilogue
         mask, keep_probability = self._mask_tensors(tensors, keep)
@@ -223,7 +228,8 @@ class CudnnGraphs:
         tensors.update(z=self._act(z_prev), s=self._channels(terms.s), b=self._channels(terms.b),
                        mean=self._channels(terms.mean), invstd=self._channels(terms.invstd),
                        gamma=self._channels(terms.gamma_eff), **out)
-        self.ext.cudnn_conv_graph("dgrad", False, mask, False, True, dbn_apply, shape, keep_probability, tensors)
+        self.ext.cudnn_conv_graph("dgrad", False, mask, False, True, dbn_apply, shape, keep_probability, tensors,
+                                  self.plans)
         if not batch_stats:  # running statistics: BatchNorm is affine, the batch terms of dz vanish
             out["eq_x"].zero_()
             out["eq_b"].zero_()
@@ -232,31 +238,52 @@ class CudnnGraphs:
     def unbuildable(self, x_shape, weight_shapes, dilation: int, dropout_p: float, training: bool,
                     backward: bool) -> list[str]:
         """cuDNN's reasons for every graph of such a stack that does not build (none: the stack can run here), the
-        backward's too where `backward`; builds and caches those that do, so the step's first run compiles nothing
-        more."""
-        n, c, h, width = x_shape
-        dropping = training and dropout_p > 0
-        mask, keep_probability = ("rng", 1.0 - dropout_p) if dropping else ("none", 1.0)
-        needed = []
-        for i, w_shape in enumerate(weight_shapes):
-            k, r = w_shape[0], w_shape[-1]
-            shape = [n, c, k, h, width, r, dilation]
-            # the first block's input is plain; the top block's dy is bn_relu_dropout's gradient, a plain tensor
-            first, top = i == 0, i == len(weight_shapes) - 1
-            needed.append(("fprop", not first, "none" if first else mask, True, False, False, shape))
-            if backward:
-                needed.append(("wgrad", not first, "none" if first else mask, False, False, not top, shape))
-                if first:
-                    needed.append(("dgrad", False, "none", False, False, not top, shape))
-                else:
-                    needed.append(("dgrad", False, mask, False, True, not top, shape))
-            c = k
+        backward's too where `backward`; builds (and, for plans > 1, times) and caches those that do, so the step's
+        first run compiles nothing more."""
         reasons = []
-        for conv, sbr, m, stats, dbn, dbn_apply, shape in needed:
-            prob = keep_probability if m == "rng" else 1.0
-            why = self.ext.cudnn_conv_graph_check(conv, sbr, m, stats, dbn, dbn_apply, shape, prob, self.io_name,
-                                                  self.device.index or 0)
+        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward):
+            why = self.ext.cudnn_conv_graph_check(*graph, self.io_name, self.device.index or 0, self.plans)
             if why:
-                reasons.append(f"{conv} (prologue {sbr}, mask {m}, stats {stats}, dbn {dbn}, dbn_apply {dbn_apply}, "
-                               f"shape {shape}): {why}")
+                reasons.append(f"{_describe(graph)}: {why}")
         return reasons
+
+    def plan_report(self, x_shape, weight_shapes, dilation: int, dropout_p: float, training: bool,
+                    backward: bool) -> list[dict]:
+        """For every graph of such a stack (building those not built yet): its description and the plans built for
+        it, each {"name", "median_ms" (None where plans were not timed), "chosen"}."""
+        report = []
+        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward):
+            plans = self.ext.cudnn_conv_graph_plans(*graph, self.io_name, self.device.index or 0, self.plans)
+            report.append({"graph": _describe(graph), "plans": [
+                {"name": name, "median_ms": None if ms < 0 else ms, "chosen": chosen} for name, ms, chosen in plans]})
+        return report
+
+
+def _stack_graph_list(x_shape, weight_shapes, dilation: int, dropout_p: float, training: bool,
+                      backward: bool) -> list[tuple]:
+    """The graphs a stack of this shape runs, each as cudnn_conv_graph_check's leading arguments (conv, sbr, mask,
+    stats, dbn, dbn_apply, shape, keep_probability)."""
+    n, c, h, width = x_shape
+    dropping = training and dropout_p > 0
+    mask, keep_probability = ("rng", 1.0 - dropout_p) if dropping else ("none", 1.0)
+    graphs = []
+    for i, w_shape in enumerate(weight_shapes):
+        k, r = w_shape[0], w_shape[-1]
+        shape = [n, c, k, h, width, r, dilation]
+        # the first block's input is plain; the top block's dy is bn_relu_dropout's gradient, a plain tensor
+        first, top = i == 0, i == len(weight_shapes) - 1
+        m, prob = ("none", 1.0) if first else (mask, keep_probability)
+        graphs.append(("fprop", not first, m, True, False, False, shape, prob))
+        if backward:
+            graphs.append(("wgrad", not first, m, False, False, not top, shape, prob))
+            if first:
+                graphs.append(("dgrad", False, "none", False, False, not top, shape, 1.0))
+            else:
+                graphs.append(("dgrad", False, mask, False, True, not top, shape, keep_probability))
+        c = k
+    return graphs
+
+
+def _describe(graph: tuple) -> str:
+    conv, sbr, mask, stats, dbn, dbn_apply, shape, _ = graph
+    return f"{conv} (prologue {sbr}, mask {mask}, stats {stats}, dbn {dbn}, dbn_apply {dbn_apply}, shape {shape})"
