@@ -19,7 +19,8 @@
 #          lgc_fast-fused at batch 64, 128 and 256;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
-#          kernel_conv; the layout ops (planar heads) against the torch forms they replace;
+#          kernel_conv; the layout ops (planar heads) against the torch forms they replace; conv_stack's BatchNorm
+#          finalize (one launch) against its torch reference (a dozen) per call;
 #   train  the training step: eager-ref, lgc_fast (torch's BN/ReLU/dropout modules), fused epilogues (the automatic
 #          backend, cuda: keep bits drawn in the op) and the fused step with channels_last heads (before the planar
 #          heads), at batch 16 (lgc-fast train's default, where per-call host work shows), 32
@@ -88,6 +89,7 @@ if [[ $what == ops || $what == all ]]; then
     | tee "$LOGS/bench_bn_relu_dropout.txt" || status=1
   python bench/bench_kernel_conv.py 2>&1 | tee "$LOGS/bench_kernel_conv.txt" || status=1
   python bench/bench_layout.py 2>&1 | tee "$LOGS/bench_layout.txt" || status=1
+  python bench/bench_bn_finalize.py 2>&1 | tee "$LOGS/bench_bn_finalize.txt" || status=1
 fi
 
 # Each section is meant for one call of the device tool (at most 10 minutes a command).

@@ -32,6 +32,7 @@ BENCHES = {
     "dilated_block": ([], ["--quick"]),
     "bn_relu_dropout": ([], ["--quick"]),
     "layout": ([], ["--quick"]),
+    "bn_finalize": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
     "detect": ([], ["--quick"]),
@@ -150,6 +151,16 @@ def rows_layout(entry, device):
         if base is not None and r is not base and r["method"].startswith("lgc_fast"):
             yield _row(f"{r['case']} fwd+bwd: {r['method']} vs {base['method']}", size, r["median_ms"],
                        base["median_ms"], device)
+
+
+def rows_bn_finalize(entry, device):
+    rows = entry.get("results", [])
+    base = next((r for r in rows if r["method"].startswith("bn_finalize_ref")), None)
+    size = f"{entry.get('channels')} channels {entry.get('dtype')}, per call"
+    for r in rows:
+        if base is not None and r is not base and "us_per_call" in r:
+            yield _row(f"{r['method']} vs {base['method']}", size, r["us_per_call"] / 1e3, base["us_per_call"] / 1e3,
+                       device)
 
 
 def rows_train_step(entry, device):

@@ -154,4 +154,56 @@ LGC_EPILOGUE_HD BnRunning bn_running_update(double running_mean, double running_
   return {bn_lerp(running_mean, mean, momentum), bn_lerp(running_var, var * (count / (count - 1.0)), momentum)};
 }
 
+// conv_stack's BatchNorm finalize (lgc_fast/ops/bn_finalize.py), per channel c: from the channel's sum and sum of
+// squares over `count` values, its batch mean and biased variance in double (E[z^2] - E[z]^2 cancels in float),
+// the variance clamped at 0, and where update_running nn.BatchNorm2d's running update (unbiased variance, count - 1
+// taken as at least 1); outside batch statistics the running ones. Then the prologue's terms pre = z * s + b with
+// gamma_eff = gamma * factor (beta likewise): s = gamma_eff * invstd, b = beta * factor - mean * s. Every vector in
+// one type A; running_mean / running_var may be null where neither update_running nor !batch_stats reads them.
+template <typename A>
+struct BnFinalizeArgs {
+  const A* total;
+  const A* sq_total;
+  const A* gamma;
+  const A* beta;
+  A* running_mean;
+  A* running_var;
+  A* mean;
+  A* invstd;
+  A* gamma_eff;
+  A* s;
+  A* b;
+  double count;
+  double momentum;
+  double eps;
+  double factor;
+  bool batch_stats;
+  bool update_running;
+};
+
+template <typename A>
+LGC_EPILOGUE_HD void bn_finalize_channel(const BnFinalizeArgs<A>& a, int64_t c) {
+  double mean, var;
+  if (a.batch_stats) {
+    mean = static_cast<double>(a.total[c]) / a.count;
+    var = static_cast<double>(a.sq_total[c]) / a.count - mean * mean;
+    var = var > 0.0 ? var : 0.0;
+    if (a.update_running) {
+      const double unbiased = var * (a.count / (a.count > 1.0 ? a.count - 1.0 : 1.0));
+      a.running_mean[c] = static_cast<A>(bn_lerp(a.running_mean[c], mean, a.momentum));
+      a.running_var[c] = static_cast<A>(bn_lerp(a.running_var[c], unbiased, a.momentum));
+    }
+  } else {
+    mean = a.running_mean[c];
+    var = a.running_var[c];
+  }
+  const double invstd = 1.0 / sqrt(var + a.eps);
+  const double gamma_eff = static_cast<double>(a.gamma[c]) * a.factor, s = gamma_eff * invstd;
+  a.mean[c] = static_cast<A>(mean);
+  a.invstd[c] = static_cast<A>(invstd);
+  a.gamma_eff[c] = static_cast<A>(gamma_eff);
+  a.s[c] = static_cast<A>(s);
+  a.b[c] = static_cast<A>(static_cast<double>(a.beta[c]) * a.factor - mean * s);
+}
+
 }  // namespace lgc

@@ -1,4 +1,5 @@
 """Public ops. Each has a plain-torch ``<op>_ref`` that is its test oracle."""
+from lgc_fast.ops.bn_finalize import bn_finalize, bn_finalize_ref
 from lgc_fast.ops.bn_relu_dropout import (
     bn_relu_dropout,
     bn_relu_dropout_drawn,
@@ -32,6 +33,7 @@ from lgc_fast.ops.layout import (
 from lgc_fast.ops.lgc_loss import lgc_loss, lgc_loss_ref, loss_weights, splat_heatmaps, target_maps_ref
 
 __all__ = [
+    "bn_finalize", "bn_finalize_ref",
     "bn_relu_dropout", "bn_relu_dropout_drawn", "bn_relu_dropout_ref", "dropout_keep_mask", "pack_keep_mask", "random_keep_bits",
     "unpack_keep_bits",
     "conv_stack", "conv_stack_ref", "stack_graphs", "stack_keep_mask",

@@ -13,6 +13,7 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
                       activation_scale / (1 - p) folded into s_j and b_j (relu is positively homogeneous) and keep_j
                       0 / 1 drawn from (seed, offset_j) again wherever it is needed, never stored
   finalize            per channel: batch mean and variance -> s_i, b_i; the running statistics' update
+                      (lgc_fast.ops.bn_finalize: one C++ loop / CUDA launch a block)
   top block           a_L = bn_relu_dropout(z_L), lgc_fast's epilogue op (its own kernels, keep bits), the only
                       activation written; its backward gives dz_L, the top convolution's plain dy
   backward, block i   dW_i = wgrad(prologue_{i-1}(z_{i-1}), dz_i) and da_{i-1} = dgrad(dz_i, W_i), where
@@ -41,8 +42,9 @@ import torch.nn.functional as F
 
 from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
+from lgc_fast.ops.bn_finalize import bn_finalize
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn
-from lgc_fast.ops.conv_stack_graphs import BnTerms, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
+from lgc_fast.ops.conv_stack_graphs import CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
 
 
@@ -70,28 +72,6 @@ def conv_stack_ref(x, weights, gammas, betas, running_means=None, running_vars=N
 
 # ----------------------------------------------------------------------------------------------------------------
 # The composition
-
-def bn_finalize(total, sq_total, count, gamma, beta, running_mean, running_var, *, batch_stats: bool,
-                update_running: bool, momentum: float, eps: float, factor: float) -> BnTerms:
-    """Per channel, from z's sums: mean and invstd (the batch's, or the running ones), the prologue's s and b with
-    `factor` (activation_scale / (1 - p)) folded in; updates the running statistics in place as nn.BatchNorm2d does
-    (unbiased variance) when `update_running`. Float64 arithmetic: E[z^2] - E[z]^2 cancels."""
-    if batch_stats:
-        mean64 = total.double() / count
-        var64 = (sq_total.double() / count - mean64 * mean64).clamp_min(0)
-        if update_running:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(momentum * mean64.to(running_mean.dtype))
-                unbiased = var64 * (count / max(count - 1, 1))
-                running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-        mean, invstd = mean64.to(total.dtype), torch.rsqrt(var64 + eps).to(total.dtype)
-    else:
-        mean = running_mean.to(total.dtype)
-        invstd = torch.rsqrt(running_var.double() + eps).to(total.dtype)
-    gamma_eff, beta_eff = gamma.to(total.dtype) * factor, beta.to(total.dtype) * factor
-    s = gamma_eff * invstd
-    return BnTerms(mean, invstd, gamma_eff, s, beta_eff - mean * s)
-
 
 def _keep_spec(seed, block: int, z_shape, p: float) -> Optional[KeepSpec]:
     """Block `block`'s mask (None without dropout): offsets a block's map size apart (conv_stack_graphs says why)."""
