@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, format_table, op_bench_parser, results_path, time_interleaved, write_results  # noqa
 
 from lgc_fast.model import ConvBlock, run_blocks  # noqa: E402
-from lgc_fast.ops.conv_stack import conv_stack, cudnn_plan_report, cudnn_unusable  # noqa: E402
+from lgc_fast.ops.conv_stack import conv_stack, cudnn_plan_report, cudnn_unusable, stack_graphs  # noqa: E402
 
 BENCH = "conv_stack"
 SIZE = 96
@@ -106,12 +106,14 @@ def main(argv=None) -> int:
     }
     weights = [b.conv.weight for b in base]
     why = cudnn_unusable(x.to(dtype), weights, DILATION, 0.1, True) if gpu else ["not a CUDA device"]
-    plan_reports, tuned_why = {}, []
+    plan_reports, tuned_why, masks = {}, [], None
     if not why:
         methods["conv_stack (cudnn)"] = step_of(stack_forward("cudnn"), copy.deepcopy(base), x, dtype)
         methods["LGCN.use_conv_stacks path"] = step_of(lambda b, v: run_blocks(b, v, conv_stacks=True),
                                                        copy.deepcopy(base), x, dtype)
         plan_reports["1"] = cudnn_plan_report(x.to(dtype), weights, DILATION, 0.1, True)
+        masks = stack_graphs(x.to(dtype), weights, DILATION, 0.1, True).mask
+        print(f"conv_stack (cudnn): keep masks {'drawn by cuDNN RNG op' if masks == 'rng' else 'as byte maps'}")
         tuned_why = cudnn_unusable(x.to(dtype), weights, DILATION, 0.1, True, cudnn_plans=args.cudnn_plans)
         if args.cudnn_plans > 1 and not tuned_why:  # building the tuned graphs times their plans, before any round
             methods[f"conv_stack (cudnn, {args.cudnn_plans} plans timed)"] = step_of(
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         print(f"conv_stack (cudnn) not timed: {'; '.join(why)}")
     payload = {"environment": env, "batch": n, "width": width, "layers": layers, "in_channels": c_in, "size": SIZE,
                "dilation": DILATION, "dtype": str(dtype).replace("torch.", ""), "results": rows,
-               "cudnn_plans": plan_reports}
+               "cudnn_plans": plan_reports, "cudnn_masks": masks}
     print(f"wrote {write_results(args.out or results_path(device), BENCH, payload)} (key {BENCH})")
     return 0
 

@@ -97,6 +97,8 @@ def _compute(conv, sbr, mask, dbn, dbn_apply, shape, keep, t):
     pad = dil * (r // 2)
 
     def rng_mask(like):
+        if mask == "byte":
+            return t["m"].double()
         return stack_keep_mask(int(t["seed"]), int(t["offset"]), like.shape, 1 - keep, "cpu", torch.float64)
 
     if dbn_apply:
@@ -107,7 +109,7 @@ def _compute(conv, sbr, mask, dbn, dbn_apply, shape, keep, t):
         a = t["x"].double()
         if sbr:
             a = torch.relu(a * _ch(t["s"]) + _ch(t["b"]))
-            if mask == "rng":
+            if mask != "none":
                 a = a * rng_mask(a)
         if conv == "fprop":
             y = F.conv2d(a, t["w"].double(), padding=pad, dilation=dil)
@@ -121,7 +123,7 @@ def _compute(conv, sbr, mask, dbn, dbn_apply, shape, keep, t):
     if not dbn:
         t["dx"].copy_(da)
         return
-    if mask == "rng":
+    if mask != "none":
         da = da * rng_mask(da)
     z = t["z"].double()
     g = torch.where(z * _ch(t["s"]) + _ch(t["b"]) > 0, da, torch.zeros((), dtype=da.dtype))
@@ -155,10 +157,14 @@ def _grads(fn, x, weights, gammas, betas, running, **kwargs):
     return [out, *torch.autograd.grad(out, leaves, grad_out), *means, *variances]
 
 
-@pytest.mark.parametrize("training, dropout_p, plans", [(True, 0.3, 1), (True, 0.0, 1), (False, 0.3, 3)])
-def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch, training, dropout_p, plans):
+@pytest.mark.parametrize("training, dropout_p, plans, masks", [
+    (True, 0.3, 1, "rng"), (True, 0.0, 1, "rng"), (False, 0.3, 3, "rng"), (True, 0.3, 2, "byte")])
+def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch, training, dropout_p, plans, masks):
+    """The stack through the stand-in equals conv_stack_ref (byte masks are drawn as the reference draws its masks;
+    the RNG's are, by the stand-in, from the bound seed and offset); the graphs that ran are exactly the expected
+    ones, with the plans asked for, and the plan report names them."""
     stand_in = StandIn(roles_program)
-    pieces = CudnnGraphs(stand_in, torch.device("cpu"), torch.bfloat16, plans)
+    pieces = CudnnGraphs(stand_in, torch.device("cpu"), torch.bfloat16, plans, masks)
     pieces.io = IO  # float64 maps, which the stand-in computes exactly; the checks still name bfloat16
     pieces.fresh_top_mask = False  # the top block's mask as conv_stack_ref draws it
     channels, r, dil = [3, 4, 5, 4], 3, 2
@@ -175,7 +181,7 @@ def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     kinds = {(key[0], key[1], key[2], key[4], key[5]) for key in stand_in.ran}
-    mask = "rng" if training and dropout_p > 0 else "none"
+    mask = masks if training and dropout_p > 0 else "none"
     expected = {("fprop", False, "none", False, False), ("fprop", True, mask, False, False)}
     # block 1, block 2, and the top block, whose dy is the top epilogue's plain gradient
     expected |= {("wgrad", False, "none", False, True), ("wgrad", True, mask, False, True),
@@ -189,8 +195,34 @@ def test_cudnn_pieces_compose_to_the_plain_definition(roles_program, monkeypatch
     assert len(report) == len(ran) == len({entry["graph"] for entry in report})
     for entry in report:
         assert [p["name"] for p in entry["plans"]] == [f"plan{i}" for i in range(plans)]
-        assert [p["median_ms"] for p in entry["plans"]] == ([None] if plans == 1 else [1.0, 2.0, 3.0])
+        assert [p["median_ms"] for p in entry["plans"]] == ([None] if plans == 1 else [i + 1.0 for i in range(plans)])
         assert [p["chosen"] for p in entry["plans"]] == [i == 0 for i in range(plans)]
+
+
+def test_byte_masks_where_the_rng_does_not_build(roles_program, monkeypatch):
+    """Where cuDNN does not build the graphs with its RNG op, the stack takes byte masks; without dropout there is no
+    mask to choose; where neither builds, the reasons name both."""
+    from lgc_fast.ops.conv_stack import cudnn_unusable
+
+    stand_in = StandIn(roles_program)
+    real_check = stand_in.cudnn_conv_graph_check
+    stand_in.cudnn_conv_graph_check = lambda conv, sbr, mask, *rest: (
+        "no RNG in runtime fusion" if mask == "rng" else real_check(conv, sbr, mask, *rest))
+    module = sys.modules["lgc_fast.ops.conv_stack"]
+    monkeypatch.setattr(module, "_cudnn_unusable", lambda x: [])
+    monkeypatch.setattr(module._backend, "extension", lambda: stand_in)
+    monkeypatch.setattr(module, "_choices", {})
+    weights, _, _ = _params([3, 4, 4], 3)
+    x = torch.zeros(2, 3, 9, 8, dtype=torch.bfloat16)
+    pieces = stack_graphs(x, weights, 2, 0.3, True)
+    assert pieces.name == "cudnn" and pieces.mask == "byte"
+    assert stack_graphs(x, weights, 2, 0.0, True).mask == "rng"
+    stand_in.cudnn_conv_graph_check = lambda *args: "nothing builds"
+    module._choices.clear()
+    reasons = cudnn_unusable(x, weights, 2, 0.3, True)
+    assert any(r.startswith("with rng masks: fprop") for r in reasons), reasons
+    assert any(r.startswith("with byte masks: fprop") for r in reasons), reasons
+    assert stack_graphs(x, weights, 2, 0.3, True).name == "torch"
 
 
 def test_graph_choice_on_the_cpu():
@@ -237,6 +269,26 @@ def test_cudnn_graphs_match_the_torch_pieces_on_the_gpu(training):
     kwargs = dict(training=training, dropout_p=0.0, dilation=4)
     got = _grads(lambda *a, **k: conv_stack(*a, graphs="cudnn", **k), x, weights, gammas, betas, running, **kwargs)
     want = _grads(lambda *a, **k: conv_stack(*a, graphs="torch", **k), x, weights, gammas, betas, running, **kwargs)
+    for a, b in zip(got, want):
+        assert _relative(a, b) < 3e-2
+
+
+@gpu_graphs
+def test_byte_masks_match_the_torch_pieces_on_the_gpu(monkeypatch):
+    """With dropout, on byte masks (drawn as the torch pieces draw theirs, so the same masks): output, gradients and
+    running statistics of the cuDNN graphs against the torch pieces. Skips where cuDNN builds no byte-mask graph."""
+    from lgc_fast import _backend
+
+    x, weights, gammas, betas, running = _gpu_stack()
+    pieces = CudnnGraphs(_backend.extension(), x.device, x.dtype, 1, "byte")
+    why = pieces.unbuildable(tuple(x.shape), [tuple(w.shape) for w in weights], 4, 0.3, True, True)
+    if why:
+        pytest.skip("cuDNN builds no byte-mask graph here: " + "; ".join(why))
+    pieces.fresh_top_mask = False  # the top block's mask as the torch pieces draw it
+    kwargs = dict(training=True, dropout_p=0.3, dilation=4, dropout_seed=11)
+    want = _grads(lambda *a, **k: conv_stack(*a, graphs="torch", **k), x, weights, gammas, betas, running, **kwargs)
+    monkeypatch.setattr(sys.modules["lgc_fast.ops.conv_stack"], "stack_graphs", lambda *args: pieces)
+    got = _grads(conv_stack, x, weights, gammas, betas, running, **kwargs)
     for a, b in zip(got, want):
         assert _relative(a, b) < 3e-2
 

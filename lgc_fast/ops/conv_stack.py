@@ -11,7 +11,8 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
                       epilogue (fprop_sbr_rng_stats; block 1: conv(x) + sums, fprop_stats). prologue_j(z) =
                       relu(z * s_j + b_j) * keep_j: block j's BatchNorm, ReLU, scale and dropout, with the scale
                       activation_scale / (1 - p) folded into s_j and b_j (relu is positively homogeneous) and keep_j
-                      0 / 1 drawn from (seed, offset_j) again wherever it is needed, never stored
+                      0 / 1 drawn from (seed, offset_j) again wherever it is needed, never stored (on cuDNN
+                      graphs that do not fuse its RNG op: drawn once as a byte map, kept for the backward)
   finalize            per channel: batch mean and variance -> s_i, b_i; the running statistics' update
                       (lgc_fast.ops.bn_finalize: one C++ loop / CUDA launch a block)
   top block           a_L = bn_relu_dropout(z_L), lgc_fast's epilogue op (its own kernels, keep bits), the only
@@ -23,10 +24,11 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
   dgamma_i, dbeta_i   from those sums; dx = dgrad(dz_1, W_1)
 
 The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i and
-no other mask. The pieces run as torch functions (``TorchGraphs``, lgc_fast/ops/conv_stack_graphs.py: the oracle of
-each cuDNN graph, in float32, float64 for float64 inputs) or as cuDNN graphs (``CudnnGraphs``: bfloat16 / float16
-maps, masks from cuDNN's RNG); ``stack_graphs`` chooses. The composition is checked against ``conv_stack_ref``, the
-plain definition (F.conv2d, F.batch_norm, relu, dropout on the same masks): values, gradients and running statistics.
+no other mask (but the byte masks where the graphs take those). The pieces run as torch functions (``TorchGraphs``,
+lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64 inputs) or as cuDNN
+graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks); ``stack_graphs``
+chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu,
+dropout on the same masks): values, gradients and running statistics.
 a_L in x's dtype.
 
 x: (N, C_0, H, W); weights[i]: (C_{i+1}, C_i, r, r), one odd r and one dilation for the stack, zero padding
@@ -44,7 +46,7 @@ from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
 from lgc_fast.ops.bn_finalize import bn_finalize
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn
-from lgc_fast.ops.conv_stack_graphs import CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
+from lgc_fast.ops.conv_stack_graphs import MASK_MODES, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
 
 
@@ -106,7 +108,7 @@ class _ConvStack(torch.autograd.Function):
             terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
                                      batch_stats=training or rm is None, update_running=training and rm is not None,
                                      momentum=config["momentum"], eps=config["eps"], factor=factor))
-            keeps.append(_keep_spec(seed, i, z.shape, p))
+            keeps.append(graphs.keep_mask(_keep_spec(seed, i, z.shape, p), z))
         ctx.save_for_backward(x, *weights, *zs[:-1])
         ctx.graphs, ctx.terms, ctx.keeps, ctx.factor = graphs, terms, keeps, factor
         ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
@@ -171,9 +173,10 @@ def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, trai
         raise ValueError(f"graphs must be one of {', '.join(GRAPHS)} or None, not {graphs!r}")
     if graphs == "torch":
         return TorchGraphs()
+    cudnn = _cudnn_graphs(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
+    if cudnn is not None:
+        return cudnn
     reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
-    if not reasons:
-        return CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
     if graphs == "cudnn":
         raise ValueError("conv_stack: graphs='cudnn' is not usable here: " + "; ".join(reasons))
     key = (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(w.shape) for w in weights))
@@ -184,24 +187,42 @@ def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, trai
     return TorchGraphs()
 
 
-_unusable: dict = {}  # cudnn_unusable's answers: a graph that built (or did not) once does again
+_choices: dict = {}  # _cudnn_choice's answers: a graph that built (or did not) once does again
 
 
 def cudnn_unusable(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
                    backward: bool = True, cudnn_plans: int = 1) -> list[str]:
     """Why conv_stack cannot run this stack on cuDNN graphs (none: it can): lgc_fast._C built without them, x not a
     bfloat16 / float16 CUDA tensor, or a graph it needs (the backward's too where `backward`) that cuDNN does not
-    build. Asked once per shape and cudnn_plans (the graphs that build are then built, their plans timed where
-    cudnn_plans > 1, and cached); later calls, one a training step, are a lookup."""
+    build with either kind of keep mask (the RNG's, then bytes). Asked once per shape and cudnn_plans (the graphs
+    that build are then built, their plans timed where cudnn_plans > 1, and cached); later calls, one a training
+    step, are a lookup."""
+    return _cudnn_choice(x, weights, dilation, dropout_p, training, backward, cudnn_plans)[1]
+
+
+def _cudnn_choice(x, weights, dilation, dropout_p, training, backward, cudnn_plans) -> tuple[Optional[str], list]:
+    """(the keep masks the stack's cuDNN graphs take, "rng" or "byte", or None where neither builds; the reasons
+    against the others)."""
     key = (x.device, x.dtype, tuple(x.shape), tuple(tuple(w.shape) for w in weights), dilation, dropout_p, training,
            backward, cudnn_plans)
-    if key not in _unusable:
-        reasons = _cudnn_unusable(x)
-        if not reasons:
-            cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
-            reasons = cudnn.unbuildable(key[2], list(key[3]), dilation, dropout_p, training, backward)
-        _unusable[key] = reasons
-    return _unusable[key]
+    if key not in _choices:
+        reasons, choice = _cudnn_unusable(x), None
+        # without dropout the graphs hold no mask: one try
+        modes = MASK_MODES if training and dropout_p > 0 else MASK_MODES[:1]
+        for mode in modes if not reasons else ():
+            cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans, mode)
+            why = cudnn.unbuildable(key[2], list(key[3]), dilation, dropout_p, training, backward)
+            if not why:
+                choice, reasons = mode, []
+                break
+            reasons += [f"with {mode} masks: {w}" for w in why]
+        _choices[key] = (choice, reasons)
+    return _choices[key]
+
+
+def _cudnn_graphs(x, weights, dilation, dropout_p, training, backward, cudnn_plans) -> Optional[CudnnGraphs]:
+    mode = _cudnn_choice(x, weights, dilation, dropout_p, training, backward, cudnn_plans)[0]
+    return None if mode is None else CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans, mode)
 
 
 def cudnn_plan_report(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
@@ -210,10 +231,10 @@ def cudnn_plan_report(x: torch.Tensor, weights, dilation: int, dropout_p: float,
     built, their times where cudnn_plans > 1, and which one runs), for a benchmark's record; a ValueError with
     ``cudnn_unusable``'s reasons where the stack cannot run on cuDNN graphs."""
     check_cudnn_plans(cudnn_plans)
-    reasons = cudnn_unusable(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
-    if reasons:
-        raise ValueError("conv_stack: no cuDNN graphs here: " + "; ".join(reasons))
-    cudnn = CudnnGraphs(_backend.extension(), x.device, x.dtype, cudnn_plans)
+    cudnn = _cudnn_graphs(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
+    if cudnn is None:
+        raise ValueError("conv_stack: no cuDNN graphs here: " +
+                         "; ".join(cudnn_unusable(x, weights, dilation, dropout_p, training, backward, cudnn_plans)))
     return cudnn.plan_report(tuple(x.shape), [tuple(w.shape) for w in weights], dilation, dropout_p, training,
                              backward)
 

@@ -3,14 +3,16 @@ one class a backend, with the same methods.
 
 ``TorchGraphs``: each piece as torch functions, in float32 (float64 for float64): the oracle of each cuDNN graph.
 ``CudnnGraphs``: each piece as one cuDNN graph (csrc/cuda/cudnn_conv_graphs.h, through lgc_fast._C.cudnn_conv_graph),
-in the io dtype (bfloat16 or float16, channels_last) with float32 per-channel terms; the interior blocks' keep masks
-drawn inside the graphs by cuDNN's RNG op from (seed, offset) device scalars, so a mask is never written. A graph that
-cuDNN cannot build is found before a stack runs (``CudnnGraphs.unbuildable``), and the stack then keeps TorchGraphs.
+in the io dtype (bfloat16 or float16, channels_last) with float32 per-channel terms. The interior blocks' keep masks
+("rng") are drawn inside the graphs by cuDNN's RNG op from (seed, offset) device scalars, so a mask is never written;
+or ("byte", where cuDNN does not fuse its RNG op into a graph) drawn once in the forward as uint8 maps that the three
+graphs read. A graph that cuDNN cannot build is found before a stack runs (``CudnnGraphs.unbuildable``), and the
+stack then keeps TorchGraphs.
 
 A keep mask is named by a ``KeepSpec`` (seed, offset, p): 1 with probability 1 - p, else 0. The torch pieces draw it
-with ``stack_keep_mask``; cuDNN's RNG draws another mask from the same spec (its own Philox stream), the same one in
-every graph. Offsets are block * (values in the block's map), so no two blocks' streams overlap however the RNG
-numbers its draws.
+with ``stack_keep_mask`` wherever it is needed, and so does CudnnGraphs for its byte masks (once); cuDNN's RNG draws
+another mask from the same spec (its own Philox stream), the same one in every graph. Offsets are block * (values in
+the block's map), so no two blocks' streams overlap however the RNG numbers its draws.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 _SUM_DIMS = (0, 2, 3)
+MASK_MODES = ("rng", "byte")  # CudnnGraphs' keep masks, in the order conv_stack tries them
 
 
 class KeepSpec(NamedTuple):
@@ -104,6 +107,10 @@ class TorchGraphs:
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
 
+    def keep_mask(self, keep: Optional[KeepSpec], like: torch.Tensor):
+        """The form a block's mask is kept in between its graphs: the KeepSpec, drawn again wherever needed."""
+        return keep
+
     def fprop(self, inp, w, dilation, prologue=None):
         """z = conv(inp or prologue(inp), w) with z's per-channel sum and sum of squares -> (z, sum, sq_sum)."""
         a = inp if prologue is None else apply_prologue(inp, *prologue)
@@ -136,17 +143,28 @@ class CudnnGraphs:
     """The pieces as cuDNN graphs on `device` in `io_dtype`; `extension`: lgc_fast._C (or a stand-in with its
     cudnn_conv_graph / cudnn_conv_graph_check / cudnn_conv_graph_plans). `plans`: how many of cuDNN's heuristic plans
     each graph builds and times once, when it is built, the fastest then running (1: the first that builds, untimed).
-    Same methods as TorchGraphs."""
+    `mask`: "rng" or "byte" (module docstring). Same methods as TorchGraphs."""
 
     name = "cudnn"
     fresh_top_mask = True  # its interior masks are cuDNN's own anyway
 
-    def __init__(self, extension, device: torch.device, io_dtype: torch.dtype, plans: int = 1):
+    def __init__(self, extension, device: torch.device, io_dtype: torch.dtype, plans: int = 1, mask: str = "rng"):
+        if mask not in MASK_MODES:
+            raise ValueError(f"mask must be one of {', '.join(MASK_MODES)}, not {mask!r}")
         self.ext, self.device, self.io, self.plans = extension, torch.device(device), io_dtype, int(plans)
+        self.mask = mask
         self.io_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[io_dtype]
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.io
+
+    def keep_mask(self, keep: Optional[KeepSpec], like: torch.Tensor):
+        """The KeepSpec itself for the RNG's masks; for byte masks, the mask it names drawn once, (N, C, H, W) uint8
+        channels_last like `like`, kept for the block's backward graphs."""
+        if keep is None or self.mask == "rng":
+            return keep
+        mask = stack_keep_mask(keep.seed, keep.offset, like.shape, keep.p, like.device, torch.uint8)
+        return mask.contiguous(memory_format=torch.channels_last)
 
     def _act(self, t):
         return t.to(self.io).contiguous(memory_format=torch.channels_last)
@@ -177,6 +195,9 @@ class CudnnGraphs:
     def _mask_tensors(self, tensors, keep):
         if keep is None:
             return "none", 1.0
+        if isinstance(keep, torch.Tensor):  # keep_mask's byte mask
+            tensors["m"] = keep
+            return "byte", 1.0
         tensors["seed"], tensors["offset"] = self._scalar(keep.seed), self._scalar(keep.offset)
         return "rng", 1.0 - keep.p
 
@@ -241,7 +262,7 @@ class CudnnGraphs:
         backward's too where `backward`; builds (and, for plans > 1, times) and caches those that do, so the step's
         first run compiles nothing more."""
         reasons = []
-        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward):
+        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward, self.mask):
             why = self.ext.cudnn_conv_graph_check(*graph, self.io_name, self.device.index or 0, self.plans)
             if why:
                 reasons.append(f"{_describe(graph)}: {why}")
@@ -252,7 +273,7 @@ class CudnnGraphs:
         """For every graph of such a stack (building those not built yet): its description and the plans built for
         it, each {"name", "median_ms" (None where plans were not timed), "chosen"}."""
         report = []
-        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward):
+        for graph in _stack_graph_list(x_shape, weight_shapes, dilation, dropout_p, training, backward, self.mask):
             plans = self.ext.cudnn_conv_graph_plans(*graph, self.io_name, self.device.index or 0, self.plans)
             report.append({"graph": _describe(graph), "plans": [
                 {"name": name, "median_ms": None if ms < 0 else ms, "chosen": chosen} for name, ms, chosen in plans]})
@@ -260,12 +281,14 @@ class CudnnGraphs:
 
 
 def _stack_graph_list(x_shape, weight_shapes, dilation: int, dropout_p: float, training: bool,
-                      backward: bool) -> list[tuple]:
-    """The graphs a stack of this shape runs, each as cudnn_conv_graph_check's leading arguments (conv, sbr, mask,
-    stats, dbn, dbn_apply, shape, keep_probability)."""
+                      backward: bool, mask_mode: str = "rng") -> list[tuple]:
+    """The graphs a stack of this shape runs with masks of `mask_mode`, each as cudnn_conv_graph_check's leading
+    arguments (conv, sbr, mask, stats, dbn, dbn_apply, shape, keep_probability: the RNG's alone)."""
     n, c, h, width = x_shape
     dropping = training and dropout_p > 0
-    mask, keep_probability = ("rng", 1.0 - dropout_p) if dropping else ("none", 1.0)
+    mask, keep_probability = "none", 1.0
+    if dropping:
+        mask, keep_probability = (mask_mode, 1.0 - dropout_p) if mask_mode == "rng" else (mask_mode, 1.0)
     graphs = []
     for i, w_shape in enumerate(weight_shapes):
         k, r = w_shape[0], w_shape[-1]

@@ -1,7 +1,7 @@
 // Prints the tensors (roles) of the library's cuDNN conv graphs, built on the host (no GPU, no handle), for
 // tests/test_conv_stack.py's stand-in of lgc_fast._C.cudnn_conv_graph: it checks that conv_stack's cuDNN pieces bind
 // exactly these. One graph a line on stdin, "conv sbr mask stats dbn dbn_apply n c k h w r dil keep_probability"
-// (conv fprop|wgrad|dgrad, mask none|rng, flags 0/1); one line out each: "name:count:storage:output ..." or
+// (conv fprop|wgrad|dgrad, mask none|rng|byte, flags 0/1); one line out each: "name:count:storage:output ..." or
 // "error: <cuDNN's message>".
 #include <iostream>
 #include <sstream>
@@ -22,7 +22,8 @@ int main() {
     double keep = 1.0;
     in >> conv >> sbr >> mask >> stats >> dbn >> dbn_apply >> s.n >> s.c >> s.k >> s.h >> s.w >> s.r >> s.dil >> keep;
     GraphSpec spec{conv == "wgrad" ? Conv::wgrad : conv == "dgrad" ? Conv::dgrad : Conv::fprop, sbr != 0,
-                   mask == "rng" ? Mask::rng : Mask::none, stats != 0, dbn != 0, dbn_apply != 0};
+                   mask == "rng" ? Mask::rng : mask == "byte" ? Mask::byte : Mask::none, stats != 0, dbn != 0,
+                   dbn_apply != 0};
     try {
       Graph graph(nullptr, CUDNN_DATA_BFLOAT16);
       for (const RoleInfo& r : build_conv_graph(graph, spec, s, keep))
