@@ -15,8 +15,8 @@
 #          to the results file beside the global ones);
 #   stacks conv_stack on cuDNN's fused graphs (bench/bench_conv_stack.py: the global subnet's seven blocks against
 #          the modules with fused epilogues, same run; each graph on heuristics' first plan and on the fastest of
-#          four timed) and the training step with them (lgc_fast-stacks, lgc_fast-stacks-tuned) against
-#          lgc_fast-fused at batch 64, 128 and 256;
+#          four timed) and the training step with them (lgc_fast-stacks) against lgc_fast-fused at batch 64, 128
+#          and 256, and with the fastest of four plans (lgc_fast-stacks-tuned, into a file of its own) at 128;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace; conv_stack's BatchNorm
@@ -81,7 +81,11 @@ fi
 if [[ $what == stacks || $what == all ]]; then
   python bench/bench_conv_stack.py 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 1 \
-    --modes lgc_fast-fused lgc_fast-stacks lgc_fast-stacks-tuned 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
+    --modes lgc_fast-fused lgc_fast-stacks 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
+  # timing four plans a graph compiles four kernels a graph (about 24 graphs a batch size): batch 128 alone
+  python bench/bench_train_step.py --batch-sizes 128 --budget-s 4 --ref-runs 1 \
+    --modes lgc_fast-fused lgc_fast-stacks-tuned --out "$LOGS/train_step_stacks_tuned.json" 2>&1 \
+    | tee "$LOGS/bench_train_step_stacks_tuned.txt" || status=1
 fi
 
 if [[ $what == ops || $what == all ]]; then
