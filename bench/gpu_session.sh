@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|stacks|ops|train|graphs|ncu|all]      (default all)
+#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]  (default all)
 # builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
@@ -16,7 +16,9 @@
 #   stacks conv_stack on cuDNN's fused graphs (bench/bench_conv_stack.py: the global subnet's seven blocks against
 #          the modules with fused epilogues, same run; each graph on heuristics' first plan and on the fastest of
 #          four timed) and the training step with them (lgc_fast-stacks) against lgc_fast-fused at batch 64, 128
-#          and 256, and with the fastest of four plans (lgc_fast-stacks-tuned, into a file of its own) at 128;
+#          and 256;
+#   stacks_tuned  the training step with each graph on the fastest of four plans (lgc_fast-stacks-tuned) against
+#          lgc_fast-fused at batch 128, into a file of its own in $LOGS;
 #   ops    the op benches whose GPU figures are open: bn_relu_dropout on both kernel backends (cuda, triton), with
 #          byte masks, keep bits and seeds, against eager torch and torch.compile, and its per-call overhead case;
 #          kernel_conv; the layout ops (planar heads) against the torch forms they replace; conv_stack's BatchNorm
@@ -82,7 +84,11 @@ if [[ $what == stacks || $what == all ]]; then
   python bench/bench_conv_stack.py 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 1 \
     --modes lgc_fast-fused lgc_fast-stacks 2>&1 | tee "$LOGS/bench_train_step_stacks.txt" || status=1
-  # timing four plans a graph compiles four kernels a graph (about 24 graphs a batch size): batch 128 alone
+fi
+
+# Timing four plans a graph compiles four kernels a graph (about 24 graphs a batch size): batch 128 alone, in a device
+# call of its own.
+if [[ $what == stacks_tuned || $what == all ]]; then
   python bench/bench_train_step.py --batch-sizes 128 --budget-s 4 --ref-runs 1 \
     --modes lgc_fast-fused lgc_fast-stacks-tuned --out "$LOGS/train_step_stacks_tuned.json" 2>&1 \
     | tee "$LOGS/bench_train_step_stacks_tuned.txt" || status=1

@@ -97,9 +97,10 @@ class _ConvStack(torch.autograd.Function):
         seed = config["dropout_seed"] if training and p > 0 else None
         factor = config["activation_scale"] / (1 - p) if seed is not None else config["activation_scale"]
         inp, zs, terms, keeps = x.to(ct), [], [], []
+        conv_weights = [graphs.conv_weight(w) for w in weights]  # cast once, for the forward and dgrad
         for i in range(n_blocks):
             prologue = None if i == 0 else (terms[-1], keeps[-1])
-            z, total, sq_total = graphs.fprop(inp, weights[i], dil, prologue)
+            z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue)
             zs.append(z)
             inp = z
             if i == n_blocks - 1:
@@ -109,7 +110,7 @@ class _ConvStack(torch.autograd.Function):
                                      batch_stats=training or rm is None, update_running=training and rm is not None,
                                      momentum=config["momentum"], eps=config["eps"], factor=factor))
             keeps.append(graphs.keep_mask(_keep_spec(seed, i, z.shape, p), z))
-        ctx.save_for_backward(x, *weights, *zs[:-1])
+        ctx.save_for_backward(x, *conv_weights, *zs[:-1])
         ctx.graphs, ctx.terms, ctx.keeps, ctx.factor = graphs, terms, keeps, factor
         ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
         ctx.dilation, ctx.n_blocks, ctx.param_dtypes = dil, n_blocks, [t.dtype for t in params]

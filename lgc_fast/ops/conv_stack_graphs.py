@@ -111,6 +111,10 @@ class TorchGraphs:
         """The form a block's mask is kept in between its graphs: the KeepSpec, drawn again wherever needed."""
         return keep
 
+    def conv_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A filter as the pieces take it (here as it is; each piece casts it to its operand's dtype)."""
+        return w
+
     def fprop(self, inp, w, dilation, prologue=None):
         """z = conv(inp or prologue(inp), w) with z's per-channel sum and sum of squares -> (z, sum, sq_sum)."""
         a = inp if prologue is None else apply_prologue(inp, *prologue)
@@ -158,6 +162,10 @@ class CudnnGraphs:
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.io
 
+    def conv_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """A filter as the graphs take it, in the io dtype, channels_last: cast once a forward, not once a graph."""
+        return self._act(w)
+
     def keep_mask(self, keep: Optional[KeepSpec], like: torch.Tensor):
         """The KeepSpec itself for the RNG's masks; for byte masks, the mask it names drawn once, (N, C, H, W) uint8
         channels_last like `like`, kept for the block's backward graphs."""
@@ -176,8 +184,9 @@ class CudnnGraphs:
     def _channels(self, v):
         return v.to(device=self.device, dtype=torch.float32).contiguous()
 
-    def _zeros(self, c):  # sums are zeroed in case an engine accumulates into its outputs
-        return torch.zeros(c, dtype=torch.float32, device=self.device)
+    def _zeros(self, count: int, c: int):
+        """`count` zeroed (c,) float32 vectors from one fill (sums are zeroed in case an engine accumulates)."""
+        return torch.zeros(count, c, dtype=torch.float32, device=self.device).unbind(0)
 
     def _scalar(self, value: int):
         # a fill kernel with the value as its argument: no copy from pageable host memory, which may wait for the
@@ -213,7 +222,7 @@ class CudnnGraphs:
     def fprop(self, inp, w, dilation, prologue=None):
         n, c, h, width = inp.shape
         k, r = w.shape[0], w.shape[-1]
-        y, total, sq_total = self._empty((n, k, h, width)), self._zeros(k), self._zeros(k)
+        y, (total, sq_total) = self._empty((n, k, h, width)), self._zeros(2, k)
         tensors = {"x": self._act(inp), "w": self._act(w), "y": y, "sum": total, "sq_sum": sq_total}
         sbr, mask, keep_probability = self._prologue_tensors(tensors, prologue)
         self.ext.cudnn_conv_graph("fprop", sbr, mask, True, False, False, [n, c, k, h, width, r, dilation],
@@ -244,8 +253,8 @@ class CudnnGraphs:
             return dx
         z_prev, terms, keep, batch_stats = epilogue
         mask, keep_probability = self._mask_tensors(tensors, keep)
-        out = {"g": self._empty((n, c, h, width)), **{name: self._zeros(c) for name in
-                                                      ("dgamma", "dbeta", "eq_dy", "eq_x", "eq_b")}}
+        sums = ("dgamma", "dbeta", "eq_dy", "eq_x", "eq_b")
+        out = {"g": self._empty((n, c, h, width)), **dict(zip(sums, self._zeros(len(sums), c)))}
         tensors.update(z=self._act(z_prev), s=self._channels(terms.s), b=self._channels(terms.b),
                        mean=self._channels(terms.mean), invstd=self._channels(terms.invstd),
                        gamma=self._channels(terms.gamma_eff), **out)
