@@ -1,7 +1,8 @@
 // Torch glue of the cuDNN conv graphs (csrc/cuda/cudnn_conv_graphs.h): lgc_fast._C.cudnn_conv_graph(conv, sbr, mask,
 // stats, dbn, dbn_apply, shape, keep_probability, tensors, plans), the primitive of conv_stack's cuDNN pieces
-// (lgc_fast/ops/conv_stack.py), with cudnn_conv_graph_check and cudnn_conv_graph_plans. Only in a CUDA build that found cuDNN's headers (LGC_WITH_CUDNN_GRAPHS, setup.py);
-// elsewhere lgc_fast._C has no such function and conv_stack runs its torch pieces.
+// (lgc_fast/ops/conv_stack.py), with cudnn_conv_graph_check and cudnn_conv_graph_plans. Only in a CUDA build that
+// found cuDNN's headers (LGC_WITH_CUDNN_GRAPHS, setup.py); elsewhere lgc_fast._C has no such function and conv_stack
+// runs its torch pieces.
 #ifdef LGC_WITH_CUDNN_GRAPHS
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,7 +35,8 @@ cg::GraphRequest make_request(const char* caller, const std::string& conv, bool 
   else TORCH_CHECK(mask == "none", caller, ": mask must be none, io, byte or rng, not ", mask);
   TORCH_CHECK(shape.size() == 7, caller, ": shape must be (n, c, k, h, w, r, dilation)");
   TORCH_CHECK(io == "bfloat16" || io == "float16", caller, ": io must be bfloat16 or float16, not ", io);
-  TORCH_CHECK(plans >= 1 && plans <= 16, caller, ": plans must be in [1, 16], got ", plans);
+  TORCH_CHECK(plans >= 1 && plans <= cg::kMaxPlans, caller, ": plans must be in [1, ", cg::kMaxPlans, "], got ",
+              plans);
   return {spec, {shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6]},
           io == "float16" ? CUDNN_DATA_HALF : CUDNN_DATA_BFLOAT16, keep_probability, static_cast<int>(plans)};
 }

@@ -37,6 +37,9 @@ inline void check_cudnn(cudnnStatus_t status, const char* what) {
                 (detail[0] ? std::string(" (") + detail + ")" : ""));
 }
 
+// The most engine configurations build_plans asks the heuristics for, so the most plans a graph can have.
+constexpr int kMaxPlans = 16;
+
 // A convolution layer: n x c x h x w in, k filters of c x r x r, stride 1, dilation dil, "same" zero padding.
 struct Shape {
   int64_t n, c, k, h, w, r, dil;
@@ -210,12 +213,11 @@ class Graph {
         last_error = e.what();
         continue;
       }
-      constexpr int kMaxConfigs = 16;
       std::vector<cudnnBackendDescriptor_t> configs;
-      for (int i = 0; i < kMaxConfigs; ++i) configs.push_back(keep(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR).get());
+      for (int i = 0; i < kMaxPlans; ++i) configs.push_back(keep(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR).get());
       int64_t returned = 0;
       check_cudnn(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                                           kMaxConfigs, &returned, configs.data()),
+                                           kMaxPlans, &returned, configs.data()),
                   "heuristics results");
       for (int64_t i = 0; i < returned && static_cast<int>(plans_.size()) < limit; ++i)
         try_plan(configs[i], last_error);

@@ -32,6 +32,12 @@ def bn_finalize_ref(total: torch.Tensor, sq_total: torch.Tensor, count: float, g
                     factor: float) -> BnTerms:
     """The finalize in plain torch (module docstring), the running statistics updated in place."""
     _check(total, sq_total, count, gamma, beta, running_mean, running_var, batch_stats, update_running)
+    return _finalize_torch(total, sq_total, count, gamma, beta, running_mean, running_var, batch_stats,
+                           update_running, momentum, eps, factor)
+
+
+def _finalize_torch(total, sq_total, count, gamma, beta, running_mean, running_var, batch_stats, update_running,
+                    momentum, eps, factor) -> BnTerms:
     if batch_stats:
         mean64 = total.double() / count
         var64 = (sq_total.double() / count - mean64 * mean64).clamp_min(0)
@@ -63,9 +69,8 @@ def bn_finalize(total: torch.Tensor, sq_total: torch.Tensor, count: float, gamma
             running = ", ".join(sorted(map(str, running_dtypes))) or "none"
             raise ValueError(f"bn_finalize: backend={backend!r} takes float32 or float64 vectors with the running "
                              f"statistics in total's dtype, got total {total.dtype}, running statistics {running}")
-        return bn_finalize_ref(total, sq_total, count, gamma, beta, running_mean, running_var,
-                               batch_stats=batch_stats, update_running=update_running, momentum=momentum, eps=eps,
-                               factor=factor)
+        return _finalize_torch(total, sq_total, count, gamma, beta, running_mean, running_var, batch_stats,
+                               update_running, momentum, eps, factor)
     vectors = [t.to(total.dtype).contiguous() for t in (sq_total, gamma, beta)]
     return BnTerms(*torch.ops.lgc_fast_C.bn_finalize(
         total.contiguous(), *vectors, running_mean, running_var, float(count), bool(batch_stats),

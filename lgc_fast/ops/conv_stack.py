@@ -161,7 +161,7 @@ def _top_epilogue(z, config, gamma, beta, pieces):
 
 
 GRAPHS = ("torch", "cudnn")
-MAX_CUDNN_PLANS = 16  # the glue's limit: heuristics return at most 16 configurations
+MAX_CUDNN_PLANS = 16  # csrc/cuda/cudnn_graph.h kMaxPlans: the heuristics configurations a graph takes at most
 _warned: set = set()
 
 

@@ -295,9 +295,8 @@ def _stack_graph_list(x_shape, weight_shapes, dilation: int, dropout_p: float, t
     arguments (conv, sbr, mask, stats, dbn, dbn_apply, shape, keep_probability: the RNG's alone)."""
     n, c, h, width = x_shape
     dropping = training and dropout_p > 0
-    mask, keep_probability = "none", 1.0
-    if dropping:
-        mask, keep_probability = (mask_mode, 1.0 - dropout_p) if mask_mode == "rng" else (mask_mode, 1.0)
+    mask = mask_mode if dropping else "none"
+    keep_probability = 1.0 - dropout_p if mask == "rng" else 1.0
     graphs = []
     for i, w_shape in enumerate(weight_shapes):
         k, r = w_shape[0], w_shape[-1]
