@@ -31,6 +31,14 @@ class KeepSpec(NamedTuple):
     p: float
 
 
+class RngKeep(NamedTuple):
+    """A KeepSpec as cuDNN's RNG op takes it: seed and offset as (1,) int64 device tensors, made once a block (by
+    CudnnGraphs.keep_mask) and bound by its three graphs."""
+    seed: torch.Tensor
+    offset: torch.Tensor
+    p: float
+
+
 class BnTerms(NamedTuple):
     """A block's BatchNorm as its prologue applies it: pre = z * s + b, from mean and invstd (the batch's in training,
     else the running ones) and gamma_eff = gamma * activation_scale / (1 - p) (beta likewise); float32 (float64)."""
@@ -167,10 +175,12 @@ class CudnnGraphs:
         return self._act(w)
 
     def keep_mask(self, keep: Optional[KeepSpec], like: torch.Tensor):
-        """The KeepSpec itself for the RNG's masks; for byte masks, the mask it names drawn once, (N, C, H, W) uint8
-        channels_last like `like`, kept for the block's backward graphs."""
-        if keep is None or self.mask == "rng":
-            return keep
+        """The form a block's mask is kept in between its graphs: for the RNG's masks its seed and offset on the device
+        (RngKeep); for byte masks, the mask it names drawn once, (N, C, H, W) uint8 channels_last like `like`."""
+        if keep is None:
+            return None
+        if self.mask == "rng":
+            return RngKeep(self._scalar(keep.seed), self._scalar(keep.offset), keep.p)
         mask = stack_keep_mask(keep.seed, keep.offset, like.shape, keep.p, like.device, torch.uint8)
         return mask.contiguous(memory_format=torch.channels_last)
 
@@ -207,7 +217,7 @@ class CudnnGraphs:
         if isinstance(keep, torch.Tensor):  # keep_mask's byte mask
             tensors["m"] = keep
             return "byte", 1.0
-        tensors["seed"], tensors["offset"] = self._scalar(keep.seed), self._scalar(keep.offset)
+        tensors["seed"], tensors["offset"] = keep.seed, keep.offset  # keep_mask's RngKeep
         return "rng", 1.0 - keep.p
 
     def _dy_tensors(self, tensors, dy) -> bool:
