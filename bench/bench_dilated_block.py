@@ -35,25 +35,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import device_name, environment, results_path, time_reps, write_results  # noqa: E402
+from common import datasheet_peak, device_name, environment, results_path, time_reps, write_results  # noqa: E402
 
 from lgc_fast.ops.dilated_block import dilated_block, dilated_conv  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: bf16/fp16, and tf32 for float32 convolutions.
-# Most specific name first; the H200 has the H100 SXM's compute.
-DATASHEET_PEAK = [("H200", (989.4, 494.7)), ("H100 PCIe", (756.5, 378.0)), ("H100 NVL", (835.0, 417.5)),
-                  ("H100", (989.4, 494.7))]
 DROPOUT_P = 0.1
 ACT = 0.1
 DILATION = 4
-
-
-def _datasheet_peak(name: str, dtype: torch.dtype):
-    for key, (half, tf32) in DATASHEET_PEAK:
-        if all(part in name for part in key.split()):
-            return tf32 if dtype == torch.float32 else half
-    return None
 
 
 def _matmul_ceiling(device, dtype, reps):
@@ -109,7 +98,7 @@ def run_gpu(args, device):
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         ceiling = _matmul_ceiling(device, dtype, args.reps)
-        peak = _datasheet_peak(name, dtype)
+        peak = datasheet_peak(name, dtype)
         for n in args.batches:
             for c_in in args.cin:
                 rows += _gpu_case(args, device, gen, dname, n, c_in, ceiling, peak)

@@ -9,6 +9,10 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
               lgc_fast.ops.bn_relu_dropout (LGCN.fuse_epilogues, `lgc-fast train --fused-epilogue`; its CUDA C++
               kernels on a GPU, its C++ kernels on the CPU; `lgc-fast train` uses it by default on the CPU, and on
               a GPU from batch 64).
+  lgc_fast-fused-fprop: lgc_fast-fused with every conv block's convolution on cuDNN's forward kernels, as
+              nn.Conv2d runs it (LGCN.use_conv_via("fprop")); the other modes take, per layer shape and direction,
+              the faster of the forward and data-gradient kernels, measured at the first step (lgc_fast.ops.same_conv2d;
+              the choices are in the results);
   lgc_fast-fused-nhwc-heads: lgc_fast-fused with channels_last output convolutions (LGCN.use_planar_heads(False)):
               kernel_conv and the loss change layout on every call, as before the planar heads (bench_layout.py).
   lgc_fast-stacks: lgc_fast-fused with the conv blocks as conv_stack on cuDNN's fused graphs where they build
@@ -49,12 +53,13 @@ from common import environment, format_table, results_path, time_interleaved, wr
 
 import lgc_fast  # noqa: E402
 from lgc_fast.model import LGCN  # noqa: E402
+from lgc_fast.ops.same_conv2d import same_conv2d_choices  # noqa: E402
 from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled_forward_loss,  # noqa: E402
                             default_amp, forward_loss, train_step)
 
 LANDMARKS = 68
 MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled",
-         "lgc_fast-fused-nhwc-heads", "lgc_fast-stacks", "lgc_fast-stacks-tuned")
+         "lgc_fast-fused-fprop", "lgc_fast-fused-nhwc-heads", "lgc_fast-stacks", "lgc_fast-stacks-tuned")
 TUNED_PLANS = 4
 
 
@@ -85,6 +90,7 @@ def make_step(mode: str, args, device: torch.device, batch: int, amp: bool):
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
     model.fuse_epilogues("fused" in mode or "stacks" in mode).use_planar_heads(not mode.endswith("-nhwc-heads"))
     model.use_conv_stacks("stacks" in mode, TUNED_PLANS if mode.endswith("-tuned") else 1)
+    model.use_conv_via("fprop" if mode.endswith("-fprop") else "auto")
     loss_fn = compiled_forward_loss(args.compile) if mode.endswith("-compiled") else forward_loss
     optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)
     images, points, labelled = make_batch(batch, args.size, device)
@@ -181,6 +187,7 @@ def main(argv=None) -> int:
                    "compare_amp": args.compare_amp, "loss_scale": LOSS_SCALE,
                    "clip_norm": 100.0, "optimizer": "SGD momentum 0.9"},
         "results": rows,
+        "same_conv2d_choices": same_conv2d_choices(),
     }
     path = write_results(args.out or results_path(device), "train_step", payload)
     print(f"wrote {path} (key train_step)")

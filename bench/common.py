@@ -44,6 +44,11 @@ PEAK_BANDWIDTH = [
     ("RTX 4090", 1.008e12),
 ]
 
+# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: bf16/fp16, and tf32 for float32 convolutions.
+# Most specific name first; the H200 has the H100 SXM's compute.
+DATASHEET_PEAK = [("H200", (989.4, 494.7)), ("H100 PCIe", (756.5, 378.0)), ("H100 NVL", (835.0, 417.5)),
+                  ("H100", (989.4, 494.7))]
+
 
 def op_bench_parser(doc: str, quick: str, batch: str) -> argparse.ArgumentParser:
     """A parser with the options every op bench takes: --device, --quick (`quick` says what it runs), --batch
@@ -61,6 +66,14 @@ def peak_bandwidth(name: str) -> float | None:
     for key, value in PEAK_BANDWIDTH:
         if key in name:
             return value
+    return None
+
+
+def datasheet_peak(name: str, dtype: torch.dtype) -> float | None:
+    """Datasheet dense tensor-core TFLOP/s of the device called `name` in `dtype` (TF32 for float32), or None."""
+    for key, (half, tf32) in DATASHEET_PEAK:
+        if all(part in name for part in key.split()):
+            return tf32 if dtype == torch.float32 else half
     return None
 
 

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]  (default all)
+#   bash bench/gpu_session.sh [tests|convs|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]
+#   (default all)
 # builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
+#   convs  which of cuDNN's kernel families (forward, or the transposed convolution's data-gradient kernels) is faster
+#          for each of the network's convolution shapes, forward and input gradient, at batch 128 bf16 channels_last
+#          (bench/bench_same_conv2d.py, with the choices same_conv2d's "auto" made), and what the training step gains
+#          from them (lgc_fast-fused, which takes them, against lgc_fast-fused-fprop, on the forward kernels only) at
+#          batch 64, 128 and 256;
 #   cudnn  whether cuDNN's runtime fusion takes the conv blocks' BN + ReLU (+ dropout mask) into the convolutions
 #          (bench/bench_cudnn_fusion.py): built or not, checked against float64, timed against the plain graphs and
 #          against torch's conv and lgc_fast's epilogue in the same run; the question #5's target turns on. It needs
@@ -69,6 +75,13 @@ if [[ $what == tests || $what == all ]]; then
   parallel=$(python -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
   python -m pytest -q -rs $parallel --ignore=tests/test_cuda_glue.py >"$LOGS/gpu_tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -40
+fi
+
+if [[ $what == convs || $what == all ]]; then
+  python bench/bench_same_conv2d.py 2>&1 | tee "$LOGS/bench_same_conv2d.txt" || status=1
+  python bench/bench_train_step.py --batch-sizes 64 128 256 --budget-s 4 --ref-runs 1 \
+    --modes lgc_fast-fused lgc_fast-fused-fprop --out "$LOGS/train_step_conv_via.json" 2>&1 \
+    | tee "$LOGS/bench_train_step_conv_via.txt" || status=1
 fi
 
 if [[ $what == cudnn || $what == cudnn_local || $what == all ]]; then

@@ -33,6 +33,7 @@ BENCHES = {
     "bn_relu_dropout": ([], ["--quick"]),
     "layout": ([], ["--quick"]),
     "bn_finalize": ([], ["--quick"]),
+    "same_conv2d": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "inference": ([], ["--frames", "720p", "--runs", "1", "--warmup", "0"]),
     "detect": ([], ["--quick"]),
@@ -163,6 +164,26 @@ def rows_bn_finalize(entry, device):
                        device)
 
 
+def rows_same_conv2d(entry, device):
+    size = f"batch {entry.get('batch')}, {entry.get('size')}^2 {entry.get('dtype')} {entry.get('layout')}"
+    groups = {}
+    for r in entry.get("results", []):
+        groups.setdefault((r["layer"], r["direction"]), []).append(r)
+    for (layer, direction), rows in groups.items():
+        base = rows[0]  # the bench lists each direction's baseline first
+        for r in rows[1:]:
+            yield _row(f"{layer} conv {direction}: {r['method']} vs {base['method']}", size, r["median_ms"],
+                       base["median_ms"], device)
+    # the first layer's image with channels_last strides (what LGCN passes) against planar ones (what it passed)
+    firsts = {layer: rows[0] for (layer, direction), rows in groups.items()
+              if layer.startswith("local 5x5, first") and direction == "forward"}
+    cl, planar = (next((r for name, r in firsts.items() if name.endswith(kind)), None)
+                  for kind in ("channels_last image", "planar image"))
+    if cl is not None and planar is not None:
+        yield _row(f"local 5x5, first conv forward ({cl['method']}): channels_last image vs planar image", size,
+                   cl["median_ms"], planar["median_ms"], device)
+
+
 def rows_train_step(entry, device):
     config = entry.get("config", {})
     numerics = "bfloat16 autocast" if config.get("amp") else "float32"
@@ -177,6 +198,11 @@ def rows_train_step(entry, device):
                 yield _row(f"train step ({name}) vs eager torch reference",
                            f"batch {batch}, width {config.get('width')}, {numerics}", modes[mode]["median_ms"],
                            modes["eager-ref"]["median_ms"], device)
+        if "lgc_fast-fused" in modes and "lgc_fast-fused-fprop" in modes:
+            yield _row("train step (lgc_fast-fused: convolutions on cuDNN's faster kernel family) vs the same on its "
+                       "forward kernels only (lgc_fast-fused-fprop)", f"batch {batch}, width {config.get('width')}, "
+                       f"{numerics}", modes["lgc_fast-fused"]["median_ms"],
+                       modes["lgc_fast-fused-fprop"]["median_ms"], device)
         for mode, r in modes.items():  # --compare-amp: bfloat16 autocast against float32, same mode, same run
             other = modes.get(f"{mode}+no-amp" if r.get("amp") else f"{mode}+amp")
             if other is not None:

@@ -70,7 +70,7 @@ class ExportableLGCN(nn.Module):
 
     def __init__(self, model: LGCN, form: str = "separable"):
         super().__init__()
-        self.net = model.folded()
+        self.net = model.folded().use_conv_via("fprop")  # Conv nodes, whatever a GPU measured
         # LGCN.forward convolves C-channel maps
         self.net.kernel = KernelConv2d(model.n_landmarks, form, scale=model.kernel.scale)
 

@@ -25,7 +25,10 @@ from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn,
 from lgc_fast.ops.dilated_block import dilated_conv, fold_batchnorm
 from lgc_fast.ops.kernel_conv import RADIUS as KERNEL_RADIUS
 from lgc_fast.ops.kernel_conv import kernel_conv
-from lgc_fast.ops.layout import channels_last_cat, is_channels_last, layout_backend, pointwise_conv_planar
+from lgc_fast.ops.layout import (channels_last_cat, channels_last_strided, is_channels_last, layout_backend,
+                                 pointwise_conv_planar)
+from lgc_fast.ops.same_conv2d import VIAS as CONV_VIAS
+from lgc_fast.ops.same_conv2d import same_conv2d
 
 VARIANTS = ("release", "paper")
 GLOBAL_LAYERS = 7
@@ -64,6 +67,19 @@ def bf16_dilated_weight_grad_hazard(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return bf16 and (is_channels_last(x) or is_channels_last(conv.weight) or torch.compiler.is_compiling())
 
 
+def run_conv(conv: nn.Conv2d, x: torch.Tensor, via: str) -> torch.Tensor:
+    """conv(x); a same-size convolution with a spatial filter (stride 1, odd square filter from 3x3, zero padding
+    dilation * (k // 2)) runs as ``lgc_fast.ops.same_conv2d`` with `via` ("auto": on a GPU the faster of cuDNN's
+    forward and data-gradient kernels for its shape, measured at its first call). 1x1 convolutions stay modules
+    (``PointwiseConv`` writes planar maps)."""
+    k, dilation = conv.kernel_size[0], conv.dilation[0]
+    if (conv.kernel_size != (k, k) or k % 2 == 0 or k < 3 or conv.stride != (1, 1) or conv.groups != 1
+            or conv.padding_mode != "zeros" or conv.dilation != (dilation, dilation)
+            or conv.padding != (dilation * (k // 2),) * 2):
+        return conv(x)
+    return same_conv2d(x, conv.weight, conv.bias, dilation, via)
+
+
 def count_training_batch(bn: nn.BatchNorm2d) -> float:
     """nn.BatchNorm2d's bookkeeping of one training batch, for the ops that update its running statistics: counts the
     batch where it tracks them, and returns the momentum of this update (1 / count, the cumulative average, where its
@@ -97,13 +113,14 @@ class ConvBlock(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fused_epilogue = False
         self.seeded_dropout = False
+        self.conv_via = "auto"  # LGCN.use_conv_via
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         if bf16_dilated_weight_grad_hazard(conv, x):
             z = dilated_conv(x, conv.weight.to(x.dtype), conv.dilation[0])
         else:
-            z = conv(x)
+            z = run_conv(conv, x, self.conv_via)
         backend = fused_backend(z.device) if self.fused_epilogue else None
         if backend is not None:
             return self._fused_epilogue(z, backend)
@@ -194,9 +211,10 @@ class FoldedConvBlock(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
+        self.conv_via = "auto"  # LGCN.use_conv_via
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu_(self.conv(x))
+        return torch.relu_(run_conv(self.conv, x, self.conv_via))
 
 
 class PointwiseConv(nn.Conv2d):
@@ -275,6 +293,7 @@ class LGCN(nn.Module):
     is_folded = False  # True on the inference copies of ``folded``
     conv_stacks = False  # ``use_conv_stacks``
     cudnn_plans = 1
+    conv_via = "auto"  # ``use_conv_via``
 
     def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
                  local_layers=None):
@@ -352,6 +371,19 @@ class LGCN(nn.Module):
         self.conv_stacks, self.cudnn_plans = bool(enabled), cudnn_plans
         return self
 
+    def use_conv_via(self, via: str = "auto") -> "LGCN":
+        """Which of cuDNN's kernel families runs the conv blocks' convolutions (``lgc_fast.ops.same_conv2d``): "auto"
+        (the default: per layer shape and direction the faster, measured on the GPU at its first call; the forward
+        kernels on the CPU), "fprop" (the forward kernels, as nn.Conv2d) or "dgrad" (the transposed convolution's).
+        The outputs are equal up to rounding order; the weights and state_dict do not change. Returns self."""
+        if via not in ("auto",) + CONV_VIAS:
+            raise ValueError(f"via must be one of auto, {', '.join(CONV_VIAS)}, not {via!r}")
+        self.conv_via = via
+        for module in self.modules():
+            if isinstance(module, (ConvBlock, FoldedConvBlock)):
+                module.conv_via = via
+        return self
+
     def use_planar_heads(self, enabled: bool = True) -> "LGCN":
         """With channels_last activations: whether the 1x1 output convolutions write planar maps (``PointwiseConv``)
         that kernel_conv and the loss read as they are, the global subnet's input then joined channels_last by
@@ -366,8 +398,9 @@ class LGCN(nn.Module):
         """An inference copy of the network: every conv block's BatchNorm (running statistics) and 0.1 activation
         scale folded into its convolution (``fold_conv_block``), and the release branch's BatchNorm likewise; dropout
         is gone. It gives this network's eval-mode outputs (to rounding) with two to three fewer passes over each
-        block's activations, and is in eval mode. Its state_dict differs (convolution biases, no BatchNorm): save the
-        original, not the copy. This network is left untouched; a folded network returns itself."""
+        block's activations, and is in eval mode, in this network's layout. Its state_dict differs (convolution
+        biases, no BatchNorm): save the original, not the copy. This network is left untouched; a folded network
+        returns itself."""
         if self.is_folded:
             return self
         copy = LGCN(**self.config).to(device=self.global_out.weight.device, dtype=self.global_out.weight.dtype)
@@ -380,7 +413,13 @@ class LGCN(nn.Module):
             conv, bn, _ = copy.branch
             copy.branch = fold_conv_block(conv, bn)
         copy.is_folded = True
-        return copy.eval()
+        if self._channels_last():
+            copy = copy.to(memory_format=torch.channels_last)
+        return copy.use_conv_via(self.conv_via).eval()
+
+    def _channels_last(self) -> bool:
+        """Whether the network was made channels_last (.to(memory_format=...)), by a filter whose layout tells."""
+        return is_channels_last(self.global_features[-1].conv.weight)
 
     @property
     def receptive_radius(self) -> int:
@@ -396,6 +435,12 @@ class LGCN(nn.Module):
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"x must have shape (N, 1, H, W), got {tuple(x.shape)}")
         h = (x / 128.0 - 1.0) * INPUT_SCALE
+        if self._channels_last():
+            # A 1-channel image keeps planar strides through .contiguous(memory_format=channels_last) (and the first
+            # filter through .to(memory_format=...)); the first convolution then writes a planar map, which the
+            # channels_last second layer converts back, and oneDNN's planar kernel was 2x slower here
+            # (bench/bench_same_conv2d.py). With channels_last strides its output is channels_last.
+            h = channels_last_strided(h)
         feats = run_blocks(self.local_features, h, self.conv_stacks, self.cudnn_plans)
         o_local = self.local_out(feats)
         local = self.kernel(o_local)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from conftest import available_backends, devices
 from lgc_fast.model import LGCN, PointwiseConv
-from lgc_fast.ops.layout import (_cat_op, _split_op, channels_last_cat, channels_last_cat_ref, planar_split,
-                                 planar_split_ref, pointwise_conv_planar, pointwise_conv_planar_ref)
+from lgc_fast.ops.layout import (_cat_op, _split_op, channels_last_cat, channels_last_cat_ref, channels_last_strided,
+                                 planar_split, planar_split_ref, pointwise_conv_planar, pointwise_conv_planar_ref)
 from lgc_fast.train import forward_loss
 
 kernel_conv_module = importlib.import_module("lgc_fast.ops.kernel_conv")
@@ -223,3 +223,17 @@ def test_network_with_planar_heads_compiles_fullgraph():
     loss = compiled(model, images, points, labelled, False)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 6), (2, 3, 5, 6), (1, 4, 1, 1)])
+def test_channels_last_strided_gives_channel_stride_one(shape):
+    x = torch.randn(shape)
+    y = channels_last_strided(x)
+    n, c, h, w = shape
+    assert y.stride() == (h * w * c, 1, w * c, c) and torch.equal(y, x)
+    assert channels_last_strided(y) is y
+    # what it is for: a 1-channel map that .contiguous(memory_format=channels_last) leaves planar
+    if c == 1:
+        assert x.contiguous(memory_format=torch.channels_last).stride() == x.stride() != y.stride()
+        weight = torch.randn(3, 1, 3, 3)
+        assert F.conv2d(y, weight, padding=1).stride(1) == 1 and F.conv2d(x, weight, padding=1).stride(1) != 1

@@ -130,6 +130,28 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(omega, ref_omega, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("folded", [False, True])
+def test_channels_last_network_keeps_every_conv_output_channels_last(folded):
+    """The 1-channel image stays planar through .contiguous(memory_format=channels_last); the network gives it
+    channels_last strides, so the first convolution's output is channels_last too, as every later layer's is (a
+    planar one would be converted back by the second layer, and oneDNN's planar kernel is slower)."""
+    x = images().contiguous(memory_format=torch.channels_last)
+    assert x.stride(1) != 1  # the image itself stays planar
+    for memory_format, channel_stride in ((torch.channels_last, 1), (torch.contiguous_format, 24 * 20)):
+        model = tiny().eval().to(memory_format=memory_format)
+        model = model.folded() if folded else model
+        strides = []
+        hooks = [b.register_forward_hook(lambda m, i, o: strides.append((i[0].stride(1), o.stride(1))))
+                 for b in list(model.local_features) + list(model.global_features)]
+        with torch.no_grad():
+            model(x if memory_format == torch.channels_last else x.contiguous())
+        for hook in hooks:
+            hook.remove()
+        assert strides[0][1] == channel_stride and all(s[1] == channel_stride for s in strides)
+        if memory_format == torch.channels_last:
+            assert all(s == (1, 1) for s in strides)
+
+
 def test_bf16_autocast_forward_and_backward():
     model = tiny().eval()
     x = images()

@@ -25,12 +25,21 @@ from lgc_fast.ops.kernel_conv import kernel_2d, kernel_conv, kernel_conv_ref, ke
 from lgc_fast.ops.layout import (
     channels_last_cat,
     channels_last_cat_ref,
+    channels_last_strided,
     planar_split,
     planar_split_ref,
     pointwise_conv_planar,
     pointwise_conv_planar_ref,
 )
 from lgc_fast.ops.lgc_loss import lgc_loss, lgc_loss_ref, loss_weights, splat_heatmaps, target_maps_ref
+from lgc_fast.ops.same_conv2d import (
+    clear_same_conv2d_choices,
+    same_conv2d,
+    same_conv2d_choices,
+    same_conv2d_ref,
+    transposed_filter,
+    tune_same_conv2d,
+)
 
 __all__ = [
     "bn_finalize", "bn_finalize_ref",
@@ -41,7 +50,9 @@ __all__ = [
     "draw_dropout_mask", "fold_batchnorm",
     "ShapeFit", "fit_shape", "fit_shape_ref", "fit_shape_stats", "fit_shape_stats_ref",
     "kernel_2d", "kernel_conv", "kernel_conv_ref", "kernel_taps",
-    "channels_last_cat", "channels_last_cat_ref", "planar_split", "planar_split_ref", "pointwise_conv_planar",
+    "channels_last_cat", "channels_last_cat_ref", "channels_last_strided", "planar_split", "planar_split_ref", "pointwise_conv_planar",
     "pointwise_conv_planar_ref",
     "lgc_loss", "lgc_loss_ref", "loss_weights", "splat_heatmaps", "target_maps_ref",
+    "clear_same_conv2d_choices", "same_conv2d", "same_conv2d_choices", "same_conv2d_ref", "transposed_filter",
+    "tune_same_conv2d",
 ]

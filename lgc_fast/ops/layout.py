@@ -31,6 +31,16 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def channels_last_strided(x: torch.Tensor) -> torch.Tensor:
+    """x: (N, C, H, W) with channels_last strides (stride 1 between channels), copied where it has others. Unlike
+    ``x.contiguous(memory_format=torch.channels_last)``, which returns a 1-channel map unchanged (it counts as
+    channels_last already), this gives it the strides from which torch's convolutions pick a channels_last output."""
+    n, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 def _new_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """The empty channels_last (N, sum C_i, H, W) map that channels_last_cat fills."""
     first = parts[0]
