@@ -70,7 +70,8 @@ class ExportableLGCN(nn.Module):
 
     def __init__(self, model: LGCN, form: str = "separable"):
         super().__init__()
-        self.net = model.folded().use_conv_via("fprop")  # Conv nodes, whatever a GPU measured
+        # standard ONNX nodes: planar (no layout copies or batched products) and F.conv2d, whatever a GPU measured
+        self.net = model.folded().to(memory_format=torch.contiguous_format).use_conv_via("fprop")
         # LGCN.forward convolves C-channel maps
         self.net.kernel = KernelConv2d(model.n_landmarks, form, scale=model.kernel.scale)
 

@@ -57,6 +57,17 @@ def test_exported_graph_runs_in_onnxruntime_like_pytorch(form, tmp_path):
     assert onnx_check(path, model, images) < CHECK_TOLERANCE  # a real face; dynamic batch and spatial size
 
 
+def test_a_channels_last_network_exports_as_standard_convolutions(tmp_path):
+    """Its folded copy is channels_last too (LGCN.folded keeps the layout), and would hold layout copies and the
+    planar heads' batched products; the export runs it planar, with F.conv2d whatever the GPU measured."""
+    model = tiny().to(memory_format=torch.channels_last).use_conv_via("dgrad")
+    path = tmp_path / "cl.onnx"
+    export_onnx(model, path, probe=face_probe())
+    graph = onnx.load(str(path))
+    assert not {node.op_type for node in graph.graph.node} & {"ConvTranspose", "MatMul", "Transpose"}
+    assert onnx_check(path, model, [face_probe()]) < CHECK_TOLERANCE
+
+
 def test_export_command(tmp_path, capsys):
     model = tiny("paper")
     save_checkpoint(tmp_path / "w.pt", {"config": model.config, "model": model.state_dict()})

@@ -152,6 +152,19 @@ def test_channels_last_network_keeps_every_conv_output_channels_last(folded):
             assert all(s == (1, 1) for s in strides)
 
 
+def test_folded_channels_last_network_runs_with_autograd_recording():
+    """The release branch's folded block applies its ReLU in place to the planar head's output, which must then not
+    be a view made inside pointwise_conv_planar's autograd function."""
+    model = tiny().eval().to(memory_format=torch.channels_last)
+    folded = model.folded()
+    x = images().requires_grad_()
+    omega = folded(x)[1]
+    omega.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(omega, model(x)[1], rtol=1e-4, atol=1e-5)
+    assert x.grad.isfinite().all()
+
+
 def test_bf16_autocast_forward_and_backward():
     model = tiny().eval()
     x = images()
