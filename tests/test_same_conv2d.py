@@ -298,3 +298,17 @@ def test_dgrad_keeps_the_layouts_of_f_conv2d(c, k, x_format, w_format):
     grads = [torch.autograd.grad(y, x, grad)[0] for y in outputs]
     for fmt in (torch.channels_last, torch.contiguous_format):
         assert grads[0].is_contiguous(memory_format=fmt) == grads[1].is_contiguous(memory_format=fmt)
+
+
+def test_auto_keeps_a_calls_families_except_while_compiling_or_capturing(monkeypatch):
+    x, weight, _ = operands(3)
+    monkeypatch.setattr(module, "_transient", lambda: True)
+    same_conv2d(x, weight)
+    assert not module._pairs  # what compilation or capture takes is not kept for the calls after it
+    monkeypatch.setattr(module, "_transient", lambda: False)
+    same_conv2d(x, weight)
+    assert list(module._pairs.values()) == [("fprop", "fprop")]
+    monkeypatch.setattr(module, "_measure", fake_measure({"forward": "dgrad", "input_grad": "fprop"}))
+    tune_same_conv2d(x, weight)  # a new record: the kept families are found again
+    assert not module._pairs
+    assert same_conv2d(x, weight).grad_fn is None and list(module._pairs.values()) == [("dgrad", "fprop")]

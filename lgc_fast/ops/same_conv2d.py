@@ -49,8 +49,10 @@ VIAS = ("fprop", "dgrad")
 TUNE_RUNS = 5
 TUNE_MARGIN = 0.03  # dgrad must be this much faster: a choice flipped by timing noise gains nothing
 
-# configuration key -> (via, fprop ms, dgrad ms); shared by all threads (a dict update is atomic under the GIL)
+# Shared by all threads (a dict update is atomic under the GIL): a direction's configuration -> (via, fprop ms,
+# dgrad ms), and a call's configuration -> (forward via, input gradient via)
 _choices: dict[tuple, tuple[str, float, float]] = {}
+_pairs: dict[tuple, tuple[str, str]] = {}
 
 
 def same_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -166,23 +168,43 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return ("dgrad" if dgrad < (1.0 - TUNE_MARGIN) * fprop else "fprop"), fprop, dgrad
 
 
-def _can_time(x: torch.Tensor) -> bool:
+def _transient() -> bool:
+    """Whether nothing can be timed now, and what "auto" takes now must not be kept: compilation, tracing, capture."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _choose(x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-            dtype: torch.dtype, transposed: bool) -> str:
+            dtype: torch.dtype, transposed: bool, transient: bool) -> str:
     """"auto"'s family for one direction: the recorded choice, else a new measurement where one can be taken (a GPU,
     outside compilation and capture), else "fprop"."""
     key = _key(x_shape, weight, dtype, dilation, bias is not None, is_channels_last(x), transposed, x.device)
     choice = _choices.get(key)
     if choice is None:
-        if not _can_time(x):
+        if transient or x.device.type != "cuda":
             return "fprop"
         choice = _tune(key, x, x_shape, weight, bias, dilation, dtype, transposed)
     return choice[0]
+
+
+def _auto(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> tuple[str, str]:
+    """"auto"'s families (forward, input gradient) for this call. Kept per call configuration, so that a call costs
+    one dict lookup once its directions are settled (the model makes about 20 a step)."""
+    dtype = _compute_dtype(x)
+    needs_input_grad = torch.is_grad_enabled() and x.requires_grad
+    cudnn = torch.backends.cudnn
+    key = (x.device, dtype, x.shape, weight.shape, dilation, bias is not None, is_channels_last(x), needs_input_grad,
+           cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    pair = _pairs.get(key)
+    if pair is None:
+        transient = _transient()
+        grad_shape = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
+        pair = (_choose(x, x.shape, weight, bias, dilation, dtype, False, transient),
+                _choose(x, grad_shape, weight, None, dilation, dtype, True, transient) if needs_input_grad else "fprop")
+        if not transient:
+            _pairs[key] = pair
+    return pair
 
 
 def _tune(key: tuple, x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
@@ -197,6 +219,7 @@ def _tune(key: tuple, x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Opti
         choice = _measure(operand, weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
                           dilation, transposed)
     _choices[key] = choice
+    _pairs.clear()  # a call configuration settled before may take this direction
     return choice
 
 
@@ -224,14 +247,8 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     _check(x, weight, bias, dilation, via)
     if via == "auto":
-        if os.environ.get(ENV_VAR) == "ref":
-            via_forward = via_input = "fprop"
-        else:
-            dtype = _compute_dtype(x)
-            via_forward = _choose(x, x.shape, weight, bias, dilation, dtype, False)
-            needs_input_grad = torch.is_grad_enabled() and x.requires_grad
-            via_input = _choose(x, (x.shape[0], weight.shape[0]) + tuple(x.shape[2:]), weight, None, dilation,
-                                dtype, True) if needs_input_grad else "fprop"
+        via_forward, via_input = ("fprop", "fprop") if os.environ.get(ENV_VAR) == "ref" else \
+            _auto(x, weight, bias, dilation)
     else:
         via_forward = via_input = via
     if via_forward == via_input == "fprop":
@@ -274,3 +291,4 @@ def same_conv2d_choices() -> list[dict]:
 def clear_same_conv2d_choices() -> None:
     """Forgets every recorded choice (the next "auto" call of each configuration measures again)."""
     _choices.clear()
+    _pairs.clear()
