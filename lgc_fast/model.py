@@ -214,7 +214,10 @@ class FoldedConvBlock(nn.Module):
         self.conv_via = "auto"  # LGCN.use_conv_via
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu_(run_conv(self.conv, x, self.conv_via))
+        z = run_conv(self.conv, x, self.conv_via)
+        # in place where nothing records (inference); a planar head's output is a view made inside its autograd
+        # function (pointwise_conv_planar), which autograd forbids modifying in place
+        return torch.relu(z) if torch.is_grad_enabled() else torch.relu_(z)
 
 
 class PointwiseConv(nn.Conv2d):

@@ -185,15 +185,12 @@ class _PointwisePlanar(torch.autograd.Function):
         dtype = _compute_dtype(x)
         pixels = x.to(dtype).permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view for a channels_last x
         w2 = weight.to(dtype).reshape(k, c)
-        # the product written into the (N, K, H, W) map itself: a view returned from a Function could not be
-        # modified in place (FoldedConvBlock's ReLU) where autograd records
-        out = torch.empty((n, k, h, w), dtype=dtype, device=x.device)
-        torch.bmm(w2.expand(n, k, c), pixels.transpose(1, 2), out=out.view(n, k, h * w))
+        out = torch.bmm(w2.expand(n, k, c), pixels.transpose(1, 2))
         if bias is not None:
-            out += bias.to(dtype).view(1, k, 1, 1)
+            out += bias.to(dtype).view(1, k, 1)
         ctx.save_for_backward(pixels, w2)
         ctx.shapes = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return out
+        return out.view(n, k, h, w)
 
     @staticmethod
     def backward(ctx, grad):

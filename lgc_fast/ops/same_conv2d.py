@@ -223,6 +223,12 @@ def _tune(key: tuple, x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Opti
     return choice
 
 
+def _reference_requested() -> bool:
+    """LGC_FAST_BACKEND=ref; not read while compiling (torch 2.4's dynamo fails on the lookup of an unset variable),
+    where "auto" takes a recorded choice or "fprop"."""
+    return not torch.compiler.is_compiling() and os.environ.get(ENV_VAR) == "ref"
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int, via: str) -> None:
     check_maps(x, "x")
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2] != weight.shape[3] or \
@@ -247,8 +253,7 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     _check(x, weight, bias, dilation, via)
     if via == "auto":
-        via_forward, via_input = ("fprop", "fprop") if os.environ.get(ENV_VAR) == "ref" else \
-            _auto(x, weight, bias, dilation)
+        via_forward, via_input = ("fprop", "fprop") if _reference_requested() else _auto(x, weight, bias, dilation)
     else:
         via_forward = via_input = via
     if via_forward == via_input == "fprop":
