@@ -67,17 +67,23 @@ def bf16_dilated_weight_grad_hazard(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return bf16 and (is_channels_last(x) or is_channels_last(conv.weight) or torch.compiler.is_compiling())
 
 
-def run_conv(conv: nn.Conv2d, x: torch.Tensor, via: str) -> torch.Tensor:
-    """conv(x); a same-size convolution with a spatial filter (stride 1, odd square filter from 3x3, zero padding
-    dilation * (k // 2)) runs as ``lgc_fast.ops.same_conv2d`` with `via` ("auto": on a GPU the faster of cuDNN's
-    forward and data-gradient kernels for its shape, measured at its first call). 1x1 convolutions stay modules
-    (``PointwiseConv`` writes planar maps)."""
+def same_size_conv(conv: nn.Conv2d) -> bool:
+    """Whether conv is the convolution that same_conv2d and conv_stack compute: stride 1, one group, an odd square
+    filter, one dilation both ways and zero padding dilation * (k // 2), so the map keeps its size."""
     k, dilation = conv.kernel_size[0], conv.dilation[0]
-    if (conv.kernel_size != (k, k) or k % 2 == 0 or k < 3 or conv.stride != (1, 1) or conv.groups != 1
-            or conv.padding_mode != "zeros" or conv.dilation != (dilation, dilation)
-            or conv.padding != (dilation * (k // 2),) * 2):
+    return (conv.kernel_size == (k, k) and k % 2 == 1 and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.dilation == (dilation, dilation)
+            and conv.padding == (dilation * (k // 2),) * 2)
+
+
+def run_conv(conv: nn.Conv2d, x: torch.Tensor, via: str) -> torch.Tensor:
+    """conv(x); a same-size convolution (``same_size_conv``) with a spatial filter runs as
+    ``lgc_fast.ops.same_conv2d`` with `via` ("auto": on a GPU the faster of cuDNN's forward and data-gradient kernels
+    for its shape, measured at its first call). 1x1 convolutions stay modules (``PointwiseConv`` writes planar
+    maps)."""
+    if conv.kernel_size[0] < 3 or not same_size_conv(conv):
         return conv(x)
-    return same_conv2d(x, conv.weight, conv.bias, dilation, via)
+    return same_conv2d(x, conv.weight, conv.bias, conv.dilation[0], via)
 
 
 def count_training_batch(bn: nn.BatchNorm2d) -> float:
@@ -174,10 +180,9 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, conv_stacks: bool = False
 
 def _stack_key(block: "ConvBlock"):
     conv, bn = block.conv, block.bn
-    r, dil = conv.kernel_size[0], conv.dilation[0]
-    if (conv.kernel_size != (r, r) or conv.dilation != (dil, dil) or conv.padding != (dil * (r // 2),) * 2
-            or conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None or not bn.affine):
+    if not same_size_conv(conv) or conv.bias is not None or not bn.affine:
         return None
+    r, dil = conv.kernel_size[0], conv.dilation[0]
     p = block.drop.p if isinstance(block.drop, nn.Dropout) else 0.0
     return r, dil, p, block.act_scale, bn.eps, bn.momentum, bn.track_running_stats
 

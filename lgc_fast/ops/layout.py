@@ -166,7 +166,7 @@ def pointwise_conv_planar_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return F.conv2d(x, weight, bias).contiguous()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def conv_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution of x would run in: autocast's where it is on (as for F.conv2d), else x's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -182,7 +182,7 @@ class _PointwisePlanar(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         n, c, h, w = x.shape
         k = weight.shape[0]
-        dtype = _compute_dtype(x)
+        dtype = conv_dtype(x)
         pixels = x.to(dtype).permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view for a channels_last x
         w2 = weight.to(dtype).reshape(k, c)
         out = torch.bmm(w2.expand(n, k, c), pixels.transpose(1, 2))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from lgc_fast._backend import ENV_VAR
 from lgc_fast.ops._checks import check_maps
-from lgc_fast.ops.layout import is_channels_last
+from lgc_fast.ops.layout import conv_dtype, is_channels_last
 
 VIAS = ("fprop", "dgrad")
 TUNE_RUNS = 5
@@ -115,11 +115,9 @@ class _SameConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.conv2d of x would run in: autocast's where it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+def _output_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """(N, O, H, W): the output's shape, and the output gradient's, which x's gradient convolves."""
+    return (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
 
 
 def _key(x_shape, weight: torch.Tensor, dtype: torch.dtype, dilation: int, has_bias: bool, channels_last: bool,
@@ -191,7 +189,7 @@ def _choose(x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Optional[torch
 def _auto(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> tuple[str, str]:
     """"auto"'s families (forward, input gradient) for this call. Kept per call configuration, so that a call costs
     one dict lookup once its directions are settled (the model makes about 20 a step)."""
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
     needs_input_grad = torch.is_grad_enabled() and x.requires_grad
     cudnn = torch.backends.cudnn
     key = (x.device, dtype, x.shape, weight.shape, dilation, bias is not None, is_channels_last(x), needs_input_grad,
@@ -199,9 +197,9 @@ def _auto(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], d
     pair = _pairs.get(key)
     if pair is None:
         transient = _transient()
-        grad_shape = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
         pair = (_choose(x, x.shape, weight, bias, dilation, dtype, False, transient),
-                _choose(x, grad_shape, weight, None, dilation, dtype, True, transient) if needs_input_grad else "fprop")
+                _choose(x, _output_shape(x, weight), weight, None, dilation, dtype, True, transient)
+                if needs_input_grad else "fprop")
         if not transient:
             _pairs[key] = pair
     return pair
@@ -258,7 +256,7 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         via_forward = via_input = via
     if via_forward == via_input == "fprop":
         return same_conv2d_ref(x, weight, bias, dilation)
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     return _SameConv.apply(x, weight, bias, dilation, via_forward, via_input)
@@ -270,11 +268,11 @@ def tune_same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     records the choices that ``same_conv2d(via="auto")`` then takes: for the forward and, with `input_grad`, for x's
     gradient. Returns {"forward": via, "input_grad": via}."""
     _check(x, weight, bias, dilation, "auto")
-    dtype = _compute_dtype(x)
+    dtype = conv_dtype(x)
     result = {}
     directions = [("forward", x.shape, bias, False)]
     if input_grad:
-        directions.append(("input_grad", (x.shape[0], weight.shape[0]) + tuple(x.shape[2:]), None, True))
+        directions.append(("input_grad", _output_shape(x, weight), None, True))
     for name, shape, b, transposed in directions:
         key = _key(shape, weight, dtype, dilation, b is not None, is_channels_last(x), transposed, x.device)
         result[name] = _tune(key, x, shape, weight, b, dilation, dtype, transposed)[0]
