@@ -71,11 +71,12 @@ RUN_SETTINGS = ("variant", "width", "local_layers", "dropout", "image_size", "ba
                 "clip_norm", "seed", "val_fraction", "limit", "augment", "world_size", "backgrounds",
                 "background_fraction")
 # Settings that change only the floating-point details; --resume warns that the result is no longer bit-identical.
-NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue", "conv_stacks")
+NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_epilogue", "conv_stacks",
+                    "deterministic")
 # The numeric options whose None means "not given": --resume then keeps the run's own value.
-DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue", "conv_stacks")
+DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue", "conv_stacks", "deterministic")
 # What a run recorded before a setting existed ran with.
-NUMERIC_SETTING_BEFORE = {"conv_stacks": False}
+NUMERIC_SETTING_BEFORE = {"conv_stacks": False, "deterministic": False}
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -136,6 +137,11 @@ def add_arguments(p) -> None:
                    help="in training, run each run of like conv blocks as lgc_fast.ops.conv_stack on cuDNN's fused "
                         "graphs (BatchNorm, ReLU and dropout inside the convolutions) where a CUDA build has them and "
                         "they build, else as before (default: off; not yet measured on a GPU)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="on a GPU, the same run gives the same weights bit for bit, also stopped and resumed: "
+                        "cuDNN's deterministic algorithms, no benchmark-mode search, convolutions on the forward "
+                        "kernels (same_conv2d's timed choice of family can differ between processes); slower "
+                        "(default: off; the CPU is deterministic either way)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
@@ -267,7 +273,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "device_augment": cuda and args.augment, "compile": args.compile or False,
         "fused_epilogue": _default_fused_epilogue(device, args.batch_size) if args.fused_epilogue is None
         else bool(args.fused_epilogue),
-        "conv_stacks": bool(args.conv_stacks),
+        "conv_stacks": bool(args.conv_stacks), "deterministic": bool(args.deterministic),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }
@@ -521,8 +527,12 @@ def _train(args, dist_: ProcessGroup) -> TrainResult:
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).fuse_epilogues(settings["fused_epilogue"])
     model.use_conv_stacks(settings["conv_stacks"])
+    if settings["deterministic"]:
+        model.use_conv_via("fprop")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop and batch shapes: pick each conv's fastest algorithm once
+        # fixed crop and batch shapes: pick each conv's fastest algorithm once, unless the run must repeat exactly
+        torch.backends.cudnn.benchmark = not settings["deterministic"]
+        torch.backends.cudnn.deterministic = settings["deterministic"]
     optimizer = _make_optimizer(model.parameters(), args.lr, args.momentum)
     augment_generator = torch.Generator(device).manual_seed(args.seed + 7919 * rank) \
         if settings["device_augment"] else None

@@ -231,14 +231,14 @@ def test_eval_fit_and_mirror_run_the_detector_pipeline(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out),
                  "--workers", "0", "--fit", "--shape-model", str(tmp_path / "shapes.npz"), "--mirror",
-                 "--decode", "local_gaussian", "--fit-threshold", "0.3"]) == 0
+                 "--decode", "local_gaussian", "--fit-threshold", "0.3", "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["fit"] and report["mirror"] and report["decode"] == "local_gaussian"
     assert report["fit_threshold"] == 0.3
     assert "shape fit (threshold 0.3) + local_gaussian blend, mirrored" in format_summary(report)
     with open(out / "errors.csv") as f:
         got = [float(r["inter_ocular/68"]) for r in csv.DictReader(f)]
-    # The same faces through Detector.landmarks' own steps give the same errors.
+    # The same faces through Detector.landmarks' own steps on the same device give the same errors.
     detector = Detector(model, tmp_path / "shapes.npz", "cpu", "local_gaussian", image_size=32, mirror=True,
                         fit_threshold=0.3)
     batch = torch.utils.data.default_collate([LandmarkDataset(records, out_size=32)[i] for i in range(4)])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lgc_fast.model import LGCN, ConvBlock, FoldedConvBlock
+from lgc_fast.ops.layout import channels_last_strided
 from lgc_fast.ops.same_conv2d import (
     TUNE_MARGIN,
     clear_same_conv2d_choices,
@@ -267,7 +268,8 @@ def test_folded_copy_keeps_the_family():
 def test_gpu_auto_measures_and_matches_the_reference(k, dilation, c):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8, c, 96, 96, device="cuda", generator=g, dtype=torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(c > 1)
+    # channels_last strides for the 1-channel image too, as LGCN.forward gives it (.contiguous leaves it planar)
+    x = channels_last_strided(x).requires_grad_(c > 1)
     weight = (torch.randn(128, c, k, k, device="cuda", generator=g) / (c * k * k) ** 0.5).requires_grad_()
     y = same_conv2d(x, weight.to(torch.bfloat16), None, dilation)
     rows = same_conv2d_choices()

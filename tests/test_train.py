@@ -166,9 +166,11 @@ def _weights(model):
 
 def test_resume_after_interruptions_is_bit_exact(tmp_path, monkeypatch):
     """Stopped by --max-steps inside epoch 2, then by SIGINT inside epoch 3, and resumed each time: the weights,
-    optimiser state and log equal those of an uninterrupted run (augmentation, dropout and a DataLoader worker on)."""
+    optimiser state and log equal those of an uninterrupted run (augmentation, dropout and a DataLoader worker on;
+    --deterministic, which a GPU needs for this)."""
     data = synthetic_faces(tmp_path / "faces", n=14)
-    common = ["--data", data, "--epochs", 3, "--val-fraction", 0.1, "--seed", 3, *TINY, "--workers", 1]
+    common = ["--data", data, "--epochs", 3, "--val-fraction", 0.1, "--seed", 3, *TINY, "--workers", 1,
+              "--deterministic"]
     straight = train(parse_args(common + ["--out", tmp_path / "a"]))
     assert straight.finished and straight.step == 3 * 3  # 12 training faces, batch 4
     first = train(parse_args(common + ["--out", tmp_path / "b", "--max-steps", 5]))
@@ -304,10 +306,10 @@ def test_run_folder_is_protected(tmp_path, capsys):
 
 def test_synthetic_backgrounds_train_and_resume_bit_exact(tmp_path, one_thread):
     """A quarter of the samples are backgrounds (12 faces + 4 per epoch); stopped by --max-steps inside epoch 2 and
-    resumed, the run ends with the weights and log of an uninterrupted one (a DataLoader worker on)."""
+    resumed, the run ends with the weights and log of an uninterrupted one (a DataLoader worker on, --deterministic)."""
     data = synthetic_faces(tmp_path / "faces", n=14)
     common = ["--data", data, "--epochs", 2, "--val-fraction", 0.1, "--seed", 1, "--backgrounds", "synthetic",
-              "--background-fraction", 0.25, *TINY, "--workers", 1]
+              "--background-fraction", 0.25, *TINY, "--workers", 1, "--deterministic"]
     straight = train(parse_args(common + ["--out", tmp_path / "a"]))
     assert straight.finished and straight.step == 2 * 4  # 16 samples per epoch, batch 4
     first = train(parse_args(common + ["--out", tmp_path / "b", "--max-steps", 5]))
@@ -506,6 +508,21 @@ def test_negative_workers_are_refused_before_the_run_folder_is_made(tmp_path, ca
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--workers", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--workers must be >= 0, got -1" in err and not (tmp_path / "run").exists()
+
+
+def test_deterministic_option_is_recorded_and_kept_on_resume(tmp_path, one_thread):
+    """--deterministic: convolutions on the forward kernels (no timed choice of family), the setting recorded and, not
+    given again, kept by --resume; without it a network keeps same_conv2d's automatic choice."""
+    data = synthetic_faces(tmp_path / "faces", n=10)
+    common = ["--data", data, "--epochs", 1, "--val-fraction", 0.2, "--device", "cpu", *TINY]
+    plain = train(parse_args(common + ["--out", tmp_path / "plain", "--max-steps", 1]))
+    assert plain.model.conv_via == "auto"
+    result = train(parse_args(common + ["--out", tmp_path / "run", "--max-steps", 1, "--deterministic"]))
+    assert result.model.conv_via == "fprop"
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["settings"]["deterministic"] is True
+    resumed = train(parse_args(common + ["--out", tmp_path / "run", "--max-steps", 2, "--resume"]))
+    assert resumed.step == 2 and resumed.model.conv_via == "fprop"
 
 
 def test_conv_stacks_option_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
