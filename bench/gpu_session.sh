@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
-#   bash bench/gpu_session.sh [tests|convs|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]
+#   bash bench/gpu_session.sh [tests|crash|convs|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]
 #   (default all)
 # builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
+#   crash  why a native op's argument error crashed the process in the CUDA build on an H100 in session 27 (a
+#          segfault inside c10's message formatting under TORCH_CHECK; the CPU build raises): the full backtrace,
+#          which libraries the extension's C++ runtime symbols bind to, and the same call in a build without the
+#          cuDNN link (LGC_FAST_CUDNN_GRAPHS=0), which is rebuilt with the graphs afterwards;
 #   convs  which of cuDNN's kernel families (forward, or the transposed convolution's data-gradient kernels) is faster
 #          for each of the network's convolution shapes, forward and input gradient, at batch 128 bf16 channels_last
 #          (bench/bench_same_conv2d.py, with the choices same_conv2d's "auto" made), and what the training step gains
@@ -39,15 +43,19 @@
 #   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
 #          layer shape, 128 x 128 x 96 x 96 bf16 channels_last, with keep bits drawn before and inside the op.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
-# the results to $OUT (the device tool's output folder) or ./gpu_logs.
+# the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
+# all of them as $OUT/gpu_logs.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS=${OUT:-gpu_logs}
+LOGS=gpu_logs
 mkdir -p "$LOGS"
+pack_logs() { [[ -n ${OUT:-} ]] && tar czf "$OUT/gpu_logs.tgz" "$LOGS" bench/results; }
+trap pack_logs EXIT
 what=${1:-all}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the CUDA sources take about a minute each per architecture
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # the lent GPUs are Hopper: a build of about 110 s
 # where setup.py's lookup (lgc_fast/cudnn_location.py) finds no cuDNN headers beside torch, the carried ones
 if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] &&
    ! python -c "import runpy; runpy.run_path('lgc_fast/cudnn_location.py')['cudnn_paths']()" 2>/dev/null; then
@@ -75,6 +83,18 @@ if [[ $what == tests || $what == all ]]; then
   parallel=$(python -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
   python -m pytest -q -rs $parallel --ignore=tests/test_cuda_glue.py >"$LOGS/gpu_tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -40
+fi
+
+if [[ $what == crash || $what == all ]]; then
+  bad_call='import torch, lgc_fast._C; torch.ops.lgc_fast_C.kernel_conv(torch.zeros(1, 8, 8), 1.0)'
+  {
+    LD_DEBUG=bindings python -c "$bad_call" 2>&1 | grep -E "_C\.cpython.*(cxa_|_Unwind_|basic_ostream|ios_base)" | head -20
+    timeout 90 cuda-gdb -batch -ex run -ex bt --args python -c "$bad_call" 2>&1 | grep -v "New Thread" | head -30
+    LGC_FAST_CUDNN_GRAPHS=0 LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . &&
+      echo "without the cuDNN link:" && python -c "$bad_call" 2>&1 | tail -1
+    LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e .
+  } >"$LOGS/crash.txt" 2>&1
+  cat "$LOGS/crash.txt"
 fi
 
 if [[ $what == convs || $what == all ]]; then
@@ -141,5 +161,4 @@ if [[ $what == ncu || $what == all ]]; then
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1
-cp bench/results/*.json bench/results/*.md "$LOGS/" 2>/dev/null
 exit $status

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lgc_fast.model import LGCN, ConvBlock, FoldedConvBlock
 from lgc_fast.ops.layout import channels_last_strided
 from lgc_fast.ops.same_conv2d import (
+    NATIVE,
     TUNE_MARGIN,
     clear_same_conv2d_choices,
     same_conv2d,
@@ -102,11 +103,18 @@ def test_autocast_runs_in_autocast_dtype():
     assert x.grad.dtype == weight.grad.dtype == torch.float32
 
 
-def test_fprop_both_ways_is_f_conv2d_itself(monkeypatch):
+def expected_via(row):
+    """The family a measured row must have chosen: its direction's native one unless the other is clearly faster."""
+    native = NATIVE[row["direction"] == "input_grad"]
+    other = "fprop" if native == "dgrad" else "dgrad"
+    return other if row[f"{other}_ms"] < (1 - TUNE_MARGIN) * row[f"{native}_ms"] else native
+
+
+def test_the_native_families_are_f_conv2d_itself(monkeypatch):
     calls = []
     monkeypatch.setattr(module.F, "conv_transpose2d", lambda *a, **k: calls.append(1) or F.conv_transpose2d(*a, **k))
     x, weight, bias = operands(3)
-    y = same_conv2d(x.requires_grad_(), weight, bias, 2)  # auto on the CPU without a recorded choice: fprop
+    y = same_conv2d(x.requires_grad_(), weight, bias, 2)  # auto on the CPU without a recorded choice: native
     assert y.grad_fn.name() == "ConvolutionBackward0"
     y.sum().backward()
     assert not calls
@@ -119,7 +127,8 @@ def fake_measure(choices):
     return measure
 
 
-@pytest.mark.parametrize("forward,input_grad", [("dgrad", "fprop"), ("fprop", "dgrad"), ("dgrad", "dgrad")])
+@pytest.mark.parametrize("forward,input_grad", [("dgrad", "fprop"), ("fprop", "fprop"), ("fprop", "dgrad"),
+                                               ("dgrad", "dgrad")])
 def test_auto_follows_recorded_choices(monkeypatch, forward, input_grad):
     monkeypatch.setattr(module, "_measure", fake_measure({"forward": forward, "input_grad": input_grad}))
     x, weight, _ = operands(5, c=4, o=4)
@@ -130,8 +139,10 @@ def test_auto_follows_recorded_choices(monkeypatch, forward, input_grad):
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
     y = same_conv2d(*leaves, None, 1)
     assert len(transposed) == (forward == "dgrad")
+    native = (forward, input_grad) == NATIVE  # F.conv2d, whose backward is one aten call for both gradients
+    assert (y.grad_fn.name() == "ConvolutionBackward0") == native
     y.backward(torch.ones_like(y))
-    assert len(transposed) == (forward == "dgrad") + (input_grad == "dgrad")
+    assert len(transposed) == (forward == "dgrad") + (input_grad == "dgrad" and not native)
     x_ref, w_ref = (t.detach().clone().requires_grad_() for t in (x, weight))
     same_conv2d_ref(x_ref, w_ref).backward(torch.ones_like(y))
     torch.testing.assert_close(y, same_conv2d_ref(x, weight))
@@ -162,13 +173,15 @@ def test_a_choice_depends_on_dtype_and_layout(monkeypatch):
     assert same_conv2d(x_cl, weight).grad_fn.name() == "ConvolutionBackward0"
 
 
-@pytest.mark.parametrize("fprop,dgrad,chosen", [(10.0, 9.0, "dgrad"), (10.0, 10.0 * (1 - TUNE_MARGIN / 2), "fprop"),
-                                                (9.0, 10.0, "fprop")])
-def test_measure_takes_dgrad_only_when_clearly_faster(monkeypatch, fprop, dgrad, chosen):
+@pytest.mark.parametrize("transposed,fprop,dgrad,chosen", [
+    (False, 10.0, 9.0, "dgrad"), (False, 10.0, 10.0 * (1 - TUNE_MARGIN / 2), "fprop"), (False, 9.0, 10.0, "fprop"),
+    (True, 9.0, 10.0, "fprop"), (True, 10.0 * (1 - TUNE_MARGIN / 2), 10.0, "dgrad"), (True, 10.0, 9.0, "dgrad")])
+def test_measure_leaves_the_native_family_only_when_the_other_is_clearly_faster(monkeypatch, transposed, fprop, dgrad,
+                                                                                 chosen):
     times = iter([fprop, dgrad] * module.TUNE_RUNS)
     monkeypatch.setattr(module, "_timer", lambda device: lambda fn: (fn(), next(times))[1])
-    x, weight, _ = operands(3)
-    assert module._measure(x, weight, None, 1, False) == (chosen, fprop, dgrad)
+    x, weight, _ = operands(3, c=4, o=4)
+    assert module._measure(x, weight, None, 1, transposed) == (chosen, fprop, dgrad)
 
 
 def test_tuning_on_the_cpu_records_real_times():
@@ -179,8 +192,7 @@ def test_tuning_on_the_cpu_records_real_times():
     for row, direction in zip(rows, ("forward", "input_grad")):
         assert row["via"] == result[direction]
         assert row["fprop_ms"] > 0 and row["dgrad_ms"] > 0
-        faster = "dgrad" if row["dgrad_ms"] < (1 - TUNE_MARGIN) * row["fprop_ms"] else "fprop"
-        assert row["via"] == faster
+        assert row["via"] == expected_via(row)
     assert rows[0]["bias"] and not rows[1]["bias"]
     assert rows[1]["input"] == [2, 8, 16, 16] and rows[0]["weight"] == [8, 8, 5, 5]
 
@@ -275,8 +287,7 @@ def test_gpu_auto_measures_and_matches_the_reference(k, dilation, c):
     rows = same_conv2d_choices()
     assert len(rows) == (2 if c > 1 else 1)
     for row in rows:
-        faster = "dgrad" if row["dgrad_ms"] < (1 - TUNE_MARGIN) * row["fprop_ms"] else "fprop"
-        assert row["via"] == faster and row["device"].startswith("cuda")
+        assert row["via"] == expected_via(row) and row["device"].startswith("cuda")
     expected = same_conv2d_ref(x.detach().float(), weight.detach().float(), None, dilation)
     torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -309,8 +320,9 @@ def test_auto_keeps_a_calls_families_except_while_compiling_or_capturing(monkeyp
     assert not module._pairs  # what compilation or capture takes is not kept for the calls after it
     monkeypatch.setattr(module, "_transient", lambda: False)
     same_conv2d(x, weight)
-    assert list(module._pairs.values()) == [("fprop", "fprop")]
+    assert list(module._pairs.values()) == [NATIVE]
     monkeypatch.setattr(module, "_measure", fake_measure({"forward": "dgrad", "input_grad": "fprop"}))
     tune_same_conv2d(x, weight)  # a new record: the kept families are found again
     assert not module._pairs
-    assert same_conv2d(x, weight).grad_fn is None and list(module._pairs.values()) == [("dgrad", "fprop")]
+    # x needs no gradient: the forward's recorded family, the input gradient's native one
+    assert same_conv2d(x, weight).grad_fn is None and list(module._pairs.values()) == [("dgrad", "dgrad")]
