@@ -8,7 +8,7 @@
 #   crash  why a native op's argument error crashed the process in the CUDA build on an H100 in session 27 (a
 #          segfault inside c10's message formatting under TORCH_CHECK; the CPU build raises): the full backtrace,
 #          which libraries the extension's C++ runtime symbols bind to, and the same call in a build without the
-#          cuDNN link (LGC_FAST_CUDNN_GRAPHS=0), which is rebuilt with the graphs afterwards;
+#          cuDNN link (LGC_FAST_CUDNN_GRAPHS=0, setup.py's default), rebuilt with the graphs afterwards;
 #   convs  which of cuDNN's kernel families (forward, or the transposed convolution's data-gradient kernels) is faster
 #          for each of the network's convolution shapes, forward and input gradient, at batch 128 bf16 channels_last
 #          (bench/bench_same_conv2d.py, with the choices same_conv2d's "auto" made), and what the training step gains
@@ -56,6 +56,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the CUDA sources take about a minute each per architecture
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # the lent GPUs are Hopper: a build of about 110 s
+export LGC_FAST_CUDNN_GRAPHS=${LGC_FAST_CUDNN_GRAPHS:-auto}  # off by default (setup.py); the sections here measure them
 # where setup.py's lookup (lgc_fast/cudnn_location.py) finds no cuDNN headers beside torch, the carried ones
 if [[ -z ${CUDNN_ROOT:-} && -f .gpu/cudnn/include/cudnn.h ]] &&
    ! python -c "import runpy; runpy.run_path('lgc_fast/cudnn_location.py')['cudnn_paths']()" 2>/dev/null; then
