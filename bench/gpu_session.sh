@@ -89,7 +89,8 @@ fi
 if [[ $what == crash || $what == all ]]; then
   bad_call='import torch, lgc_fast._C; torch.ops.lgc_fast_C.kernel_conv(torch.zeros(1, 8, 8), 1.0)'
   {
-    LD_DEBUG=bindings python -c "$bad_call" 2>&1 | grep -E "_C\.cpython.*(cxa_|_Unwind_|basic_ostream|ios_base)" | head -20
+    LD_DEBUG=bindings python -c "$bad_call" 2>&1 |
+      grep -E "_C\.cpython.*(cxa_|_Unwind_|basic_ostream|ios_base)" | head -20
     timeout 90 cuda-gdb -batch -ex run -ex bt --args python -c "$bad_call" 2>&1 | grep -v "New Thread" | head -30
     LGC_FAST_CUDNN_GRAPHS=0 LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . &&
       echo "without the cuDNN link:" && python -c "$bad_call" 2>&1 | tail -1

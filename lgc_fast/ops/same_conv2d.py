@@ -22,17 +22,18 @@ family only where the other is at least TUNE_MARGIN faster. ``same_conv2d_choice
 times. Measured on an H100 (session 27, batch 128 bf16 channels_last): the 5x5 128 -> 128 forward took 1.35 ms on
 dgrad against 2.34 on fprop, and the training step went from 91.3 to 87.8 ms.
 
-On the CPU "auto" is each direction's native family unless ``tune_same_conv2d`` recorded another choice: there (oneDNN, this project's 2-core
-Zen 4) the two took the same time at the network's 128-channel shapes, and for the 1-channel first layer the faster
-one depends on the image's strides (bench/bench_same_conv2d.py; the Detector's contiguous images favour fprop), while
-a measurement would cost seconds at the larger shapes. Under torch.compile, CUDA graph capture or tracing, "auto" takes
-a recorded choice or the native family (nothing can be timed there). LGC_FAST_BACKEND=ref makes "auto" ``F.conv2d``.
+On the CPU "auto" is each direction's native family unless ``tune_same_conv2d`` recorded another choice: there
+(oneDNN, this project's 2-core Zen 4) the two took the same time at the network's 128-channel shapes, and for the
+1-channel first layer the faster one depends on the image's strides (bench/bench_same_conv2d.py; the Detector's
+contiguous images favour fprop), while a measurement would cost seconds at the larger shapes. Under torch.compile,
+CUDA graph capture or tracing, "auto" takes a recorded choice or the native family (nothing can be timed there).
+LGC_FAST_BACKEND=ref makes "auto" ``F.conv2d``.
 
 The other family's filter is made in the weight's layout, so both give the output F.conv2d would, in its layout.
 
 Where both directions take their native family, ``same_conv2d`` is ``F.conv2d`` itself (autocast and autograd as for
-nn.Conv2d, one backward call for both gradients); otherwise an autograd function casts x, the weight and the bias to autocast's dtype where autocast is on, as the
-convolution would.
+nn.Conv2d, one backward call for both gradients); otherwise an autograd function casts x, the weight and the bias to
+autocast's dtype where autocast is on, as the convolution would.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from lgc_fast.ops.layout import conv_dtype, is_channels_last
 VIAS = ("fprop", "dgrad")
 NATIVE = ("fprop", "dgrad")  # F.conv2d's families: (forward, input gradient)
 TUNE_RUNS = 5
-TUNE_MARGIN = 0.03  # dgrad must be this much faster: a choice flipped by timing noise gains nothing
+TUNE_MARGIN = 0.03  # a direction's other family must be this much faster: a flip by timing noise gains nothing
 
 # Shared by all threads (a dict update is atomic under the GIL): a direction's configuration -> (via, fprop ms,
 # dgrad ms), and a call's configuration -> (forward via, input gradient via)
@@ -255,7 +256,8 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     via: "fprop" (``F.conv2d``: fprop forward, dgrad input gradient), "dgrad" (the transposed convolution's kernels
     for the forward and the input gradient), or "auto": per direction and configuration the faster of the two as
-    measured on the GPU at its first call (see the module's text). Differentiable (x, weight, bias); autocast applies as to ``F.conv2d``.
+    measured on the GPU at its first call (see the module's text). Differentiable (x, weight, bias); autocast
+    applies as to ``F.conv2d``.
     """
     _check(x, weight, bias, dilation, via)
     if via == "auto":
