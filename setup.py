@@ -4,8 +4,7 @@ Environment switches:
   LGC_FAST_CUDA=auto|1|0   build the CUDA kernels when torch has CUDA and nvcc is found (auto), always (1), never (0)
   LGC_FAST_CUDNN_GRAPHS=0|auto|1  in a CUDA build, the cuDNN conv graphs of conv_stack
                            (csrc/cuda/cudnn_conv_graphs.cpp): never (0, the default: on an H100 with cuDNN 9.19 no
-                           graph built, and the build linked against libcudnn is suspected in a crash on native
-                           argument errors), when cuDNN's headers and libcudnn.so.9 are found (auto: $CUDNN_ROOT, else
+                           graph built), when cuDNN's headers and libcudnn.so.9 are found (auto: $CUDNN_ROOT, else
                            torch's nvidia.cudnn package, else /usr), always (1)
   LGC_FAST_NO_EXT=1        skip the native extension entirely (pure Python install; the ops fall back)
 """

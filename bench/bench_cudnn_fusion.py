@@ -29,9 +29,18 @@ it), else /usr; the library from the first of those that has it. Where torch's p
 a nvidia-cudnn-cu13 wheel (bench/gpu_session.sh says how). --compile-only compiles the probe and stops (no GPU or
 cuDNN library needed): the CPU test suite uses it as the probe's compile check.
 
+--device-json FILE (for example bench/devices/nvidia-h100-80gb-hbm3.json: cuDNN's device-properties JSON, written
+from the datasheet) asks which cases build for that GPU without one: cuDNN (9.8 or later) builds plans for a described
+device, nothing runs, nothing is checked or timed. It needs a CUDA build of torch with its cuDNN wheel (any machine).
+Only the precompiled engines answer there: the runtime-fusion engines open the driver (libcuda) to compile, so on a
+machine without one they refuse with CUDNN_STATUS_NOT_SUPPORTED_RUNTIME_PREREQUISITE_MISSING, which says nothing about
+the GPU.
+
 Usage: python bench/bench_cudnn_fusion.py [--batch 128] [--layers global global_first local3 local5]
            [--dtypes bf16 fp16] [--reps 20] [--max-plans 3] [--out PATH.json] [--compile-only] [--cudnn-root DIR]
-Writes bench/results/<device-slug>.cudnn_fusion.json (key "cudnn_fusion").
+           [--device-json FILE]
+Writes bench/results/<device-slug>.cudnn_fusion.json (key "cudnn_fusion"); with --device-json,
+bench/results/<described device's slug>.cudnn_fusion_deviceless.json (key "cudnn_fusion_deviceless").
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,10 +128,12 @@ def nvidia_library_dirs() -> list[str]:
 
 
 def run_probe(binary: Path, batch: int, layer: str, dtype: str, reps: int, max_plans: int,
-              timeout_s: float = 300) -> list[dict]:
+              timeout_s: float = 300, device_json: Path | None = None) -> list[dict]:
     c, k, r, dil = LAYERS[layer]
     cmd = [str(binary), "--batch", str(batch), "--in", str(c), "--out", str(k), "--size", "96", "--kernel", str(r),
            "--dilation", str(dil), "--dtype", dtype, "--reps", str(reps), "--max-plans", str(max_plans)]
+    if device_json is not None:
+        cmd += ["--device-json", str(device_json)]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(nvidia_library_dirs() + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
     try:
@@ -262,6 +274,30 @@ def merge_entry(entries: list[dict], entry: dict) -> list[dict]:
     return [e for e in entries if (e.get("layer"), e.get("dtype"), e.get("batch")) != key] + [entry]
 
 
+def deviceless(binary: Path, device_json: Path, args) -> Path:
+    """Which cases build for the GPU `device_json` describes, per layer and dtype (no GPU used); returns the file."""
+    import torch
+
+    try:
+        described = json.loads(device_json.read_text())
+        name = described["deviceName"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ProbeError(f"--device-json {device_json}: not a device-properties file with a deviceName ({exc})")
+    env = environment("cpu")
+    env.update(described_device=name, device_json=str(device_json), cudnn_torch=torch.backends.cudnn.version())
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    out = args.out or RESULTS_DIR / f"{slug}.cudnn_fusion_deviceless.json"
+    entries = []
+    for dtype in args.dtypes:
+        for layer in args.layers:
+            rows = run_probe(binary, args.batch, layer, dtype, args.reps, args.max_plans, device_json=device_json)
+            built = [row["case"] for row in rows if row.get("supported")]
+            entries.append({"layer": layer, "dtype": dtype, "batch": args.batch, "probe": rows, "built": built})
+            print(f"{layer} {dtype}: builds {', '.join(built) or 'nothing'}", flush=True)
+    write_results(out, "cudnn_fusion_deviceless", {"environment": env, "entries": entries})
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
@@ -275,12 +311,17 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="build the probe (no GPU needed) and stop")
     parser.add_argument("--binary", type=Path, default=PROBE_BINARY, help="where to build the probe")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<device>.cudnn_fusion.json)")
+    parser.add_argument("--device-json", type=Path,
+                        help="build only, for the GPU this cuDNN device-properties JSON describes (no GPU needed)")
     args = parser.parse_args(argv)
     try:
         include, lib = cudnn_paths(args.cudnn_root)
         built = build_probe(include, lib, args.binary, args.compile_only)
         print(f"built {built} against {include}" + (f" and {lib}" if lib and not args.compile_only else ""))
         if args.compile_only:
+            return 0
+        if args.device_json is not None:
+            print(f"wrote {deviceless(built, args.device_json, args)}")
             return 0
         import torch
         if not torch.cuda.is_available():

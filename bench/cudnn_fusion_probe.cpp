@@ -44,7 +44,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <memory>
 #include <random>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -511,14 +514,24 @@ struct Options {
     cudnnDataType_t io = CUDNN_DATA_BFLOAT16;
     int reps = 20, max_plans = 4;
     std::vector<std::string> cases;
+    std::string device_json;  // --device-json: build only, for the described device (no GPU needed)
 };
 
 [[noreturn]] void usage(const char* problem) {
     std::fprintf(stderr,
                  "cudnn_fusion_probe: %s\nusage: cudnn_fusion_probe [--batch N] [--in C] [--out K] [--size H] "
-                 "[--kernel R] [--dilation D] [--dtype bf16|fp16] [--reps N] [--max-plans N] [--cases a,b,...]\n",
+                 "[--kernel R] [--dilation D] [--dtype bf16|fp16] [--reps N] [--max-plans N] [--cases a,b,...] "
+                 "[--device-json FILE]\n",
                  problem);
     std::exit(2);
+}
+
+std::string read_text(const std::string& path) {
+    std::ifstream file(path);
+    if (!file) usage(("cannot read " + path).c_str());
+    std::stringstream text;
+    text << file.rdbuf();
+    return text.str();
 }
 
 Options parse(int argc, char** argv) {
@@ -542,6 +555,7 @@ Options parse(int argc, char** argv) {
         else if (flag == "--dilation") o.shape.dil = number(1);
         else if (flag == "--reps") o.reps = static_cast<int>(number(1));
         else if (flag == "--max-plans") o.max_plans = static_cast<int>(number(1));
+        else if (flag == "--device-json") o.device_json = read_text(value);
         else if (flag == "--dtype") {
             if (value == "bf16") o.io = CUDNN_DATA_BFLOAT16;
             else if (value == "fp16") o.io = CUDNN_DATA_HALF;
@@ -566,11 +580,52 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
+// Deviceless mode: which cases build for the device options.device_json describes, with how many plans (of up to
+// --max-plans), or cuDNN's reasons; nothing runs. Returns the exit status.
+int build_only(const Options& options, const char* dtype) {
+    std::unique_ptr<DeviceProperties> device;
+    try {
+        device = std::make_unique<DeviceProperties>(options.device_json);
+    } catch (const Failure& e) {
+        std::fprintf(stderr, "cudnn_fusion_probe: --device-json: %s\n", e.what());
+        return 1;
+    }
+    std::printf("{\"probe\": \"cudnn_fusion\", \"deviceless\": true, \"cudnn_version\": %zu, \"dtype\": \"%s\", "
+                "\"shape\": %s}\n",
+                cudnnGetVersion(), dtype, shape_json(options.shape).c_str());
+    for (const auto& info : kCases) {
+        if (!options.cases.empty() &&
+            std::find(options.cases.begin(), options.cases.end(), info.name) == options.cases.end())
+            continue;
+        std::string line = std::string("{\"case\": \"") + info.name + "\", \"dtype\": \"" + dtype + "\"", errors;
+        bool built = false;
+        for (bool io_typed : {false, true}) {
+            if (io_typed && !has_prologue(info.kind) && !is_dbn(info.kind)) break;
+            try {
+                Graph graph(*device, options.io);
+                build_case(graph, info.kind, options.shape, io_typed);
+                graph.build_plans(options.max_plans);
+                line += std::string(", \"supported\": true, \"prologue_params\": \"") + (io_typed ? dtype : "float32") +
+                        "\", \"plans_built\": " + std::to_string(graph.plans().size());
+                built = true;
+                break;
+            } catch (const Failure& e) {
+                errors += (errors.empty() ? "" : " | ") + std::string(io_typed ? "io-typed s, b: " : "") + e.what();
+            }
+        }
+        if (!built) line += ", \"supported\": false, \"error\": " + json_text(errors);
+        std::printf("%s}\n", line.c_str());
+        std::fflush(stdout);
+    }
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     Options options = parse(argc, argv);
     const char* dtype = options.io == CUDNN_DATA_BFLOAT16 ? "bf16" : "fp16";
+    if (!options.device_json.empty()) return build_only(options, dtype);
     cudnnHandle_t handle = nullptr;
     try {
         check_cuda(cudaSetDevice(0), "no usable CUDA device");

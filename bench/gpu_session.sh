@@ -6,9 +6,10 @@
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
 #   tests  the whole test suite, the GPU tests of every op (each backend against its reference) included;
 #   crash  why a native op's argument error crashed the process in the CUDA build on an H100 in session 27 (a
-#          segfault inside c10's message formatting under TORCH_CHECK; the CPU build raises): the full backtrace,
-#          which libraries the extension's C++ runtime symbols bind to, and the same call in a build without the
-#          cuDNN link (LGC_FAST_CUDNN_GRAPHS=0, setup.py's default), rebuilt with the graphs afterwards;
+#          segfault inside c10's message formatting under TORCH_CHECK where the message prints a number; the CPU
+#          build raises, and so did a CUDA build against the same wheels on a CPU machine): the compiler and Python,
+#          torch's own argument errors, the full backtrace, which libraries the extension's C++ runtime symbols bind
+#          to, and the same call in builds without the cuDNN link and without CUDA, rebuilt as before afterwards;
 #   convs  which of cuDNN's kernel families (forward, or the transposed convolution's data-gradient kernels) is faster
 #          for each of the network's convolution shapes, forward and input gradient, at batch 128 bf16 channels_last
 #          (bench/bench_same_conv2d.py, with the choices same_conv2d's "auto" made), and what the training step gains
@@ -20,7 +21,10 @@
 #          cuDNN's headers: where torch's nvidia.cudnn package has none, extract them before the device call
 #          (pip download --no-deps -d /tmp/w nvidia-cudnn-cu13 and unzip 'nvidia/cudnn/include/*' from it, then copy
 #          that include folder to .gpu/cudnn/include) and carry .gpu. The global subnet's two layer shapes; each
-#          layer's probe stops at 5 minutes, keeping the cases it finished;
+#          layer's probe stops at 5 minutes, keeping the cases it finished. float16 first: built for a described
+#          H100 without a GPU (session 28, bench/results/*.cudnn_fusion_deviceless.json), cuDNN 9.19's precompiled
+#          engines take the BN-statistics epilogue and the BN-apply + ReLU prologue (no mask) in float16 only;
+#          whether the runtime-fusion engines (masks, RNG, BN backward) build needs the driver, so this machine;
 #   cudnn_local  the same for the local subnet's 3x3 and 5x5 layers (a device call of its own; its layers are added
 #          to the results file beside the global ones);
 #   stacks conv_stack on cuDNN's fused graphs (bench/bench_conv_stack.py: the global subnet's seven blocks against
@@ -87,13 +91,25 @@ if [[ $what == tests || $what == all ]]; then
 fi
 
 if [[ $what == crash || $what == all ]]; then
+  # Session 28 built the CUDA extension against the same torch 2.11.0+cu130 and cuDNN 9.19 wheels on a CPU machine
+  # (g++ 12, Python 3.11), with and without the cuDNN link: the call raised there. So the suspects are this machine's
+  # compiler and runtime: the versions, torch's own argument errors that format numbers the same way, and a CPU-only
+  # build of the extension here.
   bad_call='import torch, lgc_fast._C; torch.ops.lgc_fast_C.kernel_conv(torch.zeros(1, 8, 8), 1.0)'
   {
+    c++ --version | head -1
+    python -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)"
+    for torch_error in "torch.zeros(2).reshape(3)" "torch.nn.functional.dropout(torch.zeros(2), 1.5)"; do
+      python -c "import torch; $torch_error" 2>&1 | tail -1
+    done
     LD_DEBUG=bindings python -c "$bad_call" 2>&1 |
-      grep -E "_C\.cpython.*(cxa_|_Unwind_|basic_ostream|ios_base)" | head -20
-    timeout 90 cuda-gdb -batch -ex run -ex bt --args python -c "$bad_call" 2>&1 | grep -v "New Thread" | head -30
-    LGC_FAST_CUDNN_GRAPHS=0 LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . &&
-      echo "without the cuDNN link:" && python -c "$bad_call" 2>&1 | tail -1
+      grep -E "_C\.cpython.*(cxa_|_Unwind_|basic_ostream|ios_base|num_put|locale)" | head -20
+    timeout 90 cuda-gdb -batch -ex run -ex bt --args python -c "$bad_call" >"$LOGS/crash_gdb.txt" 2>&1
+    grep -E "^#|signal" "$LOGS/crash_gdb.txt" | head -24
+    for build in "LGC_FAST_CUDNN_GRAPHS=0 LGC_FAST_CUDA=1" "LGC_FAST_CUDA=0"; do
+      env $build python -m pip install -q --no-build-isolation --no-deps -e . &&
+        echo "$build:" && python -c "$bad_call" 2>&1 | tail -1
+    done
     LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e .
   } >"$LOGS/crash.txt" 2>&1
   cat "$LOGS/crash.txt"
@@ -108,10 +124,12 @@ fi
 
 if [[ $what == cudnn || $what == cudnn_local || $what == all ]]; then
   if [[ $what != cudnn_local ]]; then
-    python bench/bench_cudnn_fusion.py --layers global global_first 2>&1 | tee "$LOGS/bench_cudnn_fusion.txt" || status=1
+    python bench/bench_cudnn_fusion.py --layers global global_first --dtypes fp16 bf16 2>&1 |
+      tee "$LOGS/bench_cudnn_fusion.txt" || status=1
   fi
   if [[ $what != cudnn ]]; then
-    python bench/bench_cudnn_fusion.py --layers local3 local5 2>&1 | tee "$LOGS/bench_cudnn_fusion_local.txt" || status=1
+    python bench/bench_cudnn_fusion.py --layers local3 local5 --dtypes fp16 bf16 2>&1 |
+      tee "$LOGS/bench_cudnn_fusion_local.txt" || status=1
   fi
 fi
 
@@ -151,14 +169,16 @@ if [[ $what == graphs || $what == all ]]; then
   python bench/bench_train_step.py --batch-sizes 16 64 --budget-s 3 --ref-runs 1 --compile reduce-overhead \
     --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
     | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
-  python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 || status=1
+  python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 ||
+    status=1
 fi
 
 if [[ $what == ncu || $what == all ]]; then
   ncu --clock-control none -k 'regex:moments|grad_sums|apply_kernel|bits_kernel|channel_kernel' --launch-count 40 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python bench/bench_bn_relu_dropout.py --batch 128 --budget-s 1 --no-compile --dtypes bf16 \
-    --layouts channels_last --backends cuda --no-overhead --out "$LOGS/ncu_bench_bn_relu_dropout.json" >"$LOGS/ncu_epilogue.txt" 2>&1 || status=1
+    --layouts channels_last --backends cuda --no-overhead --out "$LOGS/ncu_bench_bn_relu_dropout.json" \
+    >"$LOGS/ncu_epilogue.txt" 2>&1 || status=1
   grep -E "^  [a-z_:<>, 0-9A-Za-z]+\(|Duration|DRAM Throughput|Achieved Occupancy" "$LOGS/ncu_epilogue.txt" | head -80
 fi
 

@@ -5,6 +5,8 @@ and BatchNorm's backward on the same inputs. Needs cuDNN's headers (torch's CUDA
 package; .ci/run takes them from the nvidia-cudnn-cu13 wheel, or $CUDNN_ROOT) and, for the references, its library."""
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +169,28 @@ def test_a_run_of_other_layers_adds_to_the_results_file(tmp_path):
     out.write_text("[1, 2]")
     with pytest.raises(probe.ProbeError, match="not a results file"):
         probe.earlier_entries(out)
+
+
+def test_deviceless_run_passes_the_described_device_and_records_what_built(tmp_path):
+    """--device-json: the probe gets the device file, each layer's built cases are recorded under the described
+    device's name; a file without a deviceName is refused in one line before anything runs."""
+    device_json = ROOT / "bench" / "devices" / "nvidia-h100-80gb-hbm3.json"
+    seen = tmp_path / "argv"
+    fake = tmp_path / "probe"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" >> {seen}\n"
+                    "echo '{\"case\": \"fprop\", \"supported\": true, \"plans_built\": 1}'\n"
+                    "echo '{\"case\": \"fprop_sbr_stats\", \"supported\": false, \"error\": \"no\"}'\n")
+    fake.chmod(0o755)
+    args = argparse.Namespace(out=tmp_path / "out.json", dtypes=["fp16"], layers=["global", "local5"],
+                                    batch=8, reps=1, max_plans=1)
+    out = probe.deviceless(fake, device_json, args)
+    calls = seen.read_text().splitlines()
+    assert len(calls) == 2 and all(f"--device-json {device_json}" in call for call in calls)
+    payload = json.loads(out.read_text())["cudnn_fusion_deviceless"]
+    assert payload["environment"]["described_device"] == "NVIDIA H100 80GB HBM3"
+    assert [(e["layer"], e["built"]) for e in payload["entries"]] == [("global", ["fprop"]), ("local5", ["fprop"])]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(probe.ProbeError, match="not a device-properties file"):
+        probe.deviceless(fake, bad, args)

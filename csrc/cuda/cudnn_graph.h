@@ -74,9 +74,31 @@ struct Tensor {
   int64_t uid;
 };
 
+#if CUDNN_VERSION >= 90800
+// A GPU described by cuDNN's device-properties JSON (the attributes cudaGetDeviceProperties gives, as cuDNN names
+// them): graphs built against it need no device, so which engines build for, say, an H100 can be asked on a CPU.
+class DeviceProperties {
+ public:
+  explicit DeviceProperties(const std::string& json) : desc_(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR) {
+    desc_.set(CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR, json.data(),
+              static_cast<int64_t>(json.size()));
+    desc_.finalize("device properties");
+  }
+  cudnnBackendDescriptor_t get() const { return desc_.get(); }
+
+ private:
+  Descriptor desc_;
+};
+#endif
+
 class Graph {
  public:
   Graph(cudnnHandle_t handle, cudnnDataType_t io_type) : handle_(handle), io_type_(io_type) {}
+#if CUDNN_VERSION >= 90800
+  // A graph that only builds plans (no handle, nothing runs): for the device `device`, present or not.
+  Graph(const DeviceProperties& device, cudnnDataType_t io_type)
+      : handle_(nullptr), device_(device.get()), io_type_(io_type) {}
+#endif
 
   Tensor tensor(std::vector<int64_t> dims, std::vector<int64_t> strides, cudnnDataType_t type, bool is_virtual) {
     auto& d = keep(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
@@ -197,9 +219,9 @@ class Graph {
   // default knobs. Throws with cuDNN's last message when none builds.
   void build_plans(int limit) {
     auto& graph = keep(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
-    graph.set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, &handle_)
-        .set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, ops_.data(),
-             static_cast<int64_t>(ops_.size()));
+    if (handle_ != nullptr) graph.set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, &handle_);
+    graph.set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, ops_.data(),
+              static_cast<int64_t>(ops_.size()));
     graph.finalize("operation graph");
     cudnnBackendDescriptor_t g = graph.get();
     std::string last_error = "no engine configuration offered";
@@ -207,6 +229,7 @@ class Graph {
       auto& heur = keep(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
       heur.set(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, &g)
           .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &mode);
+      on_device(heur, DeviceRole::heuristics);
       try {
         heur.finalize("heuristics");
       } catch (const Failure& e) {
@@ -231,6 +254,7 @@ class Graph {
       auto& engine = keep(CUDNN_BACKEND_ENGINE_DESCRIPTOR);
       engine.set(CUDNN_ATTR_ENGINE_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, &g)
           .set(CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, &index);
+      on_device(engine, DeviceRole::engine);
       try {
         engine.finalize("engine");
         auto& config = keep(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
@@ -284,8 +308,9 @@ class Graph {
   // Keeps the plan of `config` if it finalizes; else records cuDNN's message.
   void try_plan(cudnnBackendDescriptor_t config, std::string& last_error) {
     auto& plan = keep(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-    plan.set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, &handle_)
-        .set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, &config);
+    if (handle_ != nullptr) plan.set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, &handle_);
+    on_device(plan, DeviceRole::plan);
+    plan.set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, &config);
     try {
       plan.finalize("execution plan");
     } catch (const Failure& e) {
@@ -366,7 +391,23 @@ class Graph {
     return text.substr(0, 240);
   }
 
+  // Where the graph was made for a described device, each descriptor that picks kernels is told which.
+  enum class DeviceRole { heuristics, engine, plan };
+  void on_device(Descriptor& d, DeviceRole where) {
+#if CUDNN_VERSION >= 90800
+    if (device_ == nullptr) return;
+    const cudnnBackendAttributeName_t name = where == DeviceRole::heuristics ? CUDNN_ATTR_ENGINEHEUR_DEVICEPROP
+                                             : where == DeviceRole::engine   ? CUDNN_ATTR_ENGINE_DEVICEPROP
+                                                                             : CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP;
+    d.set(name, CUDNN_TYPE_BACKEND_DESCRIPTOR, &device_);
+#else
+    (void)d;
+    (void)where;
+#endif
+  }
+
   cudnnHandle_t handle_;
+  cudnnBackendDescriptor_t device_ = nullptr;
   cudnnDataType_t io_type_;
   int64_t next_uid_ = 1;
   std::vector<std::unique_ptr<Descriptor>> descriptors_;
