@@ -48,7 +48,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +59,7 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
-from common import RESULTS_DIR, device_slug, environment, time_reps, write_results  # noqa: E402
+from common import RESULTS_DIR, device_slug, environment, name_slug, time_reps, write_results  # noqa: E402
 from lgc_fast import cudnn_location  # noqa: E402
 PROBE_SOURCE = BENCH_DIR / "cudnn_fusion_probe.cpp"
 PROBE_BINARY = ROOT / "build" / "cudnn_fusion_probe"
@@ -285,8 +284,7 @@ def deviceless(binary: Path, device_json: Path, args) -> Path:
         raise ProbeError(f"--device-json {device_json}: not a device-properties file with a deviceName ({exc})")
     env = environment("cpu")
     env.update(described_device=name, device_json=str(device_json), cudnn_torch=torch.backends.cudnn.version())
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = args.out or RESULTS_DIR / f"{slug}.cudnn_fusion_deviceless.json"
+    out = args.out or RESULTS_DIR / f"{name_slug(name)}.cudnn_fusion_deviceless.json"
     entries = []
     for dtype in args.dtypes:
         for layer in args.layers:

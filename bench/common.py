@@ -95,11 +95,15 @@ def device_name(device: torch.device | str) -> str:
     return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
+def name_slug(name: str) -> str:
+    """File-name form of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def device_slug(device: torch.device | str) -> str:
     """File-name form of the device: "cpu-amd-epyc", "nvidia-h100-80gb-hbm3"."""
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu " + cpu_model()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return name_slug(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu " + cpu_model())
 
 
 def results_path(device: torch.device | str) -> Path:

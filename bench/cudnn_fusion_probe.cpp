@@ -580,6 +580,28 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
+bool wanted(const Options& options, const char* name) {
+    return options.cases.empty() || std::find(options.cases.begin(), options.cases.end(), name) != options.cases.end();
+}
+
+// Calls attempt(io_typed) with the prologue's scale and bias in float32, then (for a case that has them) in the io
+// type, until one does not throw Failure; returns whether one built, with io_params the form that did and errors
+// cuDNN's reasons for those that did not.
+template <typename Attempt>
+bool first_form_that_builds(Kind kind, Attempt attempt, bool& io_params, std::string& errors) {
+    for (bool io_typed : {false, true}) {
+        if (io_typed && !has_prologue(kind) && !is_dbn(kind)) break;
+        try {
+            attempt(io_typed);
+            io_params = io_typed;
+            return true;
+        } catch (const Failure& e) {
+            errors += (errors.empty() ? "" : " | ") + std::string(io_typed ? "io-typed s, b: " : "") + e.what();
+        }
+    }
+    return false;
+}
+
 // Deviceless mode: which cases build for the device options.device_json describes, with how many plans (of up to
 // --max-plans), or cuDNN's reasons; nothing runs. Returns the exit status.
 int build_only(const Options& options, const char* dtype) {
@@ -594,26 +616,22 @@ int build_only(const Options& options, const char* dtype) {
                 "\"shape\": %s}\n",
                 cudnnGetVersion(), dtype, shape_json(options.shape).c_str());
     for (const auto& info : kCases) {
-        if (!options.cases.empty() &&
-            std::find(options.cases.begin(), options.cases.end(), info.name) == options.cases.end())
-            continue;
+        if (!wanted(options, info.name)) continue;
         std::string line = std::string("{\"case\": \"") + info.name + "\", \"dtype\": \"" + dtype + "\"", errors;
-        bool built = false;
-        for (bool io_typed : {false, true}) {
-            if (io_typed && !has_prologue(info.kind) && !is_dbn(info.kind)) break;
-            try {
-                Graph graph(*device, options.io);
-                build_case(graph, info.kind, options.shape, io_typed);
-                graph.build_plans(options.max_plans);
-                line += std::string(", \"supported\": true, \"prologue_params\": \"") + (io_typed ? dtype : "float32") +
-                        "\", \"plans_built\": " + std::to_string(graph.plans().size());
-                built = true;
-                break;
-            } catch (const Failure& e) {
-                errors += (errors.empty() ? "" : " | ") + std::string(io_typed ? "io-typed s, b: " : "") + e.what();
-            }
+        size_t plans = 0;
+        bool io_params = false;
+        auto build = [&](bool io_typed) {
+            Graph graph(*device, options.io);
+            build_case(graph, info.kind, options.shape, io_typed);
+            graph.build_plans(options.max_plans);
+            plans = graph.plans().size();
+        };
+        if (first_form_that_builds(info.kind, build, io_params, errors)) {
+            line += std::string(", \"supported\": true, \"prologue_params\": \"") + (io_params ? dtype : "float32") +
+                    "\", \"plans_built\": " + std::to_string(plans);
+        } else {
+            line += ", \"supported\": false, \"error\": " + json_text(errors);
         }
-        if (!built) line += ", \"supported\": false, \"error\": " + json_text(errors);
         std::printf("%s}\n", line.c_str());
         std::fflush(stdout);
     }
@@ -644,25 +662,15 @@ int main(int argc, char** argv) {
                          options.shape.r * options.shape.r;
     int failures = 0;
     for (const auto& info : kCases) {
-        if (!options.cases.empty() &&
-            std::find(options.cases.begin(), options.cases.end(), info.name) == options.cases.end())
-            continue;
+        if (!wanted(options, info.name)) continue;
         std::string line = std::string("{\"case\": \"") + info.name + "\", \"dtype\": \"" + dtype + "\"";
         double worst = 0.0, best_ms = 0.0;
         std::string check, errors;
-        bool io_params = false, built = false;
-        for (bool io_typed : {false, true}) {  // the prologue's scale and bias in float32, else in the io type
-            if (io_typed && !has_prologue(info.kind) && !is_dbn(info.kind)) break;
-            try {
-                check = check_case(handle, options.io, info.kind, check_shape, io_typed, options.max_plans, worst);
-                io_params = io_typed;
-                built = true;
-                break;
-            } catch (const Failure& e) {
-                errors += (errors.empty() ? "" : " | ") + std::string(io_typed ? "io-typed s, b: " : "") + e.what();
-            }
-        }
-        if (!built) {
+        bool io_params = false;
+        auto run_check = [&](bool io_typed) {
+            check = check_case(handle, options.io, info.kind, check_shape, io_typed, options.max_plans, worst);
+        };
+        if (!first_form_that_builds(info.kind, run_check, io_params, errors)) {
             line += ", \"supported\": false, \"error\": " + json_text(errors);
         } else {
             bool passed = worst < 2e-2;  // bfloat16 operands: 1e-3 to 1e-2 expected
