@@ -169,7 +169,7 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
             for via, call in calls.items():
                 times[via].append(run(call))
     median = {via: statistics.median(times[via]) for via in VIAS}
-    native = NATIVE[transposed]
+    native = NATIVE[int(transposed)]  # torch 2.11's dynamo refuses a bool index
     other = "fprop" if native == "dgrad" else "dgrad"
     choice = other if median[other] < (1.0 - TUNE_MARGIN) * median[native] else native
     return choice, median["fprop"], median["dgrad"]
@@ -190,7 +190,7 @@ def _choose(x: torch.Tensor, x_shape, weight: torch.Tensor, bias: Optional[torch
     choice = _choices.get(key)
     if choice is None:
         if transient or x.device.type != "cuda":
-            return NATIVE[transposed]
+            return NATIVE[int(transposed)]
         choice = _tune(key, x, x_shape, weight, bias, dilation, dtype, transposed)
     return choice[0]
 
