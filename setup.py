@@ -57,12 +57,12 @@ def _cudnn_graphs():
 
 
 def _shared_libstdcxx() -> list:
-    """The link argument that binds the extension to the shared libstdc++.so.6 (the one torch and Python load).
+    """The link argument that binds the extension to the shared libstdc++.so.6, the one torch and Python load.
 
-    A toolchain without the libstdc++.so development link (the GPU machine's g++ 13 in session 29) makes g++ take
-    libstdc++.a instead: the extension then carries its own copy of the iostream and locale code, which formats c10's
-    error messages against locale facets it never initialised, and every TORCH_CHECK that prints a number crashed the
-    process. The library's own path, as the compiler finds it, forces the shared one; nothing where it is not found.
+    The GPU machine's CXX (/opt/gcc/bin/g++, session 29) linked libstdc++ into the extension statically: the extension
+    then carried its own copy of the iostream and locale code, which formats c10's error messages against locale
+    facets it never initialised, and every TORCH_CHECK that prints a number crashed the process. The library's path, as
+    the compiler names it, makes the link take the shared one; nothing is added where the compiler names none.
     """
     if not sys.platform.startswith("linux"):
         return []
