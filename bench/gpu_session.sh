@@ -38,7 +38,7 @@
 #   train  the training step: eager-ref, lgc_fast (torch's BN/ReLU/dropout modules), fused epilogues (the automatic
 #          backend, cuda: keep bits drawn in the op) and the fused step with channels_last heads (before the planar
 #          heads), at batch 16 (lgc-fast train's default, where per-call host work shows), 32
-#          (FUSED_EPILOGUE_MIN_CUDA_BATCH is 64), 64, 128 and 256;
+#          (FUSED_EPILOGUE_MIN_CUDA_BATCH), 64, 128 and 256;
 #   graphs the compiled steps (torch.compile default, each batch size compiles anew, so batch 16 and 128 only) and the
 #          fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64, each into a file of its own in
 #          $LOGS (a results key keeps one compile mode); then the profile of the fused step (bench/profile_gpu.py);

@@ -240,9 +240,10 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-# Per process; on an H100 the fused step was 1.28-1.36x faster than the modules at batch 64-256 and 0.9x at 16, where
-# the host's work per block bounds the step (bench/results/nvidia-h100-80gb-hbm3*.json, train_step).
-FUSED_EPILOGUE_MIN_CUDA_BATCH = 64
+# Per process; on an H100 the fused step was 1.28-1.36x faster than the modules at batch 64-256 (session 14), 1.15x at
+# 32 and 1.02x at 16, inside the runs' spread, where the host's work per block bounds the step (session 29,
+# bench/results/nvidia-h100-80gb-hbm3.train_step_small_batches.json).
+FUSED_EPILOGUE_MIN_CUDA_BATCH = 32
 
 
 def _default_fused_epilogue(device: torch.device, batch_size: int) -> bool:
