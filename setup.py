@@ -7,10 +7,13 @@ Environment switches:
                            graph built), when cuDNN's headers and libcudnn.so.9 are found (auto: $CUDNN_ROOT, else
                            torch's nvidia.cudnn package, else /usr), always (1)
   LGC_FAST_NO_EXT=1        skip the native extension entirely (pure Python install; the ops fall back)
+  LGC_FAST_NVCC_FLAGS="..." extra nvcc flags of a CUDA build, e.g. the epilogue's tuning macros
+                           (-DLGC_EPILOGUE_MIN_BLOCKS=3: csrc/cuda/bn_relu_dropout.cu, bench/gpu_session.sh epilogue)
 """
 import glob
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 
@@ -87,7 +90,7 @@ def ext_modules():
     if _cuda_wanted():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"] + shlex.split(os.environ.get("LGC_FAST_NVCC_FLAGS", ""))
         if arch is None:
             nvcc += ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"]
         macros = [("LGC_WITH_CUDA", "1")]

@@ -147,6 +147,8 @@ def environment(device: torch.device | str) -> dict:
     }
     if hasattr(os, "getloadavg"):
         env["load_average_1min"] = os.getloadavg()[0]
+    if os.environ.get("LGC_FAST_NVCC_FLAGS"):  # a tuning build's flags (bench/gpu_session.sh epilogue sets both)
+        env["nvcc_flags"] = os.environ["LGC_FAST_NVCC_FLAGS"]
     if device.type == "cuda":
         env["peak_bandwidth_bytes_per_s"] = peak_bandwidth(env["device"])
     return env

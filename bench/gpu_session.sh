@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
 #   bash bench/gpu_session.sh [tests|crash|convs|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]
+#   bash bench/gpu_session.sh epilogue
 #   (default all)
 # builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
@@ -44,6 +45,13 @@
 #          $LOGS (a results key keeps one compile mode); then the profile of the fused step (bench/profile_gpu.py);
 #   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
 #          layer shape, 128 x 128 x 96 x 96 bf16 channels_last, with keep bits drawn before and inside the op.
+#   epilogue  (not in all: it rebuilds the extension for each variant but the first) the conv-block epilogue's
+#          kernels compiled for more blocks a SM and/or fewer load steps a thread (csrc/cuda/bn_relu_dropout.cu's
+#          LGC_EPILOGUE_* macros through LGC_FAST_NVCC_FLAGS; session 29's ncu: 25 % occupancy, 50-63 % of the DRAM
+#          peak), each timed by bench_bn_relu_dropout.py at batch 128 (eager torch in the same run) and in the training
+#          step at batch 128 (torch's modules, which use none of these kernels, in the same run), into
+#          $LOGS/epilogue_<variant>.json and epilogue_train_<variant>.json; EPILOGUE_VARIANTS picks (default: all four;
+#          two a device call keep each call under its 10 minutes); the default build is restored at the end.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
 # all of them as $OUT/gpu_logs.tgz.
@@ -164,6 +172,30 @@ if [[ $what == ncu || $what == all ]]; then
     --layouts channels_last --backends cuda --no-overhead --out "$LOGS/ncu_bench_bn_relu_dropout.json" \
     >"$LOGS/ncu_epilogue.txt" 2>&1 || status=1
   grep -E "^  [a-z_:<>, 0-9A-Za-z]+\(|Duration|DRAM Throughput|Achieved Occupancy" "$LOGS/ncu_epilogue.txt" | head -80
+fi
+
+if [[ $what == epilogue ]]; then
+  steps2="-DLGC_EPILOGUE_MOMENTS_STEPS=2 -DLGC_EPILOGUE_APPLY_STEPS=2 -DLGC_EPILOGUE_GRAD_STEPS=1"
+  declare -A epilogue_flags=([default]="" [blocks3]="-DLGC_EPILOGUE_MIN_BLOCKS=3"
+    [steps2_blocks3]="$steps2 -DLGC_EPILOGUE_MIN_BLOCKS=3" [steps2_blocks4]="$steps2 -DLGC_EPILOGUE_MIN_BLOCKS=4")
+  built=""  # the build above is the default one
+  for variant in ${EPILOGUE_VARIANTS:-default steps2_blocks3 steps2_blocks4 blocks3}; do
+    export LGC_FAST_NVCC_FLAGS=${epilogue_flags[$variant]?"unknown epilogue variant $variant"}
+    if [[ $LGC_FAST_NVCC_FLAGS != "$built" ]]; then
+      LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build_$variant.log" 2>&1 ||
+        { tail -20 "$LOGS/build_$variant.log"; status=1; continue; }
+      built=$LGC_FAST_NVCC_FLAGS
+    fi
+    python bench/bench_bn_relu_dropout.py --batch 128 --budget-s 2 --no-compile --no-overhead --dtypes bf16 \
+      --layouts channels_last --backends cuda --out "$LOGS/epilogue_$variant.json" 2>&1 |
+      tee "$LOGS/bench_epilogue_$variant.txt" || status=1
+    python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 --modes lgc_fast lgc_fast-fused \
+      --out "$LOGS/epilogue_train_$variant.json" 2>&1 | tee "$LOGS/bench_epilogue_train_$variant.txt" || status=1
+  done
+  unset LGC_FAST_NVCC_FLAGS
+  if [[ -n $built ]]; then
+    LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 || status=1
+  fi
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1

@@ -16,8 +16,10 @@
 // bandwidth roofline, from 1.92 ms for one 2-byte value per access; in the training step it is worth 1.26x.
 // Occupancy (ptxas -v of CUDA 13 for sm_90): the training step's bf16 vec-8 kernels use 93 (moments), 96 (apply,
 // drawn bits), 125 (gradient sums) and 128 (gradient apply) registers, so 2 blocks of 256 threads fit an SM (25 %);
-// __launch_bounds__ for 3 blocks spills 20-630 bytes a thread in all four, for 4 blocks 172-776. Whether fewer steps in
-// flight at more blocks would pay is for a GPU to measure (bench/gpu_session.sh ncu).
+// __launch_bounds__ for 3 blocks spills 20-630 bytes a thread in all four, for 4 blocks 172-776. Nsight Compute at
+// 128x128x96x96 (session 29): each kernel at 25 % occupancy reaches 50-63 % of the DRAM peak, stalled on its loads
+// ~75 % of the time. The LGC_EPILOGUE_* macros below let a build try other steps and blocks a SM
+// (LGC_FAST_NVCC_FLAGS, bench/gpu_session.sh epilogue); the defaults are the measured configuration.
 #include "cuda/bn_relu_dropout.h"
 
 #include <cuda_runtime.h>
@@ -31,10 +33,26 @@
 namespace lgc {
 namespace bn_epilogue_detail {
 
+#ifndef LGC_EPILOGUE_MOMENTS_STEPS
+#define LGC_EPILOGUE_MOMENTS_STEPS 4
+#endif
+#ifndef LGC_EPILOGUE_APPLY_STEPS
+#define LGC_EPILOGUE_APPLY_STEPS 4
+#endif
+#ifndef LGC_EPILOGUE_GRAD_STEPS
+#define LGC_EPILOGUE_GRAD_STEPS 2
+#endif
+#ifndef LGC_EPILOGUE_MIN_BLOCKS
+#define LGC_EPILOGUE_MIN_BLOCKS 1
+#endif
 // Steps whose loads a thread issues at once (bytes in flight against registers).
-constexpr int kMomentsSteps = 4;
-constexpr int kApplySteps = 4;
-constexpr int kGradSteps = 2;
+constexpr int kMomentsSteps = LGC_EPILOGUE_MOMENTS_STEPS;
+constexpr int kApplySteps = LGC_EPILOGUE_APPLY_STEPS;
+constexpr int kGradSteps = LGC_EPILOGUE_GRAD_STEPS;
+// Blocks a SM that the streaming kernels (moments, gradient sums, both applies) are compiled for: ptxas caps their
+// registers to fit that many.
+constexpr int kMinBlocks = LGC_EPILOGUE_MIN_BLOCKS;
+static_assert(kMomentsSteps >= 1 && kApplySteps >= 1 && kGradSteps >= 1 && kMinBlocks >= 1, "bad LGC_EPILOGUE_*");
 // kDrawnBits: the apply pass draws bernoulli keep bits from the seed and writes them (bn_apply_drawn_cuda).
 enum DropKind { kNoDrop = 0, kMaskDrop = 1, kBitsDrop = 2, kSeededDrop = 3, kDrawnBits = 4 };
 
@@ -340,7 +358,8 @@ LGC_HD ThreadStats<V> grad_sums_thread(const Args<T>& a, int64_t tile, int threa
 }
 
 template <int V, typename T>
-__global__ void __launch_bounds__(kThreads) moments_kernel(const T* z, bool vector_io, Plan plan, double* partials) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) moments_kernel(const T* z, bool vector_io, Plan plan,
+                                                                    double* partials) {
   __shared__ BlockShares<V> shared;
   put_shares(shared, threadIdx.x, moments_thread<V>(plan, z, vector_io, blockIdx.x, threadIdx.x));
   reduce_block<true>(shared, plan.cols, plan.lanes, plan.tree_top, plan.width());
@@ -348,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const T* z, bool vect
 }
 
 template <int Drop, int V, typename T>
-__global__ void __launch_bounds__(kThreads) grad_sums_kernel(Args<T> a, double* partials) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) grad_sums_kernel(Args<T> a, double* partials) {
   __shared__ BlockShares<V> shared;
   put_shares(shared, threadIdx.x, grad_sums_thread<Drop, V>(a, blockIdx.x, threadIdx.x));
   reduce_block<false>(shared, a.plan.cols, a.plan.lanes, a.plan.tree_top, a.plan.width());
@@ -415,12 +434,12 @@ __global__ void __launch_bounds__(kThreads) channel_kernel(Plan plan, const doub
 }
 
 template <int Drop, int V, typename T>
-__global__ void __launch_bounds__(kThreads) apply_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) apply_kernel(Args<T> a) {
   apply_thread<Drop, V>(a, blockIdx.x, threadIdx.x);
 }
 
 template <int Drop, bool Centered, int V, typename T>
-__global__ void __launch_bounds__(kThreads) grad_apply_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) grad_apply_kernel(Args<T> a) {
   grad_apply_thread<Drop, Centered, V>(a, blockIdx.x, threadIdx.x);
 }
 
