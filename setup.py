@@ -70,8 +70,9 @@ def _shared_libstdcxx() -> list:
     if not sys.platform.startswith("linux"):
         return []
     try:
-        found = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"], capture_output=True,
-                               text=True, timeout=60).stdout.strip()
+        compiler = shlex.split(os.environ.get("CXX", "c++"))  # CXX may carry a launcher: "ccache g++"
+        found = subprocess.run(compiler + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return []
     return [os.path.realpath(found)] if os.path.isabs(found) and os.path.exists(found) else []
