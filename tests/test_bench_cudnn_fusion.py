@@ -183,7 +183,7 @@ def test_deviceless_run_passes_the_described_device_and_records_what_built(tmp_p
                     "echo '{\"case\": \"fprop_sbr_stats\", \"supported\": false, \"error\": \"no\"}'\n")
     fake.chmod(0o755)
     args = argparse.Namespace(out=tmp_path / "out.json", dtypes=["fp16"], layers=["global", "local5"],
-                                    batch=8, reps=1, max_plans=1)
+                              batch=8, reps=1, max_plans=1)
     out = probe.deviceless(fake, device_json, args)
     calls = seen.read_text().splitlines()
     assert len(calls) == 2 and all(f"--device-json {device_json}" in call for call in calls)
