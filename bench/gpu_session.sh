@@ -2,6 +2,7 @@
 # The first thing to run where a GPU is lent (CUDA torch and Triton already installed, no registry needed):
 #   bash bench/gpu_session.sh [tests|crash|convs|cudnn|cudnn_local|stacks|stacks_tuned|ops|train|graphs|ncu|all]
 #   bash bench/gpu_session.sh epilogue
+#   bash bench/gpu_session.sh fused_conv
 #   (default all)
 # builds the CUDA extension in place (incrementally after the first call; with the cuDNN conv graphs of conv_stack,
 # from torch's cuDNN headers or, where its package has none, those carried in .gpu/cudnn/include), then
@@ -52,6 +53,10 @@
 #          step at batch 128 (torch's modules, which use none of these kernels, in the same run), into
 #          $LOGS/epilogue_<variant>.json and epilogue_train_<variant>.json; EPILOGUE_VARIANTS picks (default: all four;
 #          two a device call keep each call under its 10 minutes); the default build is restored at the end.
+#   fused_conv  (not in all) our own convolution with conv_stack's forward fusions (lgc_fast.ops.fused_conv, Triton on
+#          tensor-memory loads and wgmma; compiled for sm_90 here only): its GPU tests, then bench_fused_conv.py at
+#          batch 128 bf16 for the four layer shapes: the plain kernel against cuDNN's convolution (can our own
+#          convolution keep up?) and the fused block against lgc_fast's epilogue passes plus cuDNN (what it saves).
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
 # all of them as $OUT/gpu_logs.tgz.
@@ -194,6 +199,12 @@ if [[ $what == epilogue ]]; then
   if [[ -n $built ]]; then
     LGC_FAST_CUDA=1 python -m pip install -q --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1 || status=1
   fi
+fi
+
+if [[ $what == fused_conv ]]; then
+  python -m pytest -q -rs tests/test_fused_conv.py >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
+  tail -3 "$LOGS/gpu_tests_fused_conv.log"
+  python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1

@@ -30,6 +30,7 @@ BENCHES = {
     "lgc_loss": ([], ["--quick"]),
     "fit_shape": ([], ["--quick"]),
     "dilated_block": ([], ["--quick"]),
+    "fused_conv": ([], ["--quick"]),
     "bn_relu_dropout": ([], ["--quick"]),
     "layout": ([], ["--quick"]),
     "bn_finalize": ([], ["--quick"]),
@@ -123,6 +124,15 @@ def rows_dilated_block(entry, device):
         elif "ref_ms" in r:
             yield _row(f"dilated_block {r['variant']} ({r['dtype']}, ref backend) vs torch composed", size,
                        r["ref_ms"][0], r["composed_ms"][0], device)
+
+
+def rows_fused_conv(entry, device):
+    for r in entry.get("rows", []):  # the sm_90 compile report (fused_conv_sm90_compile) has no timed rows
+        if "lgc_fast_ms" not in r:
+            continue
+        against = "cuDNN conv" if r["variant"] == "conv" else "epilogue passes + conv"
+        yield _row(f"fused_conv {r['variant']} ({r['dtype']}) vs {against}", f"{r['layer']}, N={r['n']}, {r['hw']}²",
+                   r["lgc_fast_ms"], r["baseline_ms"], device)
 
 
 def rows_bn_relu_dropout(entry, device):

@@ -2,7 +2,8 @@
 specialise it for typical shapes, without a GPU. Run by tests/test_triton_sm90.py in a process of its own (the
 interpreter, which the other tests switch on, replaces triton.jit's compiler).
 
-Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes"} (dilated_conv adds
+Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes", "wgmma", "tma_loads" (the
+PTX's Hopper matrix and tensor-memory instructions)} (dilated_conv and fused_conv add
 "shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with
 the compiler's error on the first kernel that does not compile.
 """
@@ -17,7 +18,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lgc_fast.kernels import bn_relu_dropout, dilated_conv, fit_shape, kernel_conv, lgc_loss
+from lgc_fast.kernels import bn_relu_dropout, dilated_conv, fit_shape, fused_conv, kernel_conv, lgc_loss
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
@@ -33,8 +34,10 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: 
     source = ASTSource(fn=fn, signature=signature, attrs={},
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = compiled.asm["ptx"]
     print(json.dumps({"kernel": fn.__name__, "case": case, "cubin_bytes": len(compiled.asm["cubin"]),
-                      "shared_bytes": compiled.metadata.shared, **(extra or {})}), flush=True)
+                      "shared_bytes": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+                      "tma_loads": ptx.count("cp.async.bulk.tensor"), **(extra or {})}), flush=True)
 
 
 def ints(*names: str) -> dict:
@@ -103,6 +106,30 @@ def dilated_conv_cases() -> None:
                          f"{dtype} {config.kwargs}", extra={"shared_bound_bytes": bound})
 
 
+def fused_conv_cases() -> None:
+    """The first two configs the autotuner keeps for the release's 3x3 dilation-4 128 -> 128 channels, per dtype, as
+    a plain convolution and with the BatchNorm / ReLU / dropout prologue; each descriptor's box is its config's tile."""
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
+                             (torch.float64, "ieee")):
+        acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
+        element = PTR[dtype][1:]
+        named_args = {"c_out": 128, "x_desc": fused_conv.TensorDescriptor(torch.empty(1, 1, 1, 8, dtype=dtype),
+                                                                          [1, 1, 1, 8], [8, 8, 8, 1], [1, 1, 1, 8])}
+        for config in fused_conv.prune_configs(fused_conv.gpu_configs(), named_args)[:2]:
+            bh, bw, bn, bk = (config.kwargs[k] for k in ("BH", "BW", "BN", "BK"))
+            types = {"x_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>",
+                     "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
+                     "z_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>", "s_ptr": acc, "b_ptr": acc,
+                     "keep_ptr": "*u8", "sum_ptr": acc, "sq_ptr": acc, **ints("height", "width", "c_in", "c_out")}
+            bound = fused_conv.shared_bytes_bound(config, torch.tensor([], dtype=dtype).element_size())
+            for prologue in (False, True):
+                meta = dict(KSIZE=3, DILATION=4, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=True,
+                            ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision, DOT_IN_FP32=False,
+                            USE_INT64=False, KEEP_WORDS=prologue, **config.kwargs)
+                compile_sm90(fused_conv.fused_conv_fprop_kernel, types, meta, config.num_warps, config.num_stages,
+                             f"{dtype} {config.kwargs} prologue {prologue}", extra={"shared_bound_bytes": bound})
+
+
 def bn_relu_dropout_cases() -> None:
     """The four epilogue kernels for a channels_last 128-channel map in every dtype with seeded dropout, for a
     contiguous one in bfloat16 with a mask tensor and a channels_last one with keep bits, and the mask kernel; the channel stride 1 (channels_last) or pixel
@@ -151,4 +178,6 @@ def bn_relu_dropout_cases() -> None:
 if __name__ == "__main__":
     for cases in (kernel_conv_cases, lgc_loss_cases, fit_shape_cases, dilated_conv_cases, bn_relu_dropout_cases):
         cases()
+    if fused_conv.TensorDescriptor is not None:  # Triton 3.4 on
+        fused_conv_cases()
     sys.exit(0)

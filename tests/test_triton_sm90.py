@@ -24,6 +24,14 @@ def _nvidia_backend() -> bool:
     return True
 
 
+def _tensor_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _ast_source_takes_constexprs() -> bool:
     from triton.compiler import ASTSource
     return "constexprs" in inspect.signature(ASTSource.__init__).parameters
@@ -39,12 +47,19 @@ def test_every_kernel_compiles_for_sm90():
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     compiled = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert {c["kernel"] for c in compiled} == {"_kernel_conv_tile", "_lgc_loss_fwd_kernel", "_lgc_loss_bwd_kernel",
-                                               "_fit_shape_stats_kernel", "dilated_conv_kernel", "_moments_kernel",
-                                               "_apply_kernel", "_grad_sums_kernel", "_grad_apply_kernel",
-                                               "_keep_mask_kernel"}
-    assert len(compiled) == 8 + 8 + 9 + 8 + 25  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
+    kernels = {"_kernel_conv_tile", "_lgc_loss_fwd_kernel", "_lgc_loss_bwd_kernel", "_fit_shape_stats_kernel",
+               "dilated_conv_kernel", "_moments_kernel", "_apply_kernel", "_grad_sums_kernel", "_grad_apply_kernel",
+               "_keep_mask_kernel"}
+    count = 8 + 8 + 9 + 8 + 25  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
+    if _tensor_descriptors():
+        kernels.add("fused_conv_fprop_kernel")
+        count += 16  # four dtypes, two configs, with and without the prologue
+    assert {c["kernel"] for c in compiled} == kernels
+    assert len(compiled) == count
     for c in compiled:
         assert c["cubin_bytes"] > 0
         assert c["shared_bytes"] <= SHARED_LIMIT, f"{c['kernel']} ({c['case']}) needs {c['shared_bytes']} B of shared"
         assert c["shared_bytes"] <= c.get("shared_bound_bytes", SHARED_LIMIT), f"{c['case']}: above the pruning bound"
+        if c["kernel"] == "fused_conv_fprop_kernel" and "float64" not in c["case"]:
+            # the point of the kernel: Hopper's asynchronous matrix products on tensor-memory loads
+            assert c["wgmma"] > 0 and c["tma_loads"] > 0, c

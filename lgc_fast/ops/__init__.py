@@ -20,6 +20,7 @@ from lgc_fast.ops.dilated_block import (
     draw_dropout_mask,
     fold_batchnorm,
 )
+from lgc_fast.ops.fused_conv import fused_conv, fused_conv_ref
 from lgc_fast.ops.fit_shape import ShapeFit, fit_shape, fit_shape_ref, fit_shape_stats, fit_shape_stats_ref
 from lgc_fast.ops.kernel_conv import kernel_2d, kernel_conv, kernel_conv_ref, kernel_taps
 from lgc_fast.ops.layout import (
@@ -48,6 +49,7 @@ __all__ = [
     "conv_stack", "conv_stack_ref", "stack_graphs", "stack_keep_mask",
     "dilated_block", "dilated_block_ref", "dilated_block_train", "dilated_conv", "dilated_conv_ref",
     "draw_dropout_mask", "fold_batchnorm",
+    "fused_conv", "fused_conv_ref",
     "ShapeFit", "fit_shape", "fit_shape_ref", "fit_shape_stats", "fit_shape_stats_ref",
     "kernel_2d", "kernel_conv", "kernel_conv_ref", "kernel_taps",
     "channels_last_cat", "channels_last_cat_ref", "channels_last_strided", "planar_split", "planar_split_ref", "pointwise_conv_planar",

@@ -1,0 +1,209 @@
+"""Benchmark fused_conv (a convolution with the previous block's BatchNorm-apply / ReLU / dropout as its prologue and
+its own statistics as its epilogue) against what the training step runs for the same work, in the same run.
+
+GPU, per layer shape of the release network (the global subnet's first layer 136 -> 128 and its 128 -> 128, 3x3 at
+dilation 4; the local subnet's 3x3 and 5x5), bf16 channels_last, batch --batch (default 128):
+  conv   : the Triton kernel as a plain convolution (no prologue, no statistics)   vs F.conv2d (cuDNN)
+  block  : fused_conv(z_prev, W, s, b, keep bits) -> z and its sums                 vs lgc_fast's epilogue on z_prev
+           (statistics pass + apply pass writing the activation, keep bits given) and then F.conv2d
+Timed with triton.testing.do_bench (CUDA events, L2 cleared between calls): median and 20/80 % quantiles, TFLOP/s
+(2 * N*H*W * Cout * Cin * r*r), % of the datasheet's dense peak, and the speed-up over the baseline.
+
+CPU: the Triton kernel runs only in the interpreter (not a speed path), so the rows time the reference against the
+same baseline in torch at a small batch, to keep the script runnable anywhere; the GPU figures are then unmeasured.
+``--sm90-report`` needs no GPU: it compiles the kernel for sm_90 for every config the autotuner keeps at these shapes
+and reports registers, spilled bytes, shared memory and the wgmma / TMA instruction counts.
+
+Usage: python bench/bench_fused_conv.py [--quick | --sm90-report] [--batch 128] [--layers global local3 ...]
+Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-slug>.json.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import (datasheet_peak, device_name, environment, format_table, op_bench_parser,  # noqa: E402
+                    results_path, time_cuda, time_reps, write_results)
+
+from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, pack_keep_mask  # noqa: E402
+from lgc_fast.ops.fused_conv import fused_conv  # noqa: E402
+
+# name: (Cin, Cout, filter size, dilation)
+LAYERS = {"global_first": (136, 128, 3, 4), "global": (128, 128, 3, 4), "local3": (128, 128, 3, 1),
+          "local5": (128, 128, 5, 1)}
+DROPOUT_P = 0.1
+
+
+def _case(layer, n, hw, dtype, device, gen):
+    c_in, c_out, k, dil = LAYERS[layer]
+    z_prev = torch.randn(n, c_in, hw, hw, device=device, generator=gen).to(dtype)
+    z_prev = z_prev.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, k, k, device=device, generator=gen) / (k * c_in**0.5)).to(dtype)
+    gamma = torch.rand(c_in, device=device, generator=gen) + 0.5
+    beta = torch.randn(c_in, device=device, generator=gen) * 0.1
+    keep = torch.rand(n, c_in, hw, hw, device=device, generator=gen) >= DROPOUT_P
+    bits = pack_keep_mask(keep, memory_format=torch.channels_last)
+    # the prologue's terms as bn_finalize makes them from z_prev's batch statistics (factor 0.1 / (1 - p))
+    mean, var = z_prev.float().mean((0, 2, 3)), z_prev.float().var((0, 2, 3), unbiased=False)
+    s = gamma * torch.rsqrt(var + 1e-5) * (0.1 / (1 - DROPOUT_P))
+    b = beta * (0.1 / (1 - DROPOUT_P)) - mean * s
+    return dict(z_prev=z_prev, weight=weight, gamma=gamma, beta=beta, bits=bits, s=s, b=b, k=k, dil=dil,
+                flops=2 * n * hw * hw * c_out * c_in * k * k)
+
+
+def _epilogue_then_conv(c):
+    """The step's work for the same block: the previous block's epilogue (statistics, apply) writes the activation,
+    which cuDNN convolves."""
+    a = bn_relu_dropout(c["z_prev"], None, None, c["gamma"], c["beta"], training=True, dropout_p=DROPOUT_P,
+                        keep_bits=c["bits"])
+    return F.conv2d(a, c["weight"], padding=c["dil"] * (c["k"] // 2), dilation=c["dil"])
+
+
+def _plain_triton(c):
+    from lgc_fast.kernels.fused_conv import fused_conv_fprop_triton
+    x, w = c["z_prev"], c["weight"]
+    z = torch.empty(x.shape[0], w.shape[0], *x.shape[2:], dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    return fused_conv_fprop_triton(x, w, c["dil"], None, None, None, z, None, None)
+
+
+def run_gpu(args, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    peak = datasheet_peak(torch.cuda.get_device_name(device), torch.bfloat16)
+    rows = []
+    with torch.no_grad():
+        for layer in args.layers:
+            c = _case(layer, args.batch, args.hw, torch.bfloat16, device, gen)
+            pad = c["dil"] * (c["k"] // 2)
+            variants = {
+                "conv": (lambda: _plain_triton(c),
+                         lambda: F.conv2d(c["z_prev"], c["weight"], padding=pad, dilation=c["dil"])),
+                "block": (lambda: fused_conv(c["z_prev"], c["weight"], c["s"], c["b"], c["bits"],
+                                             dilation=c["dil"], backend="triton"),
+                          lambda: _epilogue_then_conv(c)),
+            }
+            for variant, (fast, base) in variants.items():
+                fast()  # the autotuner's first call, outside the timing
+                t_fast, t_base = time_cuda(fast), time_cuda(base)
+                tflops = c["flops"] / (t_fast.median_ms * 1e-3) / 1e12
+                rows.append(dict(layer=layer, variant=variant, n=args.batch, hw=args.hw, dtype="bf16",
+                                 lgc_fast_ms=t_fast.median_ms, baseline_ms=t_base.median_ms,
+                                 lgc_fast_timing=t_fast.as_dict(), baseline_timing=t_base.as_dict(),
+                                 speedup=t_base.median_ms / t_fast.median_ms, lgc_fast_tflops=tflops,
+                                 baseline_tflops=c["flops"] / (t_base.median_ms * 1e-3) / 1e12,
+                                 pct_datasheet_peak=None if peak is None else 100 * tflops / peak))
+            del c
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_cpu(args):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for layer in args.layers:
+            c = _case(layer, args.batch, args.hw, torch.float32, "cpu", gen)
+            t_ref = time_reps(lambda: fused_conv(c["z_prev"], c["weight"], c["s"], c["b"], c["bits"],
+                                                 dilation=c["dil"], backend="ref"), "cpu", 1, args.reps)
+            t_base = time_reps(lambda: _epilogue_then_conv(c), "cpu", 1, args.reps)
+            rows.append(dict(layer=layer, variant="block (reference)", n=args.batch, hw=args.hw, dtype="fp32",
+                             lgc_fast_ms=t_ref.median_ms, baseline_ms=t_base.median_ms,
+                             lgc_fast_timing=t_ref.as_dict(), baseline_timing=t_base.as_dict(),
+                             speedup=t_base.median_ms / t_ref.median_ms))
+    return rows
+
+
+def sm90_report(args):
+    """Every config the autotuner keeps for each layer shape, compiled for sm_90 with and without the prologue."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lgc_fast.kernels import fused_conv as kernels
+
+    fn = kernels.fused_conv_fprop_kernel
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = []
+    for layer in args.layers:
+        c_in, c_out, k, dil = LAYERS[layer]
+        probe = kernels.TensorDescriptor(torch.empty(1, 1, 1, 8, dtype=torch.bfloat16), [1, 1, 1, 8], [8, 8, 8, 1],
+                                         [1, 1, 1, 8])
+        for config in kernels.prune_configs(kernels.gpu_configs(), {"c_out": c_out, "x_desc": probe}):
+            bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
+            types = {"x_desc": f"tensordesc<bf16[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<bf16[1, {bk}, {bn}]>",
+                     "z_desc": f"tensordesc<bf16[1, {bh}, {bw}, {bn}]>", "s_ptr": "*fp32", "b_ptr": "*fp32",
+                     "keep_ptr": "*u8", "sum_ptr": "*fp32", "sq_ptr": "*fp32", "height": "i32", "width": "i32",
+                     "c_in": "i32", "c_out": "i32"}
+            for prologue in (False, True):
+                consts = dict(KSIZE=k, DILATION=dil, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=prologue,
+                              ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False,
+                              KEEP_WORDS=prologue and c_in % bk == 0, **config.kwargs)
+                signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+                source = ASTSource(fn=fn, signature=signature, attrs={},
+                                   constexprs={(fn.arg_names.index(key),): v for key, v in consts.items()})
+                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                           text=True, check=True).stdout
+                regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+                ptx = compiled.asm["ptx"]
+                rows.append(dict(layer=layer, prologue=prologue, tile=f"{bh}x{bw}x{bn}x{bk}",
+                                 num_warps=config.num_warps, num_stages=config.num_stages, regs=regs,
+                                 spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared,
+                                 wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor")))
+    return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
+
+
+def main(argv=None) -> int:
+    p = op_bench_parser(__doc__, "batch 2, 32 px, two layers (CPU)", "128 on a GPU, 4 on the CPU")
+    p.add_argument("--sm90-report", action="store_true", help="compile for sm_90 and report resources (no GPU)")
+    p.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=list(LAYERS))
+    p.add_argument("--hw", type=int, default=96)
+    p.add_argument("--reps", type=int, default=5, help="timed calls a method on the CPU")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        args.batch, args.hw, args.layers, args.reps = args.batch or 2, 32, args.layers[:2], 3
+    args.batch = args.batch or (128 if device.type == "cuda" else 4)
+
+    if args.sm90_report:
+        measured_on, rows = sm90_report(args)
+        note, bench = "compile-only resource report; nothing timed", "fused_conv_sm90_compile"
+        columns = [(k, k) for k in ("layer", "prologue", "tile", "num_warps", "num_stages", "regs",
+                                    "spill_stack_bytes", "shared_bytes", "wgmma", "tma")]
+    elif device.type == "cuda":
+        measured_on, rows = device_name(device), run_gpu(args, device)
+        note, bench = "GPU measured: Triton against cuDNN (+ lgc_fast's epilogue passes), same run", "fused_conv"
+        columns = [("layer", "layer"), ("variant", "variant"), ("lgc_fast_ms", "fused ms"),
+                   ("baseline_ms", "baseline ms"), ("speedup", "x"), ("lgc_fast_tflops", "TFLOP/s"),
+                   ("pct_datasheet_peak", "% peak")]
+    else:
+        measured_on, rows = device_name(device), run_cpu(args)
+        note = "no CUDA device: the reference against the same torch baseline; the GPU figures are unmeasured"
+        bench = "fused_conv"
+        columns = [("layer", "layer"), ("variant", "variant"), ("lgc_fast_ms", "reference ms"),
+                   ("baseline_ms", "baseline ms"), ("speedup", "x")]
+    payload = dict(environment=environment(device), measured_on=measured_on, note=note,
+                   args={k: str(v) for k, v in vars(args).items()}, rows=rows)
+    out = write_results(args.out or results_path(device), bench, payload)
+    print(f"# {measured_on}; {note}")
+    print(format_table(rows, columns))
+    print(f"# wrote {out} (key {bench})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
