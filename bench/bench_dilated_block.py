@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import datasheet_peak, device_name, environment, results_path, time_reps, write_results  # noqa: E402
+from common import (datasheet_peak, device_name, environment, results_path, sm90_resources, time_reps,  # noqa: E402
+                    write_results)
 
 from lgc_fast.ops.dilated_block import dilated_block, dilated_conv  # noqa: E402
 
@@ -164,12 +162,9 @@ def sm90_report(args):
     """Compile the kernel for sm_90 the way a channels_last launch at the release shape specialises it (ints equal
     to 1 become constants, ints and pointers divisible by 16 get the divisibility attribute); no GPU needed."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     kernels = importlib.import_module("lgc_fast.kernels.dilated_conv")
     kern = kernels.dilated_conv_kernel
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows = []
     n, hw, c_out = args.batches[0], args.hw, args.cout
     for dname in args.dtypes:
@@ -195,21 +190,12 @@ def sm90_report(args):
                              INPUT_PRECISION="tf32" if dt == "fp32" else "ieee", ACC_FP64=False, DOT_IN_FP32=False,
                              USE_INT64=False, VEC=vec, OUT_VEC=vec, **cfg.kwargs)
                 full_sig = {**sig, **{k: "constexpr" for k in flags}}
-                src = ASTSource(fn=kern, signature=full_sig, attrs=attrs,
-                                constexprs={(kern.arg_names.index(k),): v for k, v in {**consts, **flags}.items()})
-                ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(ck.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                           text=True, check=True).stdout
-                regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-                ptx = ck.asm["ptx"]
+                res = sm90_resources(kern, full_sig, {**consts, **flags}, attrs, cfg.num_warps, cfg.num_stages)
+                regs, stack, ptx = res["regs"], res["spill_stack_bytes"], res["ptx"]
                 loads = collections.Counter(re.findall(r"ld\.global[.\w]*", ptx))
                 rows.append(dict(dtype=dname, c_in=c_in, c_out=c_out, **cfg.kwargs, num_warps=cfg.num_warps,
                                  num_stages=cfg.num_stages, regs=regs, spill_stack_bytes=stack,
-                                 shared_bytes=ck.metadata.shared, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                                 shared_bytes=res["shared_bytes"], wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                                  cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
                                  ld_global=dict(loads)))
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows

@@ -19,11 +19,7 @@ Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (datasheet_peak, device_name, environment, format_table, op_bench_parser,  # noqa: E402
-                    results_path, time_cuda, time_reps, write_results)
+                    results_path, sm90_resources, time_cuda, time_reps, write_results)
 
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, pack_keep_mask  # noqa: E402
 from lgc_fast.ops.fused_conv import fused_conv  # noqa: E402
@@ -126,13 +122,10 @@ def run_cpu(args):
 def sm90_report(args):
     """Every config the autotuner keeps for each layer shape, compiled for sm_90 with and without the prologue."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from lgc_fast.kernels import fused_conv as kernels
 
     fn = kernels.fused_conv_fprop_kernel
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     rows = []
     for layer in args.layers:
         c_in, c_out, k, dil = LAYERS[layer]
@@ -149,20 +142,10 @@ def sm90_report(args):
                               ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False,
                               KEEP_WORDS=prologue and c_in % bk == 0, **config.kwargs)
                 signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
-                source = ASTSource(fn=fn, signature=signature, attrs={},
-                                   constexprs={(fn.arg_names.index(key),): v for key, v in consts.items()})
-                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(compiled.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                           text=True, check=True).stdout
-                regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-                ptx = compiled.asm["ptx"]
+                res = sm90_resources(fn, signature, consts, {}, config.num_warps, config.num_stages)
+                ptx = res.pop("ptx")
                 rows.append(dict(layer=layer, prologue=prologue, tile=f"{bh}x{bw}x{bn}x{bk}",
-                                 num_warps=config.num_warps, num_stages=config.num_stages, regs=regs,
-                                 spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared,
+                                 num_warps=config.num_warps, num_stages=config.num_stages, **res,
                                  wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor")))
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
 

@@ -262,6 +262,28 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device 
     return {name: Timing.from_samples(s, cpu[name] if keep_cpu else None) for name, s in samples.items()}
 
 
+def sm90_resources(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile the Triton kernel `fn` for sm_90 without a GPU and read its resources: {"regs", "spill_stack_bytes",
+    "shared_bytes", "ptx"}. signature: every argument's Triton type ("constexpr" for those in `constexprs`, which are
+    keyed by name); attrs: ASTSource's (argument index tuple -> attributes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared, ptx=compiled.asm["ptx"])
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Plain-text table: columns are (key, header); floats with 4 significant digits, None as "-"."""
     def cell(value):
@@ -313,5 +335,5 @@ def write_results(path: Path | str, bench: str, payload: dict) -> Path:
 
 
 __all__ = ["PEAK_BANDWIDTH", "Timing", "device_name", "device_slug", "environment", "format_table",
-           "git_commit", "peak_bandwidth", "results_path", "synchronize", "time_cuda", "time_interleaved",
-           "time_reps", "write_results"]
+           "git_commit", "peak_bandwidth", "results_path", "sm90_resources", "synchronize", "time_cuda",
+           "time_interleaved", "time_reps", "write_results"]
