@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (datasheet_peak, device_name, environment, format_table, op_bench_parser,  # noqa: E402
                     results_path, sm90_resources, time_cuda, time_reps, write_results)
 
+from lgc_fast.ops.bn_finalize import bn_finalize  # noqa: E402
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, pack_keep_mask  # noqa: E402
 from lgc_fast.ops.fused_conv import fused_conv  # noqa: E402
 
@@ -49,10 +50,11 @@ def _case(layer, n, hw, dtype, device, gen):
     beta = torch.randn(c_in, device=device, generator=gen) * 0.1
     keep = torch.rand(n, c_in, hw, hw, device=device, generator=gen) >= DROPOUT_P
     bits = pack_keep_mask(keep, memory_format=torch.channels_last)
-    # the prologue's terms as bn_finalize makes them from z_prev's batch statistics (factor 0.1 / (1 - p))
-    mean, var = z_prev.float().mean((0, 2, 3)), z_prev.float().var((0, 2, 3), unbiased=False)
-    s = gamma * torch.rsqrt(var + 1e-5) * (0.1 / (1 - DROPOUT_P))
-    b = beta * (0.1 / (1 - DROPOUT_P)) - mean * s
+    # the prologue's terms from z_prev's batch statistics, as conv_stack makes them (factor 0.1 / (1 - p))
+    zf = z_prev.float()
+    terms = bn_finalize(zf.sum((0, 2, 3)), (zf * zf).sum((0, 2, 3)), n * hw * hw, gamma, beta, None, None,
+                        batch_stats=True, update_running=False, momentum=0.1, eps=1e-5, factor=0.1 / (1 - DROPOUT_P))
+    s, b = terms.s, terms.b
     return dict(z_prev=z_prev, weight=weight, gamma=gamma, beta=beta, bits=bits, s=s, b=b, k=k, dil=dil,
                 flops=2 * n * hw * hw * c_out * c_in * k * k)
 
@@ -129,14 +131,9 @@ def sm90_report(args):
     rows = []
     for layer in args.layers:
         c_in, c_out, k, dil = LAYERS[layer]
-        probe = kernels.TensorDescriptor(torch.empty(1, 1, 1, 8, dtype=torch.bfloat16), [1, 1, 1, 8], [8, 8, 8, 1],
-                                         [1, 1, 1, 8])
-        for config in kernels.prune_configs(kernels.gpu_configs(), {"c_out": c_out, "x_desc": probe}):
+        for config in kernels.kept_configs(kernels.gpu_configs(), c_out, torch.bfloat16.itemsize):
             bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
-            types = {"x_desc": f"tensordesc<bf16[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<bf16[1, {bk}, {bn}]>",
-                     "z_desc": f"tensordesc<bf16[1, {bh}, {bw}, {bn}]>", "s_ptr": "*fp32", "b_ptr": "*fp32",
-                     "keep_ptr": "*u8", "sum_ptr": "*fp32", "sq_ptr": "*fp32", "height": "i32", "width": "i32",
-                     "c_in": "i32", "c_out": "i32"}
+            types = kernels.signature_types("bf16", "fp32", config)
             for prologue in (False, True):
                 consts = dict(KSIZE=k, DILATION=dil, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=prologue,
                               ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False,

@@ -12,6 +12,8 @@ HAS_MASK). The host folds out_scale into scale and shift, so the kernel computes
 max(v, 0) for out_scale >= 0 or min(v, 0) for out_scale < 0: one fused multiply-add and one clamp per element.
 Without the epilogue y = acc (the plain convolution).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -133,17 +135,11 @@ def prune_configs(configs, named_args, **_):
     return kept or [min(configs, key=lambda c: shared_bytes_bound(c, element_size))]
 
 
-_autotuned = None
-
-
+@functools.cache
 def _gpu_kernel():
-    global _autotuned
-    if _autotuned is None:
-        _autotuned = triton.autotune(
-            configs=gpu_configs(), key=["n_pix", "c_in", "c_out", "EPILOGUE", "HAS_MASK"],
-            prune_configs_by={"early_config_prune": prune_configs},
-        )(dilated_conv_kernel)
-    return _autotuned
+    """The autotuned kernel, made at the first CUDA launch (its configs' timings are kept per key)."""
+    return triton.autotune(configs=gpu_configs(), key=["n_pix", "c_in", "c_out", "EPILOGUE", "HAS_MASK"],
+                           prune_configs_by={"early_config_prune": prune_configs})(dilated_conv_kernel)
 
 
 def _interpret_config(c_in: int, c_out: int) -> dict:
@@ -155,7 +151,8 @@ def _interpret_config(c_in: int, c_out: int) -> dict:
     )
 
 
-def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
+def input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot's precision: TF32 for float32 on CUDA exactly where cuDNN's convolutions use it, else full."""
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
@@ -212,7 +209,7 @@ def dilated_conv_triton(x, weight, scale, shift, keep_mask, out_scale: float, di
         *x.stride(), *out.stride(), *keep.stride(),
     )
     flags = dict(DILATION=dilation, EPILOGUE=epilogue, CLAMP_ABOVE=out_scale < 0, HAS_MASK=has_mask,
-                 INPUT_PRECISION=_input_precision(x.dtype, x.device), ACC_FP64=x.dtype == torch.float64,
+                 INPUT_PRECISION=input_precision(x.dtype, x.device), ACC_FP64=x.dtype == torch.float64,
                  USE_INT64=use_int64, VEC=_vector_width(x, c_in, c_out),
                  OUT_VEC=_vector_width(out, c_out) if out.dtype == x.dtype else 1)
 

@@ -19,16 +19,19 @@ Epilogue: z stored by descriptor (clipped to the image); with STATS each program
 z and z * z, as stored (rounded to z's dtype), to row pid_m of the partial-sum buffers (float32, float64 for float64),
 which the host adds up in float64: no atomics, the same sums on every run.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
 
 try:  # host-side tensor descriptors: Triton 3.4 on
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     TensorDescriptor = None
 
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (H100/H200)
 _INTERPRET_TILE = dict(BH=8, BW=8, BN=32, BK=32)  # the interpreter's tile (upper bounds)
 _STATS_ROWS_PIXELS = (8, 8)  # the smallest (BH, BW) of any config: sizes the partial-sum buffers
 
@@ -149,39 +152,42 @@ def shared_bytes_bound(config, element_size: int) -> int:
 
 
 def prune_configs(configs, named_args, **_):
+    """The autotuner's pruning: ``kept_configs`` for the launch's Cout and dtype."""
+    return kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size())
+
+
+def kept_configs(configs, c_out: int, element_size: int):
     """128-byte input rows; channel tiles far wider than Cout only add masked work; tiles over the shared memory
     fail at launch (keep the smallest where none fits)."""
-    c_out = named_args["c_out"]
-    element_size = named_args["x_desc"].base.element_size()
     rows = [c for c in configs if c.kwargs["BK"] * element_size == 128]
     kept = [c for c in rows if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))
             and shared_bytes_bound(c, element_size) <= SHARED_MEMORY_LIMIT]
     return kept or [min(rows, key=lambda c: shared_bytes_bound(c, element_size))]
 
 
-_autotuned = None
-
-
+@functools.cache
 def _gpu_kernel():
-    global _autotuned
-    if _autotuned is None:
-        _autotuned = triton.autotune(
-            configs=gpu_configs(), key=["height", "width", "c_in", "c_out", "PROLOGUE", "HAS_KEEP", "STATS"],
-            prune_configs_by={"early_config_prune": prune_configs}, reset_to_zero=["sum_ptr", "sq_ptr"],
-        )(fused_conv_fprop_kernel)
-    return _autotuned
+    """The autotuned kernel, made at the first CUDA launch; the partial sums are zeroed before each config's trial."""
+    return triton.autotune(configs=gpu_configs(), key=["height", "width", "c_in", "c_out", "PROLOGUE", "HAS_KEEP",
+                                                        "STATS"],
+                           prune_configs_by={"early_config_prune": prune_configs},
+                           reset_to_zero=["sum_ptr", "sq_ptr"])(fused_conv_fprop_kernel)
+
+
+def signature_types(element: str, acc: str, config) -> dict:
+    """The Triton types of the kernel's non-constexpr arguments at `config`'s tile (what a launch specialises to, for
+    compiling without one): element the maps' type ("bf16", ...), acc the compute type ("fp32" or "fp64")."""
+    bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
+    return {"x_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
+            "z_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>", "s_ptr": f"*{acc}", "b_ptr": f"*{acc}",
+            "keep_ptr": "*u8", "sum_ptr": f"*{acc}", "sq_ptr": f"*{acc}", "height": "i32", "width": "i32",
+            "c_in": "i32", "c_out": "i32"}
 
 
 def _interpret_tile(c_in: int, c_out: int) -> dict:
     lim = _INTERPRET_TILE
     return dict(BH=lim["BH"], BW=lim["BW"], BN=min(max(16, triton.next_power_of_2(c_out)), lim["BN"]),
                 BK=min(max(16, triton.next_power_of_2(c_in)), lim["BK"]))
-
-
-def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +230,7 @@ def fused_conv_fprop_triton(x, weight, dilation: int, scale, shift, keep_bits, z
             keep_bits if keep_bits is not None else filler,
             partial_sum if stats else filler, partial_sq if stats else filler, h, w, c_in, c_out)
     flags = dict(KSIZE=ksize, DILATION=dilation, PROLOGUE=prologue, HAS_KEEP=keep_bits is not None, STATS=stats,
-                 ACC_FP64=acc_fp64, INPUT_PRECISION=_input_precision(x.dtype, x.device),
+                 ACC_FP64=acc_fp64, INPUT_PRECISION=input_precision(x.dtype, x.device),
                  # Triton 3.9's interpreter multiplies bfloat16 dot operands as raw integer bit patterns; bfloat16
                  # products are exact in float32, so upcasting there computes the same sums.
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,

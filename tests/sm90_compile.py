@@ -111,17 +111,11 @@ def fused_conv_cases() -> None:
     a plain convolution and with the BatchNorm / ReLU / dropout prologue; each descriptor's box is its config's tile."""
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
                              (torch.float64, "ieee")):
-        acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
-        element = PTR[dtype][1:]
-        named_args = {"c_out": 128, "x_desc": fused_conv.TensorDescriptor(torch.empty(1, 1, 1, 8, dtype=dtype),
-                                                                          [1, 1, 1, 8], [8, 8, 8, 1], [1, 1, 1, 8])}
-        for config in fused_conv.prune_configs(fused_conv.gpu_configs(), named_args)[:2]:
-            bh, bw, bn, bk = (config.kwargs[k] for k in ("BH", "BW", "BN", "BK"))
-            types = {"x_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>",
-                     "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
-                     "z_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>", "s_ptr": acc, "b_ptr": acc,
-                     "keep_ptr": "*u8", "sum_ptr": acc, "sq_ptr": acc, **ints("height", "width", "c_in", "c_out")}
-            bound = fused_conv.shared_bytes_bound(config, torch.tensor([], dtype=dtype).element_size())
+        acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32][1:]
+        element_size = torch.tensor([], dtype=dtype).element_size()
+        for config in fused_conv.kept_configs(fused_conv.gpu_configs(), 128, element_size)[:2]:
+            types = fused_conv.signature_types(PTR[dtype][1:], acc, config)
+            bound = fused_conv.shared_bytes_bound(config, element_size)
             for prologue in (False, True):
                 meta = dict(KSIZE=3, DILATION=4, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=True,
                             ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision, DOT_IN_FP32=False,

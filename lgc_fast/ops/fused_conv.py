@@ -34,18 +34,11 @@ import torch.nn.functional as F
 from lgc_fast import _backend
 from lgc_fast.ops._library import custom_op
 from lgc_fast.ops.bn_relu_dropout import unpack_keep_bits
+from lgc_fast.ops.dilated_block import _channel, _compute_dtype
 
 _SUPPORTED = ("triton", "ref")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUM_DIMS = (0, 2, 3)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _channel(v: torch.Tensor) -> torch.Tensor:
-    return v[:, None, None]
 
 
 def _new_z(x: torch.Tensor, c_out: int) -> torch.Tensor:
@@ -57,15 +50,22 @@ def _padding(weight: torch.Tensor, dilation: int) -> int:
     return dilation * (weight.shape[-1] // 2)
 
 
-def _activation(x, scale, shift, keep_bits) -> torch.Tensor:
-    """The prologue's a in x's dtype (computed in the compute dtype, rounded once), or x itself without one."""
-    if scale is None:
-        return x
-    ct = _compute_dtype(x.dtype)
-    a = torch.relu(x.to(ct) * _channel(scale.to(ct)) + _channel(shift.to(ct)))
-    if keep_bits is not None:
-        a = a * unpack_keep_bits(keep_bits, x.shape, memory_format=torch.channels_last).to(ct)
-    return a.to(x.dtype)
+def _keep(keep_bits, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x's keep flags as 0 / 1 in the compute dtype, or None without dropout."""
+    if keep_bits is None:
+        return None
+    return unpack_keep_bits(keep_bits, x.shape, memory_format=torch.channels_last).to(_compute_dtype(x.dtype))
+
+
+def _pre(xc: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift, from x in the compute dtype."""
+    return xc * _channel(scale, xc.dtype) + _channel(shift, xc.dtype)
+
+
+def _activation(pre: torch.Tensor, keep: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The prologue's a = relu(pre) * keep, rounded once to `dtype` (x's)."""
+    a = torch.relu(pre)
+    return (a if keep is None else a * keep).to(dtype)
 
 
 def _sums(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,7 @@ def fused_conv_ref(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.
     rounded to x's dtype (channels_last), and the sums of z as rounded, added in float64."""
     _check(x, weight, scale, shift, keep_bits, dilation)
     ct = _compute_dtype(x.dtype)
-    a = _activation(x, scale, shift, keep_bits)
+    a = x if scale is None else _activation(_pre(x.to(ct), scale, shift), _keep(keep_bits, x), x.dtype)
     pad = _padding(weight, dilation)
     z = _new_z(x, weight.shape[0])
     z.copy_(F.conv2d(a.to(ct), weight.to(ct), padding=pad, dilation=dilation))
@@ -165,10 +165,12 @@ def _backward(ctx, grad_z, grad_sum, grad_sq):
     ct = _compute_dtype(x.dtype)
     g = torch.zeros_like(z, dtype=ct) if grad_z is None else grad_z.to(ct)
     if grad_sum is not None:
-        g = g + _channel(grad_sum.to(ct))
+        g = g + _channel(grad_sum, ct)
     if grad_sq is not None:
-        g = g + 2 * z.to(ct) * _channel(grad_sq.to(ct))
-    a = _activation(x, scale, shift, keep_bits).to(ct)
+        g = g + 2 * z.to(ct) * _channel(grad_sq, ct)
+    xc, keep = x.to(ct), _keep(keep_bits, x)
+    pre = None if scale is None else _pre(xc, scale, shift)
+    a = xc if scale is None else _activation(pre, keep, x.dtype).to(ct)
     pad = [_padding(weight, ctx.dilation)] * 2
     need_a = need_x or need_scale or need_shift
     da, dw, _ = torch.ops.aten.convolution_backward(
@@ -177,12 +179,10 @@ def _backward(ctx, grad_z, grad_sum, grad_sq):
     if need_a and scale is None:
         dx = da.to(x.dtype)
     elif need_a:
-        xc = x.to(ct)
-        gate = (xc * _channel(scale.to(ct)) + _channel(shift.to(ct))) > 0
-        g_pre = torch.where(gate, da, torch.zeros((), dtype=ct, device=da.device))
-        if keep_bits is not None:
-            g_pre = g_pre * unpack_keep_bits(keep_bits, x.shape, memory_format=torch.channels_last).to(ct)
-        dx = (g_pre * _channel(scale.to(ct))).to(x.dtype) if need_x else None
+        g_pre = torch.where(pre > 0, da, torch.zeros((), dtype=ct, device=da.device))
+        if keep is not None:
+            g_pre = g_pre * keep
+        dx = (g_pre * _channel(scale, ct)).to(x.dtype) if need_x else None
         d_scale = (g_pre * xc).sum(_SUM_DIMS).to(scale.dtype) if need_scale else None
         d_shift = g_pre.sum(_SUM_DIMS).to(shift.dtype) if need_shift else None
     return dx, (dw.to(weight.dtype) if need_w else None), d_scale, d_shift, None, None, None
