@@ -20,6 +20,7 @@ z and z * z, as stored (rounded to z's dtype), to row pid_m of the partial-sum b
 which the host adds up in float64: no atomics, the same sums on every run.
 """
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -48,13 +49,60 @@ def _keep_word(keep_ptr, index, mask, BITS: tl.constexpr):
     return tl.load(word_ptr + index, mask=mask, other=0)
 
 
+# The prologue applied to the A tiles (PROLOGUE) and the epilogue's work (EPILOGUE):
+PROLOGUE_NONE, PROLOGUE_BN, PROLOGUE_DBN = 0, 1, 2
+EPILOGUE_STORE, EPILOGUE_STATS, EPILOGUE_GATE = 0, 1, 2
+
+
 @triton.jit
-def fused_conv_fprop_kernel(
-    x_desc, w_desc, z_desc, s_ptr, b_ptr, keep_ptr, sum_ptr, sq_ptr,
+def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr, KEEP_WORDS: tl.constexpr,
+               BK: tl.constexpr):
+    """The keep flags (0 / 1 in ct, rows x BK) of channels offs_k = k0 + arange(BK) at the pixels `pix` of a map with
+    c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. KEEP_WORDS: c_in is a multiple of BK
+    (16, 32 or 64), so a pixel's flags of the chunk are one little-endian BK-bit word, one load a row, not one a
+    value."""
+    if KEEP_WORDS:
+        word = _keep_word(keep_ptr, pix * (c_in // BK) + k0 // BK, rows_ok, BK)
+        return ((word[:, None] >> tl.arange(0, BK)[None, :].to(word.dtype)) & 1).to(ct)
+    e = pix[:, None] * c_in + offs_k[None, :]
+    byte = tl.load(keep_ptr + (e >> 3), mask=rows_ok[:, None] & k_ok[None, :], other=0)
+    return ((byte >> (e & 7).to(tl.uint8)) & 1).to(ct)
+
+
+@triton.jit
+def bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct: tl.constexpr,
+                  HAS_KEEP: tl.constexpr, KEEP_WORDS: tl.constexpr, BK: tl.constexpr):
+    """relu(a * s + b) * keep (rows x BK, in ct) for channels offs_k, 0 at rows outside the image (the padding is the
+    activation's) and past c_in."""
+    k_ok = offs_k < c_in
+    s = tl.load(s_ptr + offs_k, mask=k_ok, other=0.0)
+    b = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0)
+    v = tl.maximum(a.to(ct) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if HAS_KEEP:
+        v = v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, KEEP_WORDS, BK)  # NaN stays NaN
+    return tl.where(inside[:, None] & k_ok[None, :], v, 0.0)
+
+
+@triton.jit
+def dbn_gradient(g, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_k, c_in, inside, ct: tl.constexpr):
+    """BatchNorm backward's apply, dz = eq_dy * g + eq_x * z + eq_b (rows x BK, in ct), 0 outside the image and past
+    c_in (eq_b is not 0 there)."""
+    k_ok = offs_k < c_in
+    eq_dy = tl.load(eq_dy_ptr + offs_k, mask=k_ok, other=0.0)
+    eq_x = tl.load(eq_x_ptr + offs_k, mask=k_ok, other=0.0)
+    eq_b = tl.load(eq_b_ptr + offs_k, mask=k_ok, other=0.0)
+    v = g.to(ct) * eq_dy[None, :] + z.to(ct) * eq_x[None, :] + eq_b[None, :]
+    return tl.where(inside[:, None] & k_ok[None, :], v, 0.0)
+
+
+@triton.jit
+def fused_conv_kernel(
+    x_desc, x2_desc, w_desc, out_desc, e_desc, p0_ptr, p1_ptr, p2_ptr, keep_ptr,
+    e0_ptr, e1_ptr, e2_ptr, e3_ptr, e_keep_ptr, sum_ptr, sq_ptr,
     height, width, c_in, c_out,
     KSIZE: tl.constexpr, DILATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    STATS: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    USE_INT64: tl.constexpr, KEEP_WORDS: tl.constexpr,
+    EPILOGUE: tl.constexpr, E_HAS_KEEP: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, USE_INT64: tl.constexpr, KEEP_WORDS: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BH * BW
@@ -87,53 +135,65 @@ def fused_conv_fprop_kernel(
         dh = (tap // KSIZE) * DILATION - pad
         dw = (tap % KSIZE) * DILATION - pad
         a = tl.reshape(x_desc.load([img, h0 + dh, w0 + dw, k0]), (BM, BK))
-        if PROLOGUE:
+        if PROLOGUE != 0:
             offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < c_in
-            s = tl.load(s_ptr + offs_k, mask=k_ok, other=0.0)
-            b = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0)
             ih = h0 + dh + row_h
             iw = w0 + dw + row_w
             inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            v = tl.maximum(a.to(ct) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
-            if HAS_KEEP:
+            if PROLOGUE == 1:
                 pix = (img * height + ih) * width + iw
                 if USE_INT64:
                     pix = pix.to(tl.int64)
-                if KEEP_WORDS:
-                    # a pixel's BK flags of this chunk are one BK-bit word: one load a row, not one a value
-                    word = _keep_word(keep_ptr, pix * (c_in // BK) + k0 // BK, inside, BK)
-                    flag = (word[:, None] >> tl.arange(0, BK)[None, :].to(word.dtype)) & 1
-                else:
-                    e = pix[:, None] * c_in + offs_k[None, :]
-                    byte = tl.load(keep_ptr + (e >> 3), mask=inside[:, None] & k_ok[None, :], other=0)
-                    flag = (byte >> (e & 7).to(tl.uint8)) & 1
-                v = v * flag.to(ct)  # a product, so a dropped NaN stays NaN
-            a = tl.where(inside[:, None] & k_ok[None, :], v, 0.0).to(dot_dtype)
+                a = bn_activation(a, p0_ptr, p1_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct, HAS_KEEP,
+                                  KEEP_WORDS, BK).to(dot_dtype)
+            else:
+                z_in = tl.reshape(x2_desc.load([img, h0 + dh, w0 + dw, k0]), (BM, BK))
+                a = dbn_gradient(a, z_in, p0_ptr, p1_ptr, p2_ptr, offs_k, c_in, inside, ct).to(dot_dtype)
         wt = tl.reshape(w_desc.load([tap, k0, n0]), (BK, BN))
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
-    z = acc.to(z_desc.dtype)
-    z_desc.store([img, h0, w0, n0], tl.reshape(z, (1, BH, BW, BN)))
-    if STATS:
-        valid = ((h0 + row_h) < height) & ((w0 + row_w) < width)
-        zs = tl.where(valid[:, None], z.to(ct), 0.0)
-        offs_n = n0 + tl.arange(0, BN)
-        n_ok = offs_n < c_out
-        row = pid_m.to(tl.int64) * c_out
-        tl.store(sum_ptr + row + offs_n, tl.sum(zs, axis=0), mask=n_ok)
-        tl.store(sq_ptr + row + offs_n, tl.sum(zs * zs, axis=0), mask=n_ok)
+    valid = ((h0 + row_h) < height) & ((w0 + row_w) < width)
+    offs_n = n0 + tl.arange(0, BN)
+    n_ok = offs_n < c_out
+    row = pid_m.to(tl.int64) * c_out
+    if EPILOGUE == 2:
+        # the previous block's dropout, ReLU and BatchNorm backward: g = acc * keep where its pre-activation is > 0,
+        # and BatchNorm's sums of g * xhat and g, from g as stored
+        z_prev = tl.reshape(e_desc.load([img, h0, w0, n0]), (BM, BN)).to(ct)
+        s = tl.load(e0_ptr + offs_n, mask=n_ok, other=0.0)
+        b = tl.load(e1_ptr + offs_n, mask=n_ok, other=0.0)
+        g = tl.where(z_prev * s[None, :] + b[None, :] > 0, acc, 0.0)
+        if E_HAS_KEEP:
+            pix = (img * height + h0 + row_h) * width + w0 + row_w
+            if USE_INT64:
+                pix = pix.to(tl.int64)
+            g = g * keep_flags(e_keep_ptr, pix, offs_n, n0, c_out, valid, n_ok, ct, False, BN)
+        out = g.to(out_desc.dtype)
+        out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
+        mean = tl.load(e2_ptr + offs_n, mask=n_ok, other=0.0)
+        invstd = tl.load(e3_ptr + offs_n, mask=n_ok, other=0.0)
+        gs = tl.where(valid[:, None], out.to(ct), 0.0)
+        xhat = (z_prev - mean[None, :]) * invstd[None, :]
+        tl.store(sum_ptr + row + offs_n, tl.sum(gs * xhat, axis=0), mask=n_ok)
+        tl.store(sq_ptr + row + offs_n, tl.sum(gs, axis=0), mask=n_ok)
+    else:
+        out = acc.to(out_desc.dtype)
+        out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
+        if EPILOGUE == 1:
+            zs = tl.where(valid[:, None], out.to(ct), 0.0)
+            tl.store(sum_ptr + row + offs_n, tl.sum(zs, axis=0), mask=n_ok)
+            tl.store(sq_ptr + row + offs_n, tl.sum(zs * zs, axis=0), mask=n_ok)
 
 
 def _set_block_shapes(nargs):
     """Autotuner pre-hook: each config's tile is also the descriptors' box."""
     bh, bw, bn, bk = nargs["BH"], nargs["BW"], nargs["BN"], nargs["BK"]
-    nargs["x_desc"].block_shape = [1, bh, bw, bk]
+    for name, box in (("x_desc", bk), ("x2_desc", bk), ("out_desc", bn), ("e_desc", bn)):
+        nargs[name].block_shape = [1, bh, bw, box]
     nargs["w_desc"].block_shape = [1, bk, bn]
-    nargs["z_desc"].block_shape = [1, bh, bw, bn]
 
 
 def gpu_configs():
@@ -145,43 +205,50 @@ def gpu_configs():
                           pre_hook=_set_block_shapes) for h, w, n, warps, stages in shapes for k in (64, 32, 16)]
 
 
-def shared_bytes_bound(config, element_size: int) -> int:
-    """num_stages buffers of the A (BH*BW x BK) and B (BK x BN) boxes, plus the output box the store stages."""
+def shared_bytes_bound(config, element_size: int, prologue: int = PROLOGUE_NONE,
+                       epilogue: int = EPILOGUE_STATS) -> int:
+    """num_stages buffers of the A (BH*BW x BK; two maps for the dBN prologue) and B (BK x BN) boxes, plus the output
+    box the store stages (and the gate's box of the previous z)."""
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
-    return (config.num_stages * (bh * bw * bk + bk * bn) + bh * bw * bn) * element_size
+    a_maps = 2 if prologue == PROLOGUE_DBN else 1
+    out_boxes = 2 if epilogue == EPILOGUE_GATE else 1
+    return (config.num_stages * (a_maps * bh * bw * bk + bk * bn) + out_boxes * bh * bw * bn) * element_size
 
 
-def prune_configs(configs, named_args, **_):
-    """The autotuner's pruning: ``kept_configs`` for the launch's Cout and dtype."""
-    return kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size())
+def prune_configs(configs, named_args, **kwargs):
+    """The autotuner's pruning: ``kept_configs`` for the launch's Cout, dtype, prologue and epilogue."""
+    return kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size(),
+                        kwargs.get("PROLOGUE", PROLOGUE_NONE), kwargs.get("EPILOGUE", EPILOGUE_STATS))
 
 
-def kept_configs(configs, c_out: int, element_size: int):
+def kept_configs(configs, c_out: int, element_size: int, prologue: int = PROLOGUE_NONE,
+                 epilogue: int = EPILOGUE_STATS):
     """128-byte input rows; channel tiles far wider than Cout only add masked work; tiles over the shared memory
     fail at launch (keep the smallest where none fits)."""
     rows = [c for c in configs if c.kwargs["BK"] * element_size == 128]
     kept = [c for c in rows if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))
-            and shared_bytes_bound(c, element_size) <= SHARED_MEMORY_LIMIT]
-    return kept or [min(rows, key=lambda c: shared_bytes_bound(c, element_size))]
+            and shared_bytes_bound(c, element_size, prologue, epilogue) <= SHARED_MEMORY_LIMIT]
+    return kept or [min(rows, key=lambda c: shared_bytes_bound(c, element_size, prologue, epilogue))]
 
 
 @functools.cache
 def _gpu_kernel():
     """The autotuned kernel, made at the first CUDA launch; the partial sums are zeroed before each config's trial."""
-    return triton.autotune(configs=gpu_configs(), key=["height", "width", "c_in", "c_out", "PROLOGUE", "HAS_KEEP",
-                                                        "STATS"],
+    return triton.autotune(configs=gpu_configs(), key=["height", "width", "c_in", "c_out", "KSIZE", "PROLOGUE",
+                                                        "HAS_KEEP", "EPILOGUE", "E_HAS_KEEP"],
                            prune_configs_by={"early_config_prune": prune_configs},
-                           reset_to_zero=["sum_ptr", "sq_ptr"])(fused_conv_fprop_kernel)
+                           reset_to_zero=["sum_ptr", "sq_ptr"])(fused_conv_kernel)
 
 
 def signature_types(element: str, acc: str, config) -> dict:
     """The Triton types of the kernel's non-constexpr arguments at `config`'s tile (what a launch specialises to, for
     compiling without one): element the maps' type ("bf16", ...), acc the compute type ("fp32" or "fp64")."""
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
-    return {"x_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
-            "z_desc": f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>", "s_ptr": f"*{acc}", "b_ptr": f"*{acc}",
-            "keep_ptr": "*u8", "sum_ptr": f"*{acc}", "sq_ptr": f"*{acc}", "height": "i32", "width": "i32",
-            "c_in": "i32", "c_out": "i32"}
+    a_box, out_box = f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>", f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>"
+    vectors = ("p0_ptr", "p1_ptr", "p2_ptr", "e0_ptr", "e1_ptr", "e2_ptr", "e3_ptr", "sum_ptr", "sq_ptr")
+    return {"x_desc": a_box, "x2_desc": a_box, "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
+            "out_desc": out_box, "e_desc": out_box, **{name: f"*{acc}" for name in vectors},
+            "keep_ptr": "*u8", "e_keep_ptr": "*u8", "height": "i32", "width": "i32", "c_in": "i32", "c_out": "i32"}
 
 
 def _interpret_tile(c_in: int, c_out: int) -> dict:
@@ -190,7 +257,7 @@ def _interpret_tile(c_in: int, c_out: int) -> dict:
                 BK=min(max(16, triton.next_power_of_2(c_in)), lim["BK"]))
 
 
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
+def nhwc(t: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) channels_last -> its (N, H, W, C) contiguous view (no copy)."""
     return t.permute(0, 2, 3, 1)
 
@@ -201,40 +268,87 @@ def stats_rows(n: int, height: int, width: int) -> int:
     return n * triton.cdiv(height, bh) * triton.cdiv(width, bw)
 
 
-def fused_conv_fprop_triton(x, weight, dilation: int, scale, shift, keep_bits, z, partial_sum, partial_sq):
-    """Write conv(prologue(x), weight) into z and, where partial_sum is given, the per-tile sums of z and z * z into
-    partial_sum / partial_sq (zeros on entry).
+def pack_filter(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """weight (Cout, Cin, r, r) -> the kernel's B operand (r*r, Cin, Cout), tap-major; transposed: that of the
+    convolution's input gradient, (r*r, Cout, Cin) of the filter rotated by 180 degrees (stride 1 and symmetric
+    padding make the input gradient a convolution with it)."""
+    r = weight.shape[-1]
+    if transposed:
+        return weight.flip(2, 3).permute(2, 3, 0, 1).reshape(r * r, weight.shape[0], weight.shape[1]).contiguous()
+    return weight.permute(2, 3, 1, 0).reshape(r * r, weight.shape[1], weight.shape[0]).contiguous()
 
-    x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; weight: (Cout, Cin, r, r), x's dtype, r odd;
-    scale, shift: (Cin,) in the compute dtype, or both None (no prologue); keep_bits: uint8 ((N*Cin*H*W + 7) // 8,)
-    or None; z: (N, Cout, H, W) channels_last, x's dtype; partial_sum, partial_sq: (stats_rows(N, H, W), Cout) in the
-    compute dtype, or both None.
+
+class BnPrologue(NamedTuple):
+    """a = relu(x * scale + shift) * keep: scale, shift (Cin,) in the compute dtype; keep_bits as ``fused_conv``'s or
+    None."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+    keep_bits: Optional[torch.Tensor]
+
+
+class DbnPrologue(NamedTuple):
+    """BatchNorm backward's apply, a = eq_dy * x + eq_x * z + eq_b: x the gradient g at the next block's BatchNorm
+    output, z (like x) that block's convolution output, eq_* (Cin,) in the compute dtype."""
+    z: torch.Tensor
+    eq_dy: torch.Tensor
+    eq_x: torch.Tensor
+    eq_b: torch.Tensor
+
+
+class Gate(NamedTuple):
+    """The input gradient's epilogue for a previous block with BatchNorm terms (s, b, mean, invstd) and keep bits over
+    z_prev (the output's shape, channels_last): out = g = acc * keep where z_prev * s + b > 0, and per channel the
+    partial sums of g * (z_prev - mean) * invstd (into sums[0]) and of g (sums[1])."""
+    z_prev: torch.Tensor
+    s: torch.Tensor
+    b: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    keep_bits: Optional[torch.Tensor]
+
+
+def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=None, gate: Optional[Gate] = None,
+                      sums=None):
+    """Write conv(prologue(x), w) into out (or, with a gate, the gated gradient) and, where `sums` is a pair of
+    buffers (zeros on entry), the per-tile sums: of out and out * out (statistics) or the gate's.
+
+    x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cin, Cout) in x's dtype
+    (``pack_filter``); prologue: None, BnPrologue or DbnPrologue; out: (N, Cout, H, W) channels_last, x's dtype; sums:
+    two (stats_rows(N, H, W), Cout) buffers in the compute dtype, or None (not with a gate).
     """
     n, c_in, h, w = x.shape
-    c_out, ksize = weight.shape[0], weight.shape[-1]
-    w_packed = weight.permute(2, 3, 1, 0).reshape(ksize * ksize, c_in, c_out).contiguous()
+    c_out = w_packed.shape[2]
     cuda = x.device.type == "cuda"
     tile = None if cuda else _interpret_tile(c_in, c_out)
     box = tile or dict(BH=8, BW=8, BN=16, BK=16)  # the autotuner's pre-hook sets each config's own on CUDA
-    x_desc = TensorDescriptor.from_tensor(_nhwc(x), [1, box["BH"], box["BW"], box["BK"]])
+    a_box, out_box = [1, box["BH"], box["BW"], box["BK"]], [1, box["BH"], box["BW"], box["BN"]]
+    x_desc = TensorDescriptor.from_tensor(nhwc(x), a_box)
+    dbn = isinstance(prologue, DbnPrologue)
+    x2_desc = TensorDescriptor.from_tensor(nhwc(prologue.z), a_box) if dbn else x_desc
     w_desc = TensorDescriptor.from_tensor(w_packed, [1, box["BK"], box["BN"]])
-    z_desc = TensorDescriptor.from_tensor(_nhwc(z), [1, box["BH"], box["BW"], box["BN"]])
-    prologue = scale is not None
-    stats = partial_sum is not None
+    out_desc = TensorDescriptor.from_tensor(nhwc(out), out_box)
+    e_desc = TensorDescriptor.from_tensor(nhwc(gate.z_prev), out_box) if gate is not None else out_desc
+    acc_fp64 = x.dtype == torch.float64
+    filler = torch.zeros(1, dtype=torch.float64 if acc_fp64 else torch.float32, device=x.device)  # unused pointers
+    vectors = list(prologue[1:] if dbn else prologue[:2]) if prologue is not None else []
+    keep_bits = prologue.keep_bits if isinstance(prologue, BnPrologue) else None
+    e_vectors = [gate.s, gate.b, gate.mean, gate.invstd] if gate is not None else []
+    e_keep = gate.keep_bits if gate is not None else None
+    sum_buffers = list(sums) if sums is not None else [filler, filler]
+    args = (x_desc, x2_desc, w_desc, out_desc, e_desc, *(vectors + [filler] * 3)[:3],
+            keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
+            e_keep if e_keep is not None else filler, *sum_buffers, h, w, c_in, c_out)
     # BK: on CUDA every config the autotuner keeps loads 128-byte rows
     chunk = tile["BK"] if tile else 128 // x.element_size()
-    acc_fp64 = x.dtype == torch.float64
-    filler = partial_sum if stats else torch.zeros(1, dtype=torch.float64 if acc_fp64 else torch.float32,
-                                                    device=x.device)  # for the unused pointers
-    args = (x_desc, w_desc, z_desc, scale if prologue else filler, shift if prologue else filler,
-            keep_bits if keep_bits is not None else filler,
-            partial_sum if stats else filler, partial_sq if stats else filler, h, w, c_in, c_out)
-    flags = dict(KSIZE=ksize, DILATION=dilation, PROLOGUE=prologue, HAS_KEEP=keep_bits is not None, STATS=stats,
-                 ACC_FP64=acc_fp64, INPUT_PRECISION=input_precision(x.dtype, x.device),
+    flags = dict(KSIZE=ksize, DILATION=dilation,
+                 PROLOGUE=PROLOGUE_DBN if dbn else PROLOGUE_NONE if prologue is None else PROLOGUE_BN,
+                 HAS_KEEP=keep_bits is not None,
+                 EPILOGUE=EPILOGUE_GATE if gate is not None else EPILOGUE_STORE if sums is None else EPILOGUE_STATS,
+                 E_HAS_KEEP=e_keep is not None, ACC_FP64=acc_fp64, INPUT_PRECISION=input_precision(x.dtype, x.device),
                  # Triton 3.9's interpreter multiplies bfloat16 dot operands as raw integer bit patterns; bfloat16
                  # products are exact in float32, so upcasting there computes the same sums.
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,
-                 USE_INT64=n * c_in * h * w >= 2**31,
+                 USE_INT64=n * max(c_in, c_out) * h * w >= 2**31,
                  KEEP_WORDS=keep_bits is not None and c_in % chunk == 0 and keep_bits.data_ptr() % (chunk // 8) == 0)
 
     def grid(meta):
@@ -244,5 +358,5 @@ def fused_conv_fprop_triton(x, weight, dilation: int, scale, shift, keep_bits, z
         with torch.cuda.device(x.device):
             _gpu_kernel()[grid](*args, **flags)
     else:
-        fused_conv_fprop_kernel[grid(tile)](*args, **flags, **tile)
-    return z
+        fused_conv_kernel[grid(tile)](*args, **flags, **tile)
+    return out

@@ -3,7 +3,7 @@ specialise it for typical shapes, without a GPU. Run by tests/test_triton_sm90.p
 interpreter, which the other tests switch on, replaces triton.jit's compiler).
 
 Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes", "wgmma", "tma_loads" (the
-PTX's Hopper matrix and tensor-memory instructions)} (dilated_conv and fused_conv add
+PTX's Hopper matrix and tensor-memory instructions)} (dilated_conv and the fused_conv kernels add
 "shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with
 the compiler's error on the first kernel that does not compile.
 """
@@ -18,7 +18,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lgc_fast.kernels import bn_relu_dropout, dilated_conv, fit_shape, fused_conv, kernel_conv, lgc_loss
+from lgc_fast.kernels import (bn_relu_dropout, dilated_conv, fit_shape, fused_conv, fused_conv_wgrad, kernel_conv,
+                              lgc_loss)
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
@@ -107,27 +108,40 @@ def dilated_conv_cases() -> None:
 
 
 def fused_conv_cases() -> None:
-    """The first two configs the autotuner keeps for the release's 3x3 dilation-4 128 -> 128 channels, per dtype, as
-    a plain convolution and with the BatchNorm / ReLU / dropout prologue; each descriptor's box is its config's tile."""
+    """The first two configs the autotuner keeps for the release's 3x3 dilation-4 128 -> 128 channels, per dtype:
+    the forward as a plain convolution and with the BatchNorm / ReLU / dropout prologue and the statistics, the input
+    gradient with BatchNorm backward's apply and the gate epilogue, and the filter gradient with both prologues; each
+    descriptor's box is its config's tile."""
+    k = fused_conv
+    modes = [("forward plain", k.PROLOGUE_NONE, k.EPILOGUE_STATS),
+             ("forward prologue", k.PROLOGUE_BN, k.EPILOGUE_STATS), ("input gradient", k.PROLOGUE_DBN, k.EPILOGUE_GATE)]
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
                              (torch.float64, "ieee")):
         acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32][1:]
         element_size = torch.tensor([], dtype=dtype).element_size()
-        for config in fused_conv.kept_configs(fused_conv.gpu_configs(), 128, element_size)[:2]:
-            types = fused_conv.signature_types(PTR[dtype][1:], acc, config)
-            bound = fused_conv.shared_bytes_bound(config, element_size)
-            for prologue in (False, True):
-                meta = dict(KSIZE=3, DILATION=4, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=True,
-                            ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision, DOT_IN_FP32=False,
-                            USE_INT64=False, KEEP_WORDS=prologue, **config.kwargs)
-                compile_sm90(fused_conv.fused_conv_fprop_kernel, types, meta, config.num_warps, config.num_stages,
-                             f"{dtype} {config.kwargs} prologue {prologue}", extra={"shared_bound_bytes": bound})
+        common = dict(KSIZE=3, DILATION=4, ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision,
+                      DOT_IN_FP32=False, USE_INT64=False)
+        for name, prologue, epilogue in modes:
+            for config in k.kept_configs(k.gpu_configs(), 128, element_size, prologue, epilogue)[:2]:
+                meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue == k.PROLOGUE_BN, EPILOGUE=epilogue,
+                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, KEEP_WORDS=prologue == k.PROLOGUE_BN,
+                            **config.kwargs)
+                bound = k.shared_bytes_bound(config, element_size, prologue, epilogue)
+                compile_sm90(k.fused_conv_kernel, k.signature_types(PTR[dtype][1:], acc, config), meta,
+                             config.num_warps, config.num_stages, f"{dtype} {config.kwargs} {name}",
+                             extra={"shared_bound_bytes": bound})
+        for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), 128, 128, element_size)[:2]:
+            meta = dict(common, PROLOGUE=True, HAS_KEEP=True, DBN=True, **config.kwargs)
+            compile_sm90(fused_conv_wgrad.fused_conv_wgrad_kernel,
+                         fused_conv_wgrad.signature_types(PTR[dtype][1:], acc, config), meta, config.num_warps,
+                         config.num_stages, f"{dtype} {config.kwargs} filter gradient",
+                         extra={"shared_bound_bytes": fused_conv_wgrad.shared_bytes_bound(config, element_size)})
 
 
 def bn_relu_dropout_cases() -> None:
     """The four epilogue kernels for a channels_last 128-channel map in every dtype with seeded dropout, for a
-    contiguous one in bfloat16 with a mask tensor and a channels_last one with keep bits, and the mask kernel; the channel stride 1 (channels_last) or pixel
-    stride 1 (contiguous) as the launcher specialises it."""
+    contiguous one in bfloat16 with a mask tensor and a channels_last one with keep bits, and the mask kernel; the
+    channel stride 1 (channels_last) or pixel stride 1 (contiguous) as the launcher specialises it."""
     module = bn_relu_dropout
     kernels = {
         "_moments_kernel": ("z", "part"),

@@ -52,14 +52,14 @@ def test_every_kernel_compiles_for_sm90():
                "_keep_mask_kernel"}
     count = 8 + 8 + 9 + 8 + 25  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
     if _tensor_descriptors():
-        kernels.add("fused_conv_fprop_kernel")
-        count += 16  # four dtypes, two configs, with and without the prologue
+        kernels |= {"fused_conv_kernel", "fused_conv_wgrad_kernel"}
+        count += 32  # four dtypes, two configs: the forward with and without the prologue, both gradients
     assert {c["kernel"] for c in compiled} == kernels
     assert len(compiled) == count
     for c in compiled:
         assert c["cubin_bytes"] > 0
         assert c["shared_bytes"] <= SHARED_LIMIT, f"{c['kernel']} ({c['case']}) needs {c['shared_bytes']} B of shared"
         assert c["shared_bytes"] <= c.get("shared_bound_bytes", SHARED_LIMIT), f"{c['case']}: above the pruning bound"
-        if c["kernel"] == "fused_conv_fprop_kernel" and "float64" not in c["case"]:
+        if c["kernel"].startswith("fused_conv") and "float64" not in c["case"]:
             # the point of the kernel: Hopper's asynchronous matrix products on tensor-memory loads
             assert c["wgmma"] > 0 and c["tma_loads"] > 0, c

@@ -24,9 +24,10 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
   dgamma_i, dbeta_i   from those sums; dx = dgrad(dz_1, W_1)
 
 The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i and
-no other mask (but the byte masks where the graphs take those). The pieces run as torch functions (``TorchGraphs``,
+no other mask (but the byte masks or keep bits where the pieces take those). The pieces run as torch functions (``TorchGraphs``,
 lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64 inputs) or as cuDNN
-graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks); ``stack_graphs``
+graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks) or as lgc_fast's Triton
+kernels (``TritonGraphs``, lgc_fast/ops/conv_stack_triton.py: any float dtype, keep bits); ``stack_graphs``
 chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu,
 dropout on the same masks): values, gradients and running statistics.
 a_L in x's dtype.
@@ -47,6 +48,7 @@ from lgc_fast.ops._checks import check_number
 from lgc_fast.ops.bn_finalize import bn_finalize
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn
 from lgc_fast.ops.conv_stack_graphs import MASK_MODES, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
+from lgc_fast.ops.conv_stack_triton import TritonGraphs, triton_unusable
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
 
 
@@ -160,7 +162,7 @@ def _top_epilogue(z, config, gamma, beta, pieces):
     return bn_relu_dropout(z, rm, rv, gamma, beta, keep, training=training or rm is None, **common)
 
 
-GRAPHS = ("torch", "cudnn")
+GRAPHS = ("torch", "cudnn", "triton")
 MAX_CUDNN_PLANS = 16  # csrc/cuda/cudnn_graph.h kMaxPlans: the heuristics configurations a graph takes at most
 _warned: set = set()
 
@@ -168,12 +170,21 @@ _warned: set = set()
 def stack_graphs(x: torch.Tensor, weights, dilation: int, dropout_p: float, training: bool,
                  graphs: Optional[str] = None, backward: bool = True, cudnn_plans: int = 1):
     """The pieces conv_stack runs for this stack: "cudnn" where ``cudnn_unusable`` finds no reason against it; else
-    "torch". graphs="cudnn" insists (a ValueError with the reasons where it cannot); None chooses, warning once a
-    shape with the reasons it keeps torch. cudnn_plans: as conv_stack's."""
+    "torch". graphs="cudnn" or "triton" insists (a ValueError with the reasons where it cannot: ``cudnn_unusable``,
+    ``triton_unusable``); None chooses, warning once a shape with the reasons it keeps torch (it does not choose
+    triton: until a GPU run shows those kernels faster than cuDNN's, they are asked for by name). A pieces object
+    (TorchGraphs, CudnnGraphs, TritonGraphs) is used as it is. cudnn_plans: as conv_stack's."""
+    if isinstance(graphs, (TorchGraphs, CudnnGraphs, TritonGraphs)):
+        return graphs
     if graphs not in (None, *GRAPHS):
         raise ValueError(f"graphs must be one of {', '.join(GRAPHS)} or None, not {graphs!r}")
     if graphs == "torch":
         return TorchGraphs()
+    if graphs == "triton":
+        reasons = triton_unusable(x, weights)
+        if reasons:
+            raise ValueError("conv_stack: graphs='triton' is not usable here: " + "; ".join(reasons))
+        return TritonGraphs(x.dtype)
     cudnn = _cudnn_graphs(x, weights, dilation, dropout_p, training, backward, cudnn_plans)
     if cudnn is not None:
         return cudnn
@@ -260,9 +271,11 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
     ``conv_stack_ref`` with the same arguments where the pieces are torch's (cuDNN's draw other dropout masks). In
     training with dropout_p > 0, `dropout_seed` (an int) picks the masks; None draws one from torch's (CPU)
     generator. running_means / running_vars (lists, or None for none) are updated in place in training, as
-    nn.BatchNorm2d updates its buffers. graphs: "torch", "cudnn" or None (``stack_graphs`` chooses). cudnn_plans
-    (1 to 16): how many of cuDNN's heuristic plans each graph builds and times, once per shape, the fastest then
-    running; 1 takes the first that builds, untimed."""
+    nn.BatchNorm2d updates its buffers. graphs: "torch", "cudnn", "triton" (lgc_fast's Triton kernels,
+    lgc_fast/ops/conv_stack_triton.py: CUDA, or the CPU under TRITON_INTERPRET=1; dropout masks of their own, keep
+    bits from torch's generator, as cuDNN's are) or None (``stack_graphs`` chooses). cudnn_plans (1 to 16): how many
+    of cuDNN's heuristic plans each graph builds and times, once per shape, the fastest then running; 1 takes the
+    first that builds, untimed."""
     if training and dropout_p > 0 and dropout_seed is None:
         dropout_seed = int(torch.randint(2**62, (1,)))
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,

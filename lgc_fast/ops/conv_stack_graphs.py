@@ -88,14 +88,18 @@ def bn_backward_terms(da, z, terms: BnTerms, keep, batch_stats: bool):
     g = torch.where(z * _per_channel(terms.s) + _per_channel(terms.b) > 0, g, torch.zeros((), dtype=ct))
     xhat = (z - _per_channel(terms.mean)) * _per_channel(terms.invstd)
     dgamma, dbeta = (g * xhat).sum(_SUM_DIMS), g.sum(_SUM_DIMS)
+    return g, dgamma, dbeta, bn_backward_eq(terms, dgamma, dbeta, z.numel() // z.shape[1], batch_stats)
+
+
+def bn_backward_eq(terms: BnTerms, dgamma, dbeta, count: int, batch_stats: bool):
+    """(eq_dy, eq_x, eq_b) of ``bn_backward_terms`` from its sums over `count` values a channel."""
     eq_dy = terms.gamma_eff * terms.invstd
     if not batch_stats:
         zero = torch.zeros_like(eq_dy)
-        return g, dgamma, dbeta, (eq_dy, zero, zero)
-    count = z.numel() // z.shape[1]
+        return eq_dy, zero, zero
     eq_x = -eq_dy * terms.invstd * dgamma / count
     eq_b = -eq_dy * dbeta / count - eq_x * terms.mean
-    return g, dgamma, dbeta, (eq_dy, eq_x, eq_b)
+    return eq_dy, eq_x, eq_b
 
 
 def _padding(dilation: int, r: int) -> int:

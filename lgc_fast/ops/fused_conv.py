@@ -122,10 +122,11 @@ def _triton_impl(x, weight, scale, shift, keep_bits, dilation):
     rows = kernels.stats_rows(n, h, w)
     partial_sum = torch.zeros(rows, c_out, dtype=ct, device=x.device)
     partial_sq = torch.zeros(rows, c_out, dtype=ct, device=x.device)
+    prologue = None
     if scale is not None:
-        scale, shift = scale.to(ct).contiguous(), shift.to(ct).contiguous()
-    kernels.fused_conv_fprop_triton(x, weight.contiguous(), dilation, scale, shift, keep_bits, z, partial_sum,
-                                    partial_sq)
+        prologue = kernels.BnPrologue(scale.to(ct).contiguous(), shift.to(ct).contiguous(), keep_bits)
+    kernels.fused_conv_triton(x, kernels.pack_filter(weight), weight.shape[-1], dilation, z, prologue=prologue,
+                              sums=(partial_sum, partial_sq))
     return z, partial_sum.sum(0, dtype=torch.float64).to(ct), partial_sq.sum(0, dtype=torch.float64).to(ct)
 
 
