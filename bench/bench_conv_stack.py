@@ -11,6 +11,9 @@ Methods (each a fresh copy of the same blocks, training mode, dropout 0.1):
   conv_stack (cudnn, N plans timed): the same with each graph's first N plans timed once and the fastest running
                              (conv_stack's cudnn_plans=N, --cudnn-plans; 4); the results keep every graph's plans and
                              times (cudnn_plan_report);
+  conv_stack (triton)      : conv_stack on lgc_fast's own Triton kernels (graphs="triton": fused_conv's forward and
+                             input-gradient kernel, the split-K filter-gradient kernel), where they run (else the row
+                             says why it is missing);
   conv_stack (torch)       : the same pieces as torch functions (the oracle; slower than the modules by design).
 Timed in interleaved rounds (bench/common.py): medians, 20/80 % quantiles, the speed-up over "modules + fused
 epilogue", and (GPU) TFLOP/s of the stack's convolutions (forward + both backward convolutions: 3x the forward FLOPs).
@@ -35,6 +38,7 @@ from common import environment, format_table, op_bench_parser, results_path, tim
 
 from lgc_fast.model import ConvBlock, run_blocks  # noqa: E402
 from lgc_fast.ops.conv_stack import conv_stack, cudnn_plan_report, cudnn_unusable, stack_graphs  # noqa: E402
+from lgc_fast.ops.conv_stack_triton import triton_unusable  # noqa: E402
 
 BENCH = "conv_stack"
 SIZE = 96
@@ -120,6 +124,10 @@ def main(argv=None) -> int:
                 stack_forward("cudnn", args.cudnn_plans), copy.deepcopy(base), x, dtype)
             plan_reports[str(args.cudnn_plans)] = cudnn_plan_report(x.to(dtype), weights, DILATION, 0.1, True,
                                                                     cudnn_plans=args.cudnn_plans)
+    triton_why = triton_unusable(x.to(dtype), weights) if gpu else ["not a CUDA device (the interpreter is no speed "
+                                                                     "path)"]
+    if not triton_why:
+        methods["conv_stack (triton)"] = step_of(stack_forward("triton"), copy.deepcopy(base), x, dtype)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget,
                                runs={"conv_stack (torch)": 3 if gpu else 5})
     flops = 3 * sum(2 * n * SIZE * SIZE * w.shape[0] * w.shape[1] * 9 for w in weights)
@@ -128,6 +136,8 @@ def main(argv=None) -> int:
              "conv_tflop_per_s": flops / (t.median_ms / 1e3) / 1e12 if gpu else None} for name, t in timings.items()]
     if why:
         rows.append({"method": "conv_stack (cudnn)", "missing": "; ".join(why)})
+    if triton_why:
+        rows.append({"method": "conv_stack (triton)", "missing": "; ".join(triton_why)})
     if tuned_why:
         rows.append({"method": f"conv_stack (cudnn, {args.cudnn_plans} plans timed)", "missing": "; ".join(tuned_why)})
     print(format_table(rows, [("method", "method"), ("median_ms", "ms"), ("p20_ms", "p20"), ("p80_ms", "p80"),

@@ -6,13 +6,22 @@ dilation 4; the local subnet's 3x3 and 5x5), bf16 channels_last, batch --batch (
   conv   : the Triton kernel as a plain convolution (no prologue, no statistics)   vs F.conv2d (cuDNN)
   block  : fused_conv(z_prev, W, s, b, keep bits) -> z and its sums                 vs lgc_fast's epilogue on z_prev
            (statistics pass + apply pass writing the activation, keep bits given) and then F.conv2d
+  dgrad  : the input-gradient kernel with BatchNorm backward's apply from (g, z) as its prologue and the previous
+           block's gates and BatchNorm sums as its epilogue (conv_stack's TritonGraphs.dgrad)
+                                                                                    vs cuDNN's plain input gradient
+  wgrad  : the split-K filter-gradient kernel with both prologues (TritonGraphs.wgrad) vs cuDNN's plain filter
+           gradient
+  (dgrad and wgrad do more than their baselines: the rows say how near the fused kernels come to cuDNN's bare
+  convolutions, the question that decides whether conv_stack's Triton pieces can beat cuDNN plus the epilogue passes)
 Timed with triton.testing.do_bench (CUDA events, L2 cleared between calls): median and 20/80 % quantiles, TFLOP/s
 (2 * N*H*W * Cout * Cin * r*r), % of the datasheet's dense peak, and the speed-up over the baseline.
 
 CPU: the Triton kernel runs only in the interpreter (not a speed path), so the rows time the reference against the
 same baseline in torch at a small batch, to keep the script runnable anywhere; the GPU figures are then unmeasured.
-``--sm90-report`` needs no GPU: it compiles the kernel for sm_90 for every config the autotuner keeps at these shapes
-and reports registers, spilled bytes, shared memory and the wgmma / TMA instruction counts.
+``--sm90-report`` needs no GPU: it compiles the kernels for sm_90 for every config the autotuner keeps at these shapes
+(the forward plain and with its prologue and statistics, the input gradient with its prologue and gate, the filter
+gradient with both prologues) and reports registers, spilled bytes, shared memory and the wgmma / TMA instruction
+counts.
 
 Usage: python bench/bench_fused_conv.py [--quick | --sm90-report] [--batch 128] [--layers global local3 ...]
 Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-slug>.json.
@@ -68,11 +77,39 @@ def _epilogue_then_conv(c):
 
 
 def _plain_triton(c):
-    from lgc_fast.kernels.fused_conv import fused_conv_fprop_triton
+    from lgc_fast.kernels.fused_conv import fused_conv_triton, pack_filter
     x, w = c["z_prev"], c["weight"]
     z = torch.empty(x.shape[0], w.shape[0], *x.shape[2:], dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
-    return fused_conv_fprop_triton(x, w, c["dil"], None, None, None, z, None, None)
+    return fused_conv_triton(x, pack_filter(w), c["k"], c["dil"], z)
+
+
+def _backward_case(c, gen):
+    """The block's backward operands: the gradient g at its BatchNorm output, its z, BatchNorm backward's terms, and
+    the previous block's BnTerms (from z_prev's statistics)."""
+    from lgc_fast.ops.conv_stack_graphs import BnTerms
+    x, w = c["z_prev"], c["weight"]
+    shape = (x.shape[0], w.shape[0], *x.shape[2:])
+    g, z = (torch.randn(shape, device=x.device, generator=gen).to(x.dtype).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    eq = tuple(torch.randn(w.shape[0], device=x.device, generator=gen) * 0.1 for _ in range(3))
+    zf = x.float()
+    mean = zf.mean((0, 2, 3))
+    invstd = (zf.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
+    return (g, z, *eq), BnTerms(mean, invstd, c["gamma"] * invstd, c["s"], c["b"])
+
+
+def _backward_variants(c, gen):
+    from lgc_fast.ops.conv_stack_triton import TritonGraphs
+    pieces = TritonGraphs(c["z_prev"].dtype)
+    dy, terms = _backward_case(c, gen)
+    x, w, dil, pad = c["z_prev"], c["weight"], c["dil"], c["dil"] * (c["k"] // 2)
+    return {
+        "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True)),
+                  lambda: torch.nn.grad.conv2d_input(x.shape, w, dy[0], padding=pad, dilation=dil)),
+        "wgrad": (lambda: pieces.wgrad(x, w.shape, dy, dil, (terms, c["bits"])),
+                  lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy[0], padding=pad, dilation=dil)),
+    }
 
 
 def run_gpu(args, device):
@@ -89,6 +126,7 @@ def run_gpu(args, device):
                 "block": (lambda: fused_conv(c["z_prev"], c["weight"], c["s"], c["b"], c["bits"],
                                              dilation=c["dil"], backend="triton"),
                           lambda: _epilogue_then_conv(c)),
+                **_backward_variants(c, gen),
             }
             for variant, (fast, base) in variants.items():
                 fast()  # the autotuner's first call, outside the timing
@@ -127,23 +165,43 @@ def sm90_report(args):
 
     from lgc_fast.kernels import fused_conv as kernels
 
-    fn = kernels.fused_conv_fprop_kernel
+    from lgc_fast.kernels import fused_conv_wgrad
+
+    modes = [("forward", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE),
+             ("forward+prologue+stats", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS),
+             ("dgrad+dbn+gate", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE)]
+    common = dict(ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False)
     rows = []
+
+    def report(fn, consts, config, layer, piece, tile):
+        types = (kernels if fn is kernels.fused_conv_kernel else fused_conv_wgrad).signature_types("bf16", "fp32",
+                                                                                                 config)
+        signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+        res = sm90_resources(fn, signature, consts, {}, config.num_warps, config.num_stages)
+        ptx = res.pop("ptx")
+        rows.append(dict(layer=layer, piece=piece, tile=tile, num_warps=config.num_warps,
+                         num_stages=config.num_stages, **res, wgmma=ptx.count("wgmma.mma_async"),
+                         tma=ptx.count("cp.async.bulk.tensor")))
+
     for layer in args.layers:
         c_in, c_out, k, dil = LAYERS[layer]
-        for config in kernels.kept_configs(kernels.gpu_configs(), c_out, torch.bfloat16.itemsize):
-            bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
-            types = kernels.signature_types("bf16", "fp32", config)
-            for prologue in (False, True):
-                consts = dict(KSIZE=k, DILATION=dil, PROLOGUE=prologue, HAS_KEEP=prologue, STATS=prologue,
-                              ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False,
-                              KEEP_WORDS=prologue and c_in % bk == 0, **config.kwargs)
-                signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
-                res = sm90_resources(fn, signature, consts, {}, config.num_warps, config.num_stages)
-                ptx = res.pop("ptx")
-                rows.append(dict(layer=layer, prologue=prologue, tile=f"{bh}x{bw}x{bn}x{bk}",
-                                 num_warps=config.num_warps, num_stages=config.num_stages, **res,
-                                 wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor")))
+        for piece, prologue, epilogue in modes:
+            # the input gradient's GEMM runs from Cout to Cin
+            n_out = c_in if prologue == kernels.PROLOGUE_DBN else c_out
+            for config in kernels.kept_configs(kernels.gpu_configs(), n_out, torch.bfloat16.itemsize, prologue,
+                                               epilogue):
+                bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
+                consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
+                              HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
+                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE,
+                              KEEP_WORDS=prologue == kernels.PROLOGUE_BN and c_in % bk == 0, **config.kwargs)
+                report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}")
+        for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
+                                                    torch.bfloat16.itemsize):
+            bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
+            consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=True, HAS_KEEP=True, DBN=True, **config.kwargs)
+            report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, "wgrad+prologue+dbn",
+                   f"{bh}x{bw}x{bm}x{bn}")
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
 
 
@@ -162,7 +220,7 @@ def main(argv=None) -> int:
     if args.sm90_report:
         measured_on, rows = sm90_report(args)
         note, bench = "compile-only resource report; nothing timed", "fused_conv_sm90_compile"
-        columns = [(k, k) for k in ("layer", "prologue", "tile", "num_warps", "num_stages", "regs",
+        columns = [(k, k) for k in ("layer", "piece", "tile", "num_warps", "num_stages", "regs",
                                     "spill_stack_bytes", "shared_bytes", "wgmma", "tma")]
     elif device.type == "cuda":
         measured_on, rows = device_name(device), run_gpu(args, device)

@@ -19,7 +19,9 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
               (LGCN.use_conv_stacks; elsewhere, as on the CPU, the same as lgc_fast-fused), each graph on the
               first plan of cuDNN's heuristics;
   lgc_fast-stacks-tuned: the same with each graph's first TUNED_PLANS (4) plans timed once, the fastest running
-              (LGCN.use_conv_stacks(cudnn_plans=4)).
+              (LGCN.use_conv_stacks(cudnn_plans=4));
+  lgc_fast-triton-stacks: lgc_fast-fused with the conv blocks as conv_stack on lgc_fast's own Triton kernels
+              (LGCN.use_conv_stacks(graphs="triton"); CUDA only, elsewhere the same as lgc_fast-fused).
 All modes use the same --amp / --channels-last settings (defaults as `lgc-fast train`'s: autocast on for CUDA and on a
 CPU with hardware bfloat16, channels_last on for CUDA), so the ratio measures the ops. --compare-amp adds, for every
 mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or "<mode>+no-amp"), timed in the same
@@ -59,7 +61,8 @@ from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled
 
 LANDMARKS = 68
 MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled",
-         "lgc_fast-fused-fprop", "lgc_fast-fused-nhwc-heads", "lgc_fast-stacks", "lgc_fast-stacks-tuned")
+         "lgc_fast-fused-fprop", "lgc_fast-fused-nhwc-heads", "lgc_fast-stacks", "lgc_fast-stacks-tuned",
+         "lgc_fast-triton-stacks")
 TUNED_PLANS = 4
 
 
@@ -89,7 +92,8 @@ def make_step(mode: str, args, device: torch.device, batch: int, amp: bool):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = LGCN(args.variant, args.width).to(device=device, memory_format=memory_format).train()
     model.fuse_epilogues("fused" in mode or "stacks" in mode).use_planar_heads(not mode.endswith("-nhwc-heads"))
-    model.use_conv_stacks("stacks" in mode, TUNED_PLANS if mode.endswith("-tuned") else 1)
+    model.use_conv_stacks("stacks" in mode, TUNED_PLANS if mode.endswith("-tuned") else 1,
+                          "triton" if "triton" in mode else "cudnn")
     model.use_conv_via("fprop" if mode.endswith("-fprop") else "auto")
     loss_fn = compiled_forward_loss(args.compile) if mode.endswith("-compiled") else forward_loss
     optimizer = _make_optimizer(model.parameters(), 1e-3, 0.9)

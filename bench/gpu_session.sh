@@ -56,7 +56,11 @@
 #   fused_conv  (not in all) our own convolution with conv_stack's forward fusions (lgc_fast.ops.fused_conv, Triton on
 #          tensor-memory loads and wgmma; compiled for sm_90 here only): its GPU tests, then bench_fused_conv.py at
 #          batch 128 bf16 for the four layer shapes: the plain kernel against cuDNN's convolution (can our own
-#          convolution keep up?) and the fused block against lgc_fast's epilogue passes plus cuDNN (what it saves).
+#          convolution keep up?) and the fused block against lgc_fast's epilogue passes plus cuDNN (what it saves);
+#          the fused input- and filter-gradient kernels against cuDNN's plain gradients. Then conv_stack's Triton
+#          pieces: tests/test_conv_stack_triton.py, bench_conv_stack.py (the global subnet's seven blocks, Triton
+#          pieces against cuDNN's graphs and the modules in the same run) and the training step at batch 128 with
+#          the blocks as Triton stacks against lgc_fast-fused and the cuDNN stacks.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
 # all of them as $OUT/gpu_logs.tgz.
@@ -202,9 +206,13 @@ if [[ $what == epilogue ]]; then
 fi
 
 if [[ $what == fused_conv ]]; then
-  python -m pytest -q -rs tests/test_fused_conv.py >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
+  python -m pytest -q -rs tests/test_fused_conv.py tests/test_conv_stack_triton.py \
+    >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
   tail -3 "$LOGS/gpu_tests_fused_conv.log"
   python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1
+  python bench/bench_conv_stack.py --cudnn-plans 1 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
+  python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 \
+    --modes lgc_fast-fused lgc_fast-stacks lgc_fast-triton-stacks 2>&1 | tee "$LOGS/bench_train_triton.txt" || status=1
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1

@@ -130,7 +130,8 @@ def rows_fused_conv(entry, device):
     for r in entry.get("rows", []):  # the sm_90 compile report (fused_conv_sm90_compile) has no timed rows
         if "lgc_fast_ms" not in r:
             continue
-        against = "cuDNN conv" if r["variant"] == "conv" else "epilogue passes + conv"
+        against = {"conv": "cuDNN conv", "block": "epilogue passes + conv", "dgrad": "cuDNN plain input gradient",
+                   "wgrad": "cuDNN plain filter gradient"}[r["variant"]]
         yield _row(f"fused_conv {r['variant']} ({r['dtype']}) vs {against}", f"{r['layer']}, N={r['n']}, {r['hw']}²",
                    r["lgc_fast_ms"], r["baseline_ms"], device)
 

@@ -1,23 +1,32 @@
-"""Triton implicit-GEMM convolution on tensor-memory (TMA) tile loads, with conv_stack's forward fusions: the
-previous block's BatchNorm-apply + ReLU + dropout applied to the input tile as it is loaded (prologue) and the
-per-channel sum and sum of squares of the output (epilogue), so neither the activation nor a statistics pass touches
-memory.
+"""Triton implicit-GEMM convolution on tensor-memory (TMA) tile loads, with conv_stack's fusions: its forward piece
+(the previous block's BatchNorm-apply + ReLU + dropout applied to the input tile as it is loaded, the per-channel sum
+and sum of squares of the output as it is stored) and its input-gradient piece (BatchNorm backward's apply as the
+prologue, the previous block's dropout / ReLU gates and BatchNorm's backward sums as the epilogue), so neither an
+activation, a gradient at a BatchNorm input, nor a statistics pass touches memory.
 
 GEMM view: M = output pixels, N = Cout, K = taps x Cin. A program computes the (BH x BW pixels of one image) x (BN
-channels) tile of z. For tap (kh, kw) its A tile is the (1, BH, BW, BK) box of the channels_last input at (image,
-h0 + kh*d - pad, w0 + kw*d - pad, k0): the descriptor zero-fills what lies outside the image or past Cin, so a
-shifted tap needs no index arithmetic and no masks; the B tile is the (1, BK, BN) box of the packed filter (taps, Cin,
-Cout) at (tap, k0, n0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the loads across
-taps.
+channels) tile of the output. For tap (kh, kw) its A tile is the (1, BH, BW, BK) box of the channels_last input at
+(image, h0 + kh*d - pad, w0 + kw*d - pad, k0): the descriptor zero-fills what lies outside the image or past Cin, so
+a shifted tap needs no index arithmetic and no masks; the B tile is the (1, BK, BN) box of the packed filter (taps,
+Cin, Cout) at (tap, k0, n0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the loads
+across taps. The input gradient of a stride-1 convolution with symmetric padding is this convolution of the output
+gradient with the filter rotated by 180 degrees, its channel axes swapped (``pack_filter(transposed=True)``).
 
-Prologue (PROLOGUE): a = relu(x * s[k] + b[k]) * keep in float32 (float64), rounded to x's dtype before the product,
-and 0 where the tap reads padding (relu(0 * s + b) is not 0, and the padding is the activation's, not x's). keep is
-bit e % 8 of byte e // 8 of keep_ptr, e the value's offset in x's channels_last order (``pack_keep_mask``); where Cin
-is a multiple of BK, a pixel's flags of one chunk are one little-endian BK-bit word, loaded at once (KEEP_WORDS).
+Prologues (PROLOGUE), computed in float32 (float64), rounded to the map's dtype before the product, and 0 where the
+tap reads padding (the padding is the activation's or the gradient's, not x's):
+  PROLOGUE_BN   a = relu(x * s[k] + b[k]) * keep. keep is bit e % 8 of byte e // 8 of keep_ptr, e the value's offset
+                in x's channels_last order (``pack_keep_mask``); where Cin is a multiple of BK, a pixel's flags of one
+                chunk are one little-endian BK-bit word, loaded at once (KEEP_WORDS).
+  PROLOGUE_DBN  a = eq_dy[k] * x + eq_x[k] * z + eq_b[k], x the gradient g at the next block's BatchNorm output and
+                z that block's convolution output, a second descriptor with the same boxes.
 
-Epilogue: z stored by descriptor (clipped to the image); with STATS each program writes the sums over its pixels of
-z and z * z, as stored (rounded to z's dtype), to row pid_m of the partial-sum buffers (float32, float64 for float64),
-which the host adds up in float64: no atomics, the same sums on every run.
+Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image):
+  EPILOGUE_STATS  each program writes the sums over its pixels of z and z * z, as stored (rounded to z's dtype), to
+                  row pid_m of the partial-sum buffers (float32, float64 for float64), which the host adds up in
+                  float64: no atomics, the same sums on every run;
+  EPILOGUE_GATE   the output is g = acc * keep where z_prev * s + b > 0 (the previous block's dropout and ReLU, its
+                  keep bits by bytes), and the partial sums are those of g * (z_prev - mean) * invstd and of g, from
+                  g as stored.
 """
 import functools
 from typing import NamedTuple, Optional
@@ -197,10 +206,11 @@ def _set_block_shapes(nargs):
 
 
 def gpu_configs():
-    """(BH, BW, BN, warps, stages) tiles: 128 and 256 pixels for wgmma's 64-row granules; each with BK = 64, 32 and
-    16, of which ``prune_configs`` keeps the one whose rows are 128 bytes (the widest TMA swizzle) for the dtype."""
+    """(BH, BW, BN, warps, stages) tiles: 128 and 256 pixels for wgmma's 64-row granules (128 x 64 with 8 warps for
+    the input gradient, whose gate epilogue holds a second tile in registers); each with BK = 64, 32 and 16, of which
+    ``prune_configs`` keeps the one whose rows are 128 bytes (the widest TMA swizzle) for the dtype."""
     shapes = [(8, 16, 128, 8, 3), (8, 16, 128, 4, 4), (16, 16, 128, 8, 3), (8, 16, 64, 4, 4), (16, 16, 64, 8, 4),
-              (8, 8, 128, 4, 4), (8, 16, 128, 8, 5)]
+              (8, 8, 128, 4, 4), (8, 16, 128, 8, 5), (8, 16, 64, 8, 4)]
     return [triton.Config(dict(BH=h, BW=w, BN=n, BK=k), num_warps=warps, num_stages=stages,
                           pre_hook=_set_block_shapes) for h, w, n, warps, stages in shapes for k in (64, 32, 16)]
 

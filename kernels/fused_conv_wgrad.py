@@ -22,8 +22,8 @@ from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
 from lgc_fast.kernels.fused_conv import TensorDescriptor, bn_activation, dbn_gradient, nhwc
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
-# programs to aim at: a few waves of an H100's 132 SMs; the splits of K follow from it
-_TARGET_PROGRAMS = 4 * 132
+_WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
+_INTERPRET_SMS = 132  # an H100's, for the interpreter's splits
 
 
 @triton.jit
@@ -108,10 +108,11 @@ def _set_block_shapes(nargs):
 
 def gpu_configs():
     """(BH, BW, BM, BN, warps, stages): 64- and 128-pixel K steps, 128 x 128 and 64 x 128 channel blocks (wgmma's
-    M granule is 64); 64 x 64 blocks for float32 and float64, whose boxes the larger ones overflow shared memory
-    with."""
-    shapes = [(8, 8, 128, 128, 8, 3), (8, 16, 128, 128, 8, 3), (8, 8, 128, 128, 4, 4), (8, 8, 64, 128, 4, 4),
-              (8, 16, 64, 128, 4, 3), (8, 8, 128, 64, 4, 4), (8, 8, 64, 64, 4, 3), (8, 8, 64, 64, 4, 2)]
+    M granule is 64; 128-channel M blocks with 8 warps only: with 4, the sm_90 compile report found 128 x 128 blocks
+    spilling 656 bytes and 128 x 64 ones 128); 64 x 64 blocks for float32 and float64, whose boxes overflow shared
+    memory in the larger ones."""
+    shapes = [(8, 8, 128, 128, 8, 3), (8, 16, 128, 128, 8, 3), (8, 8, 64, 128, 4, 4), (8, 16, 64, 128, 4, 3),
+              (8, 8, 128, 64, 8, 4), (8, 8, 64, 64, 4, 3), (8, 8, 64, 64, 4, 2)]
     return [triton.Config(dict(BH=h, BW=w, BM=m, BN=n), num_warps=warps, num_stages=stages,
                           pre_hook=_set_block_shapes) for h, w, m, n, warps, stages in shapes]
 
@@ -160,12 +161,12 @@ def _interpret_tile(c_in: int, c_out: int) -> dict:
                 BN=min(max(16, triton.next_power_of_2(c_out)), lim["BN"]))
 
 
-def wgrad_splits(n: int, height: int, width: int, c_in: int, c_out: int, ksize: int) -> int:
-    """How many shares of the pixel tiles K is split into: enough programs for a few waves at 128 x 128 blocks, at
-    most one share per 8 x 8 tile."""
+def wgrad_splits(n: int, height: int, width: int, c_in: int, c_out: int, ksize: int, sms: int) -> int:
+    """How many shares of the pixel tiles K is split into: enough programs for a few waves over `sms` SMs at
+    128 x 128 blocks, at most one share per 8 x 8 tile."""
     blocks = ksize * ksize * triton.cdiv(c_in, 128) * triton.cdiv(c_out, 128)
     tiles = n * triton.cdiv(height, 8) * triton.cdiv(width, 8)
-    return max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, blocks)))
+    return max(1, min(tiles, triton.cdiv(_WAVES * sms, blocks)))
 
 
 def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, dbn=None, splits=None):
@@ -183,7 +184,8 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     tile = None if cuda else _interpret_tile(c_in, c_out)
     box = tile or dict(BH=8, BW=8, BM=16, BN=16)  # the autotuner's pre-hook sets each config's own on CUDA
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    splits = splits or wgrad_splits(n, h, w, c_in, c_out, ksize)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else _INTERPRET_SMS
+    splits = splits or wgrad_splits(n, h, w, c_in, c_out, ksize, sms)
     partial = torch.empty(splits, ksize * ksize, c_in, c_out, dtype=acc_dtype, device=x.device)
     x_desc = TensorDescriptor.from_tensor(nhwc(x), [1, box["BH"], box["BW"], box["BM"]])
     out_box = [1, box["BH"], box["BW"], box["BN"]]

@@ -158,24 +158,25 @@ class ConvBlock(nn.Module):
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, conv_stacks: bool = False,
-               cudnn_plans: int = 1) -> torch.Tensor:
+               cudnn_plans: int = 1, graphs: str = "cudnn") -> torch.Tensor:
     """blocks(x). With `conv_stacks` in training, each run of like ConvBlocks (one kernel size and dilation, the same
-    dropout, scale and BatchNorm settings) is one ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where those run
-    here (a CUDA map in bfloat16 / float16, or under such an autocast, and lgc_fast._C built with the graphs); other
-    runs, and blocks that are no ConvBlock, run as modules. Parameters, buffers and their updates stay the blocks'.
+    dropout, scale and BatchNorm settings) is one ``lgc_fast.ops.conv_stack`` on the pieces `graphs` names where
+    those run here: "cudnn", cuDNN's fused graphs (a CUDA map in bfloat16 / float16, or under such an autocast, and
+    lgc_fast._C built with the graphs), or "triton", lgc_fast's Triton kernels (``triton_unusable``); other runs, and
+    blocks that are no ConvBlock, run as modules. Parameters, buffers and their updates stay the blocks'.
     cudnn_plans: conv_stack's (plans each graph builds and times once, the fastest running)."""
     if not conv_stacks or not blocks.training:
         return blocks(x)
     run: list = []
     for block in blocks:
         if run and not (isinstance(block, ConvBlock) and _stack_key(block) == _stack_key(run[0])):
-            x = _stack_or_modules(run, x, cudnn_plans)
+            x = _stack_or_modules(run, x, cudnn_plans, graphs)
             run = []
         if isinstance(block, ConvBlock) and _stack_key(block) is not None:
             run.append(block)
         else:
             x = block(x)
-    return _stack_or_modules(run, x, cudnn_plans) if run else x
+    return _stack_or_modules(run, x, cudnn_plans, graphs) if run else x
 
 
 def _stack_key(block: "ConvBlock"):
@@ -187,17 +188,21 @@ def _stack_key(block: "ConvBlock"):
     return r, dil, p, block.act_scale, bn.eps, bn.momentum, bn.track_running_stats
 
 
-def _stack_or_modules(run: list, x: torch.Tensor, cudnn_plans: int) -> torch.Tensor:
-    """The ConvBlocks of `run` on x as one conv_stack where its cuDNN graphs run, else as modules (a run whose first
-    block's graphs do not build, as for a 1-channel input, tries again without it)."""
-    from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable
+def _stack_or_modules(run: list, x: torch.Tensor, cudnn_plans: int, graphs: str) -> torch.Tensor:
+    """The ConvBlocks of `run` on x as one conv_stack where its `graphs` pieces run, else as modules (a run whose
+    first block's pieces do not, as for a 1-channel input, tries again without it)."""
+    from lgc_fast.ops.conv_stack import conv_stack, cudnn_unusable, triton_unusable
 
     xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda and torch.is_autocast_enabled("cuda") else x
     r, dil, p, act_scale, eps, _, track = _stack_key(run[0])
     weights = [b.conv.weight for b in run]
-    if cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled(), cudnn_plans):
+    if graphs == "triton":
+        unusable = triton_unusable(xin, weights)
+    else:
+        unusable = cudnn_unusable(xin, weights, dil, p, True, torch.is_grad_enabled(), cudnn_plans)
+    if unusable:
         if len(run) > 1:
-            return _stack_or_modules(run[1:], run[0](x), cudnn_plans)
+            return _stack_or_modules(run[1:], run[0](x), cudnn_plans, graphs)
         return run[0](x)
     bns = [b.bn for b in run]
     momentum = [count_training_batch(bn) for bn in bns][0]  # the blocks of a run share settings and counts
@@ -205,7 +210,7 @@ def _stack_or_modules(run: list, x: torch.Tensor, cudnn_plans: int) -> torch.Ten
                       [bn.running_mean for bn in bns] if track else None,
                       [bn.running_var for bn in bns] if track else None, training=True,
                       momentum=momentum, eps=eps, dropout_p=p,
-                      activation_scale=act_scale, dilation=dil, graphs="cudnn", cudnn_plans=cudnn_plans)
+                      activation_scale=act_scale, dilation=dil, graphs=graphs, cudnn_plans=cudnn_plans)
 
 
 class FoldedConvBlock(nn.Module):
@@ -301,6 +306,7 @@ class LGCN(nn.Module):
     is_folded = False  # True on the inference copies of ``folded``
     conv_stacks = False  # ``use_conv_stacks``
     cudnn_plans = 1
+    stack_graphs = "cudnn"
     conv_via = "auto"  # ``use_conv_via``
 
     def __init__(self, variant: str = "release", width: int = 128, n_landmarks: int = 68, dropout: float = 0.1,
@@ -368,15 +374,18 @@ class LGCN(nn.Module):
                 module.seeded_dropout = bool(seeded_dropout)
         return self
 
-    def use_conv_stacks(self, enabled: bool = True, cudnn_plans: int = 1) -> "LGCN":
-        """In training, run each subnet's conv blocks as ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs where
-        those run (``run_blocks``; BatchNorm, ReLU and dropout inside the convolutions), else as before. The weights,
-        buffers and state_dict keys do not change; dropout draws other masks. cudnn_plans: how many of cuDNN's plans
-        each graph builds and times once (the fastest then runs; 1: the first that builds). Returns self."""
+    def use_conv_stacks(self, enabled: bool = True, cudnn_plans: int = 1, graphs: str = "cudnn") -> "LGCN":
+        """In training, run each subnet's conv blocks as ``lgc_fast.ops.conv_stack`` on cuDNN's fused graphs
+        (graphs="cudnn") or lgc_fast's Triton kernels ("triton") where those run (``run_blocks``; BatchNorm, ReLU and
+        dropout inside the convolutions), else as before. The weights, buffers and state_dict keys do not change;
+        dropout draws other masks. cudnn_plans: how many of cuDNN's plans each graph builds and times once (the
+        fastest then runs; 1: the first that builds). Returns self."""
         from lgc_fast.ops.conv_stack import check_cudnn_plans
 
         check_cudnn_plans(cudnn_plans)
-        self.conv_stacks, self.cudnn_plans = bool(enabled), cudnn_plans
+        if graphs not in ("cudnn", "triton"):
+            raise ValueError(f"graphs must be 'cudnn' or 'triton', not {graphs!r}")
+        self.conv_stacks, self.cudnn_plans, self.stack_graphs = bool(enabled), cudnn_plans, graphs
         return self
 
     def use_conv_via(self, via: str = "auto") -> "LGCN":
@@ -449,7 +458,7 @@ class LGCN(nn.Module):
             # channels_last second layer converts back, and oneDNN's planar kernel was 2x slower here
             # (bench/bench_same_conv2d.py). With channels_last strides its output is channels_last.
             h = channels_last_strided(h)
-        feats = run_blocks(self.local_features, h, self.conv_stacks, self.cudnn_plans)
+        feats = run_blocks(self.local_features, h, self.conv_stacks, self.cudnn_plans, self.stack_graphs)
         o_local = self.local_out(feats)
         local = self.kernel(o_local)
         # [K * O_l, K * B], concatenated after the kernel convolutions rather than before: local is then a map of
@@ -462,7 +471,7 @@ class LGCN(nn.Module):
         else:
             global_in = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
         omega = local + self.global_out(run_blocks(self.global_features, global_in, self.conv_stacks,
-                                                   self.cudnn_plans))
+                                                   self.cudnn_plans, self.stack_graphs))
         return local, omega
 
 

@@ -21,6 +21,16 @@ pytestmark = [pytest.mark.usefixtures("one_thread_per_module"),
               pytest.mark.skipif(TensorDescriptor is None, reason="this Triton has no host tensor descriptors "
                                                                   "(Triton 3.4 or later)")]
 
+@pytest.fixture(autouse=True)
+def full_float32():
+    """Full-precision float32 products on a GPU: TF32 would round the kernel's operands and cuDNN's (the reference's)
+    differently (the kernel takes cuDNN's allow_tf32 setting)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 CL = torch.channels_last
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
@@ -252,3 +262,42 @@ def test_kernel_input_gradient_is_conv_transpose():
     out = torch.empty(2, 24, 7, 10, device=device).contiguous(memory_format=CL)
     kernels.fused_conv_triton(dy, kernels.pack_filter(weight, transposed=True), 5, 2, out)
     torch.testing.assert_close(out, F.conv_transpose2d(dy, weight, padding=4, dilation=2), rtol=2e-5, atol=2e-5)
+
+
+def test_model_runs_like_blocks_as_triton_stacks(monkeypatch):
+    """LGCN.use_conv_stacks(graphs="triton") / run_blocks: runs of like ConvBlocks go through conv_stack on the Triton
+    pieces, a 1-channel first block (rows of 8 bytes in float64) runs as its module; outputs, gradients and running
+    statistics as the modules give them (no dropout: the Triton pieces draw masks of their own)."""
+    import copy
+    import sys
+
+    from lgc_fast.model import LGCN, ConvBlock, run_blocks
+
+    device = _triton_devices()[-1]
+    _skip_float64(device, torch.float64)
+    module = sys.modules["lgc_fast.ops.conv_stack"]
+    asked = []
+    real = module.stack_graphs
+    monkeypatch.setattr(module, "stack_graphs", lambda x, weights, *args: asked.append((len(weights), args[3]))
+                        or real(x, weights, *args))
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(ConvBlock(1, 8, 3, dropout=0.0), ConvBlock(8, 8, 3, dropout=0.0),
+                                 ConvBlock(8, 8, 3, dropout=0.0)).double().to(device)
+    for block in blocks:
+        torch.nn.init.uniform_(block.bn.weight, 0.5, 1.5)
+        torch.nn.init.normal_(block.bn.bias, std=0.3)
+    twin = copy.deepcopy(blocks)
+    x = torch.randn(2, 1, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    out = run_blocks(blocks, x, conv_stacks=True, graphs="triton")
+    want = twin(x)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.sum(), [x, *blocks.parameters()])
+    for got, expected in zip(grads, torch.autograd.grad(want.sum(), [x, *twin.parameters()])):
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(blocks.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(got, expected)
+    assert asked == [(2, "triton")]  # the two 8-channel blocks, without the 1-channel first one
+    model = LGCN(width=8, local_layers=(3, 3)).use_conv_stacks(graphs="triton")
+    assert model.stack_graphs == "triton"
+    with pytest.raises(ValueError, match="graphs must be 'cudnn' or 'triton'"):
+        model.use_conv_stacks(graphs="torch")

@@ -24,11 +24,11 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
   dgamma_i, dbeta_i   from those sums; dx = dgrad(dz_1, W_1)
 
 The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i and
-no other mask (but the byte masks or keep bits where the pieces take those). The pieces run as torch functions (``TorchGraphs``,
-lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64 inputs) or as cuDNN
-graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks) or as lgc_fast's Triton
-kernels (``TritonGraphs``, lgc_fast/ops/conv_stack_triton.py: any float dtype, keep bits); ``stack_graphs``
-chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu,
+no other mask (but the byte masks or keep bits where the pieces take those). The pieces run as torch functions
+(``TorchGraphs``, lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64
+inputs), as cuDNN graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks) or as
+lgc_fast's Triton kernels (``TritonGraphs``, lgc_fast/ops/conv_stack_triton.py: any float dtype, keep bits);
+``stack_graphs`` chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu,
 dropout on the same masks): values, gradients and running statistics.
 a_L in x's dtype.
 
