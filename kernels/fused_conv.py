@@ -130,12 +130,8 @@ def fused_conv_kernel(
     row_w = rows % BW
     pad = DILATION * (KSIZE // 2)
     dot_dtype = x_desc.dtype
-    if ACC_FP64:
-        acc = tl.zeros((BM, BN), dtype=tl.float64)
-        ct = tl.float64
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        ct = tl.float32
+    ct: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros((BM, BN), dtype=ct)
 
     k_chunks = tl.cdiv(c_in, BK)
     for it in range(0, KSIZE * KSIZE * k_chunks):

@@ -59,12 +59,8 @@ def fused_conv_wgrad_kernel(
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
     dot_dtype = x_desc.dtype
-    if ACC_FP64:
-        acc = tl.zeros((BM, BN), dtype=tl.float64)
-        ct = tl.float64
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        ct = tl.float32
+    ct: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    acc = tl.zeros((BM, BN), dtype=ct)
 
     for t in range(first, last):
         img = t // tiles_img

@@ -103,6 +103,16 @@ def one_thread():
         yield
 
 
+@pytest.fixture
+def full_float32():
+    """Full-precision float32 products on a GPU: TF32 would round a Triton kernel's operands and cuDNN's (a
+    reference's) differently (lgc_fast's kernels take cuDNN's allow_tf32 setting)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def one_thread_per_module():
     """one_thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``)."""

@@ -17,19 +17,9 @@ from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_graphs
 from lgc_fast.ops.conv_stack_graphs import BnTerms, KeepSpec, TorchGraphs, stack_keep_mask
 from lgc_fast.ops.conv_stack_triton import TritonGraphs, triton_unusable
 
-pytestmark = [pytest.mark.usefixtures("one_thread_per_module"),
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module", "full_float32"),
               pytest.mark.skipif(TensorDescriptor is None, reason="this Triton has no host tensor descriptors "
                                                                   "(Triton 3.4 or later)")]
-
-@pytest.fixture(autouse=True)
-def full_float32():
-    """Full-precision float32 products on a GPU: TF32 would round the kernel's operands and cuDNN's (the reference's)
-    differently (the kernel takes cuDNN's allow_tf32 setting)."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
 
 CL = torch.channels_last
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}

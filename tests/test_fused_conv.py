@@ -16,17 +16,8 @@ from lgc_fast.ops.conv_stack_graphs import BnTerms, TorchGraphs
 from lgc_fast.kernels.fused_conv import TensorDescriptor
 from lgc_fast.ops.fused_conv import fused_conv, fused_conv_ref, triton_unusable
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tiny shapes: threads only add barrier waits
-
-@pytest.fixture(autouse=True)
-def full_float32():
-    """Full-precision float32 products on a GPU: TF32 would round the kernel's operands and cuDNN's (the reference's)
-    differently (the kernel takes cuDNN's allow_tf32 setting)."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
+# tiny shapes: threads only add barrier waits
+pytestmark = pytest.mark.usefixtures("one_thread_per_module", "full_float32")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (filter size, dilation, Cin, Cout, H, W): H, W not multiples of the 8x8 tile; Cin = 24 ends inside a 32-wide chunk
