@@ -53,7 +53,9 @@ def test_every_kernel_compiles_for_sm90():
     count = 8 + 8 + 9 + 8 + 25  # kernel_conv, lgc_loss, fit_shape, dilated_conv, bn_relu_dropout
     if _tensor_descriptors():
         kernels |= {"fused_conv_kernel", "fused_conv_wgrad_kernel"}
-        count += 32  # four dtypes, two configs: the forward with and without the prologue, both gradients
+        # four dtypes, two configs: the forward with and without the prologue, both gradients; float64's input and
+        # filter gradients keep one config within the shared memory
+        count += 30
     assert {c["kernel"] for c in compiled} == kernels
     assert len(compiled) == count
     for c in compiled:
