@@ -208,4 +208,4 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     else:
         fused_conv_wgrad_kernel[grid(tile)](*args, **flags, **tile)
     total = partial.sum(0, dtype=torch.float64).to(acc_dtype)  # (taps, Cin, Cout)
-    return total.permute(2, 1, 0).reshape(c_out, c_in, ksize, ksize)
+    return total.permute(2, 1, 0).reshape(c_out, c_in, ksize, ksize).contiguous()

@@ -125,6 +125,28 @@ def test_prologue_zero_pads_the_activation_not_x():
         assert z[0, 0, 1, 1].item() == 8 * 9
 
 
+@pytest.mark.parametrize("prologue", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("device", devices())
+def test_triton_gradients_match_reference(device, shape, prologue):
+    """The Triton backward (conv_stack's gradient kernels) against the reference's, for z's and both sums'
+    gradients at once, in float32."""
+    if "triton" not in _backends(device):
+        pytest.skip("no triton backend here")
+    k, dil, c_in, c_out, h, w = shape
+    x, weight, scale, shift, _, bits = _inputs(k, c_in, c_out, h, w, torch.float32, device, 11)
+    args = (scale, shift, bits) if prologue else ()
+    cotangents = [torch.randn(shape_, generator=torch.Generator().manual_seed(i)).to(device) * scale_
+                  for i, (shape_, scale_) in enumerate((((2, c_out, h, w), 1.0), ((c_out,), 1.0), ((c_out,), 0.01)))]
+    grads = []
+    for backend in ("triton", "ref"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *args[:2])]
+        outputs = fused_conv(*leaves, *args[2:], dilation=dil, backend=backend)
+        grads.append(torch.autograd.grad(outputs, leaves, cotangents))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_gradcheck(backend):
     """Float64, small; gradcheck's fast mode (one random direction per input) for the interpreted kernel."""
@@ -152,6 +174,12 @@ def test_opcheck():
         scale.requires_grad_()
         torch.library.opcheck(torch.ops.lgc_fast.fused_conv.default, (x, weight, scale, shift, bits, 1, backend))
         torch.library.opcheck(torch.ops.lgc_fast.fused_conv.default, (x, weight, None, None, None, 2, backend))
+        if backend == "triton":  # its backward is an op of its own
+            z = fused_conv(x, weight, scale, shift, bits, backend=backend)[0].detach()
+            sums = torch.randn(2, 8)
+            torch.library.opcheck(torch.ops.lgc_fast.fused_conv_backward.default,
+                                  (torch.randn_like(z), sums[0], sums[1], x.detach(), weight.detach(),
+                                   scale.detach(), shift, bits, z, 1, True, True, True))
 
 
 def test_compiles_fullgraph():

@@ -18,9 +18,10 @@ for a channels_last map).
 
 Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for): kernels/fused_conv.py, tiles loaded by
 tensor-memory descriptors, so it needs Triton 3.4 or later and 16-byte aligned channel rows (Cin and Cout multiples of
-8 for 16-bit types, 4 for float32, 2 for float64); "ref" (plain torch, the automatic choice elsewhere). Backward in
-torch: the convolution's gradients through ``aten.convolution_backward`` on the recomputed activation, and the
-prologue's.
+8 for 16-bit types, 4 for float32, 2 for float64); its backward is the kernels of conv_stack's Triton pieces (the
+input gradient with the prologue's gates and sums as its epilogue, the split-K filter gradient with the activation
+made as it loads; the op ``lgc_fast::fused_conv_backward``). "ref" (plain torch, the automatic choice elsewhere): backward through
+``aten.convolution_backward`` on the recomputed activation, and the prologue's.
 """
 from __future__ import annotations
 
@@ -154,15 +155,79 @@ def _(x, weight, scale, shift, keep_bits, dilation, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, scale, shift, keep_bits, dilation, _ = inputs
+    x, weight, scale, shift, keep_bits, dilation, backend = inputs
     ctx.save_for_backward(x, weight, scale, shift, keep_bits, output[0])
-    ctx.dilation = dilation
+    ctx.dilation, ctx.backend = dilation, backend
+
+
+@custom_op("lgc_fast::fused_conv_backward", mutates_args=())
+def _triton_backward_op(grad_z: torch.Tensor, grad_sum: Optional[torch.Tensor], grad_sq: Optional[torch.Tensor],
+                        x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                        shift: Optional[torch.Tensor], keep_bits: Optional[torch.Tensor], z: torch.Tensor,
+                        dilation: int, need_x: bool, need_w: bool,
+                        need_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The triton backend's backward as the kernels of conv_stack's Triton pieces compute it: z's total gradient,
+    grad_z + grad_sum + 2 * grad_sq * z, is BatchNorm backward's apply form (eq_dy = 1, eq_x = 2 * grad_sq, eq_b =
+    grad_sum), made in both gradient kernels' prologues; the input gradient's gate epilogue (mean 0, invstd 1) gives
+    g_pre = da * keep where x * scale + shift > 0 and its sums of g_pre * x (d_scale) and g_pre (d_shift); dx =
+    g_pre * scale. -> (dx, dw, d_scale, d_shift), each (0,) where not asked for (d_scale, d_shift also without a
+    prologue)."""
+    kernels = importlib.import_module("lgc_fast.kernels.fused_conv")
+    wgrad = importlib.import_module("lgc_fast.kernels.fused_conv_wgrad")
+    ct = _compute_dtype(x.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    c_in, c_out, r = x.shape[1], weight.shape[0], weight.shape[-1]
+    grad = grad_z.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    dbn = None
+    if grad_sum is not None or grad_sq is not None:
+        zeros = torch.zeros(c_out, dtype=ct, device=x.device)
+        eq_x = zeros if grad_sq is None else (2 * grad_sq).to(ct).contiguous()
+        eq_b = zeros if grad_sum is None else grad_sum.to(ct).contiguous()
+        dbn = kernels.DbnPrologue(z, torch.ones(c_out, dtype=ct, device=x.device), eq_x, eq_b)
+    prologue = None
+    if scale is not None:
+        prologue = kernels.BnPrologue(scale.to(ct).contiguous(), shift.to(ct).contiguous(), keep_bits)
+    dx, dw, d_scale, d_shift = (x.new_empty(0) for _ in range(4))
+    if need_w:
+        dw = wgrad.fused_conv_wgrad_triton(x, grad, r, dilation, prologue=prologue, dbn=dbn).to(weight.dtype)
+    if need_x or (need_affine and prologue is not None):
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        w_packed = kernels.pack_filter(weight, transposed=True)
+        if prologue is None:
+            kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn)
+            return out, dw, d_scale, d_shift
+        gate = kernels.Gate(x, prologue.scale, prologue.shift, torch.zeros(c_in, dtype=ct, device=x.device),
+                            torch.ones(c_in, dtype=ct, device=x.device), keep_bits)
+        sums = torch.zeros(2, kernels.stats_rows(x.shape[0], x.shape[2], x.shape[3]), c_in, dtype=ct,
+                           device=x.device).unbind(0)
+        kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn, gate=gate, sums=sums)
+        if need_x:
+            dx = (out.to(ct) * _channel(prologue.scale, ct)).to(x.dtype)
+        if need_affine:
+            d_scale = sums[0].sum(0, dtype=torch.float64).to(scale.dtype)
+            d_shift = sums[1].sum(0, dtype=torch.float64).to(shift.dtype)
+    return dx, dw, d_scale, d_shift
+
+
+@_triton_backward_op.register_fake
+def _(grad_z, grad_sum, grad_sq, x, weight, scale, shift, keep_bits, z, dilation, need_x, need_w, need_affine):
+    affine = need_affine and scale is not None
+    return (torch.empty_like(x, memory_format=torch.channels_last) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else x.new_empty(0),
+            scale.new_empty(x.shape[1]) if affine else x.new_empty(0),
+            shift.new_empty(x.shape[1]) if affine else x.new_empty(0))
 
 
 def _backward(ctx, grad_z, grad_sum, grad_sq):
     """z's total gradient (its own, plus the sums' through z), then the convolution's and the prologue's."""
     x, weight, scale, shift, keep_bits, z = ctx.saved_tensors
     need_x, need_w, need_scale, need_shift = ctx.needs_input_grad[:4]
+    if ctx.backend == "triton" and x.numel() > 0:
+        grad_z = torch.zeros_like(z) if grad_z is None else grad_z
+        dx, dw, d_scale, d_shift = _triton_backward_op(grad_z, grad_sum, grad_sq, x, weight, scale, shift, keep_bits,
+                                                       z, ctx.dilation, need_x, need_w, need_scale or need_shift)
+        return (dx if need_x else None, dw if need_w else None, d_scale if need_scale and scale is not None else None,
+                d_shift if need_shift and scale is not None else None, None, None, None)
     ct = _compute_dtype(x.dtype)
     g = torch.zeros_like(z, dtype=ct) if grad_z is None else grad_z.to(ct)
     if grad_sum is not None:
@@ -238,7 +303,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tens
     x: (N, Cin, H, W) float32/float16/bfloat16/float64 (channels_last is what the Triton kernel reads; other layouts
     are copied); weight: (Cout, Cin, r, r), x's dtype, r odd; scale, shift: (Cin,) floating point, or both None for a
     plain convolution; keep_bits: x's keep flags, uint8 ((N*Cin*H*W + 7) // 8,) in x's channels_last order (module
-    docstring), or None for no dropout. Differentiable in x, weight, scale and shift (also through the sums).
+    docstring), or None for no dropout. Differentiable in x, weight, scale and shift (also through the sums; on the
+    triton backend by Triton kernels too).
     backend: "triton" | "ref"; default triton on CUDA where ``triton_unusable`` finds nothing against it, else ref.
     """
     _check(x, weight, scale, shift, keep_bits, dilation)
