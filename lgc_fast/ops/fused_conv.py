@@ -20,8 +20,8 @@ Backends: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1 when asked for): k
 tensor-memory descriptors, so it needs Triton 3.4 or later and 16-byte aligned channel rows (Cin and Cout multiples of
 8 for 16-bit types, 4 for float32, 2 for float64); its backward is the kernels of conv_stack's Triton pieces (the
 input gradient with the prologue's gates and sums as its epilogue, the split-K filter gradient with the activation
-made as it loads; the op ``lgc_fast::fused_conv_backward``). "ref" (plain torch, the automatic choice elsewhere): backward through
-``aten.convolution_backward`` on the recomputed activation, and the prologue's.
+made as it loads; the op ``lgc_fast::fused_conv_backward``). "ref" (plain torch, the automatic choice elsewhere):
+backward through ``aten.convolution_backward`` on the recomputed activation, and the prologue's.
 """
 from __future__ import annotations
 
