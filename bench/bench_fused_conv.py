@@ -63,8 +63,8 @@ def _case(layer, n, hw, dtype, device, gen):
     zf = z_prev.float()
     terms = bn_finalize(zf.sum((0, 2, 3)), (zf * zf).sum((0, 2, 3)), n * hw * hw, gamma, beta, None, None,
                         batch_stats=True, update_running=False, momentum=0.1, eps=1e-5, factor=0.1 / (1 - DROPOUT_P))
-    s, b = terms.s, terms.b
-    return dict(z_prev=z_prev, weight=weight, gamma=gamma, beta=beta, bits=bits, s=s, b=b, k=k, dil=dil,
+    return dict(z_prev=z_prev, weight=weight, gamma=gamma, beta=beta, bits=bits, terms=terms, s=terms.s, b=terms.b,
+                k=k, dil=dil,
                 flops=2 * n * hw * hw * c_out * c_in * k * k)
 
 
@@ -84,25 +84,21 @@ def _plain_triton(c):
     return fused_conv_triton(x, pack_filter(w), c["k"], c["dil"], z)
 
 
-def _backward_case(c, gen):
-    """The block's backward operands: the gradient g at its BatchNorm output, its z, BatchNorm backward's terms, and
-    the previous block's BnTerms (from z_prev's statistics)."""
-    from lgc_fast.ops.conv_stack_graphs import BnTerms
+def _backward_operands(c, gen):
+    """The block's backward operands: the gradient g at its BatchNorm output, its z and BatchNorm backward's terms
+    (the previous block's BnTerms are the case's, from z_prev's statistics)."""
     x, w = c["z_prev"], c["weight"]
     shape = (x.shape[0], w.shape[0], *x.shape[2:])
     g, z = (torch.randn(shape, device=x.device, generator=gen).to(x.dtype).contiguous(memory_format=torch.channels_last)
             for _ in range(2))
     eq = tuple(torch.randn(w.shape[0], device=x.device, generator=gen) * 0.1 for _ in range(3))
-    zf = x.float()
-    mean = zf.mean((0, 2, 3))
-    invstd = (zf.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
-    return (g, z, *eq), BnTerms(mean, invstd, c["gamma"] * invstd, c["s"], c["b"])
+    return g, z, *eq
 
 
 def _backward_variants(c, gen):
     from lgc_fast.ops.conv_stack_triton import TritonGraphs
     pieces = TritonGraphs(c["z_prev"].dtype)
-    dy, terms = _backward_case(c, gen)
+    dy, terms = _backward_operands(c, gen), c["terms"]
     x, w, dil, pad = c["z_prev"], c["weight"], c["dil"], c["dil"] * (c["k"] // 2)
     return {
         "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True)),

@@ -274,6 +274,17 @@ def stats_rows(n: int, height: int, width: int) -> int:
     return n * triton.cdiv(height, bh) * triton.cdiv(width, bw)
 
 
+def new_partial_sums(n: int, height: int, width: int, channels: int, dtype: torch.dtype, device):
+    """The pair of zeroed partial-sum buffers ``fused_conv_triton`` takes as `sums`, (stats_rows(N, H, W), channels)
+    each in `dtype` (the compute dtype), from one fill."""
+    return torch.zeros(2, stats_rows(n, height, width), channels, dtype=dtype, device=device).unbind(0)
+
+
+def add_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One partial-sum buffer's rows added up in float64, as `dtype`: (channels,)."""
+    return partial.sum(0, dtype=torch.float64).to(dtype)
+
+
 def pack_filter(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """weight (Cout, Cin, r, r) -> the kernel's B operand (r*r, Cin, Cout), tap-major; transposed: that of the
     convolution's input gradient, (r*r, Cout, Cin) of the filter rotated by 180 degrees (stride 1 and symmetric
@@ -320,7 +331,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
 
     x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cin, Cout) in x's dtype
     (``pack_filter``); prologue: None, BnPrologue or DbnPrologue; out: (N, Cout, H, W) channels_last, x's dtype; sums:
-    two (stats_rows(N, H, W), Cout) buffers in the compute dtype, or None (not with a gate).
+    ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate).
     """
     n, c_in, h, w = x.shape
     c_out = w_packed.shape[2]

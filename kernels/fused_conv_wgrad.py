@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
-from lgc_fast.kernels.fused_conv import TensorDescriptor, bn_activation, dbn_gradient, nhwc
+from lgc_fast.kernels.fused_conv import TensorDescriptor, add_partials, bn_activation, dbn_gradient, nhwc
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
 _WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
@@ -207,5 +207,5 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
             _gpu_kernel()[grid](*args, **flags)
     else:
         fused_conv_wgrad_kernel[grid(tile)](*args, **flags, **tile)
-    total = partial.sum(0, dtype=torch.float64).to(acc_dtype)  # (taps, Cin, Cout)
+    total = add_partials(partial, acc_dtype)  # (taps, Cin, Cout)
     return total.permute(2, 1, 0).reshape(c_out, c_in, ksize, ksize).contiguous()

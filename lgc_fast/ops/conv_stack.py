@@ -28,8 +28,8 @@ no other mask (but the byte masks or keep bits where the pieces take those). The
 (``TorchGraphs``, lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64
 inputs), as cuDNN graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks) or as
 lgc_fast's Triton kernels (``TritonGraphs``, lgc_fast/ops/conv_stack_triton.py: any float dtype, keep bits);
-``stack_graphs`` chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d, F.batch_norm, relu,
-dropout on the same masks): values, gradients and running statistics.
+``stack_graphs`` chooses. The composition is checked against ``conv_stack_ref``, the plain definition (F.conv2d,
+F.batch_norm, relu, dropout on the same masks): values, gradients and running statistics.
 a_L in x's dtype.
 
 x: (N, C_0, H, W); weights[i]: (C_{i+1}, C_i, r, r), one odd r and one dilation for the stack, zero padding

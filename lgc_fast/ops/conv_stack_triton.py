@@ -90,14 +90,6 @@ class TritonGraphs:
     def _empty(self, shape, device) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=self.io, device=device, memory_format=_CL)
 
-    def _sums(self, n: int, h: int, w: int, c: int, device):
-        """Two zeroed partial-sum buffers (the kernel's rows x c), from one fill."""
-        rows = _kernels().stats_rows(n, h, w)
-        return torch.zeros(2, rows, c, dtype=self.acc, device=device).unbind(0)
-
-    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        return partial.sum(0, dtype=torch.float64).to(self.acc)
-
     def _bn_prologue(self, prologue):
         if prologue is None:
             return None
@@ -117,10 +109,10 @@ class TritonGraphs:
         kernels, x = _kernels(), self._map(inp)
         n, _, h, width = x.shape
         z = self._empty((n, w.shape[0], h, width), x.device)
-        sums = self._sums(n, h, width, w.shape[0], x.device)
+        sums = kernels.new_partial_sums(n, h, width, w.shape[0], self.acc, x.device)
         kernels.fused_conv_triton(x, kernels.pack_filter(w), w.shape[-1], dilation, z,
                                   prologue=self._bn_prologue(prologue), sums=sums)
-        return z, self._reduce(sums[0]), self._reduce(sums[1])
+        return z, kernels.add_partials(sums[0], self.acc), kernels.add_partials(sums[1], self.acc)
 
     def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
         """The filter gradient (TorchGraphs.wgrad), in float32 (float64)."""
@@ -141,10 +133,9 @@ class TritonGraphs:
             kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn)
             return out
         z_prev, terms, keep_bits, batch_stats = epilogue
-        gate = kernels.Gate(self._map(z_prev), *(self._vector(v) for v in (terms.s, terms.b, terms.mean,
-                                                                          terms.invstd)), keep_bits)
-        sums = self._sums(n, h, width, c, dz.device)
-        kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn, gate=gate, sums=sums)
-        dgamma, dbeta = self._reduce(sums[0]), self._reduce(sums[1])
         terms = BnTerms(*(self._vector(v) for v in terms))
+        gate = kernels.Gate(self._map(z_prev), terms.s, terms.b, terms.mean, terms.invstd, keep_bits)
+        sums = kernels.new_partial_sums(n, h, width, c, self.acc, dz.device)
+        kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn, gate=gate, sums=sums)
+        dgamma, dbeta = kernels.add_partials(sums[0], self.acc), kernels.add_partials(sums[1], self.acc)
         return out, dgamma, dbeta, bn_backward_eq(terms, dgamma, dbeta, n * h * width, batch_stats)

@@ -120,15 +120,13 @@ def _triton_impl(x, weight, scale, shift, keep_bits, dilation):
     n, _, h, w = x.shape
     c_out = weight.shape[0]
     z = _new_z(x, c_out)
-    rows = kernels.stats_rows(n, h, w)
-    partial_sum = torch.zeros(rows, c_out, dtype=ct, device=x.device)
-    partial_sq = torch.zeros(rows, c_out, dtype=ct, device=x.device)
+    sums = kernels.new_partial_sums(n, h, w, c_out, ct, x.device)
     prologue = None
     if scale is not None:
         prologue = kernels.BnPrologue(scale.to(ct).contiguous(), shift.to(ct).contiguous(), keep_bits)
     kernels.fused_conv_triton(x, kernels.pack_filter(weight), weight.shape[-1], dilation, z, prologue=prologue,
-                              sums=(partial_sum, partial_sq))
-    return z, partial_sum.sum(0, dtype=torch.float64).to(ct), partial_sq.sum(0, dtype=torch.float64).to(ct)
+                              sums=sums)
+    return z, kernels.add_partials(sums[0], ct), kernels.add_partials(sums[1], ct)
 
 
 _IMPLS = {"triton": _triton_impl, "ref": _ref_impl}
@@ -198,14 +196,13 @@ def _triton_backward_op(grad_z: torch.Tensor, grad_sum: Optional[torch.Tensor], 
             return out, dw, d_scale, d_shift
         gate = kernels.Gate(x, prologue.scale, prologue.shift, torch.zeros(c_in, dtype=ct, device=x.device),
                             torch.ones(c_in, dtype=ct, device=x.device), keep_bits)
-        sums = torch.zeros(2, kernels.stats_rows(x.shape[0], x.shape[2], x.shape[3]), c_in, dtype=ct,
-                           device=x.device).unbind(0)
+        sums = kernels.new_partial_sums(x.shape[0], x.shape[2], x.shape[3], c_in, ct, x.device)
         kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn, gate=gate, sums=sums)
         if need_x:
             dx = (out.to(ct) * _channel(prologue.scale, ct)).to(x.dtype)
         if need_affine:
-            d_scale = sums[0].sum(0, dtype=torch.float64).to(scale.dtype)
-            d_shift = sums[1].sum(0, dtype=torch.float64).to(shift.dtype)
+            d_scale = kernels.add_partials(sums[0], scale.dtype)
+            d_shift = kernels.add_partials(sums[1], shift.dtype)
     return dx, dw, d_scale, d_shift
 
 
