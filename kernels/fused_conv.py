@@ -15,8 +15,8 @@ gradient with the filter rotated by 180 degrees, its channel axes swapped (``pac
 Prologues (PROLOGUE), computed in float32 (float64), rounded to the map's dtype before the product, and 0 where the
 tap reads padding (the padding is the activation's or the gradient's, not x's):
   PROLOGUE_BN   a = relu(x * s[k] + b[k]) * keep. keep is bit e % 8 of byte e // 8 of keep_ptr, e the value's offset
-                in x's channels_last order (``pack_keep_mask``); where Cin is a multiple of BK, a pixel's flags of one
-                chunk are one little-endian BK-bit word, loaded at once (KEEP_WORDS).
+                in x's channels_last order (``pack_keep_mask``), read as 64-bit words; where Cin is a multiple of BK,
+                a pixel's flags of one chunk lie in one word, loaded at once (KEEP_WORDS).
   PROLOGUE_DBN  a = eq_dy[k] * x + eq_x[k] * z + eq_b[k], x the gradient g at the next block's BatchNorm output and
                 z that block's convolution output, a second descriptor with the same boxes.
 
@@ -46,18 +46,6 @@ _INTERPRET_TILE = dict(BH=8, BW=8, BN=32, BK=32)  # the interpreter's tile (uppe
 _STATS_ROWS_PIXELS = (8, 8)  # the smallest (BH, BW) of any config: sizes the partial-sum buffers
 
 
-@triton.jit
-def _keep_word(keep_ptr, index, mask, BITS: tl.constexpr):
-    """Word `index` of BITS bits (16, 32 or 64) of the keep bits, 0 where not mask."""
-    if BITS == 64:
-        word_ptr = keep_ptr.to(tl.pointer_type(tl.uint64))
-    elif BITS == 32:
-        word_ptr = keep_ptr.to(tl.pointer_type(tl.uint32))
-    else:
-        word_ptr = keep_ptr.to(tl.pointer_type(tl.uint16))
-    return tl.load(word_ptr + index, mask=mask, other=0)
-
-
 # The prologue applied to the A tiles (PROLOGUE) and the epilogue's work (EPILOGUE):
 PROLOGUE_NONE, PROLOGUE_BN, PROLOGUE_DBN = 0, 1, 2
 EPILOGUE_STORE, EPILOGUE_STATS, EPILOGUE_GATE = 0, 1, 2
@@ -67,13 +55,20 @@ EPILOGUE_STORE, EPILOGUE_STATS, EPILOGUE_GATE = 0, 1, 2
 def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr, KEEP_WORDS: tl.constexpr,
                BK: tl.constexpr):
     """The keep flags (0 / 1 in ct, rows x BK) of channels offs_k = k0 + arange(BK) at the pixels `pix` of a map with
-    c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. KEEP_WORDS: c_in is a multiple of BK
-    (16, 32 or 64), so a pixel's flags of the chunk are one little-endian BK-bit word, one load a row, not one a
-    value."""
+    c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. KEEP_WORDS: c_in is a multiple of BK (at
+    most 64), so a pixel's flags of the chunk lie in one little-endian 64-bit word (``word_keep_bits``), one load a
+    row; else one load a value, of its byte, or in float64 of its word: a narrow integer load in the chain that
+    becomes a float64 dot operand makes Triton 3.6 lay it out with a K width its MMA lowering rejects."""
+    words = keep_ptr.to(tl.pointer_type(tl.int64))
     if KEEP_WORDS:
-        word = _keep_word(keep_ptr, pix * (c_in // BK) + k0 // BK, rows_ok, BK)
-        return ((word[:, None] >> tl.arange(0, BK)[None, :].to(word.dtype)) & 1).to(ct)
-    e = pix[:, None] * c_in + offs_k[None, :]
+        first = pix.to(tl.int64) * c_in + k0
+        word = tl.load(words + (first >> 6), mask=rows_ok, other=0)
+        shift = (first & 63)[:, None] + tl.arange(0, BK)[None, :].to(tl.int64)
+        return ((word[:, None] >> shift) & 1).to(ct)
+    e = pix.to(tl.int64)[:, None] * c_in + offs_k[None, :]
+    if ct == tl.float64:
+        word = tl.load(words + (e >> 6), mask=rows_ok[:, None] & k_ok[None, :], other=0)
+        return ((word >> (e & 63)) & 1).to(ct)
     byte = tl.load(keep_ptr + (e >> 3), mask=rows_ok[:, None] & k_ok[None, :], other=0)
     return ((byte >> (e & 7).to(tl.uint8)) & 1).to(ct)
 
@@ -285,6 +280,16 @@ def add_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return partial.sum(0, dtype=torch.float64).to(dtype)
 
 
+def word_keep_bits(keep_bits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """keep_bits (bytes,) uint8 as the kernels read them, whole little-endian 64-bit words: the same tensor where it
+    starts 8-byte aligned and holds whole words, else a zero-padded copy (the bits past the map are never used)."""
+    if keep_bits is None or (keep_bits.data_ptr() % 8 == 0 and keep_bits.numel() % 8 == 0):
+        return keep_bits
+    words = torch.zeros(triton.cdiv(keep_bits.numel(), 8) * 8, dtype=torch.uint8, device=keep_bits.device)
+    words[:keep_bits.numel()] = keep_bits
+    return words
+
+
 def pack_filter(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """weight (Cout, Cin, r, r) -> the kernel's B operand (r*r, Cin, Cout), tap-major; transposed: that of the
     convolution's input gradient, (r*r, Cout, Cin) of the filter rotated by 180 degrees (stride 1 and symmetric
@@ -348,9 +353,9 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     acc_fp64 = x.dtype == torch.float64
     filler = torch.zeros(1, dtype=torch.float64 if acc_fp64 else torch.float32, device=x.device)  # unused pointers
     vectors = list(prologue[1:] if dbn else prologue[:2]) if prologue is not None else []
-    keep_bits = prologue.keep_bits if isinstance(prologue, BnPrologue) else None
+    keep_bits = word_keep_bits(prologue.keep_bits) if isinstance(prologue, BnPrologue) else None
     e_vectors = [gate.s, gate.b, gate.mean, gate.invstd] if gate is not None else []
-    e_keep = gate.keep_bits if gate is not None else None
+    e_keep = word_keep_bits(gate.keep_bits) if gate is not None else None
     sum_buffers = list(sums) if sums is not None else [filler, filler]
     args = (x_desc, x2_desc, w_desc, out_desc, e_desc, *(vectors + [filler] * 3)[:3],
             keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
@@ -366,7 +371,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
                  # products are exact in float32, so upcasting there computes the same sums.
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,
                  USE_INT64=n * max(c_in, c_out) * h * w >= 2**31,
-                 KEEP_WORDS=keep_bits is not None and c_in % chunk == 0 and keep_bits.data_ptr() % (chunk // 8) == 0)
+                 KEEP_WORDS=keep_bits is not None and c_in % chunk == 0)
 
     def grid(meta):
         return (n * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"]) * triton.cdiv(c_out, meta["BN"]),)

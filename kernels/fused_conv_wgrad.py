@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
-from lgc_fast.kernels.fused_conv import TensorDescriptor, add_partials, bn_activation, dbn_gradient, nhwc
+from lgc_fast.kernels.fused_conv import (TensorDescriptor, add_partials, bn_activation, dbn_gradient, nhwc,
+                                        word_keep_bits)
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
 _WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
@@ -74,7 +75,7 @@ def fused_conv_wgrad_kernel(
             pix = (img * height + ih) * width + iw
             if USE_INT64:
                 pix = pix.to(tl.int64)
-            # keep flags by bytes: BM = 128 is wider than a word
+            # keep flags a value at a time: BM = 128 is wider than a word
             a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, False,
                               BM).to(dot_dtype)
         dz = tl.reshape(g_desc.load([img, h0, w0, n0]), (BK, BN))
@@ -114,9 +115,10 @@ def gpu_configs():
 
 
 def shared_bytes_bound(config, element_size: int, dbn: bool = True) -> int:
-    """num_stages buffers of the A (BH*BW x BM) box and the B box (BH*BW x BN; two maps with BatchNorm's apply)."""
+    """num_stages buffers of the A (BH*BW x BM) box and the B box (BH*BW x BN; two maps with BatchNorm's apply), and
+    1 KiB for the pipeline's barriers and scratch (Triton 3.6 adds 40 bytes in float64)."""
     bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
-    return config.num_stages * bh * bw * (bm + (2 if dbn else 1) * bn) * element_size
+    return config.num_stages * bh * bw * (bm + (2 if dbn else 1) * bn) * element_size + 1024
 
 
 def kept_configs(configs, c_in: int, c_out: int, element_size: int, dbn: bool = True):
@@ -188,7 +190,7 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     g_desc = TensorDescriptor.from_tensor(nhwc(dz), out_box)
     z_desc = TensorDescriptor.from_tensor(nhwc(dbn.z), out_box) if dbn is not None else g_desc
     filler = torch.zeros(1, dtype=acc_dtype, device=x.device)
-    keep_bits = prologue.keep_bits if prologue is not None else None
+    keep_bits = word_keep_bits(prologue.keep_bits) if prologue is not None else None
     args = (x_desc, g_desc, z_desc, partial,
             *(prologue[:2] if prologue is not None else (filler, filler)),
             keep_bits if keep_bits is not None else filler,

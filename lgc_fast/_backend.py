@@ -43,14 +43,33 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _numpy_refuses_sized_scalars() -> bool:
+    """Whether int() of a one-element NumPy array raises (NumPy 2.4 does; earlier versions warn)."""
+    import numpy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(numpy.ones(1))
+        except TypeError:
+            return True
+    return False
+
+
 def _interpreter_defect() -> str | None:
-    """Why this Triton's interpreter would give wrong results here without an error, or None."""
+    """Why this Triton's interpreter cannot run the kernels right here, or None."""
     import numpy
     import triton
 
-    if triton.__version__.startswith("3.0.") and int(numpy.__version__.split(".")[0]) >= 2:
-        return (f"triton {triton.__version__}'s interpreter drops the kernels' stores under NumPy {numpy.__version__} "
+    version = triton.__version__
+    if version.startswith("3.0.") and int(numpy.__version__.split(".")[0]) >= 2:
+        return (f"triton {version}'s interpreter drops the kernels' stores under NumPy {numpy.__version__} "
                 "(it works with NumPy 1)")
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if (major, minor) < (3, 7) and _numpy_refuses_sized_scalars():
+        return (f"triton {version}'s interpreter converts loop bounds with int(), which NumPy {numpy.__version__} "
+                "refuses for its one-element arrays (Triton 3.7 on, or NumPy before 2.4, works)")
     return None
 
 

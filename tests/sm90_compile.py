@@ -2,26 +2,31 @@
 specialise it for typical shapes, without a GPU. Run by tests/test_triton_sm90.py in a process of its own (the
 interpreter, which the other tests switch on, replaces triton.jit's compiler).
 
-Prints one JSON line per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes", "wgmma", "tma_loads" (the
+Prints a JSON line {"triton", "skip" (why this Triton cannot compile them, or null), "tensor_descriptors"}, then one
+per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes", "wgmma", "tma_loads" (the
 PTX's Hopper matrix and tensor-memory instructions)} (dilated_conv and the fused_conv kernels add
 "shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with
 the compiler's error on the first kernel that does not compile.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
 import torch
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - Triton before 3.0
+    GPUTarget = ASTSource = None
 
 from lgc_fast.kernels import (bn_relu_dropout, dilated_conv, fit_shape, fused_conv, fused_conv_wgrad, kernel_conv,
                               lgc_loss)
 
-TARGET = GPUTarget("cuda", 90, 32)
+TARGET = GPUTarget("cuda", 90, 32) if GPUTarget is not None else None
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 
 
@@ -183,7 +188,25 @@ def bn_relu_dropout_cases() -> None:
                  dict(BLOCK_P=block_p, BLOCK_C=block_c, o_sp=1), 8, 3, "uint8 contiguous")
 
 
+def unusable() -> str | None:
+    """Why this Triton cannot compile the cases, or None."""
+    if ASTSource is None:
+        return f"triton {triton.__version__} has no GPUTarget / ASTSource compiler API"
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return "this Triton installation has no NVIDIA backend"
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        return f"triton {triton.__version__}'s compiler API predates ASTSource(constexprs=), which this script uses"
+    return None
+
+
 if __name__ == "__main__":
+    reason = unusable()
+    print(json.dumps({"triton": triton.__version__, "skip": reason,
+                      "tensor_descriptors": fused_conv.TensorDescriptor is not None}), flush=True)
+    if reason is not None:
+        sys.exit(0)
     for cases in (kernel_conv_cases, lgc_loss_cases, fit_shape_cases, dilated_conv_cases, bn_relu_dropout_cases):
         cases()
     if fused_conv.TensorDescriptor is not None:  # Triton 3.4 on

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import available_backends, devices, skip_without_float64, triton_backends
 from lgc_fast.ops.bn_relu_dropout import pack_keep_mask
 from lgc_fast.ops.conv_stack_graphs import BnTerms, TorchGraphs
+from lgc_fast.kernels import fused_conv as kernels
 from lgc_fast.kernels.fused_conv import TensorDescriptor
 from lgc_fast.ops.fused_conv import fused_conv, fused_conv_ref, triton_unusable
 
@@ -112,6 +113,35 @@ def test_triton_reads_any_layout_and_gives_channels_last(device):
     planar = x.contiguous()
     got = fused_conv(planar, weight, scale, shift, bits, backend="triton")
     _check_against_reference(got, fused_conv_ref(x, weight, scale, shift, bits), torch.float32)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in", [16, 8], ids=["a-word-a-row", "a-word-a-value"])
+def test_triton_reads_keep_bits_of_part_words_at_any_offset(device, dtype, c_in):
+    """The kernels read keep bits as 64-bit words: 30 bytes (not whole words), once at an odd address."""
+    if "triton" not in _backends(device):
+        pytest.skip("the triton backend, with tensor descriptors, is not usable here")
+    skip_without_float64(device, "triton")
+    x, weight, scale, shift, _, bits = _inputs(3, c_in, 8, 3, 80 // c_in, dtype, device, 5, n=1)
+    assert bits.numel() % 8 != 0
+    odd = torch.zeros(bits.numel() + 1, dtype=torch.uint8, device=device)[1:]
+    odd.copy_(bits)
+    assert odd.data_ptr() % 2 == 1
+    expected = fused_conv_ref(x, weight, scale, shift, bits)
+    for keep_bits in (bits, odd):
+        _check_against_reference(fused_conv(x, weight, scale, shift, keep_bits, backend="triton"), expected, dtype)
+
+
+def test_word_keep_bits_pads_only_what_is_not_whole_aligned_words():
+    whole = torch.arange(16, dtype=torch.uint8)
+    assert kernels.word_keep_bits(whole) is whole
+    part = kernels.word_keep_bits(whole[:13])
+    assert part.numel() == 16 and part.data_ptr() % 8 == 0
+    assert part[:13].tolist() == list(range(13)) and part[13:].tolist() == [0, 0, 0]
+    shifted = kernels.word_keep_bits(whole[1:9])
+    assert shifted.data_ptr() != whole.data_ptr() + 1 and shifted.tolist() == list(range(1, 9))
+    assert kernels.word_keep_bits(None) is None
 
 
 def test_prologue_zero_pads_the_activation_not_x():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lgc_fast
+from lgc_fast import _backend
 from conftest import available_backends, devices, skip_without_float64
 from lgc_fast.ops.kernel_conv import RADIUS, WEIGHT, kernel_conv, kernel_conv_ref, kernel_taps
 
@@ -293,12 +294,42 @@ def test_triton_interpreter_refused_where_it_drops_stores(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton, "__version__", "3.0.0")
     monkeypatch.setattr(np, "__version__", "2.2.6")
+    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: False)
     ok, why = lgc_fast.backends()["triton"]
     assert not ok and "NumPy 2.2.6" in why
     with pytest.raises(ValueError, match="backend='triton' is not usable here: triton 3.0.0's interpreter drops"):
         kernel_conv(_random((1, 1, 4, 4)), backend="triton")
     monkeypatch.setattr(np, "__version__", "1.26.4")
     assert lgc_fast.backends()["triton"][0]
+
+
+def test_triton_interpreter_refused_where_numpy_refuses_its_loop_bounds(monkeypatch):
+    """Triton 3.4-3.6's interpreter takes int() of one-element arrays, which NumPy 2.4 refuses: every kernel with a
+    loop over a runtime bound fails, so the backend is refused (3.7 on take the element)."""
+    triton = pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the Triton backend compiles its kernels; the interpreter is not used")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(np, "__version__", "2.4.6")
+    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: True)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    ok, why = lgc_fast.backends()["triton"]
+    assert not ok and "triton 3.6.0's interpreter converts loop bounds with int(), which NumPy 2.4.6 refuses" in why
+    with pytest.raises(ValueError, match="backend='triton' is not usable here: triton 3.6.0's interpreter converts"):
+        kernel_conv(_random((1, 1, 4, 4)), backend="triton")
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    assert lgc_fast.backends()["triton"][0]
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: False)
+    assert lgc_fast.backends()["triton"][0]
+
+
+def test_numpy_probe_matches_this_numpy():
+    major, minor = (int(p) for p in np.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        assert _backend._numpy_refuses_sized_scalars()
+    elif major < 2:
+        assert not _backend._numpy_refuses_sized_scalars()
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), True, "0.01", None])
