@@ -77,6 +77,7 @@ NUMERIC_SETTINGS = ("amp", "channels_last", "device_augment", "compile", "fused_
 DEFAULTED_NUMERIC_OPTIONS = ("amp", "channels_last", "compile", "fused_epilogue", "conv_stacks", "deterministic")
 # What a run recorded before a setting existed ran with.
 NUMERIC_SETTING_BEFORE = {"conv_stacks": False, "deterministic": False}
+STACK_PIECES = ("cudnn", "triton")  # --conv-stacks PIECES: LGCN.use_conv_stacks(graphs=...)
 DEFAULT_BACKGROUND_FRACTION = 0.1
 N_LANDMARKS = 68
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -133,11 +134,14 @@ def add_arguments(p) -> None:
                         "torch's modules (default: where its compiled kernels were measured faster than the modules: "
                         f"C++ on the CPU, CUDA C++ on a GPU at --batch-size {FUSED_EPILOGUE_MIN_CUDA_BATCH} or more; "
                         "off where only Triton's would run: see the README's performance table)")
-    p.add_argument("--conv-stacks", action=argparse.BooleanOptionalAction, default=None,
-                   help="in training, run each run of like conv blocks as lgc_fast.ops.conv_stack on cuDNN's fused "
-                        "graphs (BatchNorm, ReLU and dropout inside the convolutions) where a CUDA build has them "
-                        "(LGC_FAST_CUDNN_GRAPHS=auto or 1) and they build, else as before (default: off; on an H100 "
-                        "with cuDNN 9.19 none built)")
+    p.add_argument("--conv-stacks", nargs="?", const="cudnn", choices=STACK_PIECES, default=None, metavar="PIECES",
+                   help="in training, run each run of like conv blocks as lgc_fast.ops.conv_stack (BatchNorm, ReLU "
+                        "and dropout inside the convolutions) on PIECES: cudnn (the default PIECES), cuDNN's fused "
+                        "graphs where a CUDA build has them (LGC_FAST_CUDNN_GRAPHS=auto or 1) and they build (on an "
+                        "H100 with cuDNN 9.19 none built); triton, lgc_fast's own Triton kernels (Triton 3.4+, CUDA; "
+                        "not yet timed on a GPU); blocks whose pieces do not run here run as before (default: off)")
+    p.add_argument("--no-conv-stacks", dest="conv_stacks", action="store_const", const=False,
+                   help="run the conv blocks as modules (to resume a run that had --conv-stacks without them)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="on a GPU, the same run gives the same weights bit for bit, also stopped and resumed: "
                         "cuDNN's deterministic algorithms, no benchmark-mode search, convolutions on the forward "
@@ -256,6 +260,14 @@ def _default_fused_epilogue(device: torch.device, batch_size: int) -> bool:
     return backend == "cpu"
 
 
+def stack_pieces(value) -> str | bool:
+    """--conv-stacks as recorded: "cudnn" or "triton", or False (off); runs recorded before PIECES existed hold True,
+    which was cuDNN's graphs."""
+    if value is True:
+        return "cudnn"
+    return value or False
+
+
 def default_amp(device: torch.device) -> bool:
     """bfloat16 autocast on CUDA and on a CPU that multiplies bfloat16 in hardware (``native_bf16_cpu``); other CPUs
     emulate it, slower than float32."""
@@ -275,7 +287,7 @@ def _settings(args, world: int, device: torch.device) -> dict:
         "device_augment": cuda and args.augment, "compile": args.compile or False,
         "fused_epilogue": _default_fused_epilogue(device, args.batch_size) if args.fused_epilogue is None
         else bool(args.fused_epilogue),
-        "conv_stacks": bool(args.conv_stacks), "deterministic": bool(args.deterministic),
+        "conv_stacks": stack_pieces(args.conv_stacks), "deterministic": bool(args.deterministic),
         "epochs": args.epochs, "data": str(args.data), "device": str(device), "decode": args.decode,
         "init": None if args.init is None else str(Path(args.init).resolve()),
     }
@@ -406,6 +418,9 @@ def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
         for key in DEFAULTED_NUMERIC_OPTIONS:
             if getattr(args, key) is None and key in saved:
                 settings[key] = saved[key]
+    if "conv_stacks" in saved:
+        saved = {**saved, "conv_stacks": stack_pieces(saved["conv_stacks"])}
+        settings["conv_stacks"] = stack_pieces(settings["conv_stacks"])
     changed = [k for k in RUN_SETTINGS if saved.get(k) != settings[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
@@ -528,7 +543,7 @@ def _train(args, dist_: ProcessGroup) -> TrainResult:
         model.load_state_dict(init)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).fuse_epilogues(settings["fused_epilogue"])
-    model.use_conv_stacks(settings["conv_stacks"])
+    model.use_conv_stacks(bool(settings["conv_stacks"]), graphs=settings["conv_stacks"] or "cudnn")
     if settings["deterministic"]:
         model.use_conv_via("fprop")
     if device.type == "cuda":

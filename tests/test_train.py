@@ -525,23 +525,90 @@ def test_deterministic_option_is_recorded_and_kept_on_resume(tmp_path, one_threa
     assert resumed.step == 2 and resumed.model.conv_via == "fprop"
 
 
-def test_conv_stacks_option_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
-    """--conv-stacks: the model runs its conv blocks through run_blocks with stacks on (on the CPU they find no cuDNN
-    graphs and run as modules); the setting is recorded, and a run that never had it resumes without a note."""
+def _watch_run_blocks(monkeypatch) -> list:
+    """Record (conv_stacks, graphs) of every run_blocks call the model makes."""
     import lgc_fast.model as model_module
     seen = []
     real = model_module.run_blocks
-    monkeypatch.setattr(model_module, "run_blocks", lambda blocks, x, stacks=False, *rest: seen.append(stacks) or
-                        real(blocks, x, stacks, *rest))
-    assert parse_args(["--data", "d", "--out", "o"]).conv_stacks is None
+
+    def watched(blocks, x, stacks=False, cudnn_plans=1, graphs="cudnn"):
+        seen.append((stacks, graphs))
+        return real(blocks, x, stacks, cudnn_plans, graphs)
+
+    monkeypatch.setattr(model_module, "run_blocks", watched)
+    return seen
+
+
+def test_conv_stacks_option_parses_its_pieces():
+    base = ["--data", "d", "--out", "o"]
+    assert parse_args(base).conv_stacks is None
+    assert parse_args(base + ["--conv-stacks"]).conv_stacks == "cudnn"
+    assert parse_args(base + ["--conv-stacks", "triton"]).conv_stacks == "triton"
+    assert parse_args(base + ["--conv-stacks", "triton", "--no-conv-stacks"]).conv_stacks is False
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--conv-stacks", "tensorrt"])
+
+
+def test_conv_stacks_option_trains_and_is_recorded(tmp_path, monkeypatch, one_thread):
+    """--conv-stacks: the model runs its conv blocks through run_blocks with stacks on (on the CPU they find no cuDNN
+    graphs and run as modules); the setting is recorded, a run that never had it resumes without a note, and so does
+    one recorded before the option named its pieces (True: cuDNN's)."""
+    seen = _watch_run_blocks(monkeypatch)
     data = synthetic_faces(tmp_path / "faces", n=10)
-    common = ["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2, "--device", "cpu",
+    common = ["--data", data, "--out", tmp_path / "run", "--epochs", 2, "--val-fraction", 0.2, "--device", "cpu",
               *TINY]
     result = train(parse_args(common + ["--max-steps", 1, "--conv-stacks"]))
     # the training step's local and global subnets (validation runs a folded copy, which has no stacks)
-    assert result.step == 1 and result.model.conv_stacks and seen[:2] == [True, True]
+    assert result.step == 1 and result.model.conv_stacks and seen[:2] == [(True, "cudnn")] * 2
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert state["settings"]["conv_stacks"] is True
+    assert state["settings"]["conv_stacks"] == "cudnn"
     seen.clear()
     resumed = train(parse_args(common + ["--max-steps", 2, "--resume"]))  # not given: the run's own setting
-    assert resumed.step == 2 and resumed.model.conv_stacks and seen[:2] == [True, True]
+    assert resumed.step == 2 and resumed.model.conv_stacks and seen[:2] == [(True, "cudnn")] * 2
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state["settings"]["conv_stacks"] = True  # as runs before PIECES recorded it
+    torch.save(state, tmp_path / "run" / "last.pt")
+    seen.clear()
+    log = io.StringIO()
+    progress = train_module.Progress
+    monkeypatch.setattr(train_module, "Progress", lambda enabled: progress(enabled, log))
+    again = train(parse_args(common + ["--max-steps", 3, "--resume"]))
+    assert again.step == 3 and seen[:2] == [(True, "cudnn")] * 2
+    assert "resumed from" in log.getvalue() and "resuming with different" not in log.getvalue()
+    seen.clear()
+    off = train(parse_args(common + ["--max-steps", 4, "--resume", "--no-conv-stacks"]))
+    assert off.step == 4 and not off.model.conv_stacks and seen[:2] == [(False, "cudnn")] * 2
+    assert "note: resuming with different conv_stacks;" in log.getvalue()
+
+
+def test_conv_stacks_on_the_triton_pieces_train(tmp_path, monkeypatch, one_thread):
+    """--conv-stacks triton: the blocks run as conv_stack on lgc_fast's Triton kernels (in the interpreter here), the
+    1-channel first block as its module; the step trains to a finite loss and the setting is recorded."""
+    import sys
+
+    from conftest import triton_backends
+    from lgc_fast.kernels.fused_conv import TensorDescriptor
+
+    if not triton_backends("cpu") or TensorDescriptor is None:
+        pytest.skip("the Triton pieces do not run here: " + lgc_fast.backends()["triton"][1])
+    seen = _watch_run_blocks(monkeypatch)
+    pieces = []
+    conv_stack_module = sys.modules["lgc_fast.ops.conv_stack"]
+    real = conv_stack_module.stack_graphs
+    monkeypatch.setattr(conv_stack_module, "stack_graphs",
+                        lambda *args: pieces.append(type(real(*args)).__name__) or real(*args))
+    data = synthetic_faces(tmp_path / "faces", n=6)
+    args = ["--data", data, "--out", tmp_path / "run", "--epochs", 1, "--val-fraction", 0.2, "--device", "cpu",
+            "--no-amp", *TINY, "--image-size", 16, "--batch-size", 2, "--max-steps", 1, "--conv-stacks", "triton"]
+    parsed = parse_args(args)
+    torch.manual_seed(parsed.seed)  # the run's initial weights
+    initial = LGCN(parsed.variant, parsed.width, 68, parsed.dropout, parsed.local_layers).state_dict()
+    result = train(parsed)
+    assert result.step == 1 and seen[:2] == [(True, "triton")] * 2
+    assert pieces and set(pieces) == {"TritonGraphs"}
+    trained = result.model.state_dict()
+    assert all(torch.isfinite(t).all() for t in trained.values() if t.is_floating_point())
+    convs = [k for k in initial if k.endswith("conv.weight")]
+    assert convs and all(not torch.equal(initial[k], trained[k]) for k in convs)  # every conv block learned
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["settings"]["conv_stacks"] == "triton"
