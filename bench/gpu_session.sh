@@ -54,10 +54,12 @@
 #          $LOGS/epilogue_<variant>.json and epilogue_train_<variant>.json; EPILOGUE_VARIANTS picks (default: all four;
 #          two a device call keep each call under its 10 minutes); the default build is restored at the end.
 #   fused_conv  (not in all) our own convolution with conv_stack's forward fusions (lgc_fast.ops.fused_conv, Triton on
-#          tensor-memory loads and wgmma; compiled for sm_90 here only): its GPU tests, then bench_fused_conv.py at
-#          batch 128 bf16 for the four layer shapes: the plain kernel against cuDNN's convolution (can our own
-#          convolution keep up?) and the fused block against lgc_fast's epilogue passes plus cuDNN (what it saves);
-#          the fused input- and filter-gradient kernels against cuDNN's plain gradients. Then conv_stack's Triton
+#          tensor-memory loads and wgmma; compiled for sm_90 here only): its GPU tests (one autotuner config a shape;
+#          every kept config of the release's 128-channel layer once, tests/test_fused_conv_configs.py), then
+#          bench_fused_conv.py at batch 128 bf16 for the four layer shapes: the plain kernel against cuDNN's
+#          convolution (can our own convolution keep up?) and the fused block against lgc_fast's epilogue passes plus
+#          cuDNN (what it saves); the fused input- and filter-gradient kernels against cuDNN's plain gradients. Then
+#          conv_stack's Triton
 #          pieces: tests/test_conv_stack_triton.py, bench_conv_stack.py (the global subnet's seven blocks, Triton
 #          pieces against cuDNN's graphs and the modules in the same run) and the training step at batch 128 with
 #          the blocks as Triton stacks against lgc_fast-fused and the cuDNN stacks.
@@ -206,7 +208,7 @@ if [[ $what == epilogue ]]; then
 fi
 
 if [[ $what == fused_conv ]]; then
-  python -m pytest -q -rs tests/test_fused_conv.py tests/test_conv_stack_triton.py \
+  python -m pytest -q -rs tests/test_fused_conv.py tests/test_fused_conv_configs.py tests/test_conv_stack_triton.py \
     >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
   tail -3 "$LOGS/gpu_tests_fused_conv.log"
   python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1

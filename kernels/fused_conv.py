@@ -28,7 +28,9 @@ Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image):
                   keep bits by bytes), and the partial sums are those of g * (z_prev - mean) * invstd and of g, from
                   g as stored.
 """
+import contextlib
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -44,6 +46,14 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BN=32, BK=32)  # the interpreter's tile (upper bounds)
 _STATS_ROWS_PIXELS = (8, 8)  # the smallest (BH, BW) of any config: sizes the partial-sum buffers
+AUTOTUNE_ENV = "LGC_FAST_TRITON_AUTOTUNE"
+
+
+def tuned(kept: list) -> list:
+    """The configs this module's and fused_conv_wgrad's autotuners time for a new key: those their pruning kept, or
+    where $LGC_FAST_TRITON_AUTOTUNE is 0 only the first (the GPU tests: each of their many shapes and modes would
+    compile and time every config; tests/test_fused_conv_configs.py runs each config once)."""
+    return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
 
 
 # The prologue applied to the A tiles (PROLOGUE) and the epilogue's work (EPILOGUE):
@@ -218,8 +228,8 @@ def shared_bytes_bound(config, element_size: int, prologue: int = PROLOGUE_NONE,
 
 def prune_configs(configs, named_args, **kwargs):
     """The autotuner's pruning: ``kept_configs`` for the launch's Cout, dtype, prologue and epilogue."""
-    return kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size(),
-                        kwargs.get("PROLOGUE", PROLOGUE_NONE), kwargs.get("EPILOGUE", EPILOGUE_STATS))
+    return tuned(kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size(),
+                              kwargs.get("PROLOGUE", PROLOGUE_NONE), kwargs.get("EPILOGUE", EPILOGUE_STATS)))
 
 
 def kept_configs(configs, c_out: int, element_size: int, prologue: int = PROLOGUE_NONE,
@@ -329,19 +339,28 @@ class Gate(NamedTuple):
     keep_bits: Optional[torch.Tensor]
 
 
+def launch_tile(config, cuda: bool, interpret_tile: dict):
+    """(tile, launch options) of a launch: `config`'s (a triton.Config of the kernel's ``gpu_configs``) where given,
+    else on CUDA (None, {}) for the autotuner's choice, elsewhere the interpreter's tile."""
+    if config is not None:
+        return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return (None, {}) if cuda else (interpret_tile, {})
+
+
 def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=None, gate: Optional[Gate] = None,
-                      sums=None):
+                      sums=None, config=None):
     """Write conv(prologue(x), w) into out (or, with a gate, the gated gradient) and, where `sums` is a pair of
     buffers (zeros on entry), the per-tile sums: of out and out * out (statistics) or the gate's.
 
     x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cin, Cout) in x's dtype
     (``pack_filter``); prologue: None, BnPrologue or DbnPrologue; out: (N, Cout, H, W) channels_last, x's dtype; sums:
-    ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate).
+    ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate); config: one of ``gpu_configs()`` to run
+    instead of the autotuner's choice (tests of every config).
     """
     n, c_in, h, w = x.shape
     c_out = w_packed.shape[2]
     cuda = x.device.type == "cuda"
-    tile = None if cuda else _interpret_tile(c_in, c_out)
+    tile, launch = launch_tile(config, cuda, _interpret_tile(c_in, c_out))
     box = tile or dict(BH=8, BW=8, BN=16, BK=16)  # the autotuner's pre-hook sets each config's own on CUDA
     a_box, out_box = [1, box["BH"], box["BW"], box["BK"]], [1, box["BH"], box["BW"], box["BN"]]
     x_desc = TensorDescriptor.from_tensor(nhwc(x), a_box)
@@ -360,7 +379,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     args = (x_desc, x2_desc, w_desc, out_desc, e_desc, *(vectors + [filler] * 3)[:3],
             keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
             e_keep if e_keep is not None else filler, *sum_buffers, h, w, c_in, c_out)
-    # BK: on CUDA every config the autotuner keeps loads 128-byte rows
+    # BK: every config the autotuner keeps loads 128-byte rows
     chunk = tile["BK"] if tile else 128 // x.element_size()
     flags = dict(KSIZE=ksize, DILATION=dilation,
                  PROLOGUE=PROLOGUE_DBN if dbn else PROLOGUE_NONE if prologue is None else PROLOGUE_BN,
@@ -376,9 +395,9 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     def grid(meta):
         return (n * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"]) * triton.cdiv(c_out, meta["BN"]),)
 
-    if cuda:
-        with torch.cuda.device(x.device):
+    with torch.cuda.device(x.device) if cuda else contextlib.nullcontext():
+        if tile is None:
             _gpu_kernel()[grid](*args, **flags)
-    else:
-        fused_conv_kernel[grid(tile)](*args, **flags, **tile)
+        else:
+            fused_conv_kernel[grid(tile)](*args, **flags, **tile, **launch)
     return out

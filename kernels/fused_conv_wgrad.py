@@ -12,6 +12,7 @@ since relu(b) is not 0), the B box dz's (1, BH, BW, BN). The taps of one channel
 launch order, so they read the same pixels from L2 at about the same time. Each program writes its partial block to
 row `split` of a float32 (float64) buffer, which the host adds up in float64: no atomics, the same sums every run.
 """
+import contextlib
 import functools
 
 import torch
@@ -19,8 +20,8 @@ import triton
 import triton.language as tl
 
 from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
-from lgc_fast.kernels.fused_conv import (TensorDescriptor, add_partials, bn_activation, dbn_gradient, nhwc,
-                                        word_keep_bits)
+from lgc_fast.kernels.fused_conv import (TensorDescriptor, add_partials, bn_activation, dbn_gradient, launch_tile,
+                                        nhwc, tuned, word_keep_bits)
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
 _WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
@@ -131,8 +132,8 @@ def kept_configs(configs, c_in: int, c_out: int, element_size: int, dbn: bool = 
 
 
 def prune_configs(configs, named_args, **kwargs):
-    return kept_configs(configs, named_args["c_in"], named_args["c_out"], named_args["x_desc"].base.element_size(),
-                        kwargs.get("DBN", True))
+    return tuned(kept_configs(configs, named_args["c_in"], named_args["c_out"],
+                              named_args["x_desc"].base.element_size(), kwargs.get("DBN", True)))
 
 
 @functools.cache
@@ -167,19 +168,20 @@ def wgrad_splits(n: int, height: int, width: int, c_in: int, c_out: int, ksize: 
     return max(1, min(tiles, triton.cdiv(_WAVES * sms, blocks)))
 
 
-def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, dbn=None, splits=None):
+def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, dbn=None, splits=None,
+                            config=None):
     """The filter gradient (Cout, Cin, r, r) in the compute dtype (float32; float64 for float64) of
     conv(prologue(x)) for the output gradient dbn(dz).
 
     x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; dz: (N, Cout, H, W) channels_last, x's dtype
     (with dbn: the gradient g at this block's BatchNorm output); prologue: None or fused_conv's BnPrologue over x;
     dbn: None or fused_conv's DbnPrologue over dz (its z: this block's convolution output); splits: shares of K
-    (default ``wgrad_splits``).
+    (default ``wgrad_splits``); config: one of ``gpu_configs()`` to run instead of the autotuner's choice.
     """
     n, c_in, h, w = x.shape
     c_out = dz.shape[1]
     cuda = x.device.type == "cuda"
-    tile = None if cuda else _interpret_tile(c_in, c_out)
+    tile, launch = launch_tile(config, cuda, _interpret_tile(c_in, c_out))
     box = tile or dict(BH=8, BW=8, BM=16, BN=16)  # the autotuner's pre-hook sets each config's own on CUDA
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else _INTERPRET_SMS
@@ -204,10 +206,10 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     def grid(meta):
         return (ksize * ksize * triton.cdiv(c_in, meta["BM"]) * triton.cdiv(c_out, meta["BN"]), splits)
 
-    if cuda:
-        with torch.cuda.device(x.device):
+    with torch.cuda.device(x.device) if cuda else contextlib.nullcontext():
+        if tile is None:
             _gpu_kernel()[grid](*args, **flags)
-    else:
-        fused_conv_wgrad_kernel[grid(tile)](*args, **flags, **tile)
+        else:
+            fused_conv_wgrad_kernel[grid(tile)](*args, **flags, **tile, **launch)
     total = add_partials(partial, acc_dtype)  # (taps, Cin, Cout)
     return total.permute(2, 1, 0).reshape(c_out, c_in, ksize, ksize).contiguous()

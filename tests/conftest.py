@@ -12,6 +12,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one config per new shape for the fused_conv kernels; tests/test_fused_conv_configs.py runs every config
+    os.environ.setdefault("LGC_FAST_TRITON_AUTOTUNE", "0")
 
 from lgc_fast import _backend  # noqa: E402
 
