@@ -71,11 +71,10 @@ def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr,
     becomes a float64 dot operand makes Triton 3.6 lay it out with a K width its MMA lowering rejects."""
     words = keep_ptr.to(tl.pointer_type(tl.int64))
     if KEEP_WORDS:
-        first = pix.to(tl.int64) * c_in + k0
-        word = tl.load(words + (first >> 6), mask=rows_ok, other=0)
-        shift = (first & 63)[:, None] + tl.arange(0, BK)[None, :].to(tl.int64)
-        return ((word[:, None] >> shift) & 1).to(ct)
-    e = pix.to(tl.int64)[:, None] * c_in + offs_k[None, :]
+        first = pix * c_in + k0
+        word = tl.load(words + (first >> 6), mask=rows_ok, other=0) >> (first & 63)
+        return ((word[:, None] >> tl.arange(0, BK)[None, :]) & 1).to(ct)
+    e = pix[:, None] * c_in + offs_k[None, :]
     if ct == tl.float64:
         word = tl.load(words + (e >> 6), mask=rows_ok[:, None] & k_ok[None, :], other=0)
         return ((word >> (e & 63)) & 1).to(ct)
