@@ -189,8 +189,7 @@ def sm90_report(args):
                 bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
                               HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
-                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE,
-                              KEEP_WORDS=prologue == kernels.PROLOGUE_BN and c_in % bk == 0, **config.kwargs)
+                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, **config.kwargs)
                 report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}")
         for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
                                                     torch.bfloat16.itemsize):

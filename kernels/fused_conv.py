@@ -15,8 +15,8 @@ gradient with the filter rotated by 180 degrees, its channel axes swapped (``pac
 Prologues (PROLOGUE), computed in float32 (float64), rounded to the map's dtype before the product, and 0 where the
 tap reads padding (the padding is the activation's or the gradient's, not x's):
   PROLOGUE_BN   a = relu(x * s[k] + b[k]) * keep. keep is bit e % 8 of byte e // 8 of keep_ptr, e the value's offset
-                in x's channels_last order (``pack_keep_mask``), read as 64-bit words; where Cin is a multiple of BK,
-                a pixel's flags of one chunk lie in one word, loaded at once (KEEP_WORDS).
+                in x's channels_last order (``pack_keep_mask``); a pixel's flags of one chunk are consecutive bits,
+                read as one or two 64-bit words a row.
   PROLOGUE_DBN  a = eq_dy[k] * x + eq_x[k] * z + eq_b[k], x the gradient g at the next block's BatchNorm output and
                 z that block's convolution output, a second descriptor with the same boxes.
 
@@ -62,29 +62,39 @@ EPILOGUE_STORE, EPILOGUE_STATS, EPILOGUE_GATE = 0, 1, 2
 
 
 @triton.jit
-def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr, KEEP_WORDS: tl.constexpr,
-               BK: tl.constexpr):
-    """The keep flags (0 / 1 in ct, rows x BK) of channels offs_k = k0 + arange(BK) at the pixels `pix` of a map with
-    c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. KEEP_WORDS: c_in is a multiple of BK (at
-    most 64), so a pixel's flags of the chunk lie in one little-endian 64-bit word (``word_keep_bits``), one load a
-    row; else one load a value, of its byte, or in float64 of its word: a narrow integer load in the chain that
-    becomes a float64 dot operand makes Triton 3.6 lay it out with a K width its MMA lowering rejects."""
-    words = keep_ptr.to(tl.pointer_type(tl.int64))
-    if KEEP_WORDS:
-        first = pix * c_in + k0
-        word = tl.load(words + (first >> 6), mask=rows_ok, other=0) >> (first & 63)
-        return ((word[:, None] >> tl.arange(0, BK)[None, :]) & 1).to(ct)
-    e = pix[:, None] * c_in + offs_k[None, :]
-    if ct == tl.float64:
-        word = tl.load(words + (e >> 6), mask=rows_ok[:, None] & k_ok[None, :], other=0)
-        return ((word >> (e & 63)) & 1).to(ct)
-    byte = tl.load(keep_ptr + (e >> 3), mask=rows_ok[:, None] & k_ok[None, :], other=0)
-    return ((byte >> (e & 7).to(tl.uint8)) & 1).to(ct)
+def _bits_from(words, first, row_end, rows_ok):
+    """Per row, the keep bits from bit `first` on as one uint64 (bit j: the flag of offset first + j): the word holding
+    bit `first` and, where the bits before `row_end` (the row's last flag + 1) run past it, the next one (a word holding
+    none of them is not read: it can lie past the buffer)."""
+    offset = first & 63
+    low = tl.load(words + (first >> 6), mask=rows_ok & (first < row_end), other=0) >> offset.to(tl.uint64)
+    spill = rows_ok & (offset != 0) & ((first | 63) + 1 < row_end)
+    high = tl.load(words + (first >> 6) + 1, mask=spill, other=0)
+    return low | tl.where(spill, high << ((64 - offset) & 63).to(tl.uint64), 0)
+
+
+@triton.jit
+def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr, BK: tl.constexpr):
+    """The keep flags (0 / 1 in ct, rows x BK, BK <= 128) of channels offs_k = k0 + arange(BK) at the pixels `pix` of a
+    map with c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. A pixel's flags of the chunk
+    are consecutive bits: one to three 64-bit words a row (``word_keep_bits``), shifted into place per row, not a load
+    a value. Only 64-bit loads: a narrow integer load in the chain that becomes a float64 dot operand makes Triton 3.6
+    lay it out with a K width its MMA lowering rejects."""
+    words = keep_ptr.to(tl.pointer_type(tl.uint64))
+    first = pix * c_in + k0
+    row_end = first - k0 + c_in
+    lane = tl.arange(0, BK)
+    bits = _bits_from(words, first, row_end, rows_ok)[:, None]
+    if BK > 64:
+        high = _bits_from(words, first + 64, row_end, rows_ok)
+        bits = tl.where(lane[None, :] < 64, bits, high[:, None])
+    flags = (bits >> (lane & 63)[None, :].to(tl.uint64)) & 1
+    return tl.where(rows_ok[:, None] & k_ok[None, :], flags, 0).to(ct)
 
 
 @triton.jit
 def bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct: tl.constexpr,
-                  HAS_KEEP: tl.constexpr, KEEP_WORDS: tl.constexpr, BK: tl.constexpr):
+                  HAS_KEEP: tl.constexpr, BK: tl.constexpr):
     """relu(a * s + b) * keep (rows x BK, in ct) for channels offs_k, 0 at rows outside the image (the padding is the
     activation's) and past c_in."""
     k_ok = offs_k < c_in
@@ -92,7 +102,7 @@ def bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct: 
     b = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0)
     v = tl.maximum(a.to(ct) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_KEEP:
-        v = v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, KEEP_WORDS, BK)  # NaN stays NaN
+        v = v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, BK)  # NaN stays NaN
     return tl.where(inside[:, None] & k_ok[None, :], v, 0.0)
 
 
@@ -115,7 +125,7 @@ def fused_conv_kernel(
     height, width, c_in, c_out,
     KSIZE: tl.constexpr, DILATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_KEEP: tl.constexpr,
     EPILOGUE: tl.constexpr, E_HAS_KEEP: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, USE_INT64: tl.constexpr, KEEP_WORDS: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, USE_INT64: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BH * BW
@@ -154,7 +164,7 @@ def fused_conv_kernel(
                 if USE_INT64:
                     pix = pix.to(tl.int64)
                 a = bn_activation(a, p0_ptr, p1_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct, HAS_KEEP,
-                                  KEEP_WORDS, BK).to(dot_dtype)
+                                  BK).to(dot_dtype)
             else:
                 z_in = tl.reshape(x2_desc.load([img, h0 + dh, w0 + dw, k0]), (BM, BK))
                 a = dbn_gradient(a, z_in, p0_ptr, p1_ptr, p2_ptr, offs_k, c_in, inside, ct).to(dot_dtype)
@@ -179,7 +189,7 @@ def fused_conv_kernel(
             pix = (img * height + h0 + row_h) * width + w0 + row_w
             if USE_INT64:
                 pix = pix.to(tl.int64)
-            g = g * keep_flags(e_keep_ptr, pix, offs_n, n0, c_out, valid, n_ok, ct, False, BN)
+            g = g * keep_flags(e_keep_ptr, pix, offs_n, n0, c_out, valid, n_ok, ct, BN)
         out = g.to(out_desc.dtype)
         out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
         mean = tl.load(e2_ptr + offs_n, mask=n_ok, other=0.0)
@@ -378,8 +388,6 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     args = (x_desc, x2_desc, w_desc, out_desc, e_desc, *(vectors + [filler] * 3)[:3],
             keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
             e_keep if e_keep is not None else filler, *sum_buffers, h, w, c_in, c_out)
-    # BK: every config the autotuner keeps loads 128-byte rows
-    chunk = tile["BK"] if tile else 128 // x.element_size()
     flags = dict(KSIZE=ksize, DILATION=dilation,
                  PROLOGUE=PROLOGUE_DBN if dbn else PROLOGUE_NONE if prologue is None else PROLOGUE_BN,
                  HAS_KEEP=keep_bits is not None,
@@ -388,8 +396,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
                  # Triton 3.9's interpreter multiplies bfloat16 dot operands as raw integer bit patterns; bfloat16
                  # products are exact in float32, so upcasting there computes the same sums.
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,
-                 USE_INT64=n * max(c_in, c_out) * h * w >= 2**31,
-                 KEEP_WORDS=keep_bits is not None and c_in % chunk == 0)
+                 USE_INT64=n * max(c_in, c_out) * h * w >= 2**31)
 
     def grid(meta):
         return (n * triton.cdiv(h, meta["BH"]) * triton.cdiv(w, meta["BW"]) * triton.cdiv(c_out, meta["BN"]),)

@@ -76,9 +76,7 @@ def fused_conv_wgrad_kernel(
             pix = (img * height + ih) * width + iw
             if USE_INT64:
                 pix = pix.to(tl.int64)
-            # keep flags a value at a time: BM = 128 is wider than a word
-            a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, False,
-                              BM).to(dot_dtype)
+            a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, BM).to(dot_dtype)
         dz = tl.reshape(g_desc.load([img, h0, w0, n0]), (BK, BN))
         if DBN:
             valid = ((h0 + row_h) < height) & ((w0 + row_w) < width)

@@ -129,8 +129,7 @@ def fused_conv_cases() -> None:
         for name, prologue, epilogue in modes:
             for config in k.kept_configs(k.gpu_configs(), 128, element_size, prologue, epilogue)[:2]:
                 meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue == k.PROLOGUE_BN, EPILOGUE=epilogue,
-                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, KEEP_WORDS=prologue == k.PROLOGUE_BN,
-                            **config.kwargs)
+                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, **config.kwargs)
                 bound = k.shared_bytes_bound(config, element_size, prologue, epilogue)
                 compile_sm90(k.fused_conv_kernel, k.signature_types(PTR[dtype][1:], acc, config), meta,
                              config.num_warps, config.num_stages, f"{dtype} {config.kwargs} {name}",
