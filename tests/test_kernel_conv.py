@@ -3,6 +3,7 @@
 selection and bad input. Triton on the CPU runs in the interpreter, so it only gets small shapes."""
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -286,42 +287,36 @@ def test_invalid_backend(monkeypatch):
         kernel_conv(x)
 
 
-def test_triton_interpreter_refused_where_it_drops_stores(monkeypatch):
-    """Triton 3.0's interpreter under NumPy 2 returns unwritten outputs without an error: the backend is refused."""
+@pytest.mark.parametrize("triton_version, numpy_version, refuses, why, fixes", [
+    # Triton 3.0's interpreter under NumPy 2 returns unwritten outputs without an error
+    ("3.0.0", "2.2.6", False, "triton 3.0.0's interpreter drops", [("numpy", "1.26.4")]),
+    # Triton 3.4-3.6's takes int() of one-element arrays, which NumPy 2.4 refuses: every kernel with a loop over a
+    # runtime bound fails (3.7 on take the element)
+    ("3.6.0", "2.4.6", True, "triton 3.6.0's interpreter converts loop bounds with int(), which NumPy 2.4.6 refuses",
+     [("triton", "3.7.0"), ("refuses", False)]),
+], ids=["stores-dropped", "loop-bounds"])
+def test_triton_interpreter_refused_where_it_fails(monkeypatch, triton_version, numpy_version, refuses, why, fixes):
+    """The backend is refused, with the reason, where this Triton's interpreter fails with this NumPy; each fix alone
+    (another Triton or NumPy) makes it usable."""
     triton = pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("on CUDA the Triton backend compiles its kernels; the interpreter is not used")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(triton, "__version__", "3.0.0")
-    monkeypatch.setattr(np, "__version__", "2.2.6")
-    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: False)
-    ok, why = lgc_fast.backends()["triton"]
-    assert not ok and "NumPy 2.2.6" in why
-    with pytest.raises(ValueError, match="backend='triton' is not usable here: triton 3.0.0's interpreter drops"):
-        kernel_conv(_random((1, 1, 4, 4)), backend="triton")
-    monkeypatch.setattr(np, "__version__", "1.26.4")
-    assert lgc_fast.backends()["triton"][0]
 
+    def setup(triton_v, numpy_v, refuses_v):
+        monkeypatch.setattr(triton, "__version__", triton_v)
+        monkeypatch.setattr(np, "__version__", numpy_v)
+        monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: refuses_v)
 
-def test_triton_interpreter_refused_where_numpy_refuses_its_loop_bounds(monkeypatch):
-    """Triton 3.4-3.6's interpreter takes int() of one-element arrays, which NumPy 2.4 refuses: every kernel with a
-    loop over a runtime bound fails, so the backend is refused (3.7 on take the element)."""
-    triton = pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("on CUDA the Triton backend compiles its kernels; the interpreter is not used")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(np, "__version__", "2.4.6")
-    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: True)
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    ok, why = lgc_fast.backends()["triton"]
-    assert not ok and "triton 3.6.0's interpreter converts loop bounds with int(), which NumPy 2.4.6 refuses" in why
-    with pytest.raises(ValueError, match="backend='triton' is not usable here: triton 3.6.0's interpreter converts"):
+    setup(triton_version, numpy_version, refuses)
+    ok, reason = lgc_fast.backends()["triton"]
+    assert not ok and why in reason
+    with pytest.raises(ValueError, match=re.escape(f"backend='triton' is not usable here: {why}")):
         kernel_conv(_random((1, 1, 4, 4)), backend="triton")
-    monkeypatch.setattr(triton, "__version__", "3.7.0")
-    assert lgc_fast.backends()["triton"][0]
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(_backend, "_numpy_refuses_sized_scalars", lambda: False)
-    assert lgc_fast.backends()["triton"][0]
+    for name, value in fixes:
+        versions = {"triton": triton_version, "numpy": numpy_version, "refuses": refuses, name: value}
+        setup(versions["triton"], versions["numpy"], versions["refuses"])
+        assert lgc_fast.backends()["triton"][0], name
 
 
 def test_numpy_probe_matches_this_numpy():
