@@ -25,8 +25,8 @@ Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image):
                   row pid_m of the partial-sum buffers (float32, float64 for float64), which the host adds up in
                   float64: no atomics, the same sums on every run;
   EPILOGUE_GATE   the output is g = acc * keep where z_prev * s + b > 0 (the previous block's dropout and ReLU, its
-                  keep bits by bytes), and the partial sums are those of g * (z_prev - mean) * invstd and of g, from
-                  g as stored.
+                  keep bits read as the prologue reads them), and the partial sums are those of
+                  g * (z_prev - mean) * invstd and of g, from g as stored.
 """
 import contextlib
 import functools
@@ -66,10 +66,10 @@ def _bits_from(words, first, row_end, rows_ok):
     """Per row, the keep bits from bit `first` on as one uint64 (bit j: the flag of offset first + j): the word holding
     bit `first` and, where the bits before `row_end` (the row's last flag + 1) run past it, the next one (a word holding
     none of them is not read: it can lie past the buffer)."""
-    offset = first & 63
-    low = tl.load(words + (first >> 6), mask=rows_ok & (first < row_end), other=0) >> offset.to(tl.uint64)
+    index, offset = first >> 6, first & 63
+    low = tl.load(words + index, mask=rows_ok & (first < row_end), other=0) >> offset.to(tl.uint64)
     spill = rows_ok & (offset != 0) & ((first | 63) + 1 < row_end)
-    high = tl.load(words + (first >> 6) + 1, mask=spill, other=0)
+    high = tl.load(words + index + 1, mask=spill, other=0)
     return low | tl.where(spill, high << ((64 - offset) & 63).to(tl.uint64), 0)
 
 

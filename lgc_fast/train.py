@@ -411,16 +411,15 @@ def _resume_state(args, settings: dict, progress: Progress) -> dict | None:
     state = load_checkpoint(path)
     if "optimizer" not in state:
         raise LgcError(f"--resume {path}: exported weights cannot be resumed (no optimiser state); use a last.pt")
-    saved = state.get("settings", {})
+    saved = dict(state.get("settings", {}))
+    if "conv_stacks" in saved:  # True in runs recorded before --conv-stacks named its pieces
+        saved["conv_stacks"] = stack_pieces(saved["conv_stacks"])
     # Numeric options not given on this command line continue as the run started, on the same kind of device, even
     # where their defaults have changed since.
     if str(saved.get("device", "")).split(":")[0] == settings["device"].split(":")[0]:
         for key in DEFAULTED_NUMERIC_OPTIONS:
             if getattr(args, key) is None and key in saved:
                 settings[key] = saved[key]
-    if "conv_stacks" in saved:
-        saved = {**saved, "conv_stacks": stack_pieces(saved["conv_stacks"])}
-        settings["conv_stacks"] = stack_pieces(settings["conv_stacks"])
     changed = [k for k in RUN_SETTINGS if saved.get(k) != settings[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed)
