@@ -20,8 +20,10 @@ CPU: the Triton kernel runs only in the interpreter (not a speed path), so the r
 same baseline in torch at a small batch, to keep the script runnable anywhere; the GPU figures are then unmeasured.
 ``--sm90-report`` needs no GPU: it compiles the kernels for sm_90 for every config the autotuner keeps at these shapes
 (the forward plain and with its prologue and statistics, the input gradient with its prologue and gate, the filter
-gradient with both prologues) and reports registers, spilled bytes, shared memory and the wgmma / TMA instruction
-counts.
+gradient with both prologues) and reports registers, spilled bytes, shared memory, the wgmma / TMA instruction
+counts, the machine instructions of one iteration of the MMA loop (loop_sass: with 8 warps, 2 x loop_sass issue cycles
+a SM against the about 500 of a 128 x 128 x 64 bf16 MMA step at the datasheet peak) and whether ptxas serialises
+the wgmmas.
 
 Usage: python bench/bench_fused_conv.py [--quick | --sm90-report] [--batch 128] [--layers global local3 ...]
 Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-slug>.json.
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
         measured_on, rows = sm90_report(args)
         note, bench = "compile-only resource report; nothing timed", "fused_conv_sm90_compile"
         columns = [(k, k) for k in ("layer", "piece", "tile", "num_warps", "num_stages", "regs",
-                                    "spill_stack_bytes", "shared_bytes", "wgmma", "tma")]
+                                    "spill_stack_bytes", "shared_bytes", "wgmma", "tma", "loop_sass",
+                                    "wgmma_serialized")]
     elif device.type == "cuda":
         measured_on, rows = device_name(device), run_gpu(args, device)
         note, bench = "GPU measured: Triton against cuDNN (+ lgc_fast's epilogue passes), same run", "fused_conv"

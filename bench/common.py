@@ -264,8 +264,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device 
 
 def sm90_resources(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int) -> dict:
     """Compile the Triton kernel `fn` for sm_90 without a GPU and read its resources: {"regs", "spill_stack_bytes",
-    "shared_bytes", "ptx"}. signature: every argument's Triton type ("constexpr" for those in `constexprs`, which are
-    keyed by name); attrs: ASTSource's (argument index tuple -> attributes)."""
+    "shared_bytes", "loop_sass", "wgmma_serialized", "ptx"}. signature: every argument's Triton type ("constexpr" for
+    those in `constexprs`, which are keyed by name); attrs: ASTSource's (argument index tuple -> attributes).
+    loop_sass: the machine instructions of one iteration of the innermost loop that issues wgmma (None without one),
+    what a thread issues per K step besides the MMA; wgmma_serialized: whether ptxas reported (C7515) that it makes
+    each wgmma wait for the one before."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -274,14 +277,57 @@ def sm90_resources(fn, signature: dict, constexprs: dict, attrs: dict, num_warps
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        Path(ptx).write_text(compiled.asm["ptx"])
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                               capture_output=True, text=True, check=True).stderr
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared, ptx=compiled.asm["ptx"])
+    return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared, loop_sass=mma_loop_size(sass),
+                wgmma_serialized="C7515" in ptxas, ptx=compiled.asm["ptx"])
+
+
+def mma_loop_size(sass: str):
+    """Instructions in the smallest natural loop of `sass` (nvdisasm's listing) that issues HGMMA, or None."""
+    code, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(code)
+        op = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if op:
+            code.append(op.group(1))
+    target = {i: labels[m.group(1)] for i, ins in enumerate(code)
+              if (m := re.search(r"\bBRA\s+`?\(?(\.L_x_\d+)", ins)) and m.group(1) in labels}
+    starts = sorted({0, *labels.values(), *(i + 1 for i, ins in enumerate(code) if re.search(r"\b(BRA|EXIT)\b", ins))})
+    starts = [s for s in starts if s < len(code)]
+    ends = dict(zip(starts, starts[1:] + [len(code)]))
+    preds: dict[int, set] = {s: set() for s in starts}
+    for s, e in ends.items():
+        last = e - 1
+        if last in target:
+            preds[target[last]].add(s)
+        falls = not (re.search(r"\b(BRA|EXIT)\b", code[last]) and not code[last].startswith("@"))
+        if falls and e < len(code):
+            preds[e].add(s)
+    best = None
+    for s in starts:
+        for head in (h for h in [target.get(ends[s] - 1)] if h is not None and h <= s):
+            loop, work = {head, s}, [s]
+            while work:  # the blocks that reach the back edge without passing the header
+                for p in preds[work.pop()] - loop:
+                    loop.add(p)
+                    work.append(p)
+            size = sum(ends[b] - b for b in loop)
+            if any("HGMMA" in code[i] for b in loop for i in range(b, ends[b])) and (best is None or size < best):
+                best = size
+    return best
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -5,11 +5,15 @@ prologue, the previous block's dropout / ReLU gates and BatchNorm's backward sum
 activation, a gradient at a BatchNorm input, nor a statistics pass touches memory.
 
 GEMM view: M = output pixels, N = Cout, K = taps x Cin. A program computes the (BH x BW pixels of one image) x (BN
-channels) tile of the output. For tap (kh, kw) its A tile is the (1, BH, BW, BK) box of the channels_last input at
+channels) tile of the output. For tap (kh, kw) its input tile is the (1, BH, BW, BK) box of the channels_last input at
 (image, h0 + kh*d - pad, w0 + kw*d - pad, k0): the descriptor zero-fills what lies outside the image or past Cin, so
-a shifted tap needs no index arithmetic and no masks; the B tile is the (1, BK, BN) box of the packed filter (taps,
-Cin, Cout) at (tap, k0, n0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the loads
-across taps. The input gradient of a stride-1 convolution with symmetric padding is this convolution of the output
+a shifted tap needs no index arithmetic and no masks; the filter tile is the (1, BN, BK) box of the packed filter
+(taps, Cout, Cin) at (tap, n0, k0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the
+loads across taps. The product runs transposed, acc^T (BN x pixels) = filter tile x input tile^T: the filter is
+wgmma's A operand and the input tile its B operand, both read from shared memory. With the input tile as A, Triton
+(3.6 and 3.9) keeps it in registers (a prologue computes it there; without one the 4-D box's reshape does the same)
+and ptxas serialises every wgmma ("C7515": each waits for the one before); as B it goes to shared memory, the
+prologue's result stored once, and the MMAs of an iteration issue back to back. The input gradient of a stride-1 convolution with symmetric padding is this convolution of the output
 gradient with the filter rotated by 180 degrees, its channel axes swapped (``pack_filter(transposed=True)``).
 
 Prologues (PROLOGUE), computed in float32 (float64), rounded to the map's dtype before the product, and 0 where the
@@ -79,43 +83,50 @@ def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr,
     map with c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. A pixel's flags of the chunk
     are consecutive bits: one to three 64-bit words a row (``word_keep_bits``), shifted into place per row, not a load
     a value. Only 64-bit loads: a narrow integer load in the chain that becomes a float64 dot operand makes Triton 3.6
-    lay it out with a K width its MMA lowering rejects."""
+    lay it out with a K width its MMA lowering rejects. Per value only 32-bit work and no int-to-float conversion
+    (a quarter-rate instruction): the row's 32-bit word of the value's lane, tested against the lane's bit, selects
+    1 or 0 (the prologues run once a value of every A tile: their instructions, not the MMA, bound these kernels)."""
     words = keep_ptr.to(tl.pointer_type(tl.uint64))
     first = pix * c_in + k0
     row_end = first - k0 + c_in
     lane = tl.arange(0, BK)
-    bits = _bits_from(words, first, row_end, rows_ok)[:, None]
+    bits = _bits_from(words, first, row_end, rows_ok)
+    word = tl.where(lane[None, :] < 32, bits.to(tl.uint32)[:, None], (bits >> 32).to(tl.uint32)[:, None])
     if BK > 64:
         high = _bits_from(words, first + 64, row_end, rows_ok)
-        bits = tl.where(lane[None, :] < 64, bits, high[:, None])
-    flags = (bits >> (lane & 63)[None, :].to(tl.uint64)) & 1
-    return tl.where(rows_ok[:, None] & k_ok[None, :], flags, 0).to(ct)
+        word = tl.where(lane[None, :] < 64, word,
+                        tl.where(lane[None, :] < 96, high.to(tl.uint32)[:, None], (high >> 32).to(tl.uint32)[:, None]))
+    lane_bit = (tl.full((BK,), 1, tl.uint32) << (lane & 31).to(tl.uint32))[None, :]
+    return tl.where((word & lane_bit) != 0, 1.0, 0.0).to(ct)
 
 
 @triton.jit
 def bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct: tl.constexpr,
                   HAS_KEEP: tl.constexpr, BK: tl.constexpr):
     """relu(a * s + b) * keep (rows x BK, in ct) for channels offs_k, 0 at rows outside the image (the padding is the
-    activation's) and past c_in."""
+    activation's) and past c_in. Each masking costs instructions a value, so none is repeated: past c_in the
+    descriptor's zero fill of a and the zeros loaded for s and b give 0, and with keep bits the rows outside the
+    image read no flags (0 * relu(b))."""
     k_ok = offs_k < c_in
     s = tl.load(s_ptr + offs_k, mask=k_ok, other=0.0)
     b = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0)
     v = tl.maximum(a.to(ct) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_KEEP:
-        v = v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, BK)  # NaN stays NaN
-    return tl.where(inside[:, None] & k_ok[None, :], v, 0.0)
+        return v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, BK)  # NaN stays NaN
+    return tl.where(inside[:, None], v, 0.0)
 
 
 @triton.jit
 def dbn_gradient(g, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_k, c_in, inside, ct: tl.constexpr):
     """BatchNorm backward's apply, dz = eq_dy * g + eq_x * z + eq_b (rows x BK, in ct), 0 outside the image and past
-    c_in (eq_b is not 0 there)."""
+    c_in. eq_b enters times the row's 0 / 1, so the padding costs no select a value; past c_in the descriptors' zero
+    fill of g and z and the zeros loaded for the terms give 0."""
     k_ok = offs_k < c_in
     eq_dy = tl.load(eq_dy_ptr + offs_k, mask=k_ok, other=0.0)
     eq_x = tl.load(eq_x_ptr + offs_k, mask=k_ok, other=0.0)
     eq_b = tl.load(eq_b_ptr + offs_k, mask=k_ok, other=0.0)
-    v = g.to(ct) * eq_dy[None, :] + z.to(ct) * eq_x[None, :] + eq_b[None, :]
-    return tl.where(inside[:, None] & k_ok[None, :], v, 0.0)
+    row = tl.where(inside, 1.0, 0.0).to(ct)
+    return g.to(ct) * eq_dy[None, :] + z.to(ct) * eq_x[None, :] + row[:, None] * eq_b[None, :]
 
 
 @triton.jit
@@ -145,7 +156,7 @@ def fused_conv_kernel(
     pad = DILATION * (KSIZE // 2)
     dot_dtype = x_desc.dtype
     ct: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    acc = tl.zeros((BM, BN), dtype=ct)
+    acc = tl.zeros((BN, BM), dtype=ct)  # transposed (module docstring)
 
     k_chunks = tl.cdiv(c_in, BK)
     for it in range(0, KSIZE * KSIZE * k_chunks):
@@ -168,11 +179,12 @@ def fused_conv_kernel(
             else:
                 z_in = tl.reshape(x2_desc.load([img, h0 + dh, w0 + dw, k0]), (BM, BK))
                 a = dbn_gradient(a, z_in, p0_ptr, p1_ptr, p2_ptr, offs_k, c_in, inside, ct).to(dot_dtype)
-        wt = tl.reshape(w_desc.load([tap, k0, n0]), (BK, BN))
+        wt = tl.reshape(w_desc.load([tap, n0, k0]), (BN, BK))
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(wt, tl.trans(a), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    acc = tl.trans(acc)  # (BM, BN)
 
     valid = ((h0 + row_h) < height) & ((w0 + row_w) < width)
     offs_n = n0 + tl.arange(0, BN)
@@ -212,7 +224,7 @@ def _set_block_shapes(nargs):
     bh, bw, bn, bk = nargs["BH"], nargs["BW"], nargs["BN"], nargs["BK"]
     for name, box in (("x_desc", bk), ("x2_desc", bk), ("out_desc", bn), ("e_desc", bn)):
         nargs[name].block_shape = [1, bh, bw, box]
-    nargs["w_desc"].block_shape = [1, bk, bn]
+    nargs["w_desc"].block_shape = [1, bn, bk]
 
 
 def gpu_configs():
@@ -227,8 +239,10 @@ def gpu_configs():
 
 def shared_bytes_bound(config, element_size: int, prologue: int = PROLOGUE_NONE,
                        epilogue: int = EPILOGUE_STATS) -> int:
-    """num_stages buffers of the A (BH*BW x BK; two maps for the dBN prologue) and B (BK x BN) boxes, plus the output
-    box the store stages (and the gate's box of the previous z)."""
+    """num_stages buffers of the input (BH*BW x BK; two maps for the dBN prologue) and filter (BN x BK) boxes, plus
+    the output box the store stages (and the gate's box of the previous z). The prologue's result, which the MMA reads
+    from shared memory, is not counted: the output boxes, counted as if live with the loop's buffers, are not, and
+    cover it (the compiled kernels of ``bench_fused_conv.py --sm90-report`` use less than this bound)."""
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
     a_maps = 2 if prologue == PROLOGUE_DBN else 1
     out_boxes = 2 if epilogue == EPILOGUE_GATE else 1
@@ -266,7 +280,7 @@ def signature_types(element: str, acc: str, config) -> dict:
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
     a_box, out_box = f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>", f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>"
     vectors = ("p0_ptr", "p1_ptr", "p2_ptr", "e0_ptr", "e1_ptr", "e2_ptr", "e3_ptr", "sum_ptr", "sq_ptr")
-    return {"x_desc": a_box, "x2_desc": a_box, "w_desc": f"tensordesc<{element}[1, {bk}, {bn}]>",
+    return {"x_desc": a_box, "x2_desc": a_box, "w_desc": f"tensordesc<{element}[1, {bn}, {bk}]>",
             "out_desc": out_box, "e_desc": out_box, **{name: f"*{acc}" for name in vectors},
             "keep_ptr": "*u8", "e_keep_ptr": "*u8", "height": "i32", "width": "i32", "c_in": "i32", "c_out": "i32"}
 
@@ -310,13 +324,13 @@ def word_keep_bits(keep_bits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def pack_filter(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """weight (Cout, Cin, r, r) -> the kernel's B operand (r*r, Cin, Cout), tap-major; transposed: that of the
-    convolution's input gradient, (r*r, Cout, Cin) of the filter rotated by 180 degrees (stride 1 and symmetric
-    padding make the input gradient a convolution with it)."""
+    """weight (Cout, Cin, r, r) -> the kernel's filter operand (r*r, Cout, Cin), tap-major, Cin contiguous (the GEMM's
+    K); transposed: that of the convolution's input gradient, (r*r, Cin, Cout) of the filter rotated by 180 degrees
+    (stride 1 and symmetric padding make the input gradient a convolution with it)."""
     r = weight.shape[-1]
     if transposed:
-        return weight.flip(2, 3).permute(2, 3, 0, 1).reshape(r * r, weight.shape[0], weight.shape[1]).contiguous()
-    return weight.permute(2, 3, 1, 0).reshape(r * r, weight.shape[1], weight.shape[0]).contiguous()
+        return weight.flip(2, 3).permute(2, 3, 1, 0).reshape(r * r, weight.shape[1], weight.shape[0]).contiguous()
+    return weight.permute(2, 3, 0, 1).reshape(r * r, weight.shape[0], weight.shape[1]).contiguous()
 
 
 class BnPrologue(NamedTuple):
@@ -361,13 +375,13 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     """Write conv(prologue(x), w) into out (or, with a gate, the gated gradient) and, where `sums` is a pair of
     buffers (zeros on entry), the per-tile sums: of out and out * out (statistics) or the gate's.
 
-    x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cin, Cout) in x's dtype
+    x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cout, Cin) in x's dtype
     (``pack_filter``); prologue: None, BnPrologue or DbnPrologue; out: (N, Cout, H, W) channels_last, x's dtype; sums:
     ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate); config: one of ``gpu_configs()`` to run
     instead of the autotuner's choice (tests of every config).
     """
     n, c_in, h, w = x.shape
-    c_out = w_packed.shape[2]
+    c_out = w_packed.shape[1]
     cuda = x.device.type == "cuda"
     tile, launch = launch_tile(config, cuda, _interpret_tile(c_in, c_out))
     box = tile or dict(BH=8, BW=8, BN=16, BK=16)  # the autotuner's pre-hook sets each config's own on CUDA
@@ -375,7 +389,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     x_desc = TensorDescriptor.from_tensor(nhwc(x), a_box)
     dbn = isinstance(prologue, DbnPrologue)
     x2_desc = TensorDescriptor.from_tensor(nhwc(prologue.z), a_box) if dbn else x_desc
-    w_desc = TensorDescriptor.from_tensor(w_packed, [1, box["BK"], box["BN"]])
+    w_desc = TensorDescriptor.from_tensor(w_packed, [1, box["BN"], box["BK"]])
     out_desc = TensorDescriptor.from_tensor(nhwc(out), out_box)
     e_desc = TensorDescriptor.from_tensor(nhwc(gate.z_prev), out_box) if gate is not None else out_desc
     acc_fp64 = x.dtype == torch.float64
