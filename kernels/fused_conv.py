@@ -6,15 +6,16 @@ activation, a gradient at a BatchNorm input, nor a statistics pass touches memor
 
 GEMM view: M = output pixels, N = Cout, K = taps x Cin. A program computes the (BH x BW pixels of one image) x (BN
 channels) tile of the output. For tap (kh, kw) its input tile is the (1, BH, BW, BK) box of the channels_last input at
-(image, h0 + kh*d - pad, w0 + kw*d - pad, k0): the descriptor zero-fills what lies outside the image or past Cin, so
-a shifted tap needs no index arithmetic and no masks; the filter tile is the (1, BN, BK) box of the packed filter
-(taps, Cout, Cin) at (tap, n0, k0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the
-loads across taps. The product runs transposed, acc^T (BN x pixels) = filter tile x input tile^T: the filter is
-wgmma's A operand and the input tile its B operand, both read from shared memory. With the input tile as A, Triton
-(3.6 and 3.9) keeps it in registers (a prologue computes it there; without one the 4-D box's reshape does the same)
-and ptxas serialises every wgmma ("C7515": each waits for the one before); as B it goes to shared memory, the
-prologue's result stored once, and the MMAs of an iteration issue back to back. The input gradient of a stride-1 convolution with symmetric padding is this convolution of the output
-gradient with the filter rotated by 180 degrees, its channel axes swapped (``pack_filter(transposed=True)``).
+(image, h0 + kh*d - pad, w0 + kw*d - pad, k0): the descriptor zero-fills what lies outside the image or past Cin, so a
+shifted tap needs no index arithmetic and no masks; the filter tile is the (1, BN, BK) box of the packed filter (taps,
+Cout, Cin) at (tap, n0, k0), zero past Cin too. One flat loop over (tap, Cin chunk) lets Triton pipeline the loads
+across taps. The product runs transposed, acc^T (BN x pixels) = filter tile x input tile^T: the filter is wgmma's A
+operand and the input tile its B operand, both read from shared memory. With the input tile as A, Triton (3.6 and 3.9)
+keeps it in registers (a prologue computes it there; without one the 4-D box's reshape does the same) and ptxas
+serialises every wgmma ("C7515": each waits for the one before); as B it goes to shared memory, the prologue's result
+stored once, and the MMAs of an iteration issue back to back. The input gradient of a stride-1 convolution with
+symmetric padding is this convolution of the output gradient with the filter rotated by 180 degrees, its channel axes
+swapped (``pack_filter(transposed=True)``).
 
 Prologues (PROLOGUE), computed in float32 (float64), rounded to the map's dtype before the product, and 0 where the
 tap reads padding (the padding is the activation's or the gradient's, not x's):
@@ -24,7 +25,7 @@ tap reads padding (the padding is the activation's or the gradient's, not x's):
   PROLOGUE_DBN  a = eq_dy[k] * x + eq_x[k] * z + eq_b[k], x the gradient g at the next block's BatchNorm output and
                 z that block's convolution output, a second descriptor with the same boxes.
 
-Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image):
+Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image) or, without a prologue, by pointer:
   EPILOGUE_STATS  each program writes the sums over its pixels of z and z * z, as stored (rounded to z's dtype), to
                   row pid_m of the partial-sum buffers (float32, float64 for float64), which the host adds up in
                   float64: no atomics, the same sums on every run;
@@ -130,8 +131,30 @@ def dbn_gradient(g, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_k, c_in, inside, ct: 
 
 
 @triton.jit
+def tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64: tl.constexpr):
+    """The flat pixel index (image, h, w) of each row of the tile at (img, h0, w0)."""
+    pix = (img * height + h0 + row_h) * width + w0 + row_w
+    return pix.to(tl.int64) if USE_INT64 else pix
+
+
+@triton.jit
+def store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, width, offs_n, valid, n_ok, c_out,
+               BY_POINTER: tl.constexpr, USE_INT64: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+               BN: tl.constexpr):
+    """The (BH*BW, BN) output tile at (img, h0, w0, offs_n): by descriptor (clipped to the map), or through pointers
+    (masked) where the loop left its wgmmas in flight across iterations (no prologue to wait for): a descriptor store
+    there makes ptxas serialise every wgmma of the loop (C7515), while pointers cost registers a prologue's kernel
+    spills."""
+    if BY_POINTER:
+        pix = tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64)
+        tl.store(out_ptr + pix[:, None] * c_out + offs_n[None, :], out, mask=valid[:, None] & n_ok[None, :])
+    else:
+        out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
+
+
+@triton.jit
 def fused_conv_kernel(
-    x_desc, x2_desc, w_desc, out_desc, e_desc, p0_ptr, p1_ptr, p2_ptr, keep_ptr,
+    x_desc, x2_desc, w_desc, out_desc, out_ptr, e_desc, p0_ptr, p1_ptr, p2_ptr, keep_ptr,
     e0_ptr, e1_ptr, e2_ptr, e3_ptr, e_keep_ptr, sum_ptr, sq_ptr,
     height, width, c_in, c_out,
     KSIZE: tl.constexpr, DILATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -198,12 +221,11 @@ def fused_conv_kernel(
         b = tl.load(e1_ptr + offs_n, mask=n_ok, other=0.0)
         g = tl.where(z_prev * s[None, :] + b[None, :] > 0, acc, 0.0)
         if E_HAS_KEEP:
-            pix = (img * height + h0 + row_h) * width + w0 + row_w
-            if USE_INT64:
-                pix = pix.to(tl.int64)
+            pix = tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64)
             g = g * keep_flags(e_keep_ptr, pix, offs_n, n0, c_out, valid, n_ok, ct, BN)
         out = g.to(out_desc.dtype)
-        out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
+        store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, width, offs_n, valid, n_ok,
+                   c_out, PROLOGUE == 0, USE_INT64, BH, BW, BN)
         mean = tl.load(e2_ptr + offs_n, mask=n_ok, other=0.0)
         invstd = tl.load(e3_ptr + offs_n, mask=n_ok, other=0.0)
         gs = tl.where(valid[:, None], out.to(ct), 0.0)
@@ -212,7 +234,8 @@ def fused_conv_kernel(
         tl.store(sq_ptr + row + offs_n, tl.sum(gs, axis=0), mask=n_ok)
     else:
         out = acc.to(out_desc.dtype)
-        out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
+        store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, width, offs_n, valid, n_ok,
+                   c_out, PROLOGUE == 0, USE_INT64, BH, BW, BN)
         if EPILOGUE == 1:
             zs = tl.where(valid[:, None], out.to(ct), 0.0)
             tl.store(sum_ptr + row + offs_n, tl.sum(zs, axis=0), mask=n_ok)
@@ -281,7 +304,7 @@ def signature_types(element: str, acc: str, config) -> dict:
     a_box, out_box = f"tensordesc<{element}[1, {bh}, {bw}, {bk}]>", f"tensordesc<{element}[1, {bh}, {bw}, {bn}]>"
     vectors = ("p0_ptr", "p1_ptr", "p2_ptr", "e0_ptr", "e1_ptr", "e2_ptr", "e3_ptr", "sum_ptr", "sq_ptr")
     return {"x_desc": a_box, "x2_desc": a_box, "w_desc": f"tensordesc<{element}[1, {bn}, {bk}]>",
-            "out_desc": out_box, "e_desc": out_box, **{name: f"*{acc}" for name in vectors},
+            "out_desc": out_box, "out_ptr": f"*{element}", "e_desc": out_box, **{name: f"*{acc}" for name in vectors},
             "keep_ptr": "*u8", "e_keep_ptr": "*u8", "height": "i32", "width": "i32", "c_in": "i32", "c_out": "i32"}
 
 
@@ -399,7 +422,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     e_vectors = [gate.s, gate.b, gate.mean, gate.invstd] if gate is not None else []
     e_keep = word_keep_bits(gate.keep_bits) if gate is not None else None
     sum_buffers = list(sums) if sums is not None else [filler, filler]
-    args = (x_desc, x2_desc, w_desc, out_desc, e_desc, *(vectors + [filler] * 3)[:3],
+    args = (x_desc, x2_desc, w_desc, out_desc, nhwc(out), e_desc, *(vectors + [filler] * 3)[:3],
             keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
             e_keep if e_keep is not None else filler, *sum_buffers, h, w, c_in, c_out)
     flags = dict(KSIZE=ksize, DILATION=dilation,
