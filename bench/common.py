@@ -289,8 +289,8 @@ def sm90_resources(fn, signature: dict, constexprs: dict, attrs: dict, num_warps
         ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
                                capture_output=True, text=True, check=True).stderr
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared, loop_sass=mma_loop_size(sass),
-                wgmma_serialized="C7515" in ptxas, ptx=compiled.asm["ptx"])
+    return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared,
+                loop_sass=mma_loop_size(sass), wgmma_serialized="C7515" in ptxas, ptx=compiled.asm["ptx"])
 
 
 def mma_loop_size(sass: str):
@@ -318,15 +318,17 @@ def mma_loop_size(sass: str):
             preds[e].add(s)
     best = None
     for s in starts:
-        for head in (h for h in [target.get(ends[s] - 1)] if h is not None and h <= s):
-            loop, work = {head, s}, [s]
-            while work:  # the blocks that reach the back edge without passing the header
-                for p in preds[work.pop()] - loop:
-                    loop.add(p)
-                    work.append(p)
-            size = sum(ends[b] - b for b in loop)
-            if any("HGMMA" in code[i] for b in loop for i in range(b, ends[b])) and (best is None or size < best):
-                best = size
+        head = target.get(ends[s] - 1)
+        if head is None or head > s:  # not a back edge
+            continue
+        loop, work = {head, s}, [s]
+        while work:  # the blocks that reach the back edge without passing the header
+            for p in preds[work.pop()] - loop:
+                loop.add(p)
+                work.append(p)
+        size = sum(ends[b] - b for b in loop)
+        if any("HGMMA" in code[i] for b in loop for i in range(b, ends[b])) and (best is None or size < best):
+            best = size
     return best
 
 

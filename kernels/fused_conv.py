@@ -61,7 +61,7 @@ def tuned(kept: list) -> list:
     return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
 
 
-# The prologue applied to the A tiles (PROLOGUE) and the epilogue's work (EPILOGUE):
+# The prologue applied to the input tiles (PROLOGUE) and the epilogue's work (EPILOGUE):
 PROLOGUE_NONE, PROLOGUE_BN, PROLOGUE_DBN = 0, 1, 2
 EPILOGUE_STORE, EPILOGUE_STATS, EPILOGUE_GATE = 0, 1, 2
 
@@ -79,14 +79,15 @@ def _bits_from(words, first, row_end, rows_ok):
 
 
 @triton.jit
-def keep_flags(keep_ptr, pix, offs_k, k0, c_in, rows_ok, k_ok, ct: tl.constexpr, BK: tl.constexpr):
-    """The keep flags (0 / 1 in ct, rows x BK, BK <= 128) of channels offs_k = k0 + arange(BK) at the pixels `pix` of a
-    map with c_in channels (channels_last bit order); 0 where not rows_ok or not k_ok. A pixel's flags of the chunk
-    are consecutive bits: one to three 64-bit words a row (``word_keep_bits``), shifted into place per row, not a load
-    a value. Only 64-bit loads: a narrow integer load in the chain that becomes a float64 dot operand makes Triton 3.6
-    lay it out with a K width its MMA lowering rejects. Per value only 32-bit work and no int-to-float conversion
-    (a quarter-rate instruction): the row's 32-bit word of the value's lane, tested against the lane's bit, selects
-    1 or 0 (the prologues run once a value of every A tile: their instructions, not the MMA, bound these kernels)."""
+def keep_flags(keep_ptr, pix, k0, c_in, rows_ok, ct: tl.constexpr, BK: tl.constexpr):
+    """The keep flags (0 / 1 in ct, rows x BK, BK <= 128) of channels k0 + arange(BK) at the pixels `pix` of a map
+    with c_in channels (channels_last bit order); 0 where not rows_ok. Past c_in they are whatever bits follow (the
+    next pixel's): every caller's values are 0 there. A pixel's flags of the chunk are consecutive bits: one to three
+    64-bit words a row (``word_keep_bits``), shifted into place per row, not a load a value. Only 64-bit loads: a
+    narrow integer load in the chain that becomes a float64 dot operand makes Triton 3.6 lay it out with a K width its
+    MMA lowering rejects. Per value only 32-bit work and no int-to-float conversion (a quarter-rate instruction): the
+    row's 32-bit word of the value's lane, tested against the lane's bit, selects 1 or 0 (the prologues run once a
+    value of every input tile: their instructions, not the MMA, bound these kernels)."""
     words = keep_ptr.to(tl.pointer_type(tl.uint64))
     first = pix * c_in + k0
     row_end = first - k0 + c_in
@@ -113,7 +114,7 @@ def bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct: 
     b = tl.load(b_ptr + offs_k, mask=k_ok, other=0.0)
     v = tl.maximum(a.to(ct) * s[None, :] + b[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_KEEP:
-        return v * keep_flags(keep_ptr, pix, offs_k, k0, c_in, inside, k_ok, ct, BK)  # NaN stays NaN
+        return v * keep_flags(keep_ptr, pix, k0, c_in, inside, ct, BK)  # NaN stays NaN
     return tl.where(inside[:, None], v, 0.0)
 
 
@@ -131,8 +132,10 @@ def dbn_gradient(g, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_k, c_in, inside, ct: 
 
 
 @triton.jit
-def tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64: tl.constexpr):
-    """The flat pixel index (image, h, w) of each row of the tile at (img, h0, w0)."""
+def pixel_index(img, h0, w0, row_h, row_w, height, width, USE_INT64: tl.constexpr):
+    """The flat index of each tile row's pixel (img, h0 + row_h, w0 + row_w) of a map of height x width (the keep
+    bits' and the store's rows). The scalar corner is added first: adding the rows' offsets first cost the gate
+    epilogue's kernel 60 more bytes of spills (Triton 3.6)."""
     pix = (img * height + h0 + row_h) * width + w0 + row_w
     return pix.to(tl.int64) if USE_INT64 else pix
 
@@ -146,7 +149,7 @@ def store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, wi
     there makes ptxas serialise every wgmma of the loop (C7515), while pointers cost registers a prologue's kernel
     spills."""
     if BY_POINTER:
-        pix = tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64)
+        pix = pixel_index(img, h0, w0, row_h, row_w, height, width, USE_INT64)
         tl.store(out_ptr + pix[:, None] * c_out + offs_n[None, :], out, mask=valid[:, None] & n_ok[None, :])
     else:
         out_desc.store([img, h0, w0, n0], tl.reshape(out, (1, BH, BW, BN)))
@@ -194,9 +197,7 @@ def fused_conv_kernel(
             iw = w0 + dw + row_w
             inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
             if PROLOGUE == 1:
-                pix = (img * height + ih) * width + iw
-                if USE_INT64:
-                    pix = pix.to(tl.int64)
+                pix = pixel_index(img, h0 + dh, w0 + dw, row_h, row_w, height, width, USE_INT64)
                 a = bn_activation(a, p0_ptr, p1_ptr, keep_ptr, pix, offs_k, k0, c_in, inside, ct, HAS_KEEP,
                                   BK).to(dot_dtype)
             else:
@@ -221,8 +222,8 @@ def fused_conv_kernel(
         b = tl.load(e1_ptr + offs_n, mask=n_ok, other=0.0)
         g = tl.where(z_prev * s[None, :] + b[None, :] > 0, acc, 0.0)
         if E_HAS_KEEP:
-            pix = tile_pixels(img, h0, w0, row_h, row_w, height, width, USE_INT64)
-            g = g * keep_flags(e_keep_ptr, pix, offs_n, n0, c_out, valid, n_ok, ct, BN)
+            pix = pixel_index(img, h0, w0, row_h, row_w, height, width, USE_INT64)
+            g = g * keep_flags(e_keep_ptr, pix, n0, c_out, valid, ct, BN)
         out = g.to(out_desc.dtype)
         store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, width, offs_n, valid, n_ok,
                    c_out, PROLOGUE == 0, USE_INT64, BH, BW, BN)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
 from lgc_fast.kernels.fused_conv import (TensorDescriptor, add_partials, bn_activation, dbn_gradient, launch_tile,
-                                        nhwc, tuned, word_keep_bits)
+                                        nhwc, pixel_index, tuned, word_keep_bits)
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
 _WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
@@ -73,9 +73,7 @@ def fused_conv_wgrad_kernel(
             ih = h0 + dh + row_h
             iw = w0 + dw + row_w
             inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            pix = (img * height + ih) * width + iw
-            if USE_INT64:
-                pix = pix.to(tl.int64)
+            pix = pixel_index(img, h0 + dh, w0 + dw, row_h, row_w, height, width, USE_INT64)
             a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, BM).to(dot_dtype)
         dz = tl.reshape(g_desc.load([img, h0, w0, n0]), (BK, BN))
         if DBN:
