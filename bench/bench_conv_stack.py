@@ -12,8 +12,10 @@ Methods (each a fresh copy of the same blocks, training mode, dropout 0.1):
                              (conv_stack's cudnn_plans=N, --cudnn-plans; 4); the results keep every graph's plans and
                              times (cudnn_plan_report);
   conv_stack (triton)      : conv_stack on lgc_fast's own Triton kernels (graphs="triton": fused_conv's forward and
-                             input-gradient kernel, the split-K filter-gradient kernel), where they run (else the row
-                             says why it is missing);
+                             input-gradient kernel, the split-K filter-gradient kernel on the activations and dz they
+                             store), where they run (else the row says why it is missing);
+  conv_stack (triton, remade): the same with the filter gradient making both operands again in its prologues
+                             (TritonGraphs(operands="remade"): no activation kept, more work in the filter gradient);
   conv_stack (torch)       : the same pieces as torch functions (the oracle; slower than the modules by design).
 Timed in interleaved rounds (bench/common.py): medians, 20/80 % quantiles, the speed-up over "modules + fused
 epilogue", and (GPU) TFLOP/s of the stack's convolutions (forward + both backward convolutions: 3x the forward FLOPs).
@@ -38,7 +40,7 @@ from common import environment, format_table, op_bench_parser, results_path, tim
 
 from lgc_fast.model import ConvBlock, run_blocks  # noqa: E402
 from lgc_fast.ops.conv_stack import conv_stack, cudnn_plan_report, cudnn_unusable, stack_graphs  # noqa: E402
-from lgc_fast.ops.conv_stack_triton import triton_unusable  # noqa: E402
+from lgc_fast.ops.conv_stack_triton import TritonGraphs, triton_unusable  # noqa: E402
 
 BENCH = "conv_stack"
 SIZE = 96
@@ -67,7 +69,7 @@ def step_of(forward, blocks: torch.nn.Sequential, x: torch.Tensor, dtype: torch.
     return step
 
 
-def stack_forward(graphs: str, cudnn_plans: int = 1):
+def stack_forward(graphs, cudnn_plans: int = 1):
     def forward(blocks, x):
         bns = [b.bn for b in blocks]
         xin = x.to(torch.get_autocast_dtype("cuda")) if x.is_cuda else x
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
                                                                      "path)"]
     if not triton_why:
         methods["conv_stack (triton)"] = step_of(stack_forward("triton"), copy.deepcopy(base), x, dtype)
+        methods["conv_stack (triton, remade)"] = step_of(stack_forward(TritonGraphs(dtype, operands="remade")),
+                                                         copy.deepcopy(base), x, dtype)
     timings = time_interleaved(methods, device, warmup=3, min_runs=5, budget_s=budget,
                                runs={"conv_stack (torch)": 3 if gpu else 5})
     flops = 3 * sum(2 * n * SIZE * SIZE * w.shape[0] * w.shape[1] * 9 for w in weights)

@@ -6,24 +6,29 @@ dilation 4; the local subnet's 3x3 and 5x5), bf16 channels_last, batch --batch (
   conv   : the Triton kernel as a plain convolution (no prologue, no statistics)   vs F.conv2d (cuDNN)
   block  : fused_conv(z_prev, W, s, b, keep bits) -> z and its sums                 vs lgc_fast's epilogue on z_prev
            (statistics pass + apply pass writing the activation, keep bits given) and then F.conv2d
-  dgrad  : the input-gradient kernel with BatchNorm backward's apply from (g, z) as its prologue and the previous
-           block's gates and BatchNorm sums as its epilogue (conv_stack's TritonGraphs.dgrad)
-                                                                                    vs cuDNN's plain input gradient
-  wgrad  : the split-K filter-gradient kernel with both prologues (TritonGraphs.wgrad) vs cuDNN's plain filter
-           gradient
-  (dgrad and wgrad do more than their baselines: the rows say how near the fused kernels come to cuDNN's bare
-  convolutions, the question that decides whether conv_stack's Triton pieces can beat cuDNN plus the epilogue passes)
+  block+store : the same kernel also writing the activation for the filter gradient, as conv_stack's training
+           forward runs it (TritonGraphs.fprop with made_out)                      vs the same baseline
+  dgrad  : the input-gradient kernel with BatchNorm backward's apply from (g, z) as its prologue, the previous
+           block's gates and BatchNorm sums as its epilogue, and dz written for the filter gradient (conv_stack's
+           TritonGraphs.dgrad with made_out)                                        vs cuDNN's plain input gradient
+  wgrad  : the split-K filter-gradient kernel on the stored activation and dz, a plain convolution's filter gradient
+           (TritonGraphs' default)                                                  vs cuDNN's plain filter gradient
+  wgrad (remade) : the same kernel making both operands again in its prologues (operands="remade")
+                                                                                    vs cuDNN's plain filter gradient
+  (block, dgrad and wgrad (remade) do more than their baselines: the rows say how near the fused kernels come to
+  cuDNN's bare convolutions, the question that decides whether conv_stack's Triton pieces can beat cuDNN plus the
+  epilogue passes)
 Timed with triton.testing.do_bench (CUDA events, L2 cleared between calls): median and 20/80 % quantiles, TFLOP/s
 (2 * N*H*W * Cout * Cin * r*r), % of the datasheet's dense peak, and the speed-up over the baseline.
 
 CPU: the Triton kernel runs only in the interpreter (not a speed path), so the rows time the reference against the
 same baseline in torch at a small batch, to keep the script runnable anywhere; the GPU figures are then unmeasured.
 ``--sm90-report`` needs no GPU: it compiles the kernels for sm_90 for every config the autotuner keeps at these shapes
-(the forward plain and with its prologue and statistics, the input gradient with its prologue and gate, the filter
-gradient with both prologues) and reports registers, spilled bytes, shared memory, the wgmma / TMA instruction
-counts, the machine instructions of one iteration of the MMA loop (loop_sass: with 8 warps, 2 x loop_sass issue cycles
-a SM against the about 500 of a 128 x 128 x 64 bf16 MMA step at the datasheet peak) and whether ptxas serialises
-the wgmmas.
+(the forward plain and with its prologue and statistics, also storing the activation; the input gradient with its
+prologue and gate, also storing dz; the filter gradient on plain operands and with both prologues) and reports
+registers, spilled bytes, shared memory, the wgmma / TMA instruction counts, the machine instructions of one iteration
+of the MMA loop (loop_sass: with 8 warps, 2 x loop_sass issue cycles a SM against the about 500 of a 128 x 128 x 64 bf16
+MMA step at the datasheet peak) and whether ptxas serialises the wgmmas.
 
 Usage: python bench/bench_fused_conv.py [--quick | --sm90-report] [--batch 128] [--layers global local3 ...]
 Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-slug>.json.
@@ -97,16 +102,23 @@ def _backward_operands(c, gen):
     return g, z, *eq
 
 
-def _backward_variants(c, gen):
+def _stored_variants(c, gen):
+    """The Triton pieces as conv_stack's training step runs them (TritonGraphs' stored operands), and the filter
+    gradient with its operands remade."""
     from lgc_fast.ops.conv_stack_triton import TritonGraphs
     pieces = TritonGraphs(c["z_prev"].dtype)
-    dy, terms = _backward_operands(c, gen), c["terms"]
+    dy, terms, prologue = _backward_operands(c, gen), c["terms"], (c["terms"], c["bits"])
     x, w, dil, pad = c["z_prev"], c["weight"], c["dil"], c["dil"] * (c["k"] // 2)
+    a, dz = pieces.new_map(x), pieces.new_map(dy[0])
+    pieces.fprop(x, w, dil, prologue, made_out=a)
+    pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True), made_out=dz)
+    cudnn_wgrad = lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy[0], padding=pad, dilation=dil)  # noqa: E731
     return {
-        "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True)),
+        "block+store": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a), lambda: _epilogue_then_conv(c)),
+        "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True), made_out=dz),
                   lambda: torch.nn.grad.conv2d_input(x.shape, w, dy[0], padding=pad, dilation=dil)),
-        "wgrad": (lambda: pieces.wgrad(x, w.shape, dy, dil, (terms, c["bits"])),
-                  lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy[0], padding=pad, dilation=dil)),
+        "wgrad": (lambda: pieces.wgrad(a, w.shape, dz, dil), cudnn_wgrad),
+        "wgrad (remade)": (lambda: pieces.wgrad(x, w.shape, dy, dil, prologue), cudnn_wgrad),
     }
 
 
@@ -124,7 +136,7 @@ def run_gpu(args, device):
                 "block": (lambda: fused_conv(c["z_prev"], c["weight"], c["s"], c["b"], c["bits"],
                                              dilation=c["dil"], backend="triton"),
                           lambda: _epilogue_then_conv(c)),
-                **_backward_variants(c, gen),
+                **_stored_variants(c, gen),
             }
             for variant, (fast, base) in variants.items():
                 fast()  # the autotuner's first call, outside the timing
@@ -165,9 +177,11 @@ def sm90_report(args):
 
     from lgc_fast.kernels import fused_conv_wgrad
 
-    modes = [("forward", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE),
-             ("forward+prologue+stats", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS),
-             ("dgrad+dbn+gate", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE)]
+    modes = [("forward", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE, False),
+             ("forward+prologue+stats", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, False),
+             ("forward+prologue+stats+store", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, True),
+             ("dgrad+dbn+gate", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, False),
+             ("dgrad+dbn+gate+store", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, True)]
     common = dict(ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False)
     rows = []
 
@@ -183,22 +197,23 @@ def sm90_report(args):
 
     for layer in args.layers:
         c_in, c_out, k, dil = LAYERS[layer]
-        for piece, prologue, epilogue in modes:
+        for piece, prologue, epilogue, store in modes:
             # the input gradient's GEMM runs from Cout to Cin
             n_out = c_in if prologue == kernels.PROLOGUE_DBN else c_out
             for config in kernels.kept_configs(kernels.gpu_configs(), n_out, torch.bfloat16.itemsize, prologue,
-                                               epilogue):
+                                               epilogue, store):
                 bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
                               HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
-                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, **config.kwargs)
+                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, STORE_PROLOGUE=store, **config.kwargs)
                 report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}")
-        for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
-                                                    torch.bfloat16.itemsize):
-            bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
-            consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=True, HAS_KEEP=True, DBN=True, **config.kwargs)
-            report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, "wgrad+prologue+dbn",
-                   f"{bh}x{bw}x{bm}x{bn}")
+        for piece, prologues in (("wgrad (stored operands)", False), ("wgrad+prologue+dbn", True)):
+            for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
+                                                        torch.bfloat16.itemsize, prologues, prologues):
+                bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
+                consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologues, HAS_KEEP=prologues, DBN=prologues,
+                              **config.kwargs)
+                report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}")
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
 
 

@@ -279,18 +279,38 @@ def sm90_resources(fn, signature: dict, constexprs: dict, attrs: dict, num_warps
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
         Path(cubin).write_bytes(compiled.asm["cubin"])
-        Path(ptx).write_text(compiled.asm["ptx"])
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
                                text=True, check=True).stdout
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
-        ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                               capture_output=True, text=True, check=True).stderr
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     return dict(regs=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared,
-                loop_sass=mma_loop_size(sass), wgmma_serialized="C7515" in ptxas, ptx=compiled.asm["ptx"])
+                loop_sass=mma_loop_size(sass), wgmma_serialized=wgmma_serialized(compiled.asm["ptx"]),
+                ptx=compiled.asm["ptx"])
+
+
+def sm90_ptxas() -> str:
+    """The ptxas Triton assembles sm_90 code with: the one its NVIDIA backend picks for the architecture (Triton 3.9
+    bundles one a CUDA generation), else the one it bundles."""
+    import triton
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except (ImportError, TypeError, AttributeError):  # Tritons without the per-architecture choice
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def wgmma_serialized(ptx: str) -> bool:
+    """Whether ptxas serialises the wgmmas of `ptx` (its note C7515: each waits for the one before, no MMA overlaps
+    the next), from its notes (-v), which Triton's own compile does not show."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "k.ptx")
+        Path(source).write_text(ptx)
+        notes = subprocess.run([sm90_ptxas(), "-arch=sm_90a", "-v", source, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True, check=True).stderr
+    return "C7515" in notes
 
 
 def mma_loop_size(sass: str):

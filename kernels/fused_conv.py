@@ -24,6 +24,10 @@ tap reads padding (the padding is the activation's or the gradient's, not x's):
                 read as one or two 64-bit words a row.
   PROLOGUE_DBN  a = eq_dy[k] * x + eq_x[k] * z + eq_b[k], x the gradient g at the next block's BatchNorm output and
                 z that block's convolution output, a second descriptor with the same boxes.
+With STORE_PROLOGUE the programs of the first channel tile also store the prologue's result at the centre tap, whose
+box is their own pixels, into a map like x: each value once, as the product used it. The filter gradient then reads
+it as a plain operand instead of making it again for each of its r*r taps (its MMA loop's instructions fall about
+fivefold: ``bench_fused_conv.py --sm90-report``).
 
 Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image) or, without a prologue, by pointer:
   EPILOGUE_STATS  each program writes the sums over its pixels of z and z * z, as stored (rounded to z's dtype), to
@@ -158,9 +162,10 @@ def store_tile(out, out_desc, out_ptr, img, h0, w0, n0, row_h, row_w, height, wi
 @triton.jit
 def fused_conv_kernel(
     x_desc, x2_desc, w_desc, out_desc, out_ptr, e_desc, p0_ptr, p1_ptr, p2_ptr, keep_ptr,
-    e0_ptr, e1_ptr, e2_ptr, e3_ptr, e_keep_ptr, sum_ptr, sq_ptr,
+    e0_ptr, e1_ptr, e2_ptr, e3_ptr, e_keep_ptr, sum_ptr, sq_ptr, prologue_out_desc,
     height, width, c_in, c_out,
     KSIZE: tl.constexpr, DILATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    STORE_PROLOGUE: tl.constexpr,
     EPILOGUE: tl.constexpr, E_HAS_KEEP: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, USE_INT64: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -203,6 +208,11 @@ def fused_conv_kernel(
             else:
                 z_in = tl.reshape(x2_desc.load([img, h0 + dh, w0 + dw, k0]), (BM, BK))
                 a = dbn_gradient(a, z_in, p0_ptr, p1_ptr, p2_ptr, offs_k, c_in, inside, ct).to(dot_dtype)
+            if STORE_PROLOGUE:
+                # the centre tap's box is the output tile's own pixels: each value is written once, by the programs
+                # of the first channel tile
+                if (tap == KSIZE * KSIZE // 2) & (n0 == 0):
+                    prologue_out_desc.store([img, h0, w0, k0], tl.reshape(a, (1, BH, BW, BK)))
         wt = tl.reshape(w_desc.load([tap, n0, k0]), (BN, BK))
         if DOT_IN_FP32:
             a = a.to(tl.float32)
@@ -246,7 +256,7 @@ def fused_conv_kernel(
 def _set_block_shapes(nargs):
     """Autotuner pre-hook: each config's tile is also the descriptors' box."""
     bh, bw, bn, bk = nargs["BH"], nargs["BW"], nargs["BN"], nargs["BK"]
-    for name, box in (("x_desc", bk), ("x2_desc", bk), ("out_desc", bn), ("e_desc", bn)):
+    for name, box in (("x_desc", bk), ("x2_desc", bk), ("prologue_out_desc", bk), ("out_desc", bn), ("e_desc", bn)):
         nargs[name].block_shape = [1, bh, bw, box]
     nargs["w_desc"].block_shape = [1, bn, bk]
 
@@ -262,38 +272,44 @@ def gpu_configs():
 
 
 def shared_bytes_bound(config, element_size: int, prologue: int = PROLOGUE_NONE,
-                       epilogue: int = EPILOGUE_STATS) -> int:
-    """num_stages buffers of the input (BH*BW x BK; two maps for the dBN prologue) and filter (BN x BK) boxes, plus
-    the output box the store stages (and the gate's box of the previous z). The prologue's result, which the MMA reads
-    from shared memory, is not counted: the output boxes, counted as if live with the loop's buffers, are not, and
-    cover it (the compiled kernels of ``bench_fused_conv.py --sm90-report`` use less than this bound)."""
+                       epilogue: int = EPILOGUE_STATS, store_prologue: bool = False) -> int:
+    """num_stages buffers of the input (BH*BW x BK; two maps for the dBN prologue) and filter (BN x BK) boxes, plus the
+    output box the store stages (and the gate's box of the previous z, and the box of the prologue's result where it is
+    stored). The prologue's result, which the MMA reads from shared memory, is not counted: the output boxes, counted as
+    if live with the loop's buffers, are not, and cover it (the compiled kernels of ``bench_fused_conv.py
+    --sm90-report`` use less than this bound)."""
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
     a_maps = 2 if prologue == PROLOGUE_DBN else 1
     out_boxes = 2 if epilogue == EPILOGUE_GATE else 1
-    return (config.num_stages * (a_maps * bh * bw * bk + bk * bn) + out_boxes * bh * bw * bn) * element_size
+    stored = bh * bw * bk if store_prologue else 0
+    return (config.num_stages * (a_maps * bh * bw * bk + bk * bn) + out_boxes * bh * bw * bn + stored) * element_size
 
 
 def prune_configs(configs, named_args, **kwargs):
     """The autotuner's pruning: ``kept_configs`` for the launch's Cout, dtype, prologue and epilogue."""
     return tuned(kept_configs(configs, named_args["c_out"], named_args["x_desc"].base.element_size(),
-                              kwargs.get("PROLOGUE", PROLOGUE_NONE), kwargs.get("EPILOGUE", EPILOGUE_STATS)))
+                              kwargs.get("PROLOGUE", PROLOGUE_NONE), kwargs.get("EPILOGUE", EPILOGUE_STATS),
+                              kwargs.get("STORE_PROLOGUE", False)))
 
 
 def kept_configs(configs, c_out: int, element_size: int, prologue: int = PROLOGUE_NONE,
-                 epilogue: int = EPILOGUE_STATS):
+                 epilogue: int = EPILOGUE_STATS, store_prologue: bool = False):
     """128-byte input rows; channel tiles far wider than Cout only add masked work; tiles over the shared memory
     fail at launch (keep the smallest where none fits)."""
+    def shared(c):
+        return shared_bytes_bound(c, element_size, prologue, epilogue, store_prologue)
+
     rows = [c for c in configs if c.kwargs["BK"] * element_size == 128]
     kept = [c for c in rows if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))
-            and shared_bytes_bound(c, element_size, prologue, epilogue) <= SHARED_MEMORY_LIMIT]
-    return kept or [min(rows, key=lambda c: shared_bytes_bound(c, element_size, prologue, epilogue))]
+            and shared(c) <= SHARED_MEMORY_LIMIT]
+    return kept or [min(rows, key=shared)]
 
 
 @functools.cache
 def _gpu_kernel():
     """The autotuned kernel, made at the first CUDA launch; the partial sums are zeroed before each config's trial."""
     return triton.autotune(configs=gpu_configs(), key=["height", "width", "c_in", "c_out", "KSIZE", "PROLOGUE",
-                                                        "HAS_KEEP", "EPILOGUE", "E_HAS_KEEP"],
+                                                        "HAS_KEEP", "EPILOGUE", "E_HAS_KEEP", "STORE_PROLOGUE"],
                            prune_configs_by={"early_config_prune": prune_configs},
                            reset_to_zero=["sum_ptr", "sq_ptr"])(fused_conv_kernel)
 
@@ -306,7 +322,8 @@ def signature_types(element: str, acc: str, config) -> dict:
     vectors = ("p0_ptr", "p1_ptr", "p2_ptr", "e0_ptr", "e1_ptr", "e2_ptr", "e3_ptr", "sum_ptr", "sq_ptr")
     return {"x_desc": a_box, "x2_desc": a_box, "w_desc": f"tensordesc<{element}[1, {bn}, {bk}]>",
             "out_desc": out_box, "out_ptr": f"*{element}", "e_desc": out_box, **{name: f"*{acc}" for name in vectors},
-            "keep_ptr": "*u8", "e_keep_ptr": "*u8", "height": "i32", "width": "i32", "c_in": "i32", "c_out": "i32"}
+            "keep_ptr": "*u8", "e_keep_ptr": "*u8", "prologue_out_desc": a_box, "height": "i32", "width": "i32",
+            "c_in": "i32", "c_out": "i32"}
 
 
 def _interpret_tile(c_in: int, c_out: int) -> dict:
@@ -395,13 +412,16 @@ def launch_tile(config, cuda: bool, interpret_tile: dict):
 
 
 def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=None, gate: Optional[Gate] = None,
-                      sums=None, config=None):
+                      sums=None, prologue_out=None, config=None):
     """Write conv(prologue(x), w) into out (or, with a gate, the gated gradient) and, where `sums` is a pair of
-    buffers (zeros on entry), the per-tile sums: of out and out * out (statistics) or the gate's.
+    buffers (zeros on entry), the per-tile sums: of out and out * out (statistics) or the gate's; where
+    `prologue_out` is given, the prologue's result (the activation, or BatchNorm backward's dz) into it too, as the
+    product used it (for a filter gradient that reads it plainly, instead of making it again at every tap).
 
     x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; w_packed: (r*r, Cout, Cin) in x's dtype
     (``pack_filter``); prologue: None, BnPrologue or DbnPrologue; out: (N, Cout, H, W) channels_last, x's dtype; sums:
-    ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate); config: one of ``gpu_configs()`` to run
+    ``new_partial_sums(N, H, W, Cout, ...)``, or None (not with a gate); prologue_out: None or (N, Cin, H, W)
+    channels_last in x's dtype (with a prologue only); config: one of ``gpu_configs()`` to run
     instead of the autotuner's choice (tests of every config).
     """
     n, c_in, h, w = x.shape
@@ -416,6 +436,9 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     w_desc = TensorDescriptor.from_tensor(w_packed, [1, box["BN"], box["BK"]])
     out_desc = TensorDescriptor.from_tensor(nhwc(out), out_box)
     e_desc = TensorDescriptor.from_tensor(nhwc(gate.z_prev), out_box) if gate is not None else out_desc
+    if prologue_out is not None and prologue is None:
+        raise ValueError("fused_conv_triton: prologue_out needs a prologue")
+    p_desc = TensorDescriptor.from_tensor(nhwc(prologue_out), a_box) if prologue_out is not None else x_desc
     acc_fp64 = x.dtype == torch.float64
     filler = torch.zeros(1, dtype=torch.float64 if acc_fp64 else torch.float32, device=x.device)  # unused pointers
     vectors = list(prologue[1:] if dbn else prologue[:2]) if prologue is not None else []
@@ -425,10 +448,10 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     sum_buffers = list(sums) if sums is not None else [filler, filler]
     args = (x_desc, x2_desc, w_desc, out_desc, nhwc(out), e_desc, *(vectors + [filler] * 3)[:3],
             keep_bits if keep_bits is not None else filler, *(e_vectors + [filler] * 4)[:4],
-            e_keep if e_keep is not None else filler, *sum_buffers, h, w, c_in, c_out)
+            e_keep if e_keep is not None else filler, *sum_buffers, p_desc, h, w, c_in, c_out)
     flags = dict(KSIZE=ksize, DILATION=dilation,
                  PROLOGUE=PROLOGUE_DBN if dbn else PROLOGUE_NONE if prologue is None else PROLOGUE_BN,
-                 HAS_KEEP=keep_bits is not None,
+                 HAS_KEEP=keep_bits is not None, STORE_PROLOGUE=prologue_out is not None,
                  EPILOGUE=EPILOGUE_GATE if gate is not None else EPILOGUE_STORE if sums is None else EPILOGUE_STATS,
                  E_HAS_KEEP=e_keep is not None, ACC_FP64=acc_fp64, INPUT_PRECISION=input_precision(x.dtype, x.device),
                  # Triton 3.9's interpreter multiplies bfloat16 dot operands as raw integer bit patterns; bfloat16

@@ -52,9 +52,11 @@ def fused_conv_wgrad_kernel(
     tiles_w = tl.cdiv(width, BW)
     tiles_img = tl.cdiv(height, BH) * tiles_w
     n_tiles = n_img * tiles_img
-    per_split = tl.cdiv(n_tiles, n_splits)
-    first = split * per_split
-    last = tl.minimum(first + per_split, n_tiles)
+    # balanced shares, none empty (the host keeps n_splits <= n_tiles): where the loop may run no iteration, ptxas
+    # serialises its wgmmas (C7515: the accumulator's zeros are chosen after the loop)
+    first = (split.to(tl.int64) * n_tiles // n_splits).to(tl.int32)
+    last = ((split.to(tl.int64) + 1) * n_tiles // n_splits).to(tl.int32)
+    tl.assume(last > first)
     rows = tl.arange(0, BK)
     row_h = rows // BW
     row_w = rows % BW
@@ -111,25 +113,30 @@ def gpu_configs():
                           pre_hook=_set_block_shapes) for h, w, m, n, warps, stages in shapes]
 
 
-def shared_bytes_bound(config, element_size: int, dbn: bool = True) -> int:
-    """num_stages buffers of the A (BH*BW x BM) box and the B box (BH*BW x BN; two maps with BatchNorm's apply), and
-    1 KiB for the pipeline's barriers and scratch (Triton 3.6 adds 40 bytes in float64)."""
+def shared_bytes_bound(config, element_size: int, dbn: bool = True, prologue: bool = True) -> int:
+    """num_stages buffers of the A (BH*BW x BM) box and the B box (BH*BW x BN; two maps with BatchNorm's apply), a
+    box for each operand a prologue makes (the MMA reads it from shared memory), and 1 KiB for the pipeline's
+    barriers and scratch (Triton 3.6 adds 40 bytes in float64)."""
     bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
-    return config.num_stages * bh * bw * (bm + (2 if dbn else 1) * bn) * element_size + 1024
+    made = (bm if prologue else 0) + (bn if dbn else 0)
+    return (config.num_stages * (bm + (2 if dbn else 1) * bn) + made) * bh * bw * element_size + 1024
 
 
-def kept_configs(configs, c_in: int, c_out: int, element_size: int, dbn: bool = True):
+def kept_configs(configs, c_in: int, c_out: int, element_size: int, dbn: bool = True, prologue: bool = True):
     """Channel blocks no wider than needed (64 where Cin or Cout is at most 64) and within the shared memory (keep
     the smallest where none fits)."""
+    def shared(c):
+        return shared_bytes_bound(c, element_size, dbn, prologue)
+
     kept = [c for c in configs if c.kwargs["BM"] <= max(64, triton.next_power_of_2(c_in))
-            and c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))
-            and shared_bytes_bound(c, element_size, dbn) <= SHARED_MEMORY_LIMIT]
-    return kept or [min(configs, key=lambda c: shared_bytes_bound(c, element_size, dbn))]
+            and c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out)) and shared(c) <= SHARED_MEMORY_LIMIT]
+    return kept or [min(configs, key=shared)]
 
 
 def prune_configs(configs, named_args, **kwargs):
     return tuned(kept_configs(configs, named_args["c_in"], named_args["c_out"],
-                              named_args["x_desc"].base.element_size(), kwargs.get("DBN", True)))
+                              named_args["x_desc"].base.element_size(), kwargs.get("DBN", True),
+                              kwargs.get("PROLOGUE", True)))
 
 
 @functools.cache
@@ -156,12 +163,21 @@ def _interpret_tile(c_in: int, c_out: int) -> dict:
                 BN=min(max(16, triton.next_power_of_2(c_out)), lim["BN"]))
 
 
+def pixel_tiles(n: int, height: int, width: int, tile=None) -> int:
+    """The pixel tiles (K steps) of the maps at `tile`'s (BH, BW), or at the coarsest of ``gpu_configs`` (None): the
+    most shares K can be split into with none empty, which the kernel assumes."""
+    if tile is None:
+        bh, bw = (max(c.kwargs[name] for c in gpu_configs()) for name in ("BH", "BW"))
+    else:
+        bh, bw = tile["BH"], tile["BW"]
+    return n * triton.cdiv(height, bh) * triton.cdiv(width, bw)
+
+
 def wgrad_splits(n: int, height: int, width: int, c_in: int, c_out: int, ksize: int, sms: int) -> int:
     """How many shares of the pixel tiles K is split into: enough programs for a few waves over `sms` SMs at
-    128 x 128 blocks, at most one share per 8 x 8 tile."""
+    128 x 128 blocks, at most one share per pixel tile of the coarsest config."""
     blocks = ksize * ksize * triton.cdiv(c_in, 128) * triton.cdiv(c_out, 128)
-    tiles = n * triton.cdiv(height, 8) * triton.cdiv(width, 8)
-    return max(1, min(tiles, triton.cdiv(_WAVES * sms, blocks)))
+    return max(1, min(pixel_tiles(n, height, width), triton.cdiv(_WAVES * sms, blocks)))
 
 
 def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, dbn=None, splits=None,
@@ -172,7 +188,8 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     x: (N, Cin, H, W) channels_last, float32/float16/bfloat16/float64; dz: (N, Cout, H, W) channels_last, x's dtype
     (with dbn: the gradient g at this block's BatchNorm output); prologue: None or fused_conv's BnPrologue over x;
     dbn: None or fused_conv's DbnPrologue over dz (its z: this block's convolution output); splits: shares of K
-    (default ``wgrad_splits``); config: one of ``gpu_configs()`` to run instead of the autotuner's choice.
+    (default ``wgrad_splits``; at most ``pixel_tiles``); config: one of ``gpu_configs()`` to run instead of the
+    autotuner's choice.
     """
     n, c_in, h, w = x.shape
     c_out = dz.shape[1]
@@ -180,8 +197,10 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
     tile, launch = launch_tile(config, cuda, _interpret_tile(c_in, c_out))
     box = tile or dict(BH=8, BW=8, BM=16, BN=16)  # the autotuner's pre-hook sets each config's own on CUDA
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if n * h * w == 0:  # no pixel tile: the kernel assumes every share has one
+        return torch.zeros(c_out, c_in, ksize, ksize, dtype=acc_dtype, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else _INTERPRET_SMS
-    splits = splits or wgrad_splits(n, h, w, c_in, c_out, ksize, sms)
+    splits = min(splits or wgrad_splits(n, h, w, c_in, c_out, ksize, sms), pixel_tiles(n, h, w, tile))
     partial = torch.empty(splits, ksize * ksize, c_in, c_out, dtype=acc_dtype, device=x.device)
     x_desc = TensorDescriptor.from_tensor(nhwc(x), [1, box["BH"], box["BW"], box["BM"]])
     out_box = [1, box["BH"], box["BW"], box["BN"]]

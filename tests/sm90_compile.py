@@ -4,15 +4,17 @@ interpreter, which the other tests switch on, replaces triton.jit's compiler).
 
 Prints a JSON line {"triton", "skip" (why this Triton cannot compile them, or null), "tensor_descriptors"}, then one
 per compiled kernel: {"kernel", "case", "cubin_bytes", "shared_bytes", "wgmma", "tma_loads" (the
-PTX's Hopper matrix and tensor-memory instructions)} (dilated_conv and the fused_conv kernels add
-"shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with
-the compiler's error on the first kernel that does not compile.
+PTX's Hopper matrix and tensor-memory instructions), "wgmma_serialized" (for a kernel with wgmma: whether ptxas -v
+reports C7515, each wgmma made to wait for the one before; else null)} (dilated_conv and the fused_conv kernels add
+"shared_bound_bytes", the autotuner's pruning estimate); exits non-zero with the compiler's error on the first kernel
+that does not compile.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -25,6 +27,9 @@ except ImportError:  # pragma: no cover - Triton before 3.0
 
 from lgc_fast.kernels import (bn_relu_dropout, dilated_conv, fit_shape, fused_conv, fused_conv_wgrad, kernel_conv,
                               lgc_loss)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import wgmma_serialized  # noqa: E402  (bench/common.py: ptxas's notes)
 
 TARGET = GPUTarget("cuda", 90, 32) if GPUTarget is not None else None
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
@@ -41,9 +46,11 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: 
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
+    wgmma = ptx.count("wgmma.mma_async")
     print(json.dumps({"kernel": fn.__name__, "case": case, "cubin_bytes": len(compiled.asm["cubin"]),
-                      "shared_bytes": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                      "tma_loads": ptx.count("cp.async.bulk.tensor"), **(extra or {})}), flush=True)
+                      "shared_bytes": compiled.metadata.shared, "wgmma": wgmma,
+                      "tma_loads": ptx.count("cp.async.bulk.tensor"),
+                      "wgmma_serialized": wgmma_serialized(ptx) if wgmma else None, **(extra or {})}), flush=True)
 
 
 def ints(*names: str) -> dict:
@@ -115,31 +122,38 @@ def dilated_conv_cases() -> None:
 def fused_conv_cases() -> None:
     """The first two configs the autotuner keeps for the release's 3x3 dilation-4 128 -> 128 channels, per dtype:
     the forward as a plain convolution and with the BatchNorm / ReLU / dropout prologue and the statistics, the input
-    gradient with BatchNorm backward's apply and the gate epilogue, and the filter gradient with both prologues; each
+    gradient with BatchNorm backward's apply and the gate epilogue, both with and without storing the prologue's
+    result, and the filter gradient on plain operands, with the activation's prologue and with both prologues; each
     descriptor's box is its config's tile."""
     k = fused_conv
-    modes = [("forward plain", k.PROLOGUE_NONE, k.EPILOGUE_STATS),
-             ("forward prologue", k.PROLOGUE_BN, k.EPILOGUE_STATS), ("input gradient", k.PROLOGUE_DBN, k.EPILOGUE_GATE)]
+    modes = [("forward plain", k.PROLOGUE_NONE, k.EPILOGUE_STATS, False),
+             ("forward prologue", k.PROLOGUE_BN, k.EPILOGUE_STATS, False),
+             ("forward prologue stored", k.PROLOGUE_BN, k.EPILOGUE_STATS, True),
+             ("input gradient", k.PROLOGUE_DBN, k.EPILOGUE_GATE, False),
+             ("input gradient stored", k.PROLOGUE_DBN, k.EPILOGUE_GATE, True)]
+    wgrad_modes = [("plain", False, False), ("prologue", True, False), ("both prologues", True, True)]
     for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
                              (torch.float64, "ieee")):
         acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32][1:]
         element_size = torch.tensor([], dtype=dtype).element_size()
         common = dict(KSIZE=3, DILATION=4, ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision,
                       DOT_IN_FP32=False, USE_INT64=False)
-        for name, prologue, epilogue in modes:
-            for config in k.kept_configs(k.gpu_configs(), 128, element_size, prologue, epilogue)[:2]:
+        for name, prologue, epilogue, store in modes:
+            for config in k.kept_configs(k.gpu_configs(), 128, element_size, prologue, epilogue, store)[:2]:
                 meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue == k.PROLOGUE_BN, EPILOGUE=epilogue,
-                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, **config.kwargs)
-                bound = k.shared_bytes_bound(config, element_size, prologue, epilogue)
+                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, STORE_PROLOGUE=store, **config.kwargs)
+                bound = k.shared_bytes_bound(config, element_size, prologue, epilogue, store)
                 compile_sm90(k.fused_conv_kernel, k.signature_types(PTR[dtype][1:], acc, config), meta,
                              config.num_warps, config.num_stages, f"{dtype} {config.kwargs} {name}",
                              extra={"shared_bound_bytes": bound})
-        for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), 128, 128, element_size)[:2]:
-            meta = dict(common, PROLOGUE=True, HAS_KEEP=True, DBN=True, **config.kwargs)
-            compile_sm90(fused_conv_wgrad.fused_conv_wgrad_kernel,
-                         fused_conv_wgrad.signature_types(PTR[dtype][1:], acc, config), meta, config.num_warps,
-                         config.num_stages, f"{dtype} {config.kwargs} filter gradient",
-                         extra={"shared_bound_bytes": fused_conv_wgrad.shared_bytes_bound(config, element_size)})
+        wgrad = fused_conv_wgrad
+        for name, prologue, dbn in wgrad_modes:
+            for config in wgrad.kept_configs(wgrad.gpu_configs(), 128, 128, element_size, dbn, prologue)[:2]:
+                meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue, DBN=dbn, **config.kwargs)
+                compile_sm90(wgrad.fused_conv_wgrad_kernel, wgrad.signature_types(PTR[dtype][1:], acc, config), meta,
+                             config.num_warps, config.num_stages, f"{dtype} {config.kwargs} filter gradient {name}",
+                             extra={"shared_bound_bytes": wgrad.shared_bytes_bound(config, element_size, dbn,
+                                                                                   prologue)})
 
 
 def bn_relu_dropout_cases() -> None:

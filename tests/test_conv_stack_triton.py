@@ -15,7 +15,7 @@ from conftest import devices, skip_without_float64, triton_backends
 from lgc_fast.kernels.fused_conv import TensorDescriptor
 from lgc_fast.ops.bn_relu_dropout import pack_keep_mask, unpack_keep_bits
 from lgc_fast.ops.conv_stack import conv_stack, conv_stack_ref, stack_graphs
-from lgc_fast.ops.conv_stack_graphs import BnTerms, KeepSpec, TorchGraphs, stack_keep_mask
+from lgc_fast.ops.conv_stack_graphs import BnTerms, KeepSpec, TorchGraphs, apply_prologue, stack_keep_mask
 from lgc_fast.ops.conv_stack_triton import TritonGraphs, triton_unusable
 
 pytestmark = [pytest.mark.usefixtures("one_thread_per_module", "full_float32"),
@@ -84,6 +84,17 @@ def test_pieces_match_the_torch_pieces(device, dtype):
     for prologue_t, prologue_k in ((None, None), ((terms, keep.to(x.dtype)), (terms, bits))):
         for a, b in zip(triton_pieces.fprop(x, weight, 2, prologue_k), torch_pieces.fprop(x, weight, 2, prologue_t)):
             _close(a, b, dtype)
+    # the stored operands: the activation as fprop writes it, dz as dgrad writes it (with and without an epilogue)
+    made = triton_pieces.new_map(x)
+    triton_pieces.fprop(x, weight, 2, (terms, bits), made_out=made)
+    assert made.is_contiguous(memory_format=CL)
+    _close(made, apply_prologue(x, terms, keep.to(x.dtype)), dtype)
+    g, z, eq_dy, eq_x, eq_b = dy
+    dz_want = (g * eq_dy[:, None, None] + z * eq_x[:, None, None] + eq_b[:, None, None]).to(dtype)
+    for epilogue in (None, (x, terms, bits, True)):
+        dz = triton_pieces.new_map(dy[0])
+        triton_pieces.dgrad(dy, weight, x.shape, 2, epilogue, made_out=dz)
+        _close(dz, dz_want, dtype)
         for grad in (dy, dy[0]):  # with BatchNorm backward's apply, and a plain gradient
             _close(triton_pieces.wgrad(x, weight.shape, grad, 2, prologue_k),
                    torch_pieces.wgrad(x, weight.shape, grad, 2, prologue_t), dtype)
@@ -97,11 +108,12 @@ def test_pieces_match_the_torch_pieces(device, dtype):
                 _close(a, b, dtype)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, 50])
 @pytest.mark.parametrize("r, dilation", [(3, 4), (5, 1), (1, 1)])
 @pytest.mark.parametrize("device", _triton_devices())
 def test_filter_gradient_kernel(device, r, dilation, splits):
-    """Split K adds up to the whole sum; Cin = 40 ends inside a 32-channel block; 11 x 7 pixels end inside tiles."""
+    """Split K adds up to the whole sum (3 shares of 4 tiles; 50 asked for, as many as there are tiles);
+    Cin = 40 ends inside a 32-channel block; 11 x 7 pixels end inside tiles."""
     from lgc_fast.kernels import fused_conv as kernels
     from lgc_fast.kernels.fused_conv_wgrad import fused_conv_wgrad_triton
 
@@ -149,6 +161,41 @@ def test_stack_matches_the_plain_definition(dtype, r, dilation, training, dropou
         torch.testing.assert_close(got, want, **tol)
     for got, want in zip(running, running_ref):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_stored_operands_reach_the_filter_gradient_and_change_nothing():
+    """TritonGraphs' default stores the activations and dz: every filter gradient but the first block's reads plain
+    operands (the first has no dgrad to write its dz when x needs no gradient: it makes dz itself); the
+    gradients are those of operands="remade" (the prologues made again in the filter gradient)."""
+    device = _triton_device()
+    _skip_float64(device, torch.float64)
+    channels = [8, 16, 8, 16]
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (3 * ci**0.5)).to(device)
+               for ci, co in zip(channels[:-1], channels[1:])]
+    gammas = [(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device) for c in channels[1:]]
+    betas = [(torch.randn(c, generator=g, dtype=torch.float64) * 0.3).to(device) for c in channels[1:]]
+    x = _map((2, channels[0], 9, 8), torch.float64, device, 1)
+
+    class Recording(TritonGraphs):
+        def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
+            self.wgrad_operands.append((prologue is None, isinstance(dy, torch.Tensor)))
+            return super().wgrad(inp, w_shape, dy, dilation, prologue)
+
+    grads = {}
+    for operands in ("stored", "remade"):
+        pieces = Recording(torch.float64, "seeded", operands)
+        pieces.wgrad_operands = []
+        leaves = [t.detach().clone().requires_grad_() for t in [*weights, *gammas, *betas]]
+        out = conv_stack(x, leaves[:3], leaves[3:6], leaves[6:], dilation=2, dropout_p=0.3, dropout_seed=4,
+                         graphs=pieces)
+        grads[operands] = torch.autograd.grad(out.square().sum(), leaves)
+        # blocks top-down: (plain a, plain dz)
+        want = [(True, True), (True, True), (True, False)] if operands == "stored" else \
+            [(False, True), (False, False), (True, False)]
+        assert pieces.wgrad_operands == want
+    for got, want in zip(grads["stored"], grads["remade"]):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -246,6 +293,8 @@ def test_reasons_and_refusal():
         stack_graphs(x, weights, 1, 0.1, True, "triton")
     with pytest.raises(ValueError, match="masks must be one of fresh, seeded"):
         TritonGraphs(torch.float32, "bytes")
+    with pytest.raises(ValueError, match="operands must be one of stored, remade"):
+        TritonGraphs(torch.float32, operands="kept")
     if triton_backends("cpu"):
         assert triton_unusable(torch.randn(1, 4, 4, 4), [torch.randn(8, 4, 3, 3)]) == []  # float32: rows of 4
     assert isinstance(stack_graphs(x, weights, 1, 0.1, True, TorchGraphs()), TorchGraphs)
@@ -261,6 +310,9 @@ def test_kernel_input_gradient_is_conv_transpose():
     out = torch.empty(2, 24, 7, 10, device=device).contiguous(memory_format=CL)
     kernels.fused_conv_triton(dy, kernels.pack_filter(weight, transposed=True), 5, 2, out)
     torch.testing.assert_close(out, F.conv_transpose2d(dy, weight, padding=4, dilation=2), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="prologue_out needs a prologue"):
+        kernels.fused_conv_triton(dy, kernels.pack_filter(weight, transposed=True), 5, 2, out,
+                                  prologue_out=torch.empty_like(dy))
 
 
 def test_model_runs_like_blocks_as_triton_stacks(monkeypatch):

@@ -177,6 +177,23 @@ def test_triton_gradients_match_reference(device, shape, prologue):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_triton_filter_gradient_alone_makes_dz_itself(device):
+    """Only the filter asks for a gradient: no input gradient runs to write z's total gradient, so the filter
+    gradient makes it in its own prologue (from z and the sums' gradients)."""
+    if "triton" not in _backends(device):
+        pytest.skip("no triton backend here")
+    x, weight, scale, shift, _, bits = _inputs(3, 16, 32, 10, 9, torch.float32, device, 12)
+    cotangents = [torch.randn(shape_, generator=torch.Generator().manual_seed(i)).to(device)
+                  for i, shape_ in enumerate(((2, 32, 10, 9), (32,), (32,)))]
+    grads = []
+    for backend in ("triton", "ref"):
+        w = weight.detach().clone().requires_grad_()
+        grads.append(torch.autograd.grad(fused_conv(x, w, scale, shift, bits, dilation=4, backend=backend), w,
+                                         cotangents)[0])
+    torch.testing.assert_close(*grads, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_gradcheck(backend):
     """Float64, small; gradcheck's fast mode (one random direction per input) for the interpreted kernel."""

@@ -1,7 +1,8 @@
 """Every tile configuration the fused_conv kernels' autotuners keep for the release's 3x3 dilation-4 128 -> 128 layer,
 run as given (``config=``) in each of the kernels' modes and checked against float64 torch: the forward with and
-without the BatchNorm / ReLU / dropout prologue (and its statistics), the input gradient with BatchNorm backward's
-apply and the gate epilogue, and the filter gradient with both prologues.
+without the BatchNorm / ReLU / dropout prologue (and its statistics, the activation stored as conv_stack's training
+step has it), the input gradient with BatchNorm backward's apply and the gate epilogue (dz stored), and the filter
+gradient with both prologues and on plain operands.
 
 The other tests run one configuration per shape on a GPU (conftest sets $LGC_FAST_TRITON_AUTOTUNE=0, or each of their
 shapes would compile and time every configuration) and the interpreter's own tile on the CPU; this file runs each
@@ -25,7 +26,7 @@ CL = torch.channels_last
 R, DILATION, C_IN, C_OUT = 3, 4, 128, 128
 N, H, W = 1, 20, 24
 PAD = DILATION * (R // 2)
-MODES = ["forward", "forward+prologue+stats", "input gradient+gate", "filter gradient"]
+MODES = ["forward", "forward+prologue+stats", "input gradient+gate", "filter gradient", "filter gradient plain"]
 
 
 def _dtypes(device):
@@ -84,13 +85,14 @@ def _close(got, want, dtype, sums=False):
 
 def _configs(dtype, mode):
     size = torch.tensor([], dtype=dtype).element_size()
-    if mode == "filter gradient":
-        return fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), C_IN, C_OUT, size)
+    if mode.startswith("filter gradient"):
+        prologues = mode == "filter gradient"
+        return fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), C_IN, C_OUT, size, prologues, prologues)
     prologue, epilogue, n_out = {
         "forward": (kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE, C_OUT),
         "forward+prologue+stats": (kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, C_OUT),
         "input gradient+gate": (kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, C_IN)}[mode]
-    return kernels.kept_configs(kernels.gpu_configs(), n_out, size, prologue, epilogue)
+    return kernels.kept_configs(kernels.gpu_configs(), n_out, size, prologue, epilogue, prologue != 0)
 
 
 @pytest.mark.parametrize("device, dtype, mode", list(_cases()))
@@ -109,12 +111,20 @@ def test_every_kept_config_matches_float64(device, dtype, mode):
             _close(got, torch.nn.grad.conv2d_weight(a, weight.shape, dz, padding=PAD, dilation=DILATION), dtype,
                    sums=True)
             continue
+        if mode == "filter gradient plain":
+            got = fused_conv_wgrad.fused_conv_wgrad_triton(x, g, R, DILATION, config=config)
+            _close(got, torch.nn.grad.conv2d_weight(x.double(), weight.shape, g.double(), padding=PAD,
+                                                    dilation=DILATION), dtype, sums=True)
+            continue
         if mode == "input gradient+gate":
             out = torch.empty(N, C_IN, H, W, dtype=dtype, device=device).contiguous(memory_format=CL)
             sums = kernels.new_partial_sums(N, H, W, C_IN, ct, device)
+            dz_stored = torch.empty_like(g)
             kernels.fused_conv_triton(g, kernels.pack_filter(weight, transposed=True), R, DILATION, out,
                                       prologue=kernels.DbnPrologue(z, eq_dy, eq_x, eq_b),
-                                      gate=kernels.Gate(x, s, b, mean, invstd, bits), sums=sums, config=config)
+                                      gate=kernels.Gate(x, s, b, mean, invstd, bits), sums=sums,
+                                      prologue_out=dz_stored, config=config)
+            assert torch.equal(dz_stored.double(), dz)  # the operand as the product used it
             da = torch.nn.grad.conv2d_input(x.shape, weight.double(), dz, padding=PAD, dilation=DILATION)
             gates = keep * (x.double() * s[:, None, None] + b[:, None, None] > 0)
             _close(out, da * gates, dtype)
@@ -126,8 +136,11 @@ def test_every_kept_config_matches_float64(device, dtype, mode):
         prologue = kernels.BnPrologue(s, b, bits) if mode == "forward+prologue+stats" else None
         out = torch.empty(N, C_OUT, H, W, dtype=dtype, device=device).contiguous(memory_format=CL)
         sums = kernels.new_partial_sums(N, H, W, C_OUT, ct, device) if prologue is not None else None
+        a_stored = torch.empty_like(x) if prologue is not None else None
         kernels.fused_conv_triton(x, kernels.pack_filter(weight), R, DILATION, out, prologue=prologue, sums=sums,
-                                  config=config)
+                                  prologue_out=a_stored, config=config)
+        if a_stored is not None:
+            assert torch.equal(a_stored.double(), a)
         operand = a if prologue is not None else x.double()
         _close(out, F.conv2d(operand, weight.double(), padding=PAD, dilation=DILATION), dtype)
         if sums is not None:

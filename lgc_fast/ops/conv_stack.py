@@ -20,11 +20,14 @@ graphs of bench/cudnn_fusion_probe.cpp, which checks and times each on a GPU):
   backward, block i   dW_i = wgrad(prologue_{i-1}(z_{i-1}), dz_i) and da_{i-1} = dgrad(dz_i, W_i), where
                       dz_i = eq_dy_i * g_i + eq_x_i * z_i + eq_b_i is made in both prologues (BatchNorm backward's
                       apply, fused: wgrad_sbr_rng_dbnapply, dgrad_dbnapply_rng_drelu_dbn), and dgrad's epilogue
-                      gates da_{i-1} into g_{i-1} and sums BatchNorm's backward terms of block i-1
+                      gates da_{i-1} into g_{i-1} and sums BatchNorm's backward terms of block i-1; dgrad runs
+                      first, so that pieces which store operands (``stores_operands``: TritonGraphs' default) have
+                      it write dz_i, and their forward write a_{i-1}, for a wgrad that reads both plainly
   dgamma_i, dbeta_i   from those sums; dx = dgrad(dz_1, W_1)
 
-The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i and
-no other mask (but the byte masks or keep bits where the pieces take those). The pieces run as torch functions
+The forward keeps x, z_1 .. z_{L-1} and the per-channel terms (bn_relu_dropout keeps z_L and its bits); no a_i (but
+where the pieces store operands, for the filter gradients) and no other mask (but the byte masks or keep bits where
+the pieces take those). The pieces run as torch functions
 (``TorchGraphs``, lgc_fast/ops/conv_stack_graphs.py: the oracle of each cuDNN graph, in float32, float64 for float64
 inputs), as cuDNN graphs (``CudnnGraphs``: bfloat16 / float16 maps, masks from cuDNN's RNG, else byte masks) or as
 lgc_fast's Triton kernels (``TritonGraphs``, lgc_fast/ops/conv_stack_triton.py: any float dtype, keep bits);
@@ -98,11 +101,17 @@ class _ConvStack(torch.autograd.Function):
         dil, training, p = config["dilation"], config["training"], config["dropout_p"]
         seed = config["dropout_seed"] if training and p > 0 else None
         factor = config["activation_scale"] / (1 - p) if seed is not None else config["activation_scale"]
-        inp, zs, terms, keeps = x.to(ct), [], [], []
+        inp, zs, terms, keeps, made = x.to(ct), [], [], [], []
         conv_weights = [graphs.conv_weight(w) for w in weights]  # cast once, for the forward and dgrad
         for i in range(n_blocks):
             prologue = None if i == 0 else (terms[-1], keeps[-1])
-            z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue)
+            if prologue is not None and graphs.stores_operands and ctx.needs_input_grad[3 + i]:
+                # block i's filter gradient reads the activation a_{i-1} as this convolution made it
+                made.append(graphs.new_map(inp))
+                z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue, made_out=made[-1])
+            else:
+                made.append(None)
+                z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue)
             zs.append(z)
             inp = z
             if i == n_blocks - 1:
@@ -112,7 +121,7 @@ class _ConvStack(torch.autograd.Function):
                                      batch_stats=training or rm is None, update_running=training and rm is not None,
                                      momentum=config["momentum"], eps=config["eps"], factor=factor))
             keeps.append(graphs.keep_mask(_keep_spec(seed, i, z.shape, p), z))
-        ctx.save_for_backward(x, *conv_weights, *zs[:-1])
+        ctx.save_for_backward(x, *conv_weights, *zs[:-1], *made[1:])
         ctx.graphs, ctx.terms, ctx.keeps, ctx.factor = graphs, terms, keeps, factor
         ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
         ctx.dilation, ctx.n_blocks, ctx.param_dtypes = dil, n_blocks, [t.dtype for t in params]
@@ -123,7 +132,8 @@ class _ConvStack(torch.autograd.Function):
     def backward(ctx, grad_z):
         n_blocks, graphs, terms, keeps, dil = ctx.n_blocks, ctx.graphs, ctx.terms, ctx.keeps, ctx.dilation
         saved = ctx.saved_tensors
-        x, weights, zs = saved[0], saved[1:1 + n_blocks], saved[1 + n_blocks:]
+        x, weights = saved[0], saved[1:1 + n_blocks]
+        zs, made = saved[1 + n_blocks:2 * n_blocks], (None, *saved[2 * n_blocks:])  # made[i]: a_{i-1} or None
         d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * (n_blocks - 1), [None] * (n_blocks - 1)
         dy, dx = grad_z, None  # the top block's dz, then each block's (g, z, eq) for BatchNorm backward's apply
         for i in range(n_blocks - 1, -1, -1):
@@ -131,14 +141,23 @@ class _ConvStack(torch.autograd.Function):
                 inp, prologue = x.to(graphs.compute_dtype(x.dtype)), None
             else:
                 inp, prologue = zs[i - 1], (terms[i - 1], keeps[i - 1])
-            if ctx.needs_input_grad[3 + i]:
-                d_weights[i] = graphs.wgrad(inp, weights[i].shape, dy, dil, prologue)
+            need_w, runs_dgrad = ctx.needs_input_grad[3 + i], i > 0 or ctx.needs_input_grad[2]
+            # dgrad makes dz from BatchNorm backward's terms anyway; pieces that store operands write it for wgrad
+            dz = None
+            if need_w and runs_dgrad and graphs.stores_operands and not isinstance(dy, torch.Tensor):
+                dz = graphs.new_map(dy[0])
+            made_out = {} if dz is None else {"made_out": dz}
             if i > 0:
                 g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
-                    dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]))
+                    dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]),
+                    **made_out)
+            elif runs_dgrad:
+                dx = graphs.dgrad(dy, weights[0], x.shape, dil, **made_out).to(x.dtype)
+            if need_w:
+                a, a_prologue = (inp, prologue) if made[i] is None else (made[i], None)
+                d_weights[i] = graphs.wgrad(a, weights[i].shape, dy if dz is None else dz, dil, a_prologue)
+            if i > 0:
                 dy = (g, inp, *eq)
-            elif ctx.needs_input_grad[2]:
-                dx = graphs.dgrad(dy, weights[0], x.shape, dil).to(x.dtype)
         # gamma_eff = gamma * factor: the chain rule's factor, then each parameter's own dtype
         d_gammas = [None if d is None else d * ctx.factor for d in d_gammas]
         d_betas = [None if d is None else d * ctx.factor for d in d_betas]

@@ -115,6 +115,8 @@ class TorchGraphs:
     # whether the top block's mask may be drawn afresh (bn_relu_dropout_drawn's keep bits, the fastest) rather than
     # as the (seed, offset) mask the torch pieces and conv_stack_ref draw
     fresh_top_mask = False
+    # whether fprop and dgrad write the filter gradient's operands for it (made_out: TritonGraphs' "stored")
+    stores_operands = False
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -163,6 +165,7 @@ class CudnnGraphs:
 
     name = "cudnn"
     fresh_top_mask = True  # its interior masks are cuDNN's own anyway
+    stores_operands = False
 
     def __init__(self, extension, device: torch.device, io_dtype: torch.dtype, plans: int = 1, mask: str = "rng"):
         if mask not in MASK_MODES:

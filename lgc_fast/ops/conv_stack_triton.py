@@ -6,7 +6,10 @@ TorchGraphs and CudnnGraphs; lgc_fast/ops/conv_stack.py says how they chain):
   dgrad   the same kernel on the filter rotated by 180 degrees (stride 1, symmetric padding), with BatchNorm
           backward's apply, dz = eq_dy * g + eq_x * z + eq_b, as the prologue and, for an interior block, the previous
           block's dropout and ReLU gates and BatchNorm's backward sums as the epilogue;
-  wgrad   kernels/fused_conv_wgrad.py, with both prologues (split over the pixels, partial blocks added in float64).
+  wgrad   kernels/fused_conv_wgrad.py, split over the pixels (partial blocks added in float64), on the activation and
+          dz as fprop and dgrad stored them (operands="stored": their kernels write each value once, at the centre
+          tap, and the filter gradient's loop is a plain GEMM's) or made again in its own prologues ("remade": no
+          activation kept, the prologues run at each of the r*r taps).
 
 Maps are channels_last in the io dtype (x's: float32, float16, bfloat16 or float64) with per-channel terms in
 float32 (float64 for float64); the keep masks are keep bits, 1 bit a value, kept from the forward for the backward.
@@ -25,6 +28,7 @@ from lgc_fast.ops.bn_relu_dropout import fused_backend, pack_keep_mask, random_k
 from lgc_fast.ops.conv_stack_graphs import BnTerms, KeepSpec, bn_backward_eq, keep_tensor
 
 KEEP_MODES = ("fresh", "seeded")
+OPERAND_MODES = ("stored", "remade")
 _CL = torch.channels_last
 
 
@@ -55,14 +59,20 @@ class TritonGraphs:
     """The pieces as Triton kernels on maps of `io_dtype` (module docstring). `masks`: "fresh" draws each interior
     block's keep bits from torch's generator (the compiled kernels' packed draw where they run: the fast way);
     "seeded" packs the mask of conv_stack's (seed, offset) KeepSpec, the one conv_stack_ref draws (a float map
-    drawn and packed: for tests that compare with it)."""
+    drawn and packed: for tests that compare with it). `operands`: how the filter gradient gets its operands
+    (module docstring): "stored" keeps each interior block's activation from the forward (one map a block) and has
+    dgrad write dz; "remade" makes both again in the filter gradient's prologues."""
 
     name = "triton"
 
-    def __init__(self, io_dtype: torch.dtype, masks: str = "fresh"):
+    def __init__(self, io_dtype: torch.dtype, masks: str = "fresh", operands: str = "stored"):
         if masks not in KEEP_MODES:
             raise ValueError(f"masks must be one of {', '.join(KEEP_MODES)}, not {masks!r}")
-        self.io, self.masks = io_dtype, masks
+        if operands not in OPERAND_MODES:
+            raise ValueError(f"operands must be one of {', '.join(OPERAND_MODES)}, not {operands!r}")
+        self.io, self.masks, self.operands = io_dtype, masks, operands
+        # conv_stack asks fprop and dgrad for the filter gradient's operands (made_out) where this is set
+        self.stores_operands = operands == "stored"
         self.acc = torch.float64 if io_dtype == torch.float64 else torch.float32
         # the top block's mask may be drawn afresh where the interior ones are
         self.fresh_top_mask = masks == "fresh"
@@ -90,6 +100,10 @@ class TritonGraphs:
     def _empty(self, shape, device) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=self.io, device=device, memory_format=_CL)
 
+    def new_map(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty map of `like`'s shape as the kernels write it (made_out)."""
+        return self._empty(like.shape, like.device)
+
     def _bn_prologue(self, prologue):
         if prologue is None:
             return None
@@ -104,14 +118,15 @@ class TritonGraphs:
         kernels = _kernels()
         return self._map(g), kernels.DbnPrologue(self._map(z), *(self._vector(v) for v in (eq_dy, eq_x, eq_b)))
 
-    def fprop(self, inp, w, dilation, prologue=None):
-        """(z, sum, sq_sum) of conv(prologue(inp), w) (TorchGraphs.fprop)."""
+    def fprop(self, inp, w, dilation, prologue=None, made_out=None):
+        """(z, sum, sq_sum) of conv(prologue(inp), w) (TorchGraphs.fprop); with made_out (``new_map(inp)``, a
+        prologue given) the activation prologue(inp) written there too."""
         kernels, x = _kernels(), self._map(inp)
         n, _, h, width = x.shape
         z = self._empty((n, w.shape[0], h, width), x.device)
         sums = kernels.new_partial_sums(n, h, width, w.shape[0], self.acc, x.device)
         kernels.fused_conv_triton(x, kernels.pack_filter(w), w.shape[-1], dilation, z,
-                                  prologue=self._bn_prologue(prologue), sums=sums)
+                                  prologue=self._bn_prologue(prologue), sums=sums, prologue_out=made_out)
         return z, kernels.add_partials(sums[0], self.acc), kernels.add_partials(sums[1], self.acc)
 
     def wgrad(self, inp, w_shape, dy, dilation, prologue=None):
@@ -121,21 +136,23 @@ class TritonGraphs:
         return wgrad.fused_conv_wgrad_triton(self._map(inp), dz, w_shape[-1], dilation,
                                              prologue=self._bn_prologue(prologue), dbn=dbn)
 
-    def dgrad(self, dy, w, in_shape, dilation, epilogue=None):
+    def dgrad(self, dy, w, in_shape, dilation, epilogue=None, made_out=None):
         """The input gradient (TorchGraphs.dgrad): da, or with an epilogue (z_prev, BnTerms, keep bits, batch_stats)
-        (g, dgamma_eff, dbeta_eff, (eq_dy, eq_x, eq_b)) of the previous block."""
+        (g, dgamma_eff, dbeta_eff, (eq_dy, eq_x, eq_b)) of the previous block; with made_out (``new_map(g)``, dy
+        BatchNorm backward's (g, z, eq_dy, eq_x, eq_b)) its dz written there too."""
         kernels = _kernels()
         dz, dbn = self._dbn(dy)
         n, c, h, width = in_shape
         out = self._empty(in_shape, dz.device)
         w_packed = kernels.pack_filter(w, transposed=True)
         if epilogue is None:
-            kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn)
+            kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn, prologue_out=made_out)
             return out
         z_prev, terms, keep_bits, batch_stats = epilogue
         terms = BnTerms(*(self._vector(v) for v in terms))
         gate = kernels.Gate(self._map(z_prev), terms.s, terms.b, terms.mean, terms.invstd, keep_bits)
         sums = kernels.new_partial_sums(n, h, width, c, self.acc, dz.device)
-        kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn, gate=gate, sums=sums)
+        kernels.fused_conv_triton(dz, w_packed, w.shape[-1], dilation, out, prologue=dbn, gate=gate, sums=sums,
+                                  prologue_out=made_out)
         dgamma, dbeta = kernels.add_partials(sums[0], self.acc), kernels.add_partials(sums[1], self.acc)
         return out, dgamma, dbeta, bn_backward_eq(terms, dgamma, dbeta, n * h * width, batch_stats)

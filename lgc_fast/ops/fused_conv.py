@@ -164,12 +164,12 @@ def _triton_backward_op(grad_z: torch.Tensor, grad_sum: Optional[torch.Tensor], 
                         shift: Optional[torch.Tensor], keep_bits: Optional[torch.Tensor], z: torch.Tensor,
                         dilation: int, need_x: bool, need_w: bool,
                         need_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The triton backend's backward as the kernels of conv_stack's Triton pieces compute it: z's total gradient,
-    grad_z + grad_sum + 2 * grad_sq * z, is BatchNorm backward's apply form (eq_dy = 1, eq_x = 2 * grad_sq, eq_b =
-    grad_sum), made in both gradient kernels' prologues; the input gradient's gate epilogue (mean 0, invstd 1) gives
-    g_pre = da * keep where x * scale + shift > 0 and its sums of g_pre * x (d_scale) and g_pre (d_shift); dx =
-    g_pre * scale. -> (dx, dw, d_scale, d_shift), each (0,) where not asked for (d_scale, d_shift also without a
-    prologue)."""
+    """The triton backend's backward as the kernels of conv_stack's Triton pieces compute it: z's total gradient, grad_z
+    + grad_sum + 2 * grad_sq * z, is BatchNorm backward's apply form (eq_dy = 1, eq_x = 2 * grad_sq, eq_b = grad_sum),
+    made in the input gradient's prologue, which writes it for the filter gradient (in the filter gradient's own
+    prologue where the input gradient does not run); the input gradient's gate epilogue (mean 0, invstd 1) gives g_pre =
+    da * keep where x * scale + shift > 0 and its sums of g_pre * x (d_scale) and g_pre (d_shift); dx = g_pre * scale.
+    -> (dx, dw, d_scale, d_shift), each (0,) where not asked for (d_scale, d_shift also without a prologue)."""
     kernels = importlib.import_module("lgc_fast.kernels.fused_conv")
     wgrad = importlib.import_module("lgc_fast.kernels.fused_conv_wgrad")
     ct = _compute_dtype(x.dtype)
@@ -186,23 +186,29 @@ def _triton_backward_op(grad_z: torch.Tensor, grad_sum: Optional[torch.Tensor], 
     if scale is not None:
         prologue = kernels.BnPrologue(scale.to(ct).contiguous(), shift.to(ct).contiguous(), keep_bits)
     dx, dw, d_scale, d_shift = (x.new_empty(0) for _ in range(4))
-    if need_w:
-        dw = wgrad.fused_conv_wgrad_triton(x, grad, r, dilation, prologue=prologue, dbn=dbn).to(weight.dtype)
+    # the input gradient runs first: where it makes z's total gradient anyway, it writes it for the filter gradient
+    dz = None
     if need_x or (need_affine and prologue is not None):
+        dz = torch.empty_like(grad) if need_w and dbn is not None else None
         out = torch.empty_like(x, memory_format=torch.channels_last)
         w_packed = kernels.pack_filter(weight, transposed=True)
         if prologue is None:
-            kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn)
-            return out, dw, d_scale, d_shift
-        gate = kernels.Gate(x, prologue.scale, prologue.shift, torch.zeros(c_in, dtype=ct, device=x.device),
-                            torch.ones(c_in, dtype=ct, device=x.device), keep_bits)
-        sums = kernels.new_partial_sums(x.shape[0], x.shape[2], x.shape[3], c_in, ct, x.device)
-        kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn, gate=gate, sums=sums)
-        if need_x:
-            dx = (out.to(ct) * _channel(prologue.scale, ct)).to(x.dtype)
-        if need_affine:
-            d_scale = kernels.add_partials(sums[0], scale.dtype)
-            d_shift = kernels.add_partials(sums[1], shift.dtype)
+            kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn, prologue_out=dz)
+            dx = out
+        else:
+            gate = kernels.Gate(x, prologue.scale, prologue.shift, torch.zeros(c_in, dtype=ct, device=x.device),
+                                torch.ones(c_in, dtype=ct, device=x.device), keep_bits)
+            sums = kernels.new_partial_sums(x.shape[0], x.shape[2], x.shape[3], c_in, ct, x.device)
+            kernels.fused_conv_triton(grad, w_packed, r, dilation, out, prologue=dbn, gate=gate, sums=sums,
+                                      prologue_out=dz)
+            if need_x:
+                dx = (out.to(ct) * _channel(prologue.scale, ct)).to(x.dtype)
+            if need_affine:
+                d_scale = kernels.add_partials(sums[0], scale.dtype)
+                d_shift = kernels.add_partials(sums[1], shift.dtype)
+    if need_w:
+        grad, dbn = (grad, dbn) if dz is None else (dz, None)
+        dw = wgrad.fused_conv_wgrad_triton(x, grad, r, dilation, prologue=prologue, dbn=dbn).to(weight.dtype)
     return dx, dw, d_scale, d_shift
 
 
