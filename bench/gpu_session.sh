@@ -58,9 +58,10 @@
 #          every kept config of the release's 128-channel layer once, tests/test_fused_conv_configs.py), then
 #          bench_fused_conv.py at batch 128 bf16 for the four layer shapes: the plain kernel against cuDNN's
 #          convolution (can our own convolution keep up?) and the fused block against lgc_fast's epilogue passes plus
-#          cuDNN (what it saves); the fused input- and filter-gradient kernels against cuDNN's plain gradients. Then
-#          conv_stack's Triton pieces: tests/test_conv_stack_triton.py, bench_conv_stack.py (the global subnet's seven
-#          blocks, Triton pieces against cuDNN's graphs and the modules in the same run) and the training step at
+#          cuDNN (what it saves); the fused input- and filter-gradient kernels against cuDNN's plain gradients (the
+#          filter gradient on stored operands and with them remade). Then conv_stack's Triton pieces:
+#          tests/test_conv_stack_triton.py, bench_conv_stack.py (the global subnet's seven blocks, Triton pieces with
+#          stored and remade operands against cuDNN's graphs and the modules in the same run) and the training step at
 #          batch 128 with the blocks as Triton stacks against lgc_fast-fused and the cuDNN stacks.
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
