@@ -62,7 +62,9 @@
 #          filter gradient on stored operands and with them remade). Then conv_stack's Triton pieces:
 #          tests/test_conv_stack_triton.py, bench_conv_stack.py (the global subnet's seven blocks, Triton pieces with
 #          stored and remade operands against cuDNN's graphs and the modules in the same run) and the training step at
-#          batch 128 with the blocks as Triton stacks against lgc_fast-fused and the cuDNN stacks.
+#          batch 128 with the blocks as Triton stacks against lgc_fast-fused and the cuDNN stacks. FUSED_CONV_STEPS
+#          picks among tests, kernels, stack and train (default: all four, in that order; the tests compile every
+#          kept config of each mode, so one or two steps a device call keep each call under its 10 minutes).
 # Results go to bench/results/<device>.json and its Markdown table (bench/run.py --render-only); logs and copies of
 # the results to ./gpu_logs, and where $OUT (the device tool's output folder, which returns 8 files at most) is set,
 # all of them as $OUT/gpu_logs.tgz.
@@ -208,13 +210,22 @@ if [[ $what == epilogue ]]; then
 fi
 
 if [[ $what == fused_conv ]]; then
-  python -m pytest -q -rs tests/test_fused_conv.py tests/test_fused_conv_configs.py tests/test_conv_stack_triton.py \
-    >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
-  tail -3 "$LOGS/gpu_tests_fused_conv.log"
-  python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1
-  python bench/bench_conv_stack.py --cudnn-plans 1 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1
-  python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 \
-    --modes lgc_fast-fused lgc_fast-stacks lgc_fast-triton-stacks 2>&1 | tee "$LOGS/bench_train_triton.txt" || status=1
+  for step in ${FUSED_CONV_STEPS:-tests kernels stack train}; do
+    case $step in
+      tests)
+        python -m pytest -q -rs tests/test_fused_conv.py tests/test_fused_conv_configs.py \
+          tests/test_conv_stack_triton.py >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
+        tail -3 "$LOGS/gpu_tests_fused_conv.log" ;;
+      kernels) python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1 ;;
+      stack)
+        python bench/bench_conv_stack.py --cudnn-plans 1 2>&1 | tee "$LOGS/bench_conv_stack.txt" || status=1 ;;
+      train)
+        python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 \
+          --modes lgc_fast-fused lgc_fast-stacks lgc_fast-triton-stacks 2>&1 | tee "$LOGS/bench_train_triton.txt" \
+          || status=1 ;;
+      *) echo "FUSED_CONV_STEPS: no step '$step' (tests, kernels, stack, train)" >&2; status=1 ;;
+    esac
+  done
 fi
 
 python bench/run.py --render-only >"$LOGS/render.txt" 2>&1 || status=1
