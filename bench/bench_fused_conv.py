@@ -205,13 +205,16 @@ def sm90_report(args):
                 bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
                               HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
-                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, STORE_PROLOGUE=store, **config.kwargs)
+                              E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, STORE_PROLOGUE=store,
+                              WHOLE_K=kernels.whole_chunks(c_out if prologue == kernels.PROLOGUE_DBN else c_in, 64),
+                              WHOLE_N=kernels.whole_chunks(n_out, 128), **config.kwargs)
                 report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}")
         for piece, prologues in (("wgrad (stored operands)", False), ("wgrad+prologue+dbn", True)):
             for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
                                                         torch.bfloat16.itemsize, prologues, prologues):
                 bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologues, HAS_KEEP=prologues, DBN=prologues,
+                              WHOLE_M=kernels.whole_chunks(c_in, 128), WHOLE_N=kernels.whole_chunks(c_out, 128),
                               **config.kwargs)
                 report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}")
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows

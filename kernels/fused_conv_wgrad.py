@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lgc_fast.kernels.dilated_conv import SHARED_MEMORY_LIMIT, input_precision
 from lgc_fast.kernels.fused_conv import (TensorDescriptor, add_partials, bn_activation, dbn_gradient, launch_tile,
-                                        nhwc, pixel_index, tuned, word_keep_bits)
+                                        nhwc, pixel_index, tuned, whole_chunks, word_keep_bits)
 
 _INTERPRET_TILE = dict(BH=8, BW=8, BM=32, BN=32)  # the interpreter's tile (upper bounds)
 _WAVES = 4  # programs to aim at, in waves over the SMs; the splits of K follow from it
@@ -33,8 +33,8 @@ def fused_conv_wgrad_kernel(
     x_desc, g_desc, z_desc, dw_ptr, s_ptr, b_ptr, keep_ptr, eq_dy_ptr, eq_x_ptr, eq_b_ptr,
     n_img, height, width, c_in, c_out,
     KSIZE: tl.constexpr, DILATION: tl.constexpr, PROLOGUE: tl.constexpr, HAS_KEEP: tl.constexpr,
-    DBN: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    USE_INT64: tl.constexpr,
+    DBN: tl.constexpr, WHOLE_M: tl.constexpr, WHOLE_N: tl.constexpr, ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, USE_INT64: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     BK: tl.constexpr = BH * BW
@@ -76,12 +76,13 @@ def fused_conv_wgrad_kernel(
             iw = w0 + dw + row_w
             inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
             pix = pixel_index(img, h0 + dh, w0 + dw, row_h, row_w, height, width, USE_INT64)
-            a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, BM).to(dot_dtype)
+            a = bn_activation(a, s_ptr, b_ptr, keep_ptr, pix, offs_m, m0, c_in, inside, ct, HAS_KEEP, BM,
+                              WHOLE_M).to(dot_dtype)
         dz = tl.reshape(g_desc.load([img, h0, w0, n0]), (BK, BN))
         if DBN:
             valid = ((h0 + row_h) < height) & ((w0 + row_w) < width)
             z = tl.reshape(z_desc.load([img, h0, w0, n0]), (BK, BN))
-            dz = dbn_gradient(dz, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_n, c_out, valid, ct).to(dot_dtype)
+            dz = dbn_gradient(dz, z, eq_dy_ptr, eq_x_ptr, eq_b_ptr, offs_n, c_out, valid, ct, WHOLE_N).to(dot_dtype)
         a_t = tl.trans(a)
         if DOT_IN_FP32:
             a_t = a_t.to(tl.float32)
@@ -213,7 +214,8 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
             keep_bits if keep_bits is not None else filler,
             *(dbn[1:] if dbn is not None else (filler, filler, filler)), n, h, w, c_in, c_out)
     flags = dict(KSIZE=ksize, DILATION=dilation, PROLOGUE=prologue is not None, HAS_KEEP=keep_bits is not None,
-                 DBN=dbn is not None, ACC_FP64=x.dtype == torch.float64,
+                 DBN=dbn is not None, WHOLE_M=whole_chunks(c_in, 128), WHOLE_N=whole_chunks(c_out, 128),
+                 ACC_FP64=x.dtype == torch.float64,
                  INPUT_PRECISION=input_precision(x.dtype, x.device),
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,  # as kernels/fused_conv.py says why
                  USE_INT64=n * max(c_in, c_out) * h * w >= 2**31)

@@ -124,7 +124,8 @@ def fused_conv_cases() -> None:
     the forward as a plain convolution and with the BatchNorm / ReLU / dropout prologue and the statistics, the input
     gradient with BatchNorm backward's apply and the gate epilogue, both with and without storing the prologue's
     result, and the filter gradient on plain operands, with the activation's prologue and with both prologues; each
-    descriptor's box is its config's tile."""
+    descriptor's box is its config's tile. 128 channels make every chunk whole (WHOLE_*: no masks); in bfloat16 the
+    two stored modes also compile for chunks that may run past the channels (the general path, as for 136)."""
     k = fused_conv
     modes = [("forward plain", k.PROLOGUE_NONE, k.EPILOGUE_STATS, False),
              ("forward prologue", k.PROLOGUE_BN, k.EPILOGUE_STATS, False),
@@ -138,10 +139,13 @@ def fused_conv_cases() -> None:
         element_size = torch.tensor([], dtype=dtype).element_size()
         common = dict(KSIZE=3, DILATION=4, ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision,
                       DOT_IN_FP32=False, USE_INT64=False)
-        for name, prologue, epilogue, store in modes:
+        partial = [(f"{name}, partial chunks", *rest, False) for name, *rest in modes if rest[-1]]
+        for name, prologue, epilogue, store, whole in [(*m, True) for m in modes] + (
+                partial if dtype == torch.bfloat16 else []):
             for config in k.kept_configs(k.gpu_configs(), 128, element_size, prologue, epilogue, store)[:2]:
                 meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue == k.PROLOGUE_BN, EPILOGUE=epilogue,
-                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, STORE_PROLOGUE=store, **config.kwargs)
+                            E_HAS_KEEP=epilogue == k.EPILOGUE_GATE, STORE_PROLOGUE=store, WHOLE_K=whole,
+                            WHOLE_N=whole, **config.kwargs)
                 bound = k.shared_bytes_bound(config, element_size, prologue, epilogue, store)
                 compile_sm90(k.fused_conv_kernel, k.signature_types(PTR[dtype][1:], acc, config), meta,
                              config.num_warps, config.num_stages, f"{dtype} {config.kwargs} {name}",
@@ -149,7 +153,8 @@ def fused_conv_cases() -> None:
         wgrad = fused_conv_wgrad
         for name, prologue, dbn in wgrad_modes:
             for config in wgrad.kept_configs(wgrad.gpu_configs(), 128, 128, element_size, dbn, prologue)[:2]:
-                meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue, DBN=dbn, **config.kwargs)
+                meta = dict(common, PROLOGUE=prologue, HAS_KEEP=prologue, DBN=dbn, WHOLE_M=True, WHOLE_N=True,
+                            **config.kwargs)
                 compile_sm90(wgrad.fused_conv_wgrad_kernel, wgrad.signature_types(PTR[dtype][1:], acc, config), meta,
                              config.num_warps, config.num_stages, f"{dtype} {config.kwargs} filter gradient {name}",
                              extra={"shared_bound_bytes": wgrad.shared_bytes_bound(config, element_size, dbn,
