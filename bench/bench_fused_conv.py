@@ -28,7 +28,8 @@ same baseline in torch at a small batch, to keep the script runnable anywhere; t
 prologue and gate, also storing dz; the filter gradient on plain operands and with both prologues) and reports
 registers, spilled bytes, shared memory, the wgmma / TMA instruction counts, the machine instructions of one iteration
 of the MMA loop (loop_sass: with 8 warps, 2 x loop_sass issue cycles a SM against the about 500 of a 128 x 128 x 64 bf16
-MMA step at the datasheet peak) and whether ptxas serialises the wgmmas.
+MMA step at the datasheet peak) and whether ptxas serialises the wgmmas. Each compile is specialised as a launch at
+the GPU's batch (128) would be: pointers and the integers that are multiples of 16 (96, 128) marked so.
 
 Usage: python bench/bench_fused_conv.py [--quick | --sm90-report] [--batch 128] [--layers global local3 ...]
 Writes key "fused_conv" (or "fused_conv_sm90_compile") of bench/results/<device-slug>.json.
@@ -185,11 +186,15 @@ def sm90_report(args):
     common = dict(ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False)
     rows = []
 
-    def report(fn, consts, config, layer, piece, tile):
+    def report(fn, consts, config, layer, piece, tile, ints):
+        """ints: the integer arguments' values at the layer's shape, for the launcher's specialisation."""
         types = (kernels if fn is kernels.fused_conv_kernel else fused_conv_wgrad).signature_types("bf16", "fp32",
                                                                                                  config)
         signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
-        res = sm90_resources(fn, signature, consts, {}, config.num_warps, config.num_stages)
+        # what a launch tells the compiler: pointers (torch's allocations) and integers that are multiples of 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in consts
+                 and (types[name].startswith("*") or ints.get(name, 1) % 16 == 0)}
+        res = sm90_resources(fn, signature, consts, attrs, config.num_warps, config.num_stages)
         ptx = res.pop("ptx")
         rows.append(dict(layer=layer, piece=piece, tile=tile, num_warps=config.num_warps,
                          num_stages=config.num_stages, **res, wgmma=ptx.count("wgmma.mma_async"),
@@ -199,16 +204,17 @@ def sm90_report(args):
         c_in, c_out, k, dil = LAYERS[layer]
         for piece, prologue, epilogue, store in modes:
             # the input gradient's GEMM runs from Cout to Cin
-            n_out = c_in if prologue == kernels.PROLOGUE_DBN else c_out
+            gemm_k, n_out = (c_out, c_in) if prologue == kernels.PROLOGUE_DBN else (c_in, c_out)
             for config in kernels.kept_configs(kernels.gpu_configs(), n_out, torch.bfloat16.itemsize, prologue,
                                                epilogue, store):
                 bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
                               HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
                               E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, STORE_PROLOGUE=store,
-                              WHOLE_K=kernels.whole_chunks(c_out if prologue == kernels.PROLOGUE_DBN else c_in, 64),
+                              WHOLE_K=kernels.whole_chunks(gemm_k, 64),
                               WHOLE_N=kernels.whole_chunks(n_out, 128), **config.kwargs)
-                report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}")
+                report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}",
+                       dict(height=args.hw, width=args.hw, c_in=gemm_k, c_out=n_out))
         for piece, prologues in (("wgrad (stored operands)", False), ("wgrad+prologue+dbn", True)):
             for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
                                                         torch.bfloat16.itemsize, prologues, prologues):
@@ -216,7 +222,8 @@ def sm90_report(args):
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologues, HAS_KEEP=prologues, DBN=prologues,
                               WHOLE_M=kernels.whole_chunks(c_in, 128), WHOLE_N=kernels.whole_chunks(c_out, 128),
                               **config.kwargs)
-                report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}")
+                report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}",
+                       dict(n_img=args.batch, height=args.hw, width=args.hw, c_in=c_in, c_out=c_out))
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows
 
 
@@ -230,7 +237,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.quick:
         args.batch, args.hw, args.layers, args.reps = args.batch or 2, 32, args.layers[:2], 3
-    args.batch = args.batch or (128 if device.type == "cuda" else 4)
+    args.batch = args.batch or (128 if device.type == "cuda" or args.sm90_report else 4)
 
     if args.sm90_report:
         measured_on, rows = sm90_report(args)
