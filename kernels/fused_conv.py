@@ -30,8 +30,8 @@ it as a plain operand instead of making it again for each of its r*r taps (its M
 fivefold: ``bench_fused_conv.py --sm90-report``).
 Where no channel chunk runs past the channel count and a chunk's keep flags lie in whole 64-bit words (WHOLE_K for the
 input's chunks, WHOLE_N for the output's: ``whole_chunks``, true for the release's 128-channel layers), the
-per-channel vectors and the keep words load without masks, bounds or shifts: a fifth fewer instructions in the
-forward's loop with its prologue, and the input gradient's gate epilogue no longer spills.
+per-channel vectors and the keep words load without masks, bounds or shifts: about a fifth fewer instructions in the
+forward's loop with its prologue, and the input gradient's gate epilogue no longer spills (``--sm90-report``).
 
 Epilogues (EPILOGUE), the output stored by descriptor (clipped to the image) or, without a prologue, by pointer:
   EPILOGUE_STATS  each program writes the sums over its pixels of z and z * z, as stored (rounded to z's dtype), to
