@@ -8,6 +8,9 @@ dilation 4; the local subnet's 3x3 and 5x5), bf16 channels_last, batch --batch (
            (statistics pass + apply pass writing the activation, keep bits given) and then F.conv2d
   block+store : the same kernel also writing the activation for the filter gradient, as conv_stack's training
            forward runs it (TritonGraphs.fprop with made_out)                      vs the same baseline
+  block+store vs apply : the same                                                  vs a separate apply pass
+           (lgc_fast's epilogue in eval form: the same read and write, no mask) and then F.conv2d: whether the
+           prologue still pays now that the activation is written anyway
   dgrad  : the input-gradient kernel with BatchNorm backward's apply from (g, z) as its prologue, the previous
            block's gates and BatchNorm sums as its epilogue, and dz written for the filter gradient (conv_stack's
            TritonGraphs.dgrad with made_out)                                        vs cuDNN's plain input gradient
@@ -103,6 +106,15 @@ def _backward_operands(c, gen):
     return g, z, *eq
 
 
+def _apply_then_conv(c):
+    """The activation by a separate pass (lgc_fast's epilogue with running statistics: one read of z_prev, one write),
+    then cuDNN's convolution."""
+    n_ch = c["z_prev"].shape[1]
+    mean, var = (torch.zeros(n_ch, device=c["z_prev"].device), torch.ones(n_ch, device=c["z_prev"].device))
+    a = bn_relu_dropout(c["z_prev"], mean, var, c["gamma"], c["beta"], training=False)
+    return F.conv2d(a, c["weight"], padding=c["dil"] * (c["k"] // 2), dilation=c["dil"])
+
+
 def _stored_variants(c, gen):
     """The Triton pieces as conv_stack's training step runs them (TritonGraphs' stored operands), and the filter
     gradient with its operands remade."""
@@ -116,6 +128,7 @@ def _stored_variants(c, gen):
     cudnn_wgrad = lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy[0], padding=pad, dilation=dil)  # noqa: E731
     return {
         "block+store": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a), lambda: _epilogue_then_conv(c)),
+        "block+store vs apply": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a), lambda: _apply_then_conv(c)),
         "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True), made_out=dz),
                   lambda: torch.nn.grad.conv2d_input(x.shape, w, dy[0], padding=pad, dilation=dil)),
         "wgrad": (lambda: pieces.wgrad(a, w.shape, dz, dil), cudnn_wgrad),

@@ -212,8 +212,9 @@ fi
 if [[ $what == fused_conv ]]; then
   for step in ${FUSED_CONV_STEPS:-tests kernels stack train}; do
     case $step in
-      tests)
-        python -m pytest -q -rs tests/test_fused_conv.py tests/test_fused_conv_configs.py \
+      tests)  # xdist workers compile the kernels' configs side by side, where xdist is installed
+        parallel=$(python -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
+        python -m pytest -q -rs $parallel tests/test_fused_conv.py tests/test_fused_conv_configs.py \
           tests/test_conv_stack_triton.py >"$LOGS/gpu_tests_fused_conv.log" 2>&1 || status=1
         tail -3 "$LOGS/gpu_tests_fused_conv.log" ;;
       kernels) python bench/bench_fused_conv.py 2>&1 | tee "$LOGS/bench_fused_conv.txt" || status=1 ;;
