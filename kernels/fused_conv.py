@@ -292,16 +292,17 @@ def gpu_configs():
 
 def shared_bytes_bound(config, element_size: int, prologue: int = PROLOGUE_NONE,
                        epilogue: int = EPILOGUE_STATS, store_prologue: bool = False) -> int:
-    """num_stages buffers of the input (BH*BW x BK; two maps for the dBN prologue) and filter (BN x BK) boxes, plus the
-    output box the store stages (and the gate's box of the previous z, and the box of the prologue's result where it is
-    stored). The prologue's result, which the MMA reads from shared memory, is not counted: the output boxes, counted as
-    if live with the loop's buffers, are not, and cover it (the compiled kernels of ``bench_fused_conv.py
-    --sm90-report`` use less than this bound)."""
+    """The larger of the loop's buffers and the epilogue's, plus 1 KiB for barriers and scratch: the epilogue's boxes
+    reuse the loop's shared memory once it ends (as the compiled kernels of ``bench_fused_conv.py --sm90-report``
+    show). The loop's: num_stages buffers of the input (BH*BW x BK; two maps for the dBN prologue) and filter (BN x BK)
+    boxes, the prologue's result, which the MMA reads from shared memory, and the box it is stored from
+    (STORE_PROLOGUE); the epilogue's: the output box the store stages and the gate's box of the previous z."""
     bh, bw, bn, bk = (config.kwargs[name] for name in ("BH", "BW", "BN", "BK"))
     a_maps = 2 if prologue == PROLOGUE_DBN else 1
+    made_boxes = (prologue != PROLOGUE_NONE) + store_prologue
+    loop = config.num_stages * (a_maps * bh * bw * bk + bk * bn) + made_boxes * bh * bw * bk
     out_boxes = 2 if epilogue == EPILOGUE_GATE else 1
-    stored = bh * bw * bk if store_prologue else 0
-    return (config.num_stages * (a_maps * bh * bw * bk + bk * bn) + out_boxes * bh * bw * bn + stored) * element_size
+    return max(loop, out_boxes * bh * bw * bn) * element_size + 1024
 
 
 def prune_configs(configs, named_args, **kwargs):

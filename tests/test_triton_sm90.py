@@ -38,10 +38,9 @@ def test_every_kernel_compiles_for_sm90(python):
     if header["tensor_descriptors"]:
         kernels |= {"fused_conv_kernel", "fused_conv_wgrad_kernel"}
         # four dtypes, two configs: the forward plain, with the prologue and with it stored, the input gradient with
-        # and without storing dz, the filter gradient plain, with one and with both prologues; where fewer configs fit
-        # the shared memory, one (float32's stored input gradient; float64's gradients); in bfloat16 the two stored
-        # modes again with partial chunks
-        count += 64
+        # and without storing dz, the filter gradient plain, with one and with both prologues (float64's with both
+        # keeps one config within the shared memory); in bfloat16 the two stored modes again with partial chunks
+        count += 67
     assert {c["kernel"] for c in compiled} == kernels
     assert len(compiled) == count
     for c in compiled:
