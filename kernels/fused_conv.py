@@ -315,13 +315,19 @@ def prune_configs(configs, named_args, **kwargs):
 def kept_configs(configs, c_out: int, element_size: int, prologue: int = PROLOGUE_NONE,
                  epilogue: int = EPILOGUE_STATS, store_prologue: bool = False):
     """128-byte input rows; channel tiles far wider than Cout only add masked work; tiles over the shared memory
-    fail at launch (keep the smallest where none fits)."""
+    fail at launch (keep the smallest where none fits); the gate epilogue holds the previous z's tile beside the
+    accumulator, and with more than 64 accumulator values a thread it spills (the sm_90 report: 472 bytes at 128 x 128
+    with 4 warps)."""
     def shared(c):
         return shared_bytes_bound(c, element_size, prologue, epilogue, store_prologue)
 
+    def accumulator_per_thread(c):
+        return c.kwargs["BH"] * c.kwargs["BW"] * c.kwargs["BN"] // (32 * c.num_warps)
+
     rows = [c for c in configs if c.kwargs["BK"] * element_size == 128]
     kept = [c for c in rows if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))
-            and shared(c) <= SHARED_MEMORY_LIMIT]
+            and shared(c) <= SHARED_MEMORY_LIMIT
+            and (epilogue != EPILOGUE_GATE or accumulator_per_thread(c) <= 64)]
     return kept or [min(rows, key=shared)]
 
 
