@@ -106,11 +106,9 @@ def _backward_operands(c, gen):
     return g, z, *eq
 
 
-def _apply_then_conv(c):
-    """The activation by a separate pass (lgc_fast's epilogue with running statistics: one read of z_prev, one write),
-    then cuDNN's convolution."""
-    n_ch = c["z_prev"].shape[1]
-    mean, var = (torch.zeros(n_ch, device=c["z_prev"].device), torch.ones(n_ch, device=c["z_prev"].device))
+def _apply_then_conv(c, mean, var):
+    """The activation by a separate pass (lgc_fast's epilogue with running statistics mean, var: one read of z_prev,
+    one write), then cuDNN's convolution."""
     a = bn_relu_dropout(c["z_prev"], mean, var, c["gamma"], c["beta"], training=False)
     return F.conv2d(a, c["weight"], padding=c["dil"] * (c["k"] // 2), dilation=c["dil"])
 
@@ -126,9 +124,11 @@ def _stored_variants(c, gen):
     pieces.fprop(x, w, dil, prologue, made_out=a)
     pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True), made_out=dz)
     cudnn_wgrad = lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy[0], padding=pad, dilation=dil)  # noqa: E731
+    mean, var = torch.zeros(x.shape[1], device=x.device), torch.ones(x.shape[1], device=x.device)
     return {
         "block+store": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a), lambda: _epilogue_then_conv(c)),
-        "block+store vs apply": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a), lambda: _apply_then_conv(c)),
+        "block+store vs apply": (lambda: pieces.fprop(x, w, dil, prologue, made_out=a),
+                                 lambda: _apply_then_conv(c, mean, var)),
         "dgrad": (lambda: pieces.dgrad(dy, w, x.shape, dil, (x, terms, c["bits"], True), made_out=dz),
                   lambda: torch.nn.grad.conv2d_input(x.shape, w, dy[0], padding=pad, dilation=dil)),
         "wgrad": (lambda: pieces.wgrad(a, w.shape, dz, dil), cudnn_wgrad),

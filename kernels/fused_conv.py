@@ -107,11 +107,12 @@ def keep_flags(keep_ptr, pix, k0, c_in, rows_ok, ct: tl.constexpr, BK: tl.conste
         row_end = first - k0 + c_in
         bits = _bits_from(words, first, row_end, rows_ok)
     word = tl.where(lane[None, :] < 32, bits.to(tl.uint32)[:, None], (bits >> 32).to(tl.uint32)[:, None])
-    if BK > 64 and WHOLE:
-        high = tl.load(words + index + 1, mask=rows_ok, other=0)
-    elif BK > 64:
-        high = _bits_from(words, first + 64, row_end, rows_ok)
     if BK > 64:
+        # the high word after the low one is used: made earlier, it stays live longer (136 channels spilled more)
+        if WHOLE:
+            high = tl.load(words + index + 1, mask=rows_ok, other=0)
+        else:
+            high = _bits_from(words, first + 64, row_end, rows_ok)
         word = tl.where(lane[None, :] < 64, word,
                         tl.where(lane[None, :] < 96, high.to(tl.uint32)[:, None], (high >> 32).to(tl.uint32)[:, None]))
     lane_bit = (tl.full((BK,), 1, tl.uint32) << (lane & 31).to(tl.uint32))[None, :]
@@ -457,6 +458,8 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     channels_last in x's dtype (with a prologue only); config: one of ``gpu_configs()`` to run
     instead of the autotuner's choice (tests of every config).
     """
+    if prologue_out is not None and prologue is None:
+        raise ValueError("fused_conv_triton: prologue_out needs a prologue")
     n, c_in, h, w = x.shape
     c_out = w_packed.shape[1]
     cuda = x.device.type == "cuda"
@@ -469,8 +472,6 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     w_desc = TensorDescriptor.from_tensor(w_packed, [1, box["BN"], box["BK"]])
     out_desc = TensorDescriptor.from_tensor(nhwc(out), out_box)
     e_desc = TensorDescriptor.from_tensor(nhwc(gate.z_prev), out_box) if gate is not None else out_desc
-    if prologue_out is not None and prologue is None:
-        raise ValueError("fused_conv_triton: prologue_out needs a prologue")
     p_desc = TensorDescriptor.from_tensor(nhwc(prologue_out), a_box) if prologue_out is not None else x_desc
     acc_fp64 = x.dtype == torch.float64
     filler = torch.zeros(1, dtype=torch.float64 if acc_fp64 else torch.float32, device=x.device)  # unused pointers

@@ -164,13 +164,17 @@ def _interpret_tile(c_in: int, c_out: int) -> dict:
                 BN=min(max(16, triton.next_power_of_2(c_out)), lim["BN"]))
 
 
+@functools.cache
+def _coarsest_tile() -> tuple[int, int]:
+    """The largest (BH, BW) of ``gpu_configs``."""
+    configs = gpu_configs()
+    return max(c.kwargs["BH"] for c in configs), max(c.kwargs["BW"] for c in configs)
+
+
 def pixel_tiles(n: int, height: int, width: int, tile=None) -> int:
     """The pixel tiles (K steps) of the maps at `tile`'s (BH, BW), or at the coarsest of ``gpu_configs`` (None): the
     most shares K can be split into with none empty, which the kernel assumes."""
-    if tile is None:
-        bh, bw = (max(c.kwargs[name] for c in gpu_configs()) for name in ("BH", "BW"))
-    else:
-        bh, bw = tile["BH"], tile["BW"]
+    bh, bw = _coarsest_tile() if tile is None else (tile["BH"], tile["BW"])
     return n * triton.cdiv(height, bh) * triton.cdiv(width, bw)
 
 

@@ -84,6 +84,9 @@ def test_pieces_match_the_torch_pieces(device, dtype):
     for prologue_t, prologue_k in ((None, None), ((terms, keep.to(x.dtype)), (terms, bits))):
         for a, b in zip(triton_pieces.fprop(x, weight, 2, prologue_k), torch_pieces.fprop(x, weight, 2, prologue_t)):
             _close(a, b, dtype)
+        for grad in (dy, dy[0]):  # with BatchNorm backward's apply, and a plain gradient
+            _close(triton_pieces.wgrad(x, weight.shape, grad, 2, prologue_k),
+                   torch_pieces.wgrad(x, weight.shape, grad, 2, prologue_t), dtype)
     # the stored operands: the activation as fprop writes it, dz as dgrad writes it (with and without an epilogue)
     made = triton_pieces.new_map(x)
     triton_pieces.fprop(x, weight, 2, (terms, bits), made_out=made)
@@ -95,9 +98,6 @@ def test_pieces_match_the_torch_pieces(device, dtype):
         dz = triton_pieces.new_map(dy[0])
         triton_pieces.dgrad(dy, weight, x.shape, 2, epilogue, made_out=dz)
         _close(dz, dz_want, dtype)
-        for grad in (dy, dy[0]):  # with BatchNorm backward's apply, and a plain gradient
-            _close(triton_pieces.wgrad(x, weight.shape, grad, 2, prologue_k),
-                   torch_pieces.wgrad(x, weight.shape, grad, 2, prologue_t), dtype)
     for grad in (dy, dy[0]):
         _close(triton_pieces.dgrad(grad, weight, x.shape, 2), torch_pieces.dgrad(grad, weight, x.shape, 2), dtype)
         for batch_stats in (True, False):

@@ -88,6 +88,11 @@ def _keep_spec(seed, block: int, z_shape, p: float) -> Optional[KeepSpec]:
     return KeepSpec(int(seed), block * n * c * h * w, p)
 
 
+def _made_out(t: Optional[torch.Tensor]) -> dict:
+    """The made_out argument for pieces that store operands, none for the others (whose fprop / dgrad lack it)."""
+    return {} if t is None else {"made_out": t}
+
+
 class _ConvStack(torch.autograd.Function):
     """The stack up to the top block's convolution, z_L (its BatchNorm, ReLU and dropout are ``bn_relu_dropout``'s,
     after this), from the pieces of `graphs` (module docstring). params: the L weights, then gamma and beta of the
@@ -105,13 +110,10 @@ class _ConvStack(torch.autograd.Function):
         conv_weights = [graphs.conv_weight(w) for w in weights]  # cast once, for the forward and dgrad
         for i in range(n_blocks):
             prologue = None if i == 0 else (terms[-1], keeps[-1])
-            if prologue is not None and graphs.stores_operands and ctx.needs_input_grad[3 + i]:
-                # block i's filter gradient reads the activation a_{i-1} as this convolution made it
-                made.append(graphs.new_map(inp))
-                z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue, made_out=made[-1])
-            else:
-                made.append(None)
-                z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue)
+            # block i's filter gradient reads the activation a_{i-1} as this convolution made it
+            stored = prologue is not None and graphs.stores_operands and ctx.needs_input_grad[3 + i]
+            made.append(graphs.new_map(inp) if stored else None)
+            z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue, **_made_out(made[-1]))
             zs.append(z)
             inp = z
             if i == n_blocks - 1:
@@ -146,13 +148,12 @@ class _ConvStack(torch.autograd.Function):
             dz = None
             if need_w and runs_dgrad and graphs.stores_operands and not isinstance(dy, torch.Tensor):
                 dz = graphs.new_map(dy[0])
-            made_out = {} if dz is None else {"made_out": dz}
             if i > 0:
                 g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
                     dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]),
-                    **made_out)
+                    **_made_out(dz))
             elif runs_dgrad:
-                dx = graphs.dgrad(dy, weights[0], x.shape, dil, **made_out).to(x.dtype)
+                dx = graphs.dgrad(dy, weights[0], x.shape, dil, **_made_out(dz)).to(x.dtype)
             if need_w:
                 a, a_prologue = (inp, prologue) if made[i] is None else (made[i], None)
                 d_weights[i] = graphs.wgrad(a, weights[i].shape, dy if dz is None else dz, dil, a_prologue)
