@@ -58,6 +58,7 @@ from lgc_fast.ops.fused_conv import fused_conv  # noqa: E402
 # name: (Cin, Cout, filter size, dilation)
 LAYERS = {"global_first": (136, 128, 3, 4), "global": (128, 128, 3, 4), "local3": (128, 128, 3, 1),
           "local5": (128, 128, 5, 1)}
+FIRST_BLOCKS = ("global_first",)  # a stack's first block (the others: interior blocks)
 DROPOUT_P = 0.1
 
 
@@ -184,18 +185,26 @@ def run_cpu(args):
 
 
 def sm90_report(args):
-    """Every config the autotuner keeps for each layer shape, compiled for sm_90 with and without the prologue."""
+    """Every config the autotuner keeps for each layer shape, compiled for sm_90 in the modes conv_stack runs it in: a
+    stack's first block (global_first: no previous block, so no prologue in the forward, no gate in dgrad and only
+    dz's in the filter gradient) or an interior block; and the plain convolution."""
     import triton
 
     from lgc_fast.kernels import fused_conv as kernels
 
     from lgc_fast.kernels import fused_conv_wgrad
 
-    modes = [("forward", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE, False),
-             ("forward+prologue+stats", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, False),
-             ("forward+prologue+stats+store", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, True),
-             ("dgrad+dbn+gate", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, False),
-             ("dgrad+dbn+gate+store", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, True)]
+    plain = ("forward", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STORE, False)
+    first_modes = [plain, ("forward+stats", kernels.PROLOGUE_NONE, kernels.EPILOGUE_STATS, False),
+                   ("dgrad+dbn", kernels.PROLOGUE_DBN, kernels.EPILOGUE_STORE, False),
+                   ("dgrad+dbn+store", kernels.PROLOGUE_DBN, kernels.EPILOGUE_STORE, True)]
+    interior_modes = [plain, ("forward+prologue+stats", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, False),
+                      ("forward+prologue+stats+store", kernels.PROLOGUE_BN, kernels.EPILOGUE_STATS, True),
+                      ("dgrad+dbn+gate", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, False),
+                      ("dgrad+dbn+gate+store", kernels.PROLOGUE_DBN, kernels.EPILOGUE_GATE, True)]
+    # the filter gradient: (piece, activation prologue, dBN prologue)
+    first_wgrad = [("wgrad (stored operands)", False, False), ("wgrad+dbn", False, True)]
+    interior_wgrad = [("wgrad (stored operands)", False, False), ("wgrad+prologue+dbn", True, True)]
     common = dict(ACC_FP64=False, INPUT_PRECISION="ieee", DOT_IN_FP32=False, USE_INT64=False)
     rows = []
 
@@ -215,7 +224,8 @@ def sm90_report(args):
 
     for layer in args.layers:
         c_in, c_out, k, dil = LAYERS[layer]
-        for piece, prologue, epilogue, store in modes:
+        first = layer in FIRST_BLOCKS
+        for piece, prologue, epilogue, store in first_modes if first else interior_modes:
             # the input gradient's GEMM runs from Cout to Cin
             gemm_k, n_out = (c_out, c_in) if prologue == kernels.PROLOGUE_DBN else (c_in, c_out)
             for config in kernels.kept_configs(kernels.gpu_configs(), n_out, torch.bfloat16.itemsize, prologue,
@@ -228,11 +238,12 @@ def sm90_report(args):
                               WHOLE_N=kernels.whole_chunks(n_out, 128), **config.kwargs)
                 report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}",
                        dict(height=args.hw, width=args.hw, c_in=gemm_k, c_out=n_out))
-        for piece, prologues in (("wgrad (stored operands)", False), ("wgrad+prologue+dbn", True)):
+        for piece, a_prologue, dbn in first_wgrad if first else interior_wgrad:
             for config in fused_conv_wgrad.kept_configs(fused_conv_wgrad.gpu_configs(), c_in, c_out,
-                                                        torch.bfloat16.itemsize, prologues, prologues):
+                                                        torch.bfloat16.itemsize, dbn=dbn,
+                                                        prologue=a_prologue):
                 bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
-                consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologues, HAS_KEEP=prologues, DBN=prologues,
+                consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=a_prologue, HAS_KEEP=a_prologue, DBN=dbn,
                               WHOLE_M=kernels.whole_chunks(c_in, 128), WHOLE_N=kernels.whole_chunks(c_out, 128),
                               **config.kwargs)
                 report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}",
