@@ -21,7 +21,9 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-stacks-tuned: the same with each graph's first TUNED_PLANS (4) plans timed once, the fastest running
               (LGCN.use_conv_stacks(cudnn_plans=4));
   lgc_fast-triton-stacks: lgc_fast-fused with the conv blocks as conv_stack on lgc_fast's own Triton kernels
-              (LGCN.use_conv_stacks(graphs="triton"); CUDA only, elsewhere the same as lgc_fast-fused).
+              (LGCN.use_conv_stacks(graphs="triton"); CUDA only, elsewhere the same as lgc_fast-fused);
+  lgc_fast-stacks-compiled, lgc_fast-triton-stacks-compiled: those two stacks with the forward and loss under
+              torch.compile (--compile MODE), which runs each stack between its graphs (lgc_fast.ops.conv_stack).
 All modes use the same --amp / --channels-last settings (defaults as `lgc-fast train`'s: autocast on for CUDA and on a
 CPU with hardware bfloat16, channels_last on for CUDA), so the ratio measures the ops. --compare-amp adds, for every
 mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or "<mode>+no-amp"), timed in the same
@@ -62,7 +64,7 @@ from lgc_fast.train import (COMPILE_MODES, LOSS_SCALE, _make_optimizer, compiled
 LANDMARKS = 68
 MODES = ("eager-ref", "lgc_fast", "lgc_fast-compiled", "lgc_fast-fused", "lgc_fast-fused-compiled",
          "lgc_fast-fused-fprop", "lgc_fast-fused-nhwc-heads", "lgc_fast-stacks", "lgc_fast-stacks-tuned",
-         "lgc_fast-triton-stacks")
+         "lgc_fast-triton-stacks", "lgc_fast-stacks-compiled", "lgc_fast-triton-stacks-compiled")
 TUNED_PLANS = 4
 
 

@@ -172,6 +172,9 @@ if [[ $what == graphs || $what == all ]]; then
   python bench/bench_train_step.py --batch-sizes 16 64 --budget-s 3 --ref-runs 1 --compile reduce-overhead \
     --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
     | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
+  python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 --compile default \
+    --modes lgc_fast-fused-compiled lgc_fast-stacks-compiled lgc_fast-triton-stacks-compiled \
+    --out "$LOGS/train_step_stacks_compiled.json" 2>&1 | tee "$LOGS/bench_train_step_stacks_compiled.txt" || status=1
   python bench/profile_gpu.py --what train --modes lgc_fast-fused --repeats 3 >"$LOGS/profile_train.txt" 2>&1 ||
     status=1
 fi

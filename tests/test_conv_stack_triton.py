@@ -279,6 +279,35 @@ def test_stack_with_fresh_masks_drops_and_trains():
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("graphs", ["torch", "triton"])
+def test_stack_under_torch_compile(graphs):
+    """torch.compile runs a function around conv_stack (the Triton pieces as they are, between its graphs; the torch
+    pieces traced): the output, every gradient and the running statistics are the eager run's, dropout included
+    (the masks come from torch's generator, seeded alike before both)."""
+    device = _triton_device()
+    g = torch.Generator().manual_seed(2)
+    weights = [(torch.randn(8, 8, 3, 3, generator=g) / 9).to(device) for _ in range(3)]
+    gammas = [(torch.rand(8, generator=g) + 0.5).to(device) for _ in range(3)]
+    betas = [(torch.randn(8, generator=g) * 0.3).to(device) for _ in range(3)]
+    x = _map((2, 8, 8, 8), torch.float32, device, 3)
+
+    def stack(leaves, running):
+        out = conv_stack(leaves[0], leaves[1:4], leaves[4:7], leaves[7:], *running, dilation=2, dropout_p=0.1,
+                         graphs=graphs)
+        return out.square().sum()
+
+    results = []
+    torch._dynamo.reset()
+    for fn in (stack, torch.compile(stack)):
+        leaves = [t.clone().requires_grad_() for t in (x, *weights, *gammas, *betas)]
+        running = ([torch.zeros(8, device=device) for _ in range(3)], [torch.ones(8, device=device) for _ in range(3)])
+        torch.manual_seed(5)
+        loss = fn(leaves, running)
+        results.append([loss, *torch.autograd.grad(loss, leaves), *running[0], *running[1]])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_reasons_and_refusal():
     x = torch.randn(2, 12, 6, 6, dtype=torch.bfloat16)
     weights = [torch.randn(20, 12, 3, 3, dtype=torch.bfloat16)]

@@ -297,7 +297,7 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
     of cuDNN's heuristic plans each graph builds and times, once per shape, the fastest then running; 1 takes the
     first that builds, untimed."""
     if training and dropout_p > 0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(2**62, (1,)))
+        dropout_seed = _draw_seed()
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
            dilation, dropout_seed, training)
     check_cudnn_plans(cudnn_plans)
@@ -309,8 +309,25 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
     config = {"dilation": int(dilation), "training": bool(training), "dropout_p": float(dropout_p),
               "activation_scale": float(activation_scale), "momentum": float(momentum), "eps": float(eps),
               "dropout_seed": dropout_seed, "running": running}
+    run = _run_stack if isinstance(pieces, TorchGraphs) else _run_stack_untraced
+    return run(config, pieces, x, weights, gammas, betas)
+
+
+def _run_stack(config, pieces, x, weights, gammas, betas) -> torch.Tensor:
     z_top = _ConvStack.apply(config, pieces, x, *weights, *gammas[:-1], *betas[:-1])
     return _top_epilogue(z_top, config, gammas[-1], betas[-1], pieces).to(x.dtype)
+
+
+# torch.compile runs the kernels' pieces as they are, between its graphs: their host code (tensor descriptors and
+# autotuners, cuDNN's plans) is not traceable (dynamo failed inside the Triton launcher), and each piece is already a
+# whole kernel. The torch pieces stay traceable.
+_run_stack_untraced = torch.compiler.disable(_run_stack)
+
+
+@torch.compiler.disable  # torch.compile calls it as it is (an int from a tensor would end its graph with a warning)
+def _draw_seed() -> int:
+    """A dropout seed from torch's (CPU) generator."""
+    return int(torch.randint(2**62, (1,)))
 
 
 def check_cudnn_plans(cudnn_plans) -> None:
