@@ -234,8 +234,7 @@ def sm90_report(args):
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=prologue,
                               HAS_KEEP=prologue == kernels.PROLOGUE_BN, EPILOGUE=epilogue,
                               E_HAS_KEEP=epilogue == kernels.EPILOGUE_GATE, STORE_PROLOGUE=store,
-                              WHOLE_K=kernels.whole_chunks(gemm_k, 64),
-                              WHOLE_N=kernels.whole_chunks(n_out, 128), **config.kwargs)
+                              **kernels.whole_flags(gemm_k, n_out), **config.kwargs)
                 report(kernels.fused_conv_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bn}x{bk}",
                        dict(height=args.hw, width=args.hw, c_in=gemm_k, c_out=n_out))
         for piece, a_prologue, dbn in first_wgrad if first else interior_wgrad:
@@ -244,8 +243,7 @@ def sm90_report(args):
                                                         prologue=a_prologue):
                 bh, bw, bm, bn = (config.kwargs[name] for name in ("BH", "BW", "BM", "BN"))
                 consts = dict(common, KSIZE=k, DILATION=dil, PROLOGUE=a_prologue, HAS_KEEP=a_prologue, DBN=dbn,
-                              WHOLE_M=kernels.whole_chunks(c_in, 128), WHOLE_N=kernels.whole_chunks(c_out, 128),
-                              **config.kwargs)
+                              **fused_conv_wgrad.whole_flags(c_in, c_out), **config.kwargs)
                 report(fused_conv_wgrad.fused_conv_wgrad_kernel, consts, config, layer, piece, f"{bh}x{bw}x{bm}x{bn}",
                        dict(n_img=args.batch, height=args.hw, width=args.hw, c_in=c_in, c_out=c_out))
     return f"sm_90 compile (triton {triton.__version__}, no GPU)", rows

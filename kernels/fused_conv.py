@@ -388,6 +388,11 @@ def whole_chunks(channels: int, widest: int) -> bool:
     return channels % 64 == 0 and channels % widest == 0
 
 
+def whole_flags(c_in: int, c_out: int) -> dict:
+    """The kernel's WHOLE_K and WHOLE_N for a launch from c_in to c_out channels (chunks of at most 64 and 128)."""
+    return dict(WHOLE_K=whole_chunks(c_in, 64), WHOLE_N=whole_chunks(c_out, 128))
+
+
 def word_keep_bits(keep_bits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """keep_bits (bytes,) uint8 as the kernels read them, whole little-endian 64-bit words: the same tensor where it
     starts 8-byte aligned and holds whole words, else a zero-padded copy (the bits past the map are never used)."""
@@ -486,7 +491,7 @@ def fused_conv_triton(x, w_packed, ksize: int, dilation: int, out, *, prologue=N
     flags = dict(KSIZE=ksize, DILATION=dilation,
                  PROLOGUE=PROLOGUE_DBN if dbn else PROLOGUE_NONE if prologue is None else PROLOGUE_BN,
                  HAS_KEEP=keep_bits is not None, STORE_PROLOGUE=prologue_out is not None,
-                 WHOLE_K=whole_chunks(c_in, 64), WHOLE_N=whole_chunks(c_out, 128),
+                 **whole_flags(c_in, c_out),
                  EPILOGUE=EPILOGUE_GATE if gate is not None else EPILOGUE_STORE if sums is None else EPILOGUE_STATS,
                  E_HAS_KEEP=e_keep is not None, ACC_FP64=acc_fp64, INPUT_PRECISION=input_precision(x.dtype, x.device),
                  # Triton 3.9's interpreter multiplies bfloat16 dot operands as raw integer bit patterns; bfloat16

@@ -164,6 +164,11 @@ def _interpret_tile(c_in: int, c_out: int) -> dict:
                 BN=min(max(16, triton.next_power_of_2(c_out)), lim["BN"]))
 
 
+def whole_flags(c_in: int, c_out: int) -> dict:
+    """The kernel's WHOLE_M and WHOLE_N (fused_conv's ``whole_chunks``, blocks of at most 128 channels)."""
+    return dict(WHOLE_M=whole_chunks(c_in, 128), WHOLE_N=whole_chunks(c_out, 128))
+
+
 @functools.cache
 def _coarsest_tile() -> tuple[int, int]:
     """The largest (BH, BW) of ``gpu_configs``."""
@@ -218,7 +223,7 @@ def fused_conv_wgrad_triton(x, dz, ksize: int, dilation: int, *, prologue=None, 
             keep_bits if keep_bits is not None else filler,
             *(dbn[1:] if dbn is not None else (filler, filler, filler)), n, h, w, c_in, c_out)
     flags = dict(KSIZE=ksize, DILATION=dilation, PROLOGUE=prologue is not None, HAS_KEEP=keep_bits is not None,
-                 DBN=dbn is not None, WHOLE_M=whole_chunks(c_in, 128), WHOLE_N=whole_chunks(c_out, 128),
+                 DBN=dbn is not None, **whole_flags(c_in, c_out),
                  ACC_FP64=x.dtype == torch.float64,
                  INPUT_PRECISION=input_precision(x.dtype, x.device),
                  DOT_IN_FP32=not cuda and x.dtype == torch.bfloat16,  # as kernels/fused_conv.py says why
