@@ -23,7 +23,8 @@ Modes, timed in the same run on the same synthetic batch (random 0-255 images, l
   lgc_fast-triton-stacks: lgc_fast-fused with the conv blocks as conv_stack on lgc_fast's own Triton kernels
               (LGCN.use_conv_stacks(graphs="triton"); CUDA only, elsewhere the same as lgc_fast-fused);
   lgc_fast-stacks-compiled, lgc_fast-triton-stacks-compiled: those two stacks with the forward and loss under
-              torch.compile (--compile MODE), which runs each stack between its graphs (lgc_fast.ops.conv_stack).
+              torch.compile (--compile MODE): the cuDNN stack runs between its graphs, the Triton stack is one
+              registered op inside them (lgc_fast.ops.conv_stack).
 All modes use the same --amp / --channels-last settings (defaults as `lgc-fast train`'s: autocast on for CUDA and on a
 CPU with hardware bfloat16, channels_last on for CUDA), so the ratio measures the ops. --compare-amp adds, for every
 mode but eager-ref, the same mode with bfloat16 autocast flipped ("<mode>+amp" or "<mode>+no-amp"), timed in the same

@@ -42,7 +42,8 @@
 #          heads), at batch 16 (lgc-fast train's default, where per-call host work shows), 32
 #          (FUSED_EPILOGUE_MIN_CUDA_BATCH), 64, 128 and 256;
 #   graphs the compiled steps (torch.compile default, each batch size compiles anew, so batch 16 and 128 only) and the
-#          fused step under CUDA graphs (--compile reduce-overhead) at batch 16 and 64, each into a file of its own in
+#          fused step and the Triton stacks' step (one graph: the stacks are registered ops) under CUDA graphs
+#          (--compile reduce-overhead) at batch 16 and 64, each into a file of its own in
 #          $LOGS (a results key keeps one compile mode); then the profile of the fused step (bench/profile_gpu.py);
 #   ncu    Nsight Compute's view (bandwidth, occupancy, stalls) of the epilogue's kernels at the training step's
 #          layer shape, 128 x 128 x 96 x 96 bf16 channels_last, with keep bits drawn before and inside the op.
@@ -170,7 +171,8 @@ if [[ $what == graphs || $what == all ]]; then
     --modes lgc_fast-compiled lgc_fast-fused-compiled --out "$LOGS/train_step_compiled.json" 2>&1 \
     | tee "$LOGS/bench_train_step_compiled.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 16 64 --budget-s 3 --ref-runs 1 --compile reduce-overhead \
-    --modes lgc_fast-fused lgc_fast-fused-compiled --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
+    --modes lgc_fast-fused lgc_fast-fused-compiled lgc_fast-triton-stacks-compiled \
+    --out "$LOGS/train_step_reduce_overhead.json" 2>&1 \
     | tee "$LOGS/bench_train_step_reduce_overhead.txt" || status=1
   python bench/bench_train_step.py --batch-sizes 128 --budget-s 3 --ref-runs 1 --compile default \
     --modes lgc_fast-fused-compiled lgc_fast-stacks-compiled lgc_fast-triton-stacks-compiled \

@@ -121,6 +121,7 @@ def _available(name: str) -> bool:
     return torch.cuda.is_available() or (triton_interpret() and _interpreter_defect() is None)
 
 
+@torch.compiler.assume_constant_result  # the same answer in a compiled graph (and dynamo cannot trace the caches)
 def _usable(name: str, device: torch.device) -> tuple[bool, str]:
     """(whether backend `name` runs `device`'s tensors here, why not; "" where it does)."""
     if not _available(name):

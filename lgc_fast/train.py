@@ -374,8 +374,8 @@ def forward_loss(net, images, points, labelled, amp: bool) -> torch.Tensor:
 
 def compiled_forward_loss(mode: str):
     """forward_loss under torch.compile(mode=mode): the network and the loss in one graph, so the elementwise BN,
-    ReLU, dropout and loss-mean passes fuse (lgc_fast's ops are registered custom ops, so compile keeps them; a
-    conv_stack on cuDNN's or Triton's pieces runs between its graphs)."""
+    ReLU, dropout and loss-mean passes fuse (lgc_fast's ops are registered custom ops, so compile keeps them, a
+    conv_stack on Triton's pieces included; one on cuDNN's pieces runs between its graphs)."""
     compiled = torch.compile(forward_loss, mode=mode)
     if mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
         def step_loss(*args):

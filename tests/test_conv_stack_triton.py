@@ -279,33 +279,71 @@ def test_stack_with_fresh_masks_drops_and_trains():
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("graphs", ["torch", "triton"])
-def test_stack_under_torch_compile(graphs):
-    """torch.compile runs a function around conv_stack (the Triton pieces as they are, between its graphs; the torch
-    pieces traced): the output, every gradient and the running statistics are the eager run's, dropout included
-    (the masks come from torch's generator, seeded alike before both)."""
+@pytest.mark.parametrize("graphs, dropout_p", [("torch", 0.1), ("triton", 0.0), ("seeded", 0.1)])
+def test_stack_under_torch_compile(graphs, dropout_p):
+    """torch.compile runs a function around conv_stack: the torch pieces traced; the Triton pieces as one registered
+    op, a node of one graph (fullgraph: no graph break) with their own masks, or with the seeded masks (the top one
+    drawn from a generator of the seed's, which ends a graph). The output, every gradient and the running statistics
+    are the eager run's (the torch pieces' masks come from torch's generator, seeded alike before both; with the
+    Triton pieces' own masks only the order of the draws might differ, so those run without dropout)."""
     device = _triton_device()
     g = torch.Generator().manual_seed(2)
     weights = [(torch.randn(8, 8, 3, 3, generator=g) / 9).to(device) for _ in range(3)]
     gammas = [(torch.rand(8, generator=g) + 0.5).to(device) for _ in range(3)]
     betas = [(torch.randn(8, generator=g) * 0.3).to(device) for _ in range(3)]
     x = _map((2, 8, 8, 8), torch.float32, device, 3)
+    pieces = TritonGraphs(torch.float32, "seeded") if graphs == "seeded" else graphs
+    seed = {"seeded": 7}.get(graphs)
 
     def stack(leaves, running):
-        out = conv_stack(leaves[0], leaves[1:4], leaves[4:7], leaves[7:], *running, dilation=2, dropout_p=0.1,
-                         graphs=graphs)
+        out = conv_stack(leaves[0], leaves[1:4], leaves[4:7], leaves[7:], *running, dilation=2, dropout_p=dropout_p,
+                         graphs=pieces, dropout_seed=seed)
         return out.square().sum()
 
     results = []
     torch._dynamo.reset()
-    for fn in (stack, torch.compile(stack)):
-        leaves = [t.clone().requires_grad_() for t in (x, *weights, *gammas, *betas)]
-        running = ([torch.zeros(8, device=device) for _ in range(3)], [torch.ones(8, device=device) for _ in range(3)])
-        torch.manual_seed(5)
-        loss = fn(leaves, running)
-        results.append([loss, *torch.autograd.grad(loss, leaves), *running[0], *running[1]])
+    with torch._inductor.config.patch(fallback_random=True):
+        for fn in (stack, torch.compile(stack, fullgraph=graphs == "triton")):
+            leaves = [t.clone().requires_grad_() for t in (x, *weights, *gammas, *betas)]
+            running = ([torch.zeros(8, device=device) for _ in range(3)],
+                       [torch.ones(8, device=device) for _ in range(3)])
+            torch.manual_seed(5)
+            loss = fn(leaves, running)
+            results.append([loss, *torch.autograd.grad(loss, leaves), *running[0], *running[1]])
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training, running, dtype", [(True, True, torch.float32), (True, False, torch.float32),
+                                                     (False, True, torch.float64)])
+def test_opcheck(training, running, dtype, monkeypatch):
+    """The registered ops lgc_fast::conv_stack_triton and its backward (schema, fake tensors, autograd, AOT dispatch),
+    on the seeded masks so that two runs agree; float64 eval with the plain-torch finalize, whose mean is then the
+    running mean itself: the op returns a copy (an op's outputs may not alias its inputs)."""
+    device = _triton_device()
+    _skip_float64(device, dtype)
+    if dtype == torch.float64:
+        monkeypatch.setenv("LGC_FAST_BACKEND", "ref")
+    g = torch.Generator().manual_seed(6)
+    x = _map((1, 8, 5, 4), dtype, device, 0).requires_grad_()
+    weights = [(torch.randn(8, 8, 3, 3, generator=g, dtype=torch.float64) / 9).to(device, dtype).requires_grad_()
+               for _ in range(3)]
+    gammas = [(torch.rand(8, generator=g, dtype=torch.float64) + 0.5).to(device, dtype).requires_grad_()
+              for _ in range(2)]
+    betas = [torch.randn(8, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() for _ in range(2)]
+    means = [torch.zeros(8, device=device, dtype=dtype) for _ in range(2)] if running else []
+    variances = [torch.ones(8, device=device, dtype=dtype) for _ in range(2)] if running else []
+    needs = [True] * 8
+    args = (x, weights, gammas, betas, means, variances, dtype, "seeded", "stored", 2, training, 0.2, 0.1, 0.1,
+            1e-5, 3, needs)
+    torch.library.opcheck(torch.ops.lgc_fast.conv_stack_triton.default, args)
+    outs = torch.ops.lgc_fast.conv_stack_triton(*args)
+    state = [t.detach() for t in outs[1:len(outs) - (4 if training and running else 0)]]
+    grad_z = _map((1, 8, 5, 4), dtype, device, 1)
+    torch.library.opcheck(torch.ops.lgc_fast.conv_stack_triton_backward.default,
+                          (grad_z, x.detach(), [w.detach() for w in weights], [t.detach() for t in gammas],
+                           [t.detach() for t in betas], state, dtype, "seeded", "stored", 2, training, 0.2, 0.1,
+                           running, needs))
 
 
 def test_reasons_and_refusal():
@@ -381,3 +419,28 @@ def test_model_runs_like_blocks_as_triton_stacks(monkeypatch):
     assert model.stack_graphs == "triton"
     with pytest.raises(ValueError, match="graphs must be 'cudnn' or 'triton'"):
         model.use_conv_stacks(graphs="torch")
+
+
+def test_compiled_training_loss_with_triton_stacks_is_one_graph(monkeypatch):
+    """The training step's forward and loss (lgc_fast.train.forward_loss) on a model whose blocks run as Triton
+    stacks: torch.compile traces it as one graph, without a break (the stacks are registered ops)."""
+    import sys
+
+    from lgc_fast.model import LGCN
+    from lgc_fast.train import forward_loss
+
+    device = _triton_device()
+    module = sys.modules["lgc_fast.ops.conv_stack"]
+    stacks, real = [], module._run_triton_stack
+    monkeypatch.setattr(module, "_run_triton_stack", lambda config, pieces, x, weights, *rest: stacks.append(
+        len(weights)) or real(config, pieces, x, weights, *rest))
+    torch.manual_seed(0)
+    model = LGCN(width=8, local_layers=(3, 3)).to(device, memory_format=CL).train()
+    model.fuse_epilogues(True).use_conv_stacks(graphs="triton")
+    images = (torch.rand(2, 1, 16, 16) * 255).to(device).contiguous(memory_format=CL)
+    points = torch.rand(2, 68, 2, device=device) * 8 + 4
+    labelled = torch.ones(2, 68, dtype=torch.bool, device=device)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward_loss)(model, images, points, labelled, False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert sum(stacks) >= 7, stacks  # the global subnet's seven blocks at least ran as Triton stacks

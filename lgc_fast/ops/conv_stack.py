@@ -41,16 +41,17 @@ dilation * (r // 2); gammas[i], betas[i], running_means[i], running_vars[i]: (C_
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lgc_fast import _backend
 from lgc_fast.ops._checks import check_number
+from lgc_fast.ops._library import custom_op
 from lgc_fast.ops.bn_finalize import bn_finalize
 from lgc_fast.ops.bn_relu_dropout import bn_relu_dropout, bn_relu_dropout_drawn
-from lgc_fast.ops.conv_stack_graphs import MASK_MODES, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
+from lgc_fast.ops.conv_stack_graphs import MASK_MODES, BnTerms, CudnnGraphs, KeepSpec, TorchGraphs, keep_tensor
 from lgc_fast.ops.conv_stack_triton import TritonGraphs, triton_unusable
 from lgc_fast.ops.dilated_block import ACTIVATION_SCALE, DROPOUT_P
 
@@ -62,9 +63,12 @@ def conv_stack_ref(x, weights, gammas, betas, running_means=None, running_vars=N
                    momentum: float = 0.1, eps: float = 1e-5, dropout_p: float = DROPOUT_P,
                    activation_scale: float = ACTIVATION_SCALE, dilation: int = 1,
                    dropout_seed: Optional[int] = None) -> torch.Tensor:
-    """The stack as torch modules compute it, block by block (running statistics updated in place in training)."""
+    """The stack as torch modules compute it, block by block (running statistics updated in place in training);
+    the dropout masks are those of `dropout_seed`, needed in training with dropout."""
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
-           dilation, dropout_seed, training)
+           dilation, dropout_seed)
+    if training and dropout_p > 0 and dropout_seed is None:
+        raise ValueError("conv_stack_ref: dropout_seed must be an int in training with dropout")
     a = x
     for i, w in enumerate(weights):
         z = F.conv2d(a, w.to(a.dtype), padding=dilation * (w.shape[-1] // 2), dilation=dilation)
@@ -93,6 +97,94 @@ def _made_out(t: Optional[torch.Tensor]) -> dict:
     return {} if t is None else {"made_out": t}
 
 
+class _StackState(NamedTuple):
+    """What a stack's backward reads from its forward: the filters as the pieces take them; z_1 .. z_{L-1}; per block
+    the activation a_{i-1} its convolution wrote for the filter gradient (None: not stored); per interior block its
+    BatchNorm terms (BnTerms) and keep mask (None without dropout)."""
+    weights: list
+    zs: list
+    made: list
+    terms: list
+    keeps: list
+
+
+def _factor(config) -> float:
+    """BatchNorm's gamma and beta are applied scaled by this: the activation scale, over 1 - p where dropout runs."""
+    dropping = config["training"] and config["dropout_p"] > 0
+    return config["activation_scale"] / (1 - config["dropout_p"]) if dropping else config["activation_scale"]
+
+
+def _batch_stats(config) -> list:
+    """Per block: whether its BatchNorm uses the batch's statistics (in training, or without running ones)."""
+    return [config["training"] or rm is None for rm, _ in config["running"]]
+
+
+def _stores(graphs, needs, i: int) -> bool:
+    """Whether block i's convolution writes its input activation for block i's filter gradient. needs: whether x,
+    each weight, each interior gamma and each interior beta need a gradient, in that order."""
+    return i > 0 and graphs.stores_operands and needs[1 + i]
+
+
+def _stack_forward(config, graphs, x, params, needs) -> tuple[torch.Tensor, _StackState]:
+    """z_L and the state its backward reads (module docstring); the running statistics updated in place. params: the
+    L weights, then gamma and beta of the first L - 1 blocks."""
+    n_blocks = (len(params) + 2) // 3
+    weights, gammas, betas = params[:n_blocks], params[n_blocks:2 * n_blocks - 1], params[2 * n_blocks - 1:]
+    dil, training, p = config["dilation"], config["training"], config["dropout_p"]
+    seed = config["dropout_seed"] if training and p > 0 else None
+    inp, zs, terms, keeps, made = x.to(graphs.compute_dtype(x.dtype)), [], [], [], []
+    conv_weights = [graphs.conv_weight(w) for w in weights]  # cast once, for the forward and dgrad
+    for i in range(n_blocks):
+        prologue = None if i == 0 else (terms[-1], keeps[-1])
+        made.append(graphs.new_map(inp) if _stores(graphs, needs, i) else None)
+        z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue, **_made_out(made[-1]))
+        zs.append(z)
+        inp = z
+        if i == n_blocks - 1:
+            break
+        rm, rv = config["running"][i]
+        terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
+                                 batch_stats=training or rm is None, update_running=training and rm is not None,
+                                 momentum=config["momentum"], eps=config["eps"], factor=_factor(config)))
+        keeps.append(graphs.keep_mask(_keep_spec(seed, i, z.shape, p), z))
+    return zs[-1], _StackState(conv_weights, zs[:-1], made, terms, keeps)
+
+
+def _stack_backward(config, graphs, x, state: _StackState, grad_z, needs, batch_stats) -> tuple:
+    """(dx, the weights' gradients, the interior gammas', the interior betas') for z_L's gradient grad_z, each None
+    where `needs` (as _stores') says no; in float32 (float64) but dx, in x's dtype. batch_stats: per interior block,
+    whether its BatchNorm used the batch's statistics."""
+    n_blocks, dil = len(state.weights), config["dilation"]
+    terms, keeps, zs, made = state.terms, state.keeps, state.zs, state.made
+    d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * (n_blocks - 1), [None] * (n_blocks - 1)
+    dy, dx = grad_z, None  # the top block's dz, then each block's (g, z, eq) for BatchNorm backward's apply
+    for i in range(n_blocks - 1, -1, -1):
+        if i == 0:
+            inp, prologue = x.to(graphs.compute_dtype(x.dtype)), None
+        else:
+            inp, prologue = zs[i - 1], (terms[i - 1], keeps[i - 1])
+        need_w, runs_dgrad = needs[1 + i], i > 0 or needs[0]
+        # dgrad makes dz from BatchNorm backward's terms anyway; pieces that store operands write it for wgrad
+        dz = None
+        if need_w and runs_dgrad and graphs.stores_operands and not isinstance(dy, torch.Tensor):
+            dz = graphs.new_map(dy[0])
+        if i > 0:
+            g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
+                dy, state.weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], batch_stats[i - 1]),
+                **_made_out(dz))
+        elif runs_dgrad:
+            dx = graphs.dgrad(dy, state.weights[0], x.shape, dil, **_made_out(dz)).to(x.dtype)
+        if need_w:
+            a, a_prologue = (inp, prologue) if made[i] is None else (made[i], None)
+            d_weights[i] = graphs.wgrad(a, state.weights[i].shape, dy if dz is None else dz, dil, a_prologue)
+        if i > 0:
+            dy = (g, inp, *eq)
+    # gamma_eff = gamma * factor: the chain rule's factor
+    factor = _factor(config)
+    return (dx, d_weights, [None if d is None else d * factor for d in d_gammas],
+            [None if d is None else d * factor for d in d_betas])
+
+
 class _ConvStack(torch.autograd.Function):
     """The stack up to the top block's convolution, z_L (its BatchNorm, ReLU and dropout are ``bn_relu_dropout``'s,
     after this), from the pieces of `graphs` (module docstring). params: the L weights, then gamma and beta of the
@@ -100,68 +192,23 @@ class _ConvStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, config, graphs, x, *params):
-        n_blocks = (len(params) + 2) // 3
-        weights, gammas, betas = params[:n_blocks], params[n_blocks:2 * n_blocks - 1], params[2 * n_blocks - 1:]
-        ct = graphs.compute_dtype(x.dtype)
-        dil, training, p = config["dilation"], config["training"], config["dropout_p"]
-        seed = config["dropout_seed"] if training and p > 0 else None
-        factor = config["activation_scale"] / (1 - p) if seed is not None else config["activation_scale"]
-        inp, zs, terms, keeps, made = x.to(ct), [], [], [], []
-        conv_weights = [graphs.conv_weight(w) for w in weights]  # cast once, for the forward and dgrad
-        for i in range(n_blocks):
-            prologue = None if i == 0 else (terms[-1], keeps[-1])
-            # block i's filter gradient reads the activation a_{i-1} as this convolution made it
-            stored = prologue is not None and graphs.stores_operands and ctx.needs_input_grad[3 + i]
-            made.append(graphs.new_map(inp) if stored else None)
-            z, total, sq_total = graphs.fprop(inp, conv_weights[i], dil, prologue, **_made_out(made[-1]))
-            zs.append(z)
-            inp = z
-            if i == n_blocks - 1:
-                break
-            rm, rv = config["running"][i]
-            terms.append(bn_finalize(total, sq_total, z.numel() // z.shape[1], gammas[i], betas[i], rm, rv,
-                                     batch_stats=training or rm is None, update_running=training and rm is not None,
-                                     momentum=config["momentum"], eps=config["eps"], factor=factor))
-            keeps.append(graphs.keep_mask(_keep_spec(seed, i, z.shape, p), z))
-        ctx.save_for_backward(x, *conv_weights, *zs[:-1], *made[1:])
-        ctx.graphs, ctx.terms, ctx.keeps, ctx.factor = graphs, terms, keeps, factor
-        ctx.batch_stats = [training or rm is None for rm, _ in config["running"]]
-        ctx.dilation, ctx.n_blocks, ctx.param_dtypes = dil, n_blocks, [t.dtype for t in params]
-        return zs[-1]
+        z, state = _stack_forward(config, graphs, x, params, ctx.needs_input_grad[2:])
+        ctx.save_for_backward(x, *state.weights, *state.zs, *[m for m in state.made if m is not None])
+        ctx.config, ctx.graphs, ctx.terms, ctx.keeps = config, graphs, state.terms, state.keeps
+        ctx.stored_at = [m is not None for m in state.made]
+        ctx.param_dtypes = [t.dtype for t in params]
+        return z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z):
-        n_blocks, graphs, terms, keeps, dil = ctx.n_blocks, ctx.graphs, ctx.terms, ctx.keeps, ctx.dilation
-        saved = ctx.saved_tensors
-        x, weights = saved[0], saved[1:1 + n_blocks]
-        zs, made = saved[1 + n_blocks:2 * n_blocks], (None, *saved[2 * n_blocks:])  # made[i]: a_{i-1} or None
-        d_weights, d_gammas, d_betas = [None] * n_blocks, [None] * (n_blocks - 1), [None] * (n_blocks - 1)
-        dy, dx = grad_z, None  # the top block's dz, then each block's (g, z, eq) for BatchNorm backward's apply
-        for i in range(n_blocks - 1, -1, -1):
-            if i == 0:
-                inp, prologue = x.to(graphs.compute_dtype(x.dtype)), None
-            else:
-                inp, prologue = zs[i - 1], (terms[i - 1], keeps[i - 1])
-            need_w, runs_dgrad = ctx.needs_input_grad[3 + i], i > 0 or ctx.needs_input_grad[2]
-            # dgrad makes dz from BatchNorm backward's terms anyway; pieces that store operands write it for wgrad
-            dz = None
-            if need_w and runs_dgrad and graphs.stores_operands and not isinstance(dy, torch.Tensor):
-                dz = graphs.new_map(dy[0])
-            if i > 0:
-                g, d_gammas[i - 1], d_betas[i - 1], eq = graphs.dgrad(
-                    dy, weights[i], inp.shape, dil, (inp, terms[i - 1], keeps[i - 1], ctx.batch_stats[i - 1]),
-                    **_made_out(dz))
-            elif runs_dgrad:
-                dx = graphs.dgrad(dy, weights[0], x.shape, dil, **_made_out(dz)).to(x.dtype)
-            if need_w:
-                a, a_prologue = (inp, prologue) if made[i] is None else (made[i], None)
-                d_weights[i] = graphs.wgrad(a, weights[i].shape, dy if dz is None else dz, dil, a_prologue)
-            if i > 0:
-                dy = (g, inp, *eq)
-        # gamma_eff = gamma * factor: the chain rule's factor, then each parameter's own dtype
-        d_gammas = [None if d is None else d * ctx.factor for d in d_gammas]
-        d_betas = [None if d is None else d * ctx.factor for d in d_betas]
+        n_blocks = len(ctx.stored_at)
+        x, *saved = ctx.saved_tensors
+        stored = iter(saved[2 * n_blocks - 1:])
+        state = _StackState(saved[:n_blocks], saved[n_blocks:2 * n_blocks - 1],
+                            [next(stored) if s else None for s in ctx.stored_at], ctx.terms, ctx.keeps)
+        dx, d_weights, d_gammas, d_betas = _stack_backward(ctx.config, ctx.graphs, x, state, grad_z,
+                                                           ctx.needs_input_grad[2:], _batch_stats(ctx.config))
         grads = [None if d is None else d.to(dt) for d, dt in zip(d_weights + d_gammas + d_betas, ctx.param_dtypes)]
         return (None, None, dx, *grads)
 
@@ -296,19 +343,23 @@ def conv_stack(x, weights, gammas, betas, running_means=None, running_vars=None,
     bits from torch's generator, as cuDNN's are) or None (``stack_graphs`` chooses). cudnn_plans (1 to 16): how many
     of cuDNN's heuristic plans each graph builds and times, once per shape, the fastest then running; 1 takes the
     first that builds, untimed."""
-    if training and dropout_p > 0 and dropout_seed is None:
-        dropout_seed = _draw_seed()
     _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
-           dilation, dropout_seed, training)
+           dilation, dropout_seed)
     check_cudnn_plans(cudnn_plans)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *gammas, *betas))
     pieces = stack_graphs(x, weights, dilation, dropout_p, training, graphs, backward, cudnn_plans)
+    if training and dropout_p > 0 and dropout_seed is None:
+        # pieces that draw their masks from torch's generator ignore the seed: none is drawn (under torch.compile
+        # a draw would end the graph)
+        dropout_seed = _draw_seed() if pieces.uses_seed else 0
     n_blocks = len(weights)
     running = [(None if running_means is None else running_means[i], None if running_vars is None else
                 running_vars[i]) for i in range(n_blocks)]
     config = {"dilation": int(dilation), "training": bool(training), "dropout_p": float(dropout_p),
               "activation_scale": float(activation_scale), "momentum": float(momentum), "eps": float(eps),
               "dropout_seed": dropout_seed, "running": running}
+    if type(pieces) is TritonGraphs:  # a subclass's methods run through the autograd.Function, as they are
+        return _run_triton_stack(config, pieces, x, weights, gammas, betas)
     run = _run_stack if isinstance(pieces, TorchGraphs) else _run_stack_untraced
     return run(config, pieces, x, weights, gammas, betas)
 
@@ -318,9 +369,9 @@ def _run_stack(config, pieces, x, weights, gammas, betas) -> torch.Tensor:
     return _top_epilogue(z_top, config, gammas[-1], betas[-1], pieces).to(x.dtype)
 
 
-# torch.compile runs the kernels' pieces as they are, between its graphs: their host code (tensor descriptors and
-# autotuners, cuDNN's plans) is not traceable (dynamo failed inside the Triton launcher), and each piece is already a
-# whole kernel. The torch pieces stay traceable.
+# torch.compile runs cuDNN's pieces as they are, between its graphs: their host code (cuDNN's plans) is not
+# traceable, and each piece is already a whole graph. The torch pieces stay traceable; the Triton pieces are one
+# registered op (below), a node of the compiled graph.
 _run_stack_untraced = torch.compiler.disable(_run_stack)
 
 
@@ -330,13 +381,153 @@ def _draw_seed() -> int:
     return int(torch.randint(2**62, (1,)))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton pieces' stack as registered ops, so that torch.compile keeps it as a node of its graph (their host code,
+# tensor descriptors and autotuners, is not traceable: dynamo failed inside the Triton launcher). The state its
+# backward reads is the forward op's outputs after z_L (_state_tensors' order); the running statistics come back as
+# new tensors, copied into the buffers outside (torch 2.4 has no autograd for ops that mutate their inputs).
+
+def _run_triton_stack(config, pieces, x, weights, gammas, betas) -> torch.Tensor:
+    means = [rm for rm, _ in config["running"][:-1] if rm is not None]
+    variances = [rv for _, rv in config["running"][:-1] if rv is not None]
+    interior = [*weights, *gammas[:-1], *betas[:-1]]
+    needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, *interior)]
+    outs = torch.ops.lgc_fast.conv_stack_triton(
+        x, list(weights), list(gammas[:-1]), list(betas[:-1]), means, variances, pieces.io, pieces.masks,
+        pieces.operands, config["dilation"], config["training"], config["dropout_p"], config["activation_scale"],
+        config["momentum"], config["eps"], config["dropout_seed"] or 0, needs)
+    if config["training"] and means:
+        with torch.no_grad():
+            for buffer, new in zip(means + variances, outs[len(outs) - 2 * len(means):]):
+                buffer.copy_(new)
+    return _top_epilogue(outs[0], config, gammas[-1], betas[-1], pieces).to(x.dtype)
+
+
+def _state_tensors(state: _StackState) -> list:
+    """The forward's state as the op returns it: z_1 .. z_{L-1}, the stored activations, each interior block's five
+    BatchNorm terms, its keep bits (without dropout: none)."""
+    return [*state.zs, *[m for m in state.made if m is not None], *[t for terms in state.terms for t in terms],
+            *[k for k in state.keeps if k is not None]]
+
+
+def _unflatten_state(weights, tensors, stored_at, dropping) -> _StackState:
+    n_blocks = len(weights)
+    zs, rest = list(tensors[:n_blocks - 1]), iter(tensors[n_blocks - 1:])
+    made = [next(rest) if s else None for s in stored_at]
+    terms = [BnTerms(*(next(rest) for _ in BnTerms._fields)) for _ in range(n_blocks - 1)]
+    keeps = [next(rest) if dropping else None for _ in range(n_blocks - 1)]
+    return _StackState(weights, zs, made, terms, keeps)
+
+
+def _fresh(tensors, inputs) -> list:
+    """tensors, each copied where it shares an input's storage (a registered op's outputs may not alias its inputs:
+    float64 terms of running statistics are those statistics)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs}
+    return [t.clone() if t.untyped_storage().data_ptr() in taken else t for t in tensors]
+
+
+@custom_op("lgc_fast::conv_stack_triton", mutates_args=())
+def _triton_stack_op(x: torch.Tensor, weights: List[torch.Tensor], gammas: List[torch.Tensor],
+                     betas: List[torch.Tensor], running_means: List[torch.Tensor], running_vars: List[torch.Tensor],
+                     io_dtype: torch.dtype, masks: str, operands: str, dilation: int, training: bool,
+                     dropout_p: float, activation_scale: float, momentum: float, eps: float, dropout_seed: int,
+                     needs: List[bool]) -> List[torch.Tensor]:
+    """[z_L, the backward's state (_state_tensors), the updated running means and variances (in training)] of the
+    stack on TritonGraphs(io_dtype, masks, operands); gammas, betas and the running statistics: the interior
+    blocks'; needs: whether x, each weight, each gamma, each beta takes a gradient."""
+    update = training and len(running_means) > 0
+    running = [(m.clone(), v.clone()) if update else (m, v) for m, v in zip(running_means, running_vars)]
+    config = {"dilation": dilation, "training": training, "dropout_p": dropout_p, "activation_scale": activation_scale,
+              "momentum": momentum, "eps": eps, "dropout_seed": dropout_seed,
+              "running": (running or [(None, None)] * (len(weights) - 1)) + [(None, None)]}  # the top's: not here
+    z, state = _stack_forward(config, TritonGraphs(io_dtype, masks, operands), x, (*weights, *gammas, *betas), needs)
+    inputs = [x, *weights, *gammas, *betas, *running_means, *running_vars]
+    new_running = [m for m, _ in running] + [v for _, v in running] if update else []
+    return [z, *_fresh(_state_tensors(state), inputs), *new_running]
+
+
+@_triton_stack_op.register_fake
+def _(x, weights, gammas, betas, running_means, running_vars, io_dtype, masks, operands, dilation, training,
+      dropout_p, activation_scale, momentum, eps, dropout_seed, needs):
+    n, _, h, w = x.shape
+    acc = torch.float64 if io_dtype == torch.float64 else torch.float32
+    pieces = TritonGraphs(io_dtype, masks, operands)
+
+    def new_map(c):
+        return torch.empty((n, c, h, w), dtype=io_dtype, device=x.device, memory_format=torch.channels_last)
+
+    channels = [wt.shape[0] for wt in weights]
+    made = [new_map(weights[i].shape[1]) for i in range(len(weights)) if _stores(pieces, needs, i)]
+    terms = [x.new_empty((c,), dtype=acc) for c in channels[:-1] for _ in BnTerms._fields]
+    keeps = [x.new_empty(((n * c * h * w + 7) // 8,), dtype=torch.uint8) for c in channels[:-1]] \
+        if training and dropout_p > 0 else []
+    update = training and len(running_means) > 0
+    new_running = [torch.empty_like(t) for t in (*running_means, *running_vars)] if update else []
+    return [new_map(channels[-1]), *(new_map(c) for c in channels[:-1]), *made, *terms, *keeps, *new_running]
+
+
+@custom_op("lgc_fast::conv_stack_triton_backward", mutates_args=())
+def _triton_stack_backward_op(grad_z: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
+                              gammas: List[torch.Tensor], betas: List[torch.Tensor], state: List[torch.Tensor],
+                              io_dtype: torch.dtype, masks: str, operands: str, dilation: int, training: bool,
+                              dropout_p: float, activation_scale: float, running: bool,
+                              needs: List[bool]) -> List[torch.Tensor]:
+    """The gradients `needs` asks for, in its order (x's in x's dtype, the others in their parameter's), from z_L's
+    gradient and the forward op's state; running: whether the forward had running statistics."""
+    pieces = TritonGraphs(io_dtype, masks, operands)
+    config = {"dilation": dilation, "training": training, "dropout_p": dropout_p, "activation_scale": activation_scale}
+    stored_at = [_stores(pieces, needs, i) for i in range(len(weights))]
+    conv_weights = [pieces.conv_weight(w) for w in weights]
+    state = _unflatten_state(conv_weights, state, stored_at, training and dropout_p > 0)
+    dx, d_weights, d_gammas, d_betas = _stack_backward(config, pieces, x, state, grad_z, needs,
+                                                       [training or not running] * (len(weights) - 1))
+    grads = [dx, *(d.to(t.dtype) if d is not None else None
+                   for d, t in zip(d_weights + d_gammas + d_betas, [*weights, *gammas, *betas]))]
+    return [g for g, need in zip(grads, needs) if need]
+
+
+@_triton_stack_backward_op.register_fake
+def _(grad_z, x, weights, gammas, betas, state, io_dtype, masks, operands, dilation, training, dropout_p,
+      activation_scale, running, needs):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    like = [dx, *weights, *gammas, *betas]
+    return [t if i == 0 else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for i, (t, need) in enumerate(zip(like, needs)) if need]
+
+
+def _triton_stack_setup_context(ctx, inputs, output):
+    x, weights, gammas, betas, running_means, _, *static = inputs
+    io_dtype, masks, operands, dilation, training, dropout_p, activation_scale, _, _, _, needs = static
+    n_state = len(output) - 1 - (2 * len(running_means) if training and running_means else 0)
+    ctx.save_for_backward(x, *weights, *gammas, *betas, *output[1:1 + n_state])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.n_blocks, ctx.n_running = len(weights), len(running_means)
+    ctx.static = (io_dtype, masks, operands, dilation, training, dropout_p, activation_scale,
+                  len(running_means) > 0, needs)
+
+
+def _triton_stack_backward(ctx, grads):
+    n = ctx.n_blocks
+    x, *saved = ctx.saved_tensors
+    weights, gammas, betas, state = saved[:n], saved[n:2 * n - 1], saved[2 * n - 1:3 * n - 2], saved[3 * n - 2:]
+    needs = ctx.static[-1]
+    got = iter(torch.ops.lgc_fast.conv_stack_triton_backward(grads[0], x, weights, gammas, betas, state,
+                                                              *ctx.static))
+    grads = [next(got) if need else None for need in needs]
+    no_running = [None] * ctx.n_running
+    return (grads[0], grads[1:1 + n], grads[1 + n:2 * n], grads[2 * n:], no_running, no_running, *[None] * 11)
+
+
+_triton_stack_op.register_autograd(_triton_stack_backward, setup_context=_triton_stack_setup_context)
+
+
 def check_cudnn_plans(cudnn_plans) -> None:
     if isinstance(cudnn_plans, bool) or not isinstance(cudnn_plans, int) or not 1 <= cudnn_plans <= MAX_CUDNN_PLANS:
         raise ValueError(f"cudnn_plans must be an int in [1, {MAX_CUDNN_PLANS}], got {cudnn_plans!r}")
 
 
 def _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps, dropout_p, activation_scale,
-           dilation, dropout_seed, training) -> None:
+           dilation, dropout_seed) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating-point tensor (N, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -367,5 +558,5 @@ def _check(x, weights, gammas, betas, running_means, running_vars, momentum, eps
     check_number("activation_scale", activation_scale, lambda v: v > 0, "> 0")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
-    if training and dropout_p > 0 and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
-        raise ValueError(f"dropout_seed must be an int in training with dropout, got {dropout_seed!r}")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
+        raise ValueError(f"dropout_seed must be an int or None, got {dropout_seed!r}")

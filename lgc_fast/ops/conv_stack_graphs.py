@@ -117,6 +117,8 @@ class TorchGraphs:
     fresh_top_mask = False
     # whether fprop and dgrad write the filter gradient's operands for it (made_out: TritonGraphs' "stored")
     stores_operands = False
+    # whether the interior masks are those of conv_stack's dropout seed (else the pieces draw their own)
+    uses_seed = True
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -166,6 +168,7 @@ class CudnnGraphs:
     name = "cudnn"
     fresh_top_mask = True  # its interior masks are cuDNN's own anyway
     stores_operands = False
+    uses_seed = True  # the RNG op's seed, or the byte masks'
 
     def __init__(self, extension, device: torch.device, io_dtype: torch.dtype, plans: int = 1, mask: str = "rng"):
         if mask not in MASK_MODES:

@@ -36,14 +36,23 @@ def _kernels():
     return importlib.import_module("lgc_fast.kernels.fused_conv")
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the import; a compiled graph takes the answer as it is
+def _descriptors_missing() -> str:
+    """Why this Triton cannot run the kernels' host tensor descriptors ("": it can)."""
+    if _kernels().TensorDescriptor is not None:
+        return ""
+    import triton
+    return f"triton {triton.__version__} has no host tensor descriptors (Triton 3.4 or later)"
+
+
 def triton_unusable(x: torch.Tensor, weights) -> list[str]:
     """Why conv_stack cannot run this stack on TritonGraphs (none: it can): Triton without host tensor descriptors
     (before 3.4), x not where Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1), a dtype the kernels lack, or a
     channel count whose rows are not 16-byte multiples (the descriptors' need; Cin and Cout multiples of 8 for 16-bit
     types, 4 for float32, 2 for float64)."""
-    if _kernels().TensorDescriptor is None:
-        import triton
-        return [f"triton {triton.__version__} has no host tensor descriptors (Triton 3.4 or later)"]
+    why = _descriptors_missing()
+    if why:
+        return [why]
     ok, why = _backend._usable("triton", x.device)
     if not ok:
         return [why]
@@ -76,6 +85,7 @@ class TritonGraphs:
         self.acc = torch.float64 if io_dtype == torch.float64 else torch.float32
         # the top block's mask may be drawn afresh where the interior ones are
         self.fresh_top_mask = masks == "fresh"
+        self.uses_seed = masks == "seeded"
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.io
