@@ -144,6 +144,17 @@ def test_errors_name_the_argument(change, match):
         conv_stack(**args)
 
 
+def test_reference_needs_a_seed_for_dropout():
+    """conv_stack_ref draws its masks from the seed alone: in training with dropout, no seed is an error (conv_stack
+    draws one), never a stack without dropout."""
+    weights, gammas, betas, _, _ = _stack([2, 3, 3], 3, torch.float64)
+    x = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="conv_stack_ref: dropout_seed must be an int in training with dropout"):
+        conv_stack_ref(x, weights, gammas, betas, dropout_p=0.1)
+    conv_stack_ref(x, weights, gammas, betas, dropout_p=0.1, training=False)
+    conv_stack_ref(x, weights, gammas, betas, dropout_p=0.0)
+
+
 def test_model_passes_cudnn_plans_to_its_stacks(monkeypatch):
     """LGCN.use_conv_stacks(cudnn_plans=n): every stack of the training step asks for n plans (checked first)."""
     module = sys.modules["lgc_fast.ops.conv_stack"]
