@@ -396,11 +396,16 @@ def _run_triton_stack(config, pieces, x, weights, gammas, betas) -> torch.Tensor
         x, list(weights), list(gammas[:-1]), list(betas[:-1]), means, variances, pieces.io, pieces.masks,
         pieces.operands, config["dilation"], config["training"], config["dropout_p"], config["activation_scale"],
         config["momentum"], config["eps"], config["dropout_seed"] or 0, needs)
-    if config["training"] and means:
+    if _returns_running(config["training"], means):
         with torch.no_grad():
             for buffer, new in zip(means + variances, outs[len(outs) - 2 * len(means):]):
                 buffer.copy_(new)
     return _top_epilogue(outs[0], config, gammas[-1], betas[-1], pieces).to(x.dtype)
+
+
+def _returns_running(training: bool, running_means) -> bool:
+    """Whether the forward op returns updated running statistics (and the wrapper copies them into the buffers)."""
+    return training and len(running_means) > 0
 
 
 def _state_tensors(state: _StackState) -> list:
@@ -435,7 +440,7 @@ def _triton_stack_op(x: torch.Tensor, weights: List[torch.Tensor], gammas: List[
     """[z_L, the backward's state (_state_tensors), the updated running means and variances (in training)] of the
     stack on TritonGraphs(io_dtype, masks, operands); gammas, betas and the running statistics: the interior
     blocks'; needs: whether x, each weight, each gamma, each beta takes a gradient."""
-    update = training and len(running_means) > 0
+    update = _returns_running(training, running_means)
     running = [(m.clone(), v.clone()) if update else (m, v) for m, v in zip(running_means, running_vars)]
     config = {"dilation": dilation, "training": training, "dropout_p": dropout_p, "activation_scale": activation_scale,
               "momentum": momentum, "eps": eps, "dropout_seed": dropout_seed,
@@ -450,19 +455,18 @@ def _triton_stack_op(x: torch.Tensor, weights: List[torch.Tensor], gammas: List[
 def _(x, weights, gammas, betas, running_means, running_vars, io_dtype, masks, operands, dilation, training,
       dropout_p, activation_scale, momentum, eps, dropout_seed, needs):
     n, _, h, w = x.shape
-    acc = torch.float64 if io_dtype == torch.float64 else torch.float32
     pieces = TritonGraphs(io_dtype, masks, operands)
 
     def new_map(c):
-        return torch.empty((n, c, h, w), dtype=io_dtype, device=x.device, memory_format=torch.channels_last)
+        return pieces._empty((n, c, h, w), x.device)
 
     channels = [wt.shape[0] for wt in weights]
     made = [new_map(weights[i].shape[1]) for i in range(len(weights)) if _stores(pieces, needs, i)]
-    terms = [x.new_empty((c,), dtype=acc) for c in channels[:-1] for _ in BnTerms._fields]
+    terms = [x.new_empty((c,), dtype=pieces.acc) for c in channels[:-1] for _ in BnTerms._fields]
     keeps = [x.new_empty(((n * c * h * w + 7) // 8,), dtype=torch.uint8) for c in channels[:-1]] \
         if training and dropout_p > 0 else []
-    update = training and len(running_means) > 0
-    new_running = [torch.empty_like(t) for t in (*running_means, *running_vars)] if update else []
+    new_running = [torch.empty_like(t) for t in (*running_means, *running_vars)] \
+        if _returns_running(training, running_means) else []
     return [new_map(channels[-1]), *(new_map(c) for c in channels[:-1]), *made, *terms, *keeps, *new_running]
 
 
@@ -498,7 +502,7 @@ def _(grad_z, x, weights, gammas, betas, state, io_dtype, masks, operands, dilat
 def _triton_stack_setup_context(ctx, inputs, output):
     x, weights, gammas, betas, running_means, _, *static = inputs
     io_dtype, masks, operands, dilation, training, dropout_p, activation_scale, _, _, _, needs = static
-    n_state = len(output) - 1 - (2 * len(running_means) if training and running_means else 0)
+    n_state = len(output) - 1 - (2 * len(running_means) if _returns_running(training, running_means) else 0)
     ctx.save_for_backward(x, *weights, *gammas, *betas, *output[1:1 + n_state])
     ctx.mark_non_differentiable(*output[1:])
     ctx.n_blocks, ctx.n_running = len(weights), len(running_means)
